@@ -1,0 +1,37 @@
+"""autotiacc: profiling-guided auto-tuning of PyTorch inference and training.
+
+`import autotiacc` is light: torch, optuna and matplotlib load when first used.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (AutotiaccError, BudgetError, HardwareMismatchWarning, ModelRaisedError, PlanError,
+                     PlanMismatchError, TrialError, UserInputError, WorkloadError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "optimize", "load_plan", "Plan", "tune", "AutotiaccError", "BudgetError", "HardwareMismatchWarning",
+    "ModelRaisedError", "PlanError", "PlanMismatchError", "TrialError", "UserInputError", "WorkloadError",
+    "__version__",
+]
+
+_LAZY = {"optimize": "api", "load_plan": "plan", "Plan": "plan", "tune": "tuner"}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import optimize
+    from .plan import Plan, load_plan
+    from .tuner import tune
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name == "training":
+        import importlib
+
+        return importlib.import_module(".training", __name__)
+    raise AttributeError(f"module 'autotiacc' has no attribute {name!r}")

@@ -1,0 +1,37 @@
+"""The one-function API: `autotiacc.optimize(model, example_inputs, ...)`."""
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .durations import parse_duration
+
+
+def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | float = "5m",
+             test_data: Iterable | None = None, metric: Any = None, strategy: str = "inference-latency",
+             tolerance: float | None = None, out_dir: str | Path | None = None, device: str = "cpu",
+             seed: int = 0, quiet: bool = True):
+    """Tune `model` on this machine and return an optimized callable used exactly like it.
+
+    Trials run in spawned processes, so `model` and its class must be picklable/importable
+    (define it at module level; guard script entry points with `if __name__ == "__main__":`).
+    The run directory (plan.json, report, trials) is `out_dir`, else a temporary folder;
+    the returned callable has `.plan` and `.run_dir` attributes.
+    """
+    from .report import write_report
+    from .tuner import TuneOptions, tune
+    from .workload import workload_from_module
+
+    workload = workload_from_module(model, example_inputs, test_data=test_data, metric=metric)
+    run_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"autotiacc-{workload.name}-"))
+    options = TuneOptions(budget_s=parse_duration(budget, name="budget"), out_dir=run_dir, level=level,
+                          strategy=strategy, tolerance=tolerance, device=device, seed=seed,
+                          command=f"autotiacc.optimize(level={level}, budget={budget!r})")
+    progress = None if quiet else (lambda e: print(f"[autotiacc {time.strftime('%H:%M:%S')}] {e}"))
+    result = tune(workload, options, progress)
+    write_report(run_dir)
+    fast = result.plan.apply(model, workload.example_inputs(), device=device)
+    fast.plan, fast.run_dir = result.plan, run_dir
+    return fast

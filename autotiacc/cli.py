@@ -1,0 +1,180 @@
+"""The `autotiacc` command: parses, calls the library, prints. Errors are one line, exit 2."""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+from .errors import AutotiaccError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
+_STATE = {"debug": False}
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"autotiacc: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn our errors into one line on stderr and exit 2 (traceback only with --debug)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except AutotiaccError as exc:
+            if _STATE["debug"]:
+                traceback.print_exc()
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            typer.echo("autotiacc: interrupted; finished trials are kept (continue with --resume).", err=True)
+            raise typer.Exit(130)
+    return wrapper
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+    _STATE["debug"] = debug
+
+
+class _Bar:
+    """Rich progress: budget as the bar, trials done and best speed-up in the text."""
+
+    def __init__(self, budget_s: float, quiet: bool) -> None:
+        self.quiet, self.budget_s, self.t0 = quiet, budget_s, time.monotonic()
+        self.done, self.best = 0, 1.0
+        self.progress = None
+        if not quiet:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
+                                     TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.progress.add_task("tuning", total=budget_s, info="starting")
+            self.progress.start()
+
+    def __call__(self, e: dict[str, Any]) -> None:
+        if self.progress is None:
+            return
+        elapsed = time.monotonic() - self.t0
+        ev = e["event"]
+        if ev == "trial_end":
+            self.done += 1
+            self.best = max(self.best, e.get("best_speedup") or 1.0)
+            sp = e.get("speedup")
+            self.progress.console.print(
+                f"trial {e['number']:>3}: {e['status']:<9} "
+                + (f"{sp:5.2f}x" if sp else "      ")
+                + (f"  build {e['build_s']:.1f}s" if e.get("build_s") else "")
+                + (f"  {e['reason'][:90]}" if e.get("reason") and e["status"] != "ok" else ""))
+        elif ev == "trial_start":
+            self.progress.console.print(f"trial {e['number']:>3}: {e['label']}", style="dim")
+        elif ev == "final_start":
+            self.progress.console.print("final re-measurement vs baseline: " + " | ".join(e["candidates"]))
+        info = f"trials {self.done} · best {self.best:.2f}x · left {max(0, self.budget_s - elapsed):.0f}s"
+        self.progress.update(self.task, completed=min(elapsed, self.budget_s), info=info)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@app.command()
+@guarded
+def tune(
+    file: Path = typer.Argument(..., help="model.py, TorchScript .pt/.ts, or torch.export .pt2"),
+    budget: str = typer.Option("30m", "--budget", "-b", help="whole tune, compile time included: 90s, 10m, 1h30m"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<model>-<time>)"),
+    level: int = typer.Option(1, "--level", help="0 no precision change, 1 reduced precision, 2 aggressive"),
+    strategy: str = typer.Option("inference-latency", "--strategy", help="preset name or YAML file"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size to tune for"),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="max relative L2 error vs fp32 eager"),
+    storage: Optional[str] = typer.Option(None, "--storage", help="Optuna storage URL (default DIR/study.db)"),
+    study: str = typer.Option("autotiacc", "--study", help="study name inside the storage"),
+    resume: bool = typer.Option(False, "--resume", help="continue the study in --out after an interruption"),
+    seed: int = typer.Option(0, "--seed"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224 (repeatable)"),
+    input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+) -> None:
+    """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
+    from .durations import parse_duration
+    from .report import write_report
+    from .tuner import TuneOptions
+    from .tuner import tune as run_tune
+    from .workload import load_workload
+
+    budget_s = parse_duration(budget)
+    if batch_size is not None and batch_size <= 0:
+        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
+    if resume and out is None:
+        raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
+    if resume and not (Path(out) / "run.json").exists():
+        raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
+    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype)
+    out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
+                          storage=storage, study_name=study, resume=resume, seed=seed, device=device,
+                          command=" ".join(["autotiacc", *sys.argv[1:]]))
+    bar = _Bar(budget_s, quiet)
+    try:
+        result = run_tune(workload, options, bar)
+    finally:
+        bar.close()
+    written = write_report(result.run_dir)
+    p = result.plan
+    typer.echo(f"plan: {p.label}")
+    typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
+    typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
+    typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
+
+
+def _bad(msg: str) -> AutotiaccError:
+    from .errors import UserInputError
+
+    return UserInputError(msg)
+
+
+@app.command()
+@guarded
+def report(run_dir: Path = typer.Argument(..., help="a tune's run directory")) -> None:
+    """Re-render report.md, report.html and plots from a run directory alone."""
+    from .report import write_report
+
+    written = write_report(run_dir)
+    for path in written.values():
+        typer.echo(str(path))
+
+
+@app.command()
+@guarded
+def env(device: str = typer.Option("cpu", "--device")) -> None:
+    """Print the hardware/software fingerprint a plan records."""
+    from .hardware import fingerprint, fingerprint_id
+
+    fp = fingerprint(device)
+    typer.echo(f"- fingerprint_id: {fingerprint_id(fp)}")
+    for k, v in fp.items():
+        typer.echo(f"- {k}: {v}")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:torch.onnx")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The knob plug-in interface, the state a candidate is built in, and plan (de)serialisation.
+
+A knob is one family of optimizations (execution backend, precision, layout, runtime). Each
+has a config dataclass (typed defaults, a `version`, validation with the fix in the message)
+and a `Knob` that says where it applies, how Optuna samples it, and how it is applied.
+Configs round-trip through JSON as {"_type", "_version", "_data"}; `_type` is resolved only
+from the registry below, never imported by name from a plan file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+from ..errors import PlanError, UserInputError
+
+
+@dataclass(frozen=True)
+class KnobConfig:
+    """Base of every knob config. Subclasses are frozen dataclasses with a class `version`."""
+
+    version: ClassVar[int] = 1
+
+
+@dataclass
+class SearchContext:
+    """What a knob may look at to decide whether and how it is searched."""
+
+    device: str = "cpu"
+    level: int = 1
+    cores: int = 1
+    has_conv: bool = False
+    onnxruntime: bool = False
+    module_names: list[str] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass
+class BuildState:
+    """A candidate under construction; knobs mutate it in ascending `Knob.order`.
+
+    `input_casts` transform each input tensor per call; `build_contexts` wrap tracing or
+    compiling; `call_contexts` wrap every call; the execution knob sets `runner` last.
+    """
+
+    model: Any
+    example_inputs: tuple
+    device: str = "cpu"
+    input_casts: list[Callable[[Any], Any]] = field(default_factory=list)
+    build_contexts: list[Callable[[], Any]] = field(default_factory=list)
+    call_contexts: list[Callable[[], Any]] = field(default_factory=list)
+    runner: Callable[..., Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def cast_inputs(self, inputs: tuple) -> tuple:
+        for cast in self.input_casts:
+            inputs = tuple(cast(t) for t in inputs)
+        return inputs
+
+
+class Knob(ABC):
+    """One optimization family.
+
+    Call order: `applies(ctx)` once per tune, in the tuner's process, decides whether the knob
+    is searched; `suggest(trial, space, ctx)` once per trial, in the tuner's process, samples a
+    config with Optuna (ask/tell: the trial is then built elsewhere); `apply(state, config)` in
+    the process that builds the candidate, knobs in ascending `order`; the execution knob
+    (highest order) turns the prepared model into the runner. `default()` is the baseline.
+    """
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+    order: ClassVar[int] = 50
+    # choice -> lowest --level at which it may be searched
+    choice_levels: ClassVar[dict[str, dict[Any, int]]] = {}
+    cuda_only: ClassVar[dict[str, set]] = {}
+
+    def applies(self, ctx: SearchContext) -> bool:
+        return True
+
+    def default(self) -> KnobConfig:
+        return self.config_cls()
+
+    def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
+        """The strategy's choices for `param`, less those above the level or needing CUDA."""
+        default = getattr(self.default(), param)
+        wanted = space.get(param, [default])
+        levels = self.choice_levels.get(param, {})
+        cuda_only = self.cuda_only.get(param, set())
+        out = [c for c in wanted if levels.get(c, 0) <= ctx.level and (ctx.cuda or c not in cuda_only)]
+        return out or [default]
+
+    def pick(self, trial, param: str, space: dict[str, list], ctx: SearchContext) -> Any:
+        """`trial.suggest_categorical` when there is a choice; the only value otherwise."""
+        options = self.choices(param, space, ctx)
+        return trial.suggest_categorical(param, options) if len(options) > 1 else options[0]
+
+    @abstractmethod
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> KnobConfig:
+        ...
+
+    @abstractmethod
+    def apply(self, state: BuildState, config: KnobConfig) -> None:
+        ...
+
+    def incompatible(self, configs: dict[str, KnobConfig], ctx: SearchContext) -> str | None:
+        """A reason when this knob's config cannot work with the others (trial is skipped)."""
+        return None
+
+
+_REGISTRY: dict[str, Knob] = {}
+_CONFIGS: dict[str, type] = {}
+
+
+def register(knob_cls: type[Knob]) -> type[Knob]:
+    """Class decorator: make a knob and its config known to the tuner and to plan loading."""
+    knob = knob_cls()
+    _REGISTRY[knob.name] = knob
+    _CONFIGS[knob.config_cls.__name__] = knob.config_cls
+    return knob_cls
+
+
+def all_knobs() -> list[Knob]:
+    return sorted(_REGISTRY.values(), key=lambda k: k.order)
+
+
+def get_knob(name: str) -> Knob:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UserInputError(f"unknown knob {name!r}; known: {', '.join(sorted(_REGISTRY))}.") from None
+
+
+def knob_for_config(cfg: KnobConfig) -> Knob:
+    for knob in _REGISTRY.values():
+        if isinstance(cfg, knob.config_cls):
+            return knob
+    raise PlanError(f"no knob handles config {type(cfg).__name__}")
+
+
+def config_to_dict(cfg: KnobConfig) -> dict[str, Any]:
+    return {"_type": type(cfg).__name__, "_version": cfg.version, "_data": dataclasses.asdict(cfg)}
+
+
+def config_from_dict(d: dict[str, Any]) -> KnobConfig:
+    """Rebuild a config from JSON; only registered config classes are accepted."""
+    if not isinstance(d, dict) or "_type" not in d or "_data" not in d:
+        raise PlanError(f"knob entry {d!r} is not of the form {{'_type', '_version', '_data'}}.")
+    cls = _CONFIGS.get(d["_type"])
+    if cls is None:
+        raise PlanError(f"knob entry has unknown _type {d['_type']!r}; known: {', '.join(sorted(_CONFIGS))}.")
+    if d.get("_version") != cls.version:
+        warnings.warn(f"{d['_type']} was saved as version {d.get('_version')}, this autotiacc reads "
+                      f"version {cls.version}; applying it anyway.", stacklevel=2)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d["_data"]) - names
+    if unknown:
+        raise PlanError(f"{d['_type']} has unknown fields {sorted(unknown)}.")
+    data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["_data"].items()}
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as exc:
+        raise PlanError(f"{d['_type']}: {exc}") from None
+
+
+def configs_from_params(values: dict[str, dict[str, Any]]) -> dict[str, KnobConfig]:
+    """{knob name: {field: value}} -> {knob name: config}; fills defaults for missing knobs."""
+    out = {}
+    for knob in all_knobs():
+        fields = values.get(knob.name, {})
+        out[knob.name] = dataclasses.replace(knob.default(), **fields) if fields else knob.default()
+    return out
+
+
+def describe(configs: dict[str, KnobConfig]) -> str:
+    """Short label for a candidate, showing only what differs from the defaults."""
+    parts = []
+    for name, cfg in configs.items():
+        default = get_knob(name).default()
+        for f in dataclasses.fields(cfg):
+            v = getattr(cfg, f.name)
+            if v != getattr(default, f.name):
+                parts.append(f"{f.name}={v}")
+    return ", ".join(parts) or "baseline (eager fp32)"

@@ -1,0 +1,130 @@
+"""The plan: what a tune chose, where it was measured, and how well; versioned JSON only.
+
+A plan is a recipe: `apply(model)` rebuilds the optimized callable from the knob configs
+(tracing/compiling again on the first call). Nothing in a plan is unpickled, and knob
+types resolve only from the registry.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
+from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
+
+SCHEMA = "autotiacc.plan"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class Plan:
+    knobs: dict[str, KnobConfig]
+    fingerprint: dict[str, Any] = field(default_factory=dict)
+    workload: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    baseline: dict[str, Any] | None = None  # Timing.to_dict() of the final re-measurement
+    best: dict[str, Any] | None = None
+    speedup: float | None = None
+    accuracy: dict[str, Any] | None = None
+    compile_s: float | None = None
+    fell_back: bool = False
+    note: str = ""
+    tolerance: float | None = None
+    level: int | None = None
+    created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return describe(self.knobs)
+
+    # -- JSON ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        from . import __version__
+
+        return {
+            "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
+            "created": self.created, "device": self.device, "fingerprint": self.fingerprint,
+            "workload": self.workload, "knobs": [config_to_dict(c) for c in self.knobs.values()],
+            "label": self.label, "baseline": self.baseline, "best": self.best, "speedup": self.speedup,
+            "accuracy": self.accuracy, "compile_s": self.compile_s, "fell_back": self.fell_back,
+            "note": self.note, "tolerance": self.tolerance, "level": self.level, "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, *, origin: str = "plan") -> "Plan":
+        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
+            raise PlanError(f"{origin}: not an autotiacc plan (missing \"schema\": \"{SCHEMA}\").")
+        if d.get("schema_version") != SCHEMA_VERSION:
+            raise PlanError(f"{origin}: plan schema version {d.get('schema_version')!r} is not supported by this "
+                            f"autotiacc (reads version {SCHEMA_VERSION}); re-run `autotiacc tune`.")
+        if not isinstance(d.get("knobs"), list):
+            raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
+        configs = [config_from_dict(k) for k in d["knobs"]]
+        by_name = {}
+        for knob in all_knobs():
+            match = [c for c in configs if isinstance(c, knob.config_cls)]
+            by_name[knob.name] = match[0] if match else knob.default()
+        keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
+                "fell_back", "note", "tolerance", "level", "created", "extra")
+        return cls(knobs=by_name, **{k: d[k] for k in keys if k in d and d[k] is not None})
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2, default=_jsonable), encoding="utf-8")
+        tmp.replace(path)  # atomic: a reader never sees half a plan
+        return path
+
+    # -- use -----------------------------------------------------------------------------
+    def check_fingerprint(self, *, strict: bool = False, device: str | None = None) -> list[str]:
+        """Compare the recorded fingerprint with this machine; warn, or raise when strict."""
+        from .hardware import fingerprint, fingerprint_differences
+
+        if not self.fingerprint:
+            return []
+        diffs = fingerprint_differences(self.fingerprint, fingerprint(device or self.device))
+        if diffs:
+            msg = "plan was measured on other hardware/software: " + "; ".join(diffs)
+            if strict:
+                raise PlanMismatchError(msg + ". Re-tune here, or pass strict=False to apply it anyway.")
+            warnings.warn(msg + ". Its speed-up may not hold here.", HardwareMismatchWarning, stacklevel=3)
+        return diffs
+
+    def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
+              device: str | None = None):
+        """Return the optimized callable for `model` (built on the first call if no inputs given)."""
+        from .candidate import OptimizedModel
+
+        self.check_fingerprint(strict=strict, device=device)
+        if hasattr(model, "eval"):
+            model.eval()
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (set, tuple)):
+        return list(x)
+    if isinstance(x, Path):
+        return str(x)
+    if hasattr(x, "item"):
+        return x.item()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file; a missing, corrupt or wrong-schema file raises `PlanError`."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "plan.json"
+    if not p.is_file():
+        raise PlanError(f"{p}: no such plan file.")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PlanError(f"{p}: not valid JSON ({exc}); a plan is the plan.json a tune wrote.") from None
+    return Plan.from_dict(data, origin=str(p))

@@ -1,0 +1,279 @@
+"""Render a run directory into report.md, report.html (self-contained) and PNG plots.
+
+Works from the run directory alone, also for partial runs (no plan.json yet). Data is
+gathered once into `ReportData`, then drawn; drawing never reads files.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from .errors import UserInputError
+
+
+class ReportData(NamedTuple):
+    run_dir: Path
+    run: dict[str, Any]
+    plan: dict[str, Any] | None
+    trials: Any  # pandas.DataFrame
+    importance: dict[str, float]
+
+
+def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
+    import optuna
+    from optuna.trial import TrialState
+
+    storage = run.get("storage", "sqlite:///study.db")
+    if storage == "sqlite:///study.db":
+        if not (run_dir / "study.db").exists():
+            return {}
+        storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
+    import warnings
+
+    try:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", module="optuna")
+        study = optuna.load_study(study_name=run.get("study_name", "autotiacc"), storage=storage)
+        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(done) < 5:
+            return {}
+        return dict(optuna.importance.get_param_importances(study))
+    except Exception:  # noqa: BLE001 - importance is optional decoration (needs variation in params)
+        return {}
+
+
+def gather(run_dir: str | Path) -> ReportData:
+    import pandas as pd
+
+    d = Path(run_dir)
+    if not (d / "run.json").is_file():
+        raise UserInputError(f"{d}: not a run directory (no run.json); give the --out folder of a tune.")
+    run = json.loads((d / "run.json").read_text())
+    plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
+    trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
+    return ReportData(d, run, plan, trials, _importance(d, run))
+
+
+# -- plots -----------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_history(data: ReportData, path: Path) -> Path | None:
+    t = data.trials
+    if t.empty or "speedup" not in t:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ok = t[t.get("status") == "ok"] if "status" in t else t
+    ax.scatter(ok["number"], ok["speedup"], label="measured trial", color="tab:blue", zorder=3)
+    bad = t[t["status"].isin(["failed", "rejected", "timeout", "crash", "oom", "exception"])] if "status" in t else t.iloc[0:0]
+    if not bad.empty:
+        ax.scatter(bad["number"], [1.0] * len(bad), marker="x", color="tab:red", label="failed / rejected", zorder=3)
+    if not ok.empty:
+        best = ok.sort_values("number")["speedup"].cummax()
+        ax.step(ok.sort_values("number")["number"], best, where="post", color="tab:green", label="best so far")
+    ax.axhline(1.0, color="grey", lw=1, ls="--", label="baseline (eager fp32)")
+    ax.set_xlabel("trial")
+    ax.set_ylabel("speed-up over baseline (x, measured side by side)")
+    ax.set_title("Optimization history")
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_latency(data: ReportData, path: Path) -> Path | None:
+    p = data.plan
+    if not p or not p.get("baseline") or not p.get("best"):
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    series = [p["baseline"]["samples_ms"], p["best"]["samples_ms"]]
+    ax.boxplot(series, vert=False, showfliers=True)
+    ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
+    ax.set_xlabel("latency per call (ms)")
+    ax.set_title("Final re-measurement, interleaved in one process")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_importance(data: ReportData, path: Path) -> Path | None:
+    if not data.importance:
+        return None
+    plt = _plt()
+    items = sorted(data.importance.items(), key=lambda kv: kv[1])
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
+    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:purple")
+    ax.set_xlabel("importance for latency (Optuna fANOVA, sums to 1)")
+    ax.set_title("Parameter importance")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_cost(data: ReportData, path: Path) -> Path | None:
+    t = data.trials
+    if t.empty or "build_s" not in t or "speedup" not in t:
+        return None
+    ok = t[(t["status"] == "ok") & t["build_s"].notna()]
+    if ok.empty:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.scatter(ok["build_s"], ok["speedup"], color="tab:orange")
+    for _, r in ok.iterrows():
+        ax.annotate(str(int(r["number"])), (r["build_s"], r["speedup"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("build / compile time (s)")
+    ax.set_ylabel("speed-up (x)")
+    ax.set_title("What each candidate cost to build vs what it gained")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+PLOTS = {"history.png": plot_history, "latency.png": plot_latency, "importance.png": plot_importance,
+         "cost.png": plot_cost}
+
+
+def _wrap(text: str, width: int = 28) -> str:
+    words, lines, cur = text.split(", "), [], ""
+    for w in words:
+        if cur and len(cur) + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur}, {w}" if cur else w
+    return "\n".join(lines + [cur])
+
+
+# -- text ------------------------------------------------------------------------------------
+def _f(x: Any, fmt: str = ".3g") -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c).replace("|", "/") for c in r) + " |" for r in rows]
+    return out
+
+
+def sections(data: ReportData) -> list[tuple[str, list[str]]]:
+    """The report's content as (heading, markdown lines); shared by md and html."""
+    p, run, t = data.plan, data.run, data.trials
+    out: list[tuple[str, list[str]]] = []
+    wl = run.get("workload", {})
+    sess = run.get("sessions", [{}])
+    head = [f"- model: `{wl.get('name')}` ({wl.get('kind')}), inputs {wl.get('input_shapes')} {wl.get('input_dtypes')}",
+            f"- strategy `{run.get('strategy')}`, level {run.get('level')}, tolerance {run.get('tolerance')} (relative L2 error vs fp32 eager)",
+            f"- sessions: " + "; ".join(f"{s.get('started')} budget {_f(s.get('budget_s'), '.0f')} s, wall {_f(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
+    out.append(("Run", head))
+    if p is None:
+        out.append(("Result", ["No plan yet: the tune is running or was interrupted. Trials so far are below; "
+                               "`autotiacc tune ... --resume` continues it."]))
+    else:
+        b, best, acc = p.get("baseline") or {}, p.get("best") or {}, p.get("accuracy") or {}
+        rows = [["baseline (eager fp32)", b.get("median_ms"), b.get("p90_ms"), b.get("p99_ms"), b.get("spread"), b.get("n"), 1.0, 0.0, "–"],
+                [f"best: {p.get('label')}", best.get("median_ms"), best.get("p90_ms"), best.get("p99_ms"), best.get("spread"), best.get("n"),
+                 p.get("speedup"), acc.get("rel_l2"), p.get("compile_s")]]
+        lines = [f"**{p.get('note', '')}**", ""] + _table(
+            ["variant", "median ms", "p90 ms", "p99 ms", "spread (IQR/median)", "n", "speed-up", "rel. error", "build s"], rows)
+        lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
+        out.append(("Result", lines))
+    if not t.empty and "status" in t:
+        ok = t[t["status"] == "ok"].sort_values("speedup", ascending=False).head(10)
+        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"), r.get("build_s")]
+                for _, r in ok.iterrows()]
+        out.append(("Top trials", _table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s"], rows)))
+        bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
+        rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
+        out.append(("Failed, rejected, pruned or skipped trials",
+                    _table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
+        graph = t[t["param_backend"] == "compile"] if "compile" in t and "param_backend" in t else t.iloc[0:0]
+        if not graph.empty:
+            out.append(("Compile statistics (torch.compile trials)",
+                        _table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
+                               [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
+    fp = run.get("fingerprint", {})
+    out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
+    return out
+
+
+def write_report(run_dir: str | Path) -> dict[str, Path]:
+    """Draw plots and write report.md and report.html; returns what was written."""
+    data = gather(run_dir)
+    d = data.run_dir
+    images = {}
+    for name, draw in PLOTS.items():
+        try:
+            path = draw(data, d / name)
+        except Exception as exc:  # noqa: BLE001 - one broken plot must not lose the report
+            path = None
+            print(f"autotiacc report: plot {name} skipped ({type(exc).__name__}: {exc})")
+        if path:
+            images[name] = path
+    secs = sections(data)
+    title = f"autotiacc report — {data.run.get('workload', {}).get('name', d.name)}"
+    md = [f"# {title}", ""]
+    for heading, lines in secs:
+        md += [f"## {heading}", "", *lines, ""]
+    if images:
+        md += ["## Plots", ""] + [f"![{n}]({n})" for n in images] + [""]
+    (d / "report.md").write_text("\n".join(md), encoding="utf-8")
+    (d / "report.html").write_text(_html(title, secs, images), encoding="utf-8")
+    return {"md": d / "report.md", "html": d / "report.html", **images}
+
+
+def _md_inline(text: str) -> str:
+    import re
+
+    s = html.escape(text)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+
+
+def _html(title: str, secs: list[tuple[str, list[str]]], images: dict[str, Path]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for heading, lines in secs:
+        body.append(f"<h2>{html.escape(heading)}</h2>")
+        i = 0
+        while i < len(lines):
+            line = lines[i]
+            if line.startswith("|"):
+                rows = []
+                while i < len(lines) and lines[i].startswith("|"):
+                    if not lines[i].startswith("|---"):
+                        rows.append([c.strip() for c in lines[i].strip("|").split(" | ")])
+                    i += 1
+                body.append("<table><tr>" + "".join(f"<th>{_md_inline(c)}</th>" for c in rows[0]) + "</tr>"
+                            + "".join("<tr>" + "".join(f"<td>{_md_inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+                            + "</table>")
+                continue
+            if line.startswith("- "):
+                body.append(f"<li>{_md_inline(line[2:])}</li>")
+            elif line:
+                body.append(f"<p>{_md_inline(line)}</p>")
+            i += 1
+    for name, path in images.items():
+        b64 = base64.b64encode(Path(path).read_bytes()).decode()
+        body.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">')
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px}img{max-width:100%}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{style}</style></head><body>{''.join(body)}</body></html>"

@@ -1,0 +1,446 @@
+"""The Optuna loop: baseline first, staged search (ask/tell), isolated trials with timeouts,
+accuracy guard, pruning, durable and resumable state, a final interleaved re-measurement.
+
+Every finished trial is in the Optuna storage and `trials.csv` before the next one starts,
+so a tune killed at any point keeps its trials and `--resume` continues the same study.
+"""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .accuracy import DEFAULT_TOLERANCE
+from .errors import BudgetError, UserInputError
+from .evaluate import evaluate
+from .isolation import run_isolated
+from .knobs import SearchContext, all_knobs, configs_from_params, describe
+from .measure import Timing, faster_beyond_noise
+from .plan import Plan
+from .strategy import Strategy, load_strategy
+from .workload import Workload
+
+STUDY_NAME = "autotiacc"
+MIN_BUDGET_S = 10.0
+SPAWN_OVERHEAD_S = 6.0  # starting a trial process and importing torch, measured ~3-5 s here
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TuneOptions:
+    budget_s: float
+    out_dir: Path
+    level: int = 1
+    strategy: str = "inference-latency"
+    tolerance: float | None = None
+    storage: str | None = None
+    study_name: str = STUDY_NAME
+    resume: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    command: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.level not in (0, 1, 2):
+            raise UserInputError(f"`--level` got {self.level!r}: use 0 (no precision change), 1 (default) or 2 (aggressive).")
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise UserInputError(f"`--tolerance` got {self.tolerance!r}: use a positive number, e.g. 0.01.")
+        if self.budget_s < MIN_BUDGET_S:
+            raise BudgetError(f"`--budget` of {self.budget_s:.0f}s is too small to measure even the baseline; "
+                              f"use at least {MIN_BUDGET_S:.0f}s (2m or more is sensible).")
+
+    @property
+    def effective_tolerance(self) -> float:
+        return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE[self.level]
+
+
+@dataclass
+class TuneResult:
+    plan: Plan
+    run_dir: Path
+    n_trials: int
+    wall_s: float
+
+
+def search_context(workload: Workload, model: Any, device: str, level: int) -> SearchContext:
+    import torch
+
+    from .hardware import usable_cores
+
+    try:
+        import onnxruntime  # noqa: F401
+
+        ort = True
+    except ImportError:
+        ort = False
+    names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
+    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
+    if workload.kind in ("torchscript", "export"):
+        has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
+    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=has_conv, onnxruntime=ort,
+                         module_names=names)
+
+
+def _key(values: dict[str, dict]) -> str:
+    return json.dumps({k: v for k, v in sorted(values.items())}, sort_keys=True, default=str)
+
+
+def _values(configs) -> dict[str, dict]:
+    import dataclasses
+
+    return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+
+
+def _allowed(entry: dict[str, dict], strategy: Strategy, ctx: SearchContext) -> bool:
+    """An enqueue entry is used only if every value it names is searchable here."""
+    from .knobs import get_knob
+
+    for knob_name, fields in entry.items():
+        knob = get_knob(knob_name)
+        for param, value in fields.items():
+            if value not in knob.choices(param, strategy.space(knob_name), ctx):
+                return False
+    return True
+
+
+def _to_params(entry: dict[str, dict]) -> dict[str, Any]:
+    """Enqueue entries are nested by knob and list only what differs from the baseline; Optuna
+    params are flat (field names are unique across knobs) and must pin every default too."""
+    params = {k: v for values in _values(configs_from_params({})).values() for k, v in values.items()}
+    params.update({param: value for fields in entry.values() for param, value in fields.items()})
+    return {k: v for k, v in params.items() if v is not None}
+
+
+class Tuner:
+    """One tune: construct, then `run()`. Progress events go to `progress` (CLI bar, logs)."""
+
+    def __init__(self, workload: Workload, options: TuneOptions, progress: Progress | None = None) -> None:
+        self.workload, self.options = workload, options
+        self.strategy = load_strategy(options.strategy)
+        self.progress = progress or (lambda event: None)
+        self.run_dir = Path(options.out_dir)
+        self.t_start = time.monotonic()
+        self.deadline = self.t_start + options.budget_s
+
+    # -- set-up ------------------------------------------------------------------------------
+    def _prepare_dir(self) -> None:
+        d = self.run_dir
+        if d.exists() and (d / "run.json").exists() and not self.options.resume and self.options.storage is None:
+            raise UserInputError(f"`--out` {d} already holds a tune; add --resume to continue it, or choose another --out.")
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "trials").mkdir(exist_ok=True)
+            probe = d / ".write-test"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise UserInputError(f"`--out` {d} is not writable: {exc.strerror or exc}.") from None
+
+    def _study(self, fingerprint: dict[str, Any], identity: dict[str, Any]):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = self.options.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+        with warnings.catch_warnings():  # `group` is marked experimental by Optuna
+            warnings.simplefilter("ignore")
+            sampler = optuna.samplers.TPESampler(seed=self.options.seed, multivariate=True, group=True,
+                                                 n_startup_trials=4)
+        study = optuna.create_study(study_name=self.options.study_name, storage=storage, direction="minimize",
+                                    sampler=sampler, load_if_exists=True)
+        if self.options.resume or self.options.storage is not None:
+            self._check_same_setup(study, fingerprint, identity)
+            self._fail_interrupted(study)
+        study.set_user_attr("fingerprint", fingerprint)
+        study.set_user_attr("workload", identity)
+        study.set_user_attr("strategy", self.strategy.name)
+        study.set_user_attr("level", self.options.level)
+        return study
+
+    def _check_same_setup(self, study, fingerprint, identity) -> None:
+        from .hardware import fingerprint_differences
+
+        old_fp = study.user_attrs.get("fingerprint")
+        if old_fp:
+            diffs = fingerprint_differences(old_fp, fingerprint)
+            if diffs:
+                raise UserInputError("this study was measured on other hardware/software, figures would not be "
+                                     "comparable: " + "; ".join(diffs) + ". Use another --study or --out.")
+        old = study.user_attrs.get("workload")
+        if old and old.get("param_shapes_sha256") != identity.get("param_shapes_sha256"):
+            raise UserInputError("this study tuned a different model (parameter shapes differ); use another --out.")
+
+    @staticmethod
+    def _fail_interrupted(study) -> None:
+        """Trials left RUNNING by a killed tune will never finish: mark them failed, keep the rest."""
+        import optuna
+        from optuna.trial import TrialState
+
+        storage = study._storage
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            hb = getattr(storage, "get_heartbeat_interval", lambda: None)()
+            if hb:  # with heartbeats on, a live worker's trial is not ours to fail
+                continue
+            storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+            storage.set_trial_user_attr(t._trial_id, "reason", "the tune was interrupted while this trial ran")
+            try:
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+                pass
+
+    def left(self) -> float:
+        return self.deadline - time.monotonic()
+
+    # -- the loop ---------------------------------------------------------------------------
+    def run(self) -> TuneResult:
+        from .hardware import fingerprint
+
+        self._prepare_dir()
+        model, _ = self.workload.validate()
+        ctx = search_context(self.workload, model, self.options.device, self.options.level)
+        fp = fingerprint(self.options.device)
+        identity = self.workload.identity(model)
+        del model
+        study = self._study(fp, identity)
+        self._write_run_json(fp, identity)
+        knobs = [k for k in all_knobs() if k.applies(ctx) or k.name in ("execution", "precision", "runtime")]
+        seen: dict[str, int] = {}
+        for t in study.trials:
+            if "knobs" in t.user_attrs and t.state.is_finished():
+                seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
+        if not any(t.state.is_finished() for t in study.trials):
+            for entry in self.strategy.enqueue:
+                if _allowed(entry, self.strategy, ctx):
+                    study.enqueue_trial(_to_params(entry), skip_if_exists=True)
+        self.progress({"event": "start", "budget_s": self.options.budget_s, "strategy": self.strategy.name,
+                       "resumed_trials": len(seen)})
+        stale = skips = 0
+        best = self._best_ratio(study)
+        while True:
+            reserve = self._final_reserve(study)
+            left = self.left() - reserve
+            if left < SPAWN_OVERHEAD_S + 2:
+                stop = "budget"
+                break
+            if stale >= self.strategy.patience:
+                stop = f"no gain in {stale} trials"
+                break
+            if skips >= 40:
+                stop = "search space exhausted"
+                break
+            trial = study.ask()
+            configs = {k.name: k.suggest(trial, self.strategy.space(k.name), ctx) for k in knobs}
+            configs = configs_from_params(_values(configs))
+            values = _values(configs)
+            trial.set_user_attr("knobs", values)
+            trial.set_user_attr("label", describe(configs))
+            reason = next((r for k in knobs if (r := k.incompatible(configs, ctx))), None)
+            key = _key(values)
+            if reason or key in seen:
+                self._skip(study, trial, reason, seen.get(key))
+                skips += 1
+                stale += 0 if reason else 1
+                continue
+            skips = 0
+            seen[key] = trial.number
+            self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left), best=best)
+            new_best = self._best_ratio(study)
+            stale = 0 if new_best < best * 0.99 else stale + 1
+            best = min(best, new_best)
+            self._write_trials(study)
+        self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
+        plan = self._finalize(study, fp, identity)
+        n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped"))
+        result = TuneResult(plan=plan, run_dir=self.run_dir, n_trials=n, wall_s=time.monotonic() - self.t_start)
+        self._write_trials(study)
+        self._update_run_json(stop=stop, wall_s=result.wall_s)
+        return result
+
+    def _skip(self, study, trial, reason: str | None, duplicate_of: int | None) -> None:
+        from optuna.trial import TrialState
+
+        if reason:
+            trial.set_user_attr("status", "skipped")
+            trial.set_user_attr("reason", reason)
+            study.tell(trial, state=TrialState.PRUNED)
+            return
+        prev = study.trials[duplicate_of]
+        trial.set_user_attr("status", "duplicate")
+        trial.set_user_attr("reason", f"same configuration as trial {duplicate_of}")
+        if prev.state == TrialState.COMPLETE:
+            study.tell(trial, prev.value)
+        else:
+            study.tell(trial, state=TrialState.PRUNED if prev.state == TrialState.PRUNED else TrialState.FAIL)
+
+    def _best_ratio(self, study) -> float:
+        from optuna.trial import TrialState
+
+        vals = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        return min(vals) if vals else 1.0
+
+    def _final_reserve(self, study) -> float:
+        """Time kept for the final re-measurement: rebuilding the top candidates and timing them."""
+        tops = self._top(study)
+        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        return SPAWN_OVERHEAD_S + build + self.strategy.final_measure_s * 1.5 + 3.0
+
+    def _top(self, study) -> list:
+        from optuna.trial import TrialState
+
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.user_attrs.get("status") == "ok"]
+        done.sort(key=lambda t: t.value)
+        out, keys = [], set()
+        for t in done:
+            k = _key(t.user_attrs["knobs"])
+            if k not in keys and t.user_attrs.get("label") != describe(configs_from_params({})):
+                keys.add(k)
+                out.append(t)
+        return out[: self.strategy.final_top_k]
+
+    def _run_trial(self, study, trial, values: dict, *, timeout: float, best: float) -> None:
+        from optuna.trial import TrialState
+
+        self.progress({"event": "trial_start", "number": trial.number, "label": trial.user_attrs["label"]})
+        outcome = run_isolated(
+            evaluate, self.workload, {"candidate": values}, timeout=timeout,
+            log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
+            device=self.options.device, tolerance=self.options.effective_tolerance,
+            target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor)
+        attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
+        if not outcome.ok:
+            attrs.update(status=outcome.status, reason=outcome.error)
+            state, value = TrialState.FAIL, None
+        else:
+            res = outcome.value["candidates"]["candidate"]
+            base = Timing.from_dict(outcome.value["baseline"])
+            attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
+                         baseline_ms=base.median, compile=res.get("compile"),
+                         rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+            if "timing" in res:
+                cand = Timing.from_dict(res["timing"])
+                attrs.update(latency_ms=cand.median, p90_ms=cand.p90, spread=cand.iqr_rel, speedup=res["speedup"])
+            if res["status"] == "ok":
+                state, value = TrialState.COMPLETE, res["ratio"]
+            elif res["status"] == "pruned":
+                state, value = TrialState.PRUNED, None
+            else:
+                state, value = TrialState.FAIL, None
+        for k, v in attrs.items():
+            if v is not None:
+                trial.set_user_attr(k, v)
+        if value is not None:
+            study.tell(trial, value)
+        else:
+            study.tell(trial, state=state)
+        if trial.number == 0 and state != TrialState.COMPLETE and attrs["status"] == "timeout":
+            raise BudgetError(f"`--budget` of {self.options.budget_s:.0f}s is too small to measure the baseline "
+                              f"(it ran {outcome.seconds:.0f}s without finishing); give a larger budget.")
+        self.progress({"event": "trial_end", "number": trial.number, "status": attrs["status"],
+                       "speedup": attrs.get("speedup"), "reason": attrs.get("reason", ""),
+                       "build_s": attrs.get("build_s"), "best_speedup": 1 / self._best_ratio(study),
+                       "left_s": self.left()})
+
+    # -- the end -----------------------------------------------------------------------------
+    def _finalize(self, study, fp: dict, identity: dict) -> Plan:
+        """Re-measure the top candidates interleaved with the baseline in one fresh process;
+        keep the best only if it beats the baseline beyond noise, else fall back to baseline."""
+        tops = self._top(study)
+        baseline_cfg = configs_from_params({})
+        plan = Plan(knobs=baseline_cfg, fingerprint=fp, workload=identity, device=self.options.device,
+                    tolerance=self.options.effective_tolerance, level=self.options.level,
+                    extra={"strategy": self.strategy.name, "trials": len(study.trials)})
+        if not tops:
+            failures = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
+                        for t in study.trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
+            plan.fell_back = True
+            plan.note = ("no candidate passed the accuracy guard and measurement; keeping the baseline. "
+                         + ("Failures: " + " | ".join(failures[:8]) if failures else ""))
+            return self._save_plan(plan)
+        self.progress({"event": "final_start", "candidates": [t.user_attrs["label"] for t in tops]})
+        cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
+        timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
+        outcome = run_isolated(evaluate, self.workload, cands, timeout=timeout,
+                               log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
+                               tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s)
+        if not outcome.ok:
+            # Keep best-so-far from the search rather than ending with nothing.
+            t = tops[0]
+            plan.knobs = configs_from_params(t.user_attrs["knobs"])
+            plan.speedup = t.user_attrs.get("speedup")
+            plan.compile_s = t.user_attrs.get("build_s")
+            plan.note = (f"final re-measurement failed ({outcome.reason()}); the plan keeps trial {t.number}, "
+                         "the best of the search, with its search-time figures.")
+            return self._save_plan(plan)
+        base = Timing.from_dict(outcome.value["baseline"])
+        plan.baseline = base.to_dict()
+        ranked = sorted(((n, r) for n, r in outcome.value["candidates"].items() if r["status"] == "ok"),
+                        key=lambda nr: nr[1]["ratio"])
+        final = {n: {k: r.get(k) for k in ("status", "ratio", "reason", "build_s")} for n, r in outcome.value["candidates"].items()}
+        plan.extra["final"] = final
+        if ranked:
+            name, res = ranked[0]
+            cand = Timing.from_dict(res["timing"])
+            if faster_beyond_noise(cand, base):
+                plan.knobs = configs_from_params(res["knobs"])
+                plan.best, plan.speedup = cand.to_dict(), base.median / cand.median
+                plan.accuracy, plan.compile_s = res["accuracy"], res["build_s"]
+                plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
+                             "re-measured interleaved in a fresh process.")
+                return self._save_plan(plan)
+            plan.best = cand.to_dict()
+            plan.note = (f"best candidate ({describe(configs_from_params(res['knobs']))}) was "
+                         f"{base.median / cand.median:.2f}x the baseline in the final re-measurement: not faster "
+                         "beyond noise, so the plan keeps the baseline.")
+        else:
+            plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
+        plan.fell_back = True
+        plan.speedup = 1.0
+        return self._save_plan(plan)
+
+    def _save_plan(self, plan: Plan) -> Plan:
+        plan.save(self.run_dir / "plan.json")
+        self.progress({"event": "plan", "label": plan.label, "speedup": plan.speedup, "note": plan.note})
+        return plan
+
+    # -- durable records --------------------------------------------------------------------
+    def _write_run_json(self, fp: dict, identity: dict) -> None:
+        path = self.run_dir / "run.json"
+        prev = json.loads(path.read_text()) if path.exists() else {}
+        sessions = prev.get("sessions", [])
+        sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
+                         "command": self.options.command})
+        data = {"workload": identity, "fingerprint": fp, "strategy": self.strategy.name,
+                "level": self.options.level, "tolerance": self.options.effective_tolerance,
+                "device": self.options.device, "storage": self.options.storage or "sqlite:///study.db",
+                "study_name": self.options.study_name, "sessions": sessions, **self.options.extra}
+        path.write_text(json.dumps(data, indent=2, default=str))
+
+    def _update_run_json(self, **fields: Any) -> None:
+        path = self.run_dir / "run.json"
+        data = json.loads(path.read_text())
+        data["sessions"][-1].update(fields)
+        path.write_text(json.dumps(data, indent=2, default=str))
+
+    def _write_trials(self, study) -> None:
+        write_trials_csv(study, self.run_dir / "trials.csv")
+
+
+def write_trials_csv(study, path: Path) -> None:
+    """One row per trial with its knobs, status, reason and figures (pandas, via Optuna)."""
+    df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration",
+                                       "datetime_start"))
+    df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", "param_"))
+    if "knobs" in df.columns:
+        df = df.drop(columns=["knobs"])
+    tmp = path.with_suffix(".csv.tmp")
+    df.to_csv(tmp, index=False)
+    tmp.replace(path)
+
+
+def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:
+    """Run one tune; see `Tuner`."""
+    return Tuner(workload, options, progress).run()
