@@ -18,11 +18,16 @@ __all__ = [
 ]
 
 _LAZY = {"optimize": "api", "load_plan": "plan", "Plan": "plan", "tune": "tuner"}
+# production reuse (issue 8)
+__all__ += ["load_artifact", "verify_plan"]
+_LAZY.update({"load_artifact": "artifacts", "verify_plan": "verify"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import optimize
+    from .artifacts import load_artifact
     from .plan import Plan, load_plan
     from .tuner import tune
+    from .verify import verify_plan
 
 
 def __getattr__(name: str) -> Any:

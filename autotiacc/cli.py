@@ -104,6 +104,10 @@ def tune(
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    export: bool = typer.Option(False, "--export", help="also save a deployable artifact (AOTInductor, "
+                                "torch.export or TorchScript) named in the plan with its sha256"),
+    heartbeat: int = typer.Option(10, "--heartbeat", help="with --storage: seconds between trial heartbeats; "
+                                  "a dead worker's trials fail after 3 missed beats"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
     from .durations import parse_duration
@@ -128,18 +132,21 @@ def tune(
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
-                          command=" ".join(["autotiacc", *sys.argv[1:]]))
+                          command=" ".join(["autotiacc", *sys.argv[1:]]), heartbeat_s=heartbeat)
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)
     finally:
         bar.close()
+    exported = _export_hook(result.run_dir, workload) if export else None
     written = write_report(result.run_dir)
     p = result.plan
     typer.echo(f"plan: {p.label}")
     typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
     typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
     typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
+    if exported is False:
+        raise typer.Exit(1)
 
 
 def _bad(msg: str) -> AutotiaccError:
@@ -150,10 +157,23 @@ def _bad(msg: str) -> AutotiaccError:
 
 @app.command()
 @guarded
-def report(run_dir: Path = typer.Argument(..., help="a tune's run directory")) -> None:
-    """Re-render report.md, report.html and plots from a run directory alone."""
+def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run directory"),
+           storage: Optional[str] = typer.Option(None, "--storage", help="render a shared study from its "
+                                                 "Optuna storage URL instead of a run directory"),
+           study: str = typer.Option("autotiacc", "--study", help="study name inside --storage"),
+           out: Optional[Path] = typer.Option(None, "--out", "-o", help="with --storage: where to write "
+                                              "(default runs/<study>-report)")) -> None:
+    """Re-render report.md, report.html and plots from a run directory alone (or a shared storage)."""
     from .report import write_report
 
+    if storage is not None:
+        from .distributed import materialize_run_dir
+
+        if run_dir is not None:
+            raise _bad(f"give either RUN_DIR ({run_dir}) or `--storage`, not both; with --storage use --out DIR.")
+        run_dir = materialize_run_dir(storage, study, out or Path("runs") / f"{study}-report")
+    elif run_dir is None:
+        raise _bad("`RUN_DIR` is missing: give a tune's run directory, or --storage URL --study NAME.")
     written = write_report(run_dir)
     for path in written.values():
         typer.echo(str(path))
@@ -171,6 +191,43 @@ def env(device: str = typer.Option("cpu", "--device")) -> None:
         typer.echo(f"- {k}: {v}")
 
 
+def _export_hook(run_dir: Path, workload) -> bool:
+    """After the plan is written: export its artifact; a failure is reported, the tune kept."""
+    from .artifacts import export_for_plan
+
+    try:
+        entry = export_for_plan(run_dir / "plan.json", workload)
+    except Exception as exc:  # noqa: BLE001 - the tune's results stand; the plan records the error
+        typer.echo(f"autotiacc: export failed, recorded in plan.json: {type(exc).__name__}: {exc}", err=True)
+        return False
+    typer.echo(f"artifact: {run_dir / entry['file']} ({entry['format']}, sha256 {entry['sha256'][:16]}..., "
+               f"built in {entry['build_s']:.0f}s; load with autotiacc.load_artifact)")
+    return True
+
+
+@app.command()
+@guarded
+def verify(
+    plan: Path = typer.Argument(..., help="plan.json (or its run directory)"),
+    file: Path = typer.Argument(..., help="the model file the plan was tuned for"),
+    tolerance: float = typer.Option(0.25, "--tolerance", help="fraction of the recorded speed-up that may be "
+                                    "lost before it counts as drift"),
+    measure_s: float = typer.Option(3.0, "--measure-s", help="seconds of interleaved timing"),
+) -> None:
+    """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
+    from .verify import verify_plan
+
+    result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s)
+    for line in result.lines:
+        typer.echo(line)
+    if result.ok:
+        typer.echo("verify: OK — the plan holds on this machine.")
+        return
+    for problem in result.problems:
+        typer.echo(f"verify: DRIFT: {problem}", err=True)
+    raise typer.Exit(1)
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:torch.onnx")
     app()
@@ -178,3 +235,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

@@ -43,6 +43,7 @@ class TuneOptions:
     device: str = "cpu"
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -149,8 +150,17 @@ class Tuner:
             warnings.simplefilter("ignore")
             sampler = optuna.samplers.TPESampler(seed=self.options.seed, multivariate=True, group=True,
                                                  n_startup_trials=4)
-        study = optuna.create_study(study_name=self.options.study_name, storage=storage, direction="minimize",
-                                    sampler=sampler, load_if_exists=True)
+        self._created = False
+        if self.options.storage is not None:  # possibly shared by several workers: see distributed.py
+            from . import distributed
+
+            storage = distributed.open_storage(storage, heartbeat_s=self.options.heartbeat_s)
+            study, self._created = distributed.create_or_load(storage, self.options.study_name, sampler)
+            if not self._created:
+                distributed.wait_for_setup(study)
+        else:
+            study = optuna.create_study(study_name=self.options.study_name, storage=storage, direction="minimize",
+                                        sampler=sampler, load_if_exists=True)
         if self.options.resume or self.options.storage is not None:
             self._check_same_setup(study, fingerprint, identity)
             self._fail_interrupted(study)
@@ -179,6 +189,11 @@ class Tuner:
         import optuna
         from optuna.trial import TrialState
 
+        from .distributed import fail_stale_trials, heartbeat_enabled
+
+        if heartbeat_enabled(study):  # shared storage: only trials whose worker stopped beating
+            fail_stale_trials(study)
+            return
         storage = study._storage
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             hb = getattr(storage, "get_heartbeat_interval", lambda: None)()
@@ -204,14 +219,15 @@ class Tuner:
         fp = fingerprint(self.options.device)
         identity = self.workload.identity(model)
         del model
-        study = self._study(fp, identity)
+        study = self._study_obj = self._study(fp, identity)
         self._write_run_json(fp, identity)
         knobs = [k for k in all_knobs() if k.applies(ctx) or k.name in ("execution", "precision", "runtime")]
         seen: dict[str, int] = {}
         for t in study.trials:
             if "knobs" in t.user_attrs and t.state.is_finished():
                 seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
-        if not any(t.state.is_finished() for t in study.trials):
+        shared = self.options.storage is not None
+        if self._created or (not shared and not any(t.state.is_finished() for t in study.trials)):
             for entry in self.strategy.enqueue:
                 if _allowed(entry, self.strategy, ctx):
                     study.enqueue_trial(_to_params(entry), skip_if_exists=True)
@@ -231,7 +247,13 @@ class Tuner:
             if skips >= 40:
                 stop = "search space exhausted"
                 break
+            if shared:
+                from .distributed import claim, fail_stale_trials
+
+                fail_stale_trials(study)
             trial = study.ask()
+            if shared:
+                claim(study, trial)
             configs = {k.name: k.suggest(trial, self.strategy.space(k.name), ctx) for k in knobs}
             configs = configs_from_params(_values(configs))
             values = _values(configs)
@@ -252,6 +274,10 @@ class Tuner:
             best = min(best, new_best)
             self._write_trials(study)
         self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
+        if shared:
+            from .distributed import fail_stale_trials
+
+            fail_stale_trials(study)
         plan = self._finalize(study, fp, identity)
         n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped"))
         result = TuneResult(plan=plan, run_dir=self.run_dir, n_trials=n, wall_s=time.monotonic() - self.t_start)
@@ -305,11 +331,14 @@ class Tuner:
         from optuna.trial import TrialState
 
         self.progress({"event": "trial_start", "number": trial.number, "label": trial.user_attrs["label"]})
-        outcome = run_isolated(
-            evaluate, self.workload, {"candidate": values}, timeout=timeout,
-            log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
-            device=self.options.device, tolerance=self.options.effective_tolerance,
-            target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor)
+        from .distributed import heartbeat
+
+        with heartbeat(study, trial):  # a no-op unless the storage has heartbeats on
+            outcome = run_isolated(
+                evaluate, self.workload, {"candidate": values}, timeout=timeout,
+                log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
+                device=self.options.device, tolerance=self.options.effective_tolerance,
+                target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -403,6 +432,10 @@ class Tuner:
 
     def _save_plan(self, plan: Plan) -> Plan:
         plan.save(self.run_dir / "plan.json")
+        if self.options.storage is not None:
+            from .distributed import publish_plan
+
+            publish_plan(self._study_obj, plan.to_dict())
         self.progress({"event": "plan", "label": plan.label, "speedup": plan.speedup, "note": plan.note})
         return plan
 
@@ -418,12 +451,21 @@ class Tuner:
                 "device": self.options.device, "storage": self.options.storage or "sqlite:///study.db",
                 "study_name": self.options.study_name, "sessions": sessions, **self.options.extra}
         path.write_text(json.dumps(data, indent=2, default=str))
+        if self.options.storage is not None:
+            from .distributed import publish_run, record_session
+
+            publish_run(self._study_obj, data)
+            record_session(self._study_obj, **sessions[-1])
 
     def _update_run_json(self, **fields: Any) -> None:
         path = self.run_dir / "run.json"
         data = json.loads(path.read_text())
         data["sessions"][-1].update(fields)
         path.write_text(json.dumps(data, indent=2, default=str))
+        if self.options.storage is not None:
+            from .distributed import record_session
+
+            record_session(self._study_obj, **fields)
 
     def _write_trials(self, study) -> None:
         write_trials_csv(study, self.run_dir / "trials.csv")

@@ -1,0 +1,199 @@
+"""Deployable artifacts: the plan's model saved in a form production loads without autotiacc's
+search dependencies (no Optuna, no tuner), named in the plan together with its sha256.
+
+Which form depends on the plan's backend:
+- `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
+- `torchscript`  -> TorchScript archive (traced, frozen);
+- `eager`, `onnxruntime` -> `torch.export` program (plain PyTorch; ORT would add a dependency).
+
+Precision and layout knobs are baked into the artifact (input casts, autocast, output dtypes);
+runtime settings (threads, inference_mode) are not part of a graph, so the plan's entry lists
+them for the serving code. The artifact is specialised to the tuned input shapes.
+
+Loading checks the sha256 recorded in the plan *before* handing the file to torch: a tampered
+or swapped artifact raises `PlanError`. Nothing is unpickled by autotiacc.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanError
+
+FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
+
+
+def artifact_format(backend: str) -> str:
+    """The artifact form a plan with this execution backend is exported as."""
+    return {"compile": "aoti", "torchscript": "torchscript"}.get(backend, "export")
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
+    """An nn.Module that is `model` with the graph-level knobs (precision, layout) applied and
+    outputs cast back to the model's dtypes, so it is a drop-in replacement when exported."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    from .knobs import BuildState, all_knobs
+
+    with torch.no_grad():
+        ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None
+                      for t in pytree.tree_flatten(model(*example_inputs))[0]]
+    state = BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
+    for knob in all_knobs():
+        if knob.name not in ("runtime", "execution"):  # runtime is serving config, execution is the export
+            knob.apply(state, knobs.get(knob.name, knob.default()))
+
+    class Deployable(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = state.model
+
+        def forward(self, *inputs):
+            inputs = state.cast_inputs(inputs)
+            with contextlib.ExitStack() as stack:
+                for make in state.call_contexts:
+                    stack.enter_context(make())
+                out = self.model(*inputs)
+            leaves, spec = pytree.tree_flatten(out)
+            if len(leaves) == len(ref_dtypes):
+                leaves = [t.to(d) if isinstance(t, torch.Tensor) and d is not None and t.is_floating_point()
+                          and t.dtype != d else t for t, d in zip(leaves, ref_dtypes)]
+            return pytree.tree_unflatten(leaves, spec)
+
+    return Deployable().eval()
+
+
+def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
+    """Build the plan's model, save it as the artifact its backend allows, and return the plan
+    entry {"format", "file", "sha256", ...}. Raises on failure (the caller records it)."""
+    import torch
+
+    run_dir = Path(run_dir)
+    fmt = artifact_format(plan.knobs["execution"].backend)
+    path = run_dir / FORMATS[fmt]
+    device = plan.device
+    model = workload.build_model()
+    inputs = workload.example_inputs()
+    if device != "cpu":
+        model = model.to(device)
+        inputs = tuple(t.to(device) for t in inputs)
+    t0 = time.perf_counter()
+    wrapper = _deployable(model, plan.knobs, inputs, device)
+    tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
+    with torch.no_grad():
+        if fmt == "torchscript":
+            traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
+            torch.jit.save(traced, str(tmp))
+        else:
+            program = torch.export.export(wrapper, inputs)
+            if fmt == "aoti":
+                import torch._inductor
+
+                mode = plan.knobs["execution"].compile_mode
+                options = {"freezing": True} if plan.knobs["execution"].freezing else {}
+                if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
+                    options["max_autotune"] = True
+                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
+                                                         inductor_configs=options)
+            else:
+                torch.export.save(program, str(tmp))
+    tmp.replace(path)
+    runtime = dataclasses.asdict(plan.knobs["runtime"]) if "runtime" in plan.knobs else {}
+    return {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+            "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
+            "input_shapes": [list(t.shape) for t in inputs],
+            "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+
+
+def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
+    """Export the artifact of the plan at `plan_path` next to it and record it in the plan
+    (`extra["artifact"]`). A failure is recorded there too (`{"error": ...}`) and re-raised."""
+    from .plan import load_plan
+
+    plan_path = Path(plan_path)
+    if plan_path.is_dir():
+        plan_path = plan_path / "plan.json"
+    plan = load_plan(plan_path)
+    try:
+        entry = export_artifact(plan, workload, plan_path.parent)
+    except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs["execution"].backend),
+                                  "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+        plan.save(plan_path)
+        raise
+    plan.extra["artifact"] = entry
+    plan.save(plan_path)
+    return entry
+
+
+def _entry_for(path: Path) -> tuple[Path, dict[str, Any]]:
+    """Find the artifact and its plan entry from a run dir, a plan.json or the artifact file."""
+    from .plan import load_plan
+
+    if path.is_dir() or path.suffix == ".json":
+        plan = load_plan(path)
+        entry = plan.extra.get("artifact")
+        where = path if path.is_dir() else path.parent
+        if not entry or "file" not in entry:
+            raise PlanError(f"{path}: the plan names no artifact" + (f" (export failed: {entry['error']})" if entry and
+                            "error" in entry else "") + "; run `autotiacc tune ... --export`.")
+        return where / entry["file"], entry
+    plan_file = path.parent / "plan.json"
+    if not plan_file.is_file():
+        raise PlanError(f"{path}: no plan.json beside it, so its sha256 cannot be checked; keep the artifact "
+                        "in its run directory or pass `sha256=` from the plan.")
+    entry = load_plan(plan_file).extra.get("artifact") or {}
+    if entry.get("file") != path.name:
+        raise PlanError(f"{path}: {plan_file} does not name this file as its artifact "
+                        f"(it names {entry.get('file')!r}); load the artifact the plan names.")
+    return path, entry
+
+
+def load_artifact(path: str | Path, *, sha256: str | None = None):
+    """Load a deployable artifact after checking its sha256 against the plan's record.
+
+    `path` is a run directory, its plan.json, or the artifact file itself (then the plan.json
+    beside it, or `sha256=`, gives the expected hash). Returns a callable used like the model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise PlanError(f"`path` {path}: no such file or directory; give a run directory, plan.json or artifact.")
+    if sha256 is not None and path.is_file() and path.suffix != ".json":
+        fmt = next((f for f, name in FORMATS.items() if path.name.endswith(name[len("artifact"):])), None)
+        art, entry = path, {"sha256": sha256, "format": fmt}
+    else:
+        art, entry = _entry_for(path)
+    if not art.is_file():
+        raise PlanError(f"{art}: the artifact the plan names is missing; re-export with `autotiacc tune ... --export`.")
+    actual = sha256_of(art)
+    if actual != entry.get("sha256"):
+        raise PlanError(f"{art}: sha256 {actual[:16]}... does not match the plan's {str(entry.get('sha256'))[:16]}...; "
+                        "the artifact was modified or swapped. Refusing to load it; re-export it.")
+    return _load_verified(art, entry.get("format"))
+
+
+def _load_verified(path: Path, fmt: str | None):
+    import torch
+
+    if fmt == "aoti":
+        import torch._inductor
+
+        return torch._inductor.aoti_load_package(str(path))
+    if fmt == "export":
+        return torch.export.load(str(path)).module()
+    if fmt == "torchscript":
+        return torch.jit.load(str(path), map_location="cpu")
+    raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")

@@ -1,0 +1,123 @@
+"""`autotiacc verify`: re-measure a saved plan on the machine at hand and flag drift.
+
+Meant for CI of a serving image: the plan is rebuilt and timed interleaved with the eager fp32
+baseline in a fresh process (the same `evaluate` a trial runs, so the figure means the same
+thing as the recorded one), and compared with what the plan recorded: hardware/software
+fingerprint, accuracy, speed-up, and the artifact's hash when the plan names one.
+
+Speed drift is judged with the noise, not against a bare number: the plan fails when its
+candidate is slower *beyond noise* (Mann-Whitney U) than the recorded speed-up, less the
+allowed `tolerance`, predicts from the baseline measured side by side.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import PlanMismatchError, UserInputError
+
+DEFAULT_SPEED_TOLERANCE = 0.25  # relative drop of the recorded speed-up tolerated before "drift"
+DEFAULT_MEASURE_S = 3.0
+
+
+@dataclass
+class VerifyResult:
+    """`ok` is False when any `problems` were found; `lines` describe what was measured."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    measured: dict[str, Any] = field(default_factory=dict)
+
+
+def _workload_for(plan, model_file: str | Path):
+    from .workload import load_workload
+
+    wl = plan.workload or {}
+    shapes = ["x".join(str(d) for d in s) for s in wl.get("input_shapes") or []]
+    is_saved = Path(model_file).suffix != ".py"
+    return load_workload(model_file, batch_size=wl.get("batch_size"),
+                         input_shapes=shapes if is_saved else None,
+                         input_dtypes=wl.get("input_dtypes") if is_saved else None)
+
+
+def _check_artifact(plan, plan_dir: Path) -> list[str]:
+    from .artifacts import sha256_of
+
+    entry = plan.extra.get("artifact")
+    if not entry or "file" not in entry:
+        return []
+    path = plan_dir / entry["file"]
+    if not path.is_file():
+        return [f"artifact {entry['file']} named by the plan is missing from {plan_dir}"]
+    if sha256_of(path) != entry.get("sha256"):
+        return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped)"]
+    return []
+
+
+def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
+                measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
+    """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
+    from .evaluate import evaluate
+    from .hardware import fingerprint, fingerprint_differences, fingerprint_id
+    from .isolation import run_isolated
+    from .measure import Timing, faster_beyond_noise
+    from .plan import load_plan
+
+    if not 0 <= tolerance < 1:
+        raise UserInputError(f"`--tolerance` got {tolerance!r}: use a fraction in [0, 1), e.g. 0.25 "
+                             "(the plan may lose a quarter of its recorded speed-up).")
+    if measure_s <= 0:
+        raise UserInputError(f"`--measure-s` got {measure_s!r}: use a positive number of seconds, e.g. 3.")
+    plan_path = Path(plan_path)
+    plan = load_plan(plan_path)
+    plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
+    workload = _workload_for(plan, model_file)
+    identity = workload.identity()
+    recorded_id = (plan.workload or {}).get("param_shapes_sha256")
+    if recorded_id and recorded_id != identity["param_shapes_sha256"]:
+        raise PlanMismatchError(f"`FILE` {model_file}: its model's parameter shapes differ from the model the plan "
+                                f"was tuned for ({(plan.workload or {}).get('name')!r}); give the same model file.")
+    problems: list[str] = []
+    here = fingerprint(plan.device)
+    problems += [f"different hardware/software: {d}" for d in fingerprint_differences(plan.fingerprint, here)]
+    problems += _check_artifact(plan, plan_dir)
+    recorded = plan.speedup if plan.speedup is not None else 1.0
+    rec_acc = (plan.accuracy or {}).get("rel_l2")
+    lines = [f"plan: {plan.label} — recorded {recorded:.2f}x over eager fp32"
+             + (f", rel. error {rec_acc:.2e}" if rec_acc is not None else "")
+             + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
+             f"here: {fingerprint_id(here)}"]
+    values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
+    tol = plan.tolerance if plan.tolerance is not None else 2e-2
+    outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=plan.device,
+                           tolerance=tol, target_s=measure_s)
+    measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
+    if not outcome.ok:
+        problems.append(f"the plan could not be measured here ({outcome.reason()})")
+        return VerifyResult(False, problems, lines, measured)
+    res = outcome.value["candidates"]["plan"]
+    acc = (res.get("accuracy") or {}).get("rel_l2")
+    measured["rel_l2"] = acc
+    if res["status"] != "ok":
+        problems.append(f"the plan {res['status']} here: {res.get('reason', '')}")
+        return VerifyResult(False, problems, lines, measured)
+    base, cand = Timing.from_dict(outcome.value["baseline"]), Timing.from_dict(res["timing"])
+    speedup = base.median / cand.median
+    measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
+                    baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
+    lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n} interleaved), rel. error {acc:.2e}")
+    if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
+        problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
+    floor = recorded * (1 - tolerance)
+    # The latency the plan should at worst have here, given the baseline measured beside it.
+    expected = Timing([s / floor for s in base.samples_ms])
+    if faster_beyond_noise(expected, cand, min_gain=0.0):
+        problems.append(f"slower than recorded beyond noise: {speedup:.2f}x here vs {recorded:.2f}x recorded "
+                        f"(at least {floor:.2f}x expected with --tolerance {tolerance})")
+    elif not plan.fell_back and not faster_beyond_noise(cand, base):
+        lines.append("note: within tolerance, but not faster than the baseline beyond noise here.")
+    return VerifyResult(not problems, problems, lines, measured)
