@@ -1,0 +1,191 @@
+"""Several workers on one PostgreSQL study: real server, real worker processes, kill -9."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from postgres_server import start_or_find_postgres
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = '''
+import torch
+from torch import nn
+
+def build_model():
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+
+def example_inputs(batch_size: int = 2):
+    return (torch.randn(batch_size, 3, 8, 8),)
+'''
+
+
+@pytest.fixture(scope="module")
+def pg_url():
+    yield from start_or_find_postgres()
+
+
+@pytest.fixture()
+def tiny(tmp_path) -> Path:
+    p = tmp_path / "tiny.py"
+    p.write_text(TINY)
+    return p
+
+
+def _study_name(tag: str) -> str:
+    return f"t-{tag}-{os.getpid()}-{time.time_ns() % 10**9}"
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+
+
+def _worker(file: Path, url: str, study: str, out: Path, budget: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(file), "--budget", budget, "--strategy", "quick",
+           "--storage", url, "--study", study, "--out", str(out), "--quiet", "--heartbeat", "1"]
+    log = open(out.with_suffix(".log"), "w")
+    # own session: kill -9 takes the worker and its trial process, as when a machine dies
+    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _load(url: str, study: str):
+    import optuna
+
+    from autotiacc.distributed import open_storage
+
+    return optuna.load_study(study_name=study, storage=open_storage(url))
+
+
+def test_concurrent_creators_exactly_one_creates(pg_url):
+    from autotiacc.distributed import create_or_load, open_storage
+
+    name, created, errors = _study_name("create"), [], []
+
+    def start():
+        try:
+            created.append(create_or_load(open_storage(pg_url), name, None)[1])
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(created) == [False, False, False, True]
+
+
+def test_worker_on_other_hardware_is_refused(pg_url, tiny, tmp_path):
+    from autotiacc.errors import UserInputError
+    from autotiacc.hardware import fingerprint
+    from autotiacc.tuner import TuneOptions, Tuner
+    from autotiacc.workload import load_workload
+
+    wl = load_workload(tiny)
+    name = _study_name("fp")
+    identity = wl.identity()
+    first = Tuner(wl, TuneOptions(budget_s=60, out_dir=tmp_path / "a", storage=pg_url, study_name=name))
+    first._study(fingerprint("cpu"), identity)
+    other = dict(fingerprint("cpu"), torch="1.0.0", cpu_model="Some Other CPU")
+    second = Tuner(wl, TuneOptions(budget_s=60, out_dir=tmp_path / "b", storage=pg_url, study_name=name))
+    with pytest.raises(UserInputError, match="torch: plan has .* this machine has '1.0.0'"):
+        second._study(other, identity)
+    # the same machine joins fine
+    second._study(fingerprint("cpu"), identity)
+
+
+def test_report_from_storage_unknown_study(pg_url, tmp_path):
+    cmd = [sys.executable, "-m", "autotiacc.cli", "report", "--storage", pg_url, "--study", "no-such-study",
+           "--out", str(tmp_path / "r")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "`--study` 'no-such-study' is not in" in proc.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_one_killed(pg_url, tiny, tmp_path):
+    """Two workers start at once; one is killed -9 mid-trial. The other fails its trial via
+    heartbeats and finishes; nothing is lost or duplicated, and the report renders the same."""
+    from optuna.trial import TrialState
+
+    from autotiacc.strategy import load_strategy
+
+    name = _study_name("two")
+    out_a, out_b = tmp_path / "a", tmp_path / "b"
+    a = _worker(tiny, pg_url, name, out_a, "60s")
+    b = _worker(tiny, pg_url, name, out_b, "60s")
+    killed_trial = None
+    try:
+        t_end = time.monotonic() + 60
+        while killed_trial is None and time.monotonic() < t_end and b.poll() is None:
+            time.sleep(0.3)
+            try:
+                study = _load(pg_url, name)
+            except KeyError:
+                continue
+            mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                    if t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
+            if mine and (out_b / "trials" / f"{mine[0].number:04d}.log").exists():
+                killed_trial = mine[0].number
+                os.killpg(b.pid, signal.SIGKILL)
+        assert killed_trial is not None, "worker B never ran a trial: " + out_b.with_suffix(".log").read_text()[-2000:]
+        assert a.wait(timeout=200) == 0, out_a.with_suffix(".log").read_text()[-3000:]
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+    study = _load(pg_url, name)
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert numbers == list(range(len(trials)))  # no gaps, no duplicated numbers
+    assert not [t.number for t in trials if t.state == TrialState.RUNNING]  # none left running forever
+    dead = trials[killed_trial]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["status"] == "interrupted"
+    assert "heartbeats" in dead.user_attrs["reason"]
+
+    # Every trial a worker ran is in the study once, taken by exactly that worker.
+    ran_a = {int(p.stem) for p in (out_a / "trials").glob("[0-9]*.log")}
+    ran_b = {int(p.stem) for p in (out_b / "trials").glob("[0-9]*.log")}
+    assert ran_a and ran_b and not ran_a & ran_b
+    for t in trials:
+        if t.number in ran_a | ran_b:
+            owner = a.pid if t.number in ran_a else b.pid
+            assert t.user_attrs["worker"].endswith(f":{owner}")
+            assert t.state.is_finished()
+    measured = {t.number for t in trials if "wall_s" in t.user_attrs}
+    assert measured <= ran_a | ran_b  # no figure without a worker that measured it
+
+    # Seeds enqueued once although both workers started together.
+    seeds = [json.dumps(t.system_attrs["fixed_params"], sort_keys=True) for t in trials
+             if "fixed_params" in t.system_attrs]
+    assert len(seeds) == len(set(seeds)) == len(load_strategy("quick").enqueue)
+
+    # Best is consistent: the study's best is the best complete trial, and the plan knows it.
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert complete and study.best_value == min(t.value for t in complete)
+    plan_a = json.loads((out_a / "plan.json").read_text())
+    assert study.user_attrs["plan"]["knobs"] == plan_a["knobs"]
+
+    # The survivor's trials.csv has every trial; the report renders identically from storage.
+    import pandas as pd
+
+    assert len(pd.read_csv(out_a / "trials.csv")) == len(trials)
+    reports = []
+    for where in ("from-a", "from-b"):
+        cmd = [sys.executable, "-m", "autotiacc.cli", "report", "--storage", pg_url, "--study", name,
+               "--out", str(tmp_path / where)]
+        proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        reports.append((tmp_path / where / "report.md").read_text())
+    assert reports[0] == reports[1]
+    assert "interrupted" in reports[0] and plan_a["label"] in reports[0]
