@@ -4,7 +4,8 @@ search dependencies (no Optuna, no tuner), named in the plan together with its s
 Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
-- `eager`, `onnxruntime` -> `torch.export` program (plain PyTorch; ORT would add a dependency).
+- `onnxruntime`  -> ONNX model (loads with onnxruntime, the runtime that was measured);
+- `eager`        -> `torch.export` program (plain PyTorch).
 
 Precision and layout knobs are baked into the artifact (input casts, autocast, output dtypes);
 runtime settings (threads, inference_mode) are not part of a graph, so the plan's entry lists
@@ -24,12 +25,13 @@ from typing import Any
 
 from .errors import PlanError
 
-FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
+FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts",
+           "onnx": "artifact.onnx"}
 
 
 def artifact_format(backend: str) -> str:
     """The artifact form a plan with this execution backend is exported as."""
-    return {"compile": "aoti", "torchscript": "torchscript"}.get(backend, "export")
+    return {"compile": "aoti", "torchscript": "torchscript", "onnxruntime": "onnx"}.get(backend, "export")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -97,6 +99,10 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
         if fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
             torch.jit.save(traced, str(tmp))
+        elif fmt == "onnx":  # same legacy exporter the onnxruntime backend measured with
+            names = [f"input_{i}" for i in range(len(inputs))]
+            torch.onnx.export(wrapper, inputs, str(tmp), dynamo=False, input_names=names, opset_version=17,
+                              do_constant_folding=True)
         else:
             program = torch.export.export(wrapper, inputs)
             if fmt == "aoti":
@@ -196,4 +202,25 @@ def _load_verified(path: Path, fmt: str | None):
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
+    if fmt == "onnx":
+        return _onnx_runner(path)
     raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")
+
+
+def _onnx_runner(path: Path):
+    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out."""
+    import torch
+
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise PlanError(f"{path}: an ONNX artifact needs onnxruntime: pip install 'autotiacc[onnx]'.") from None
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+
+    def run(*args):
+        feed = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(names, args)}
+        outs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    return run

@@ -261,6 +261,10 @@ class Tuner:
             trial.set_user_attr("label", describe(configs))
             reason = next((r for k in knobs if (r := k.incompatible(configs, ctx))), None)
             key = _key(values)
+            if shared:  # other workers' finished trials count as seen too
+                for t in study.get_trials(deepcopy=False):
+                    if "knobs" in t.user_attrs and t.state.is_finished() and t.number != trial.number:
+                        seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
             if reason or key in seen:
                 self._skip(study, trial, reason, seen.get(key))
                 skips += 1

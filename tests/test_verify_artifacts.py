@@ -61,7 +61,8 @@ def _plan_copy(run: Path, dest: Path, **edits) -> Path:
 
 # -- artifacts ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("values,fmt", [({"precision": {"mode": "bf16_autocast"}}, "export"),
-                                        ({"execution": {"backend": "torchscript"}}, "torchscript")])
+                                        ({"execution": {"backend": "torchscript"}}, "torchscript"),
+                                        ({"execution": {"backend": "onnxruntime"}}, "onnx")])
 def test_artifact_round_trip_and_tamper(tiny, tmp_path, values, fmt):
     import torch
 
