@@ -12,7 +12,10 @@ runtime settings (threads, inference_mode) are not part of a graph, so the plan'
 them for the serving code. The artifact is specialised to the tuned input shapes.
 
 Loading checks the sha256 recorded in the plan *before* handing the file to torch: a tampered
-or swapped artifact raises `PlanError`. Nothing is unpickled by autotiacc.
+or swapped artifact raises `PlanError`. `torch.export.load` would unpickle payloads an archive
+marks as pickled (weights_only=False), so export archives holding any are refused as well.
+An AOTInductor package is native code: the hash check is what guards it; keep plan.json
+where only you can write it.
 """
 from __future__ import annotations
 
@@ -199,6 +202,7 @@ def _load_verified(path: Path, fmt: str | None):
 
         return torch._inductor.aoti_load_package(str(path))
     if fmt == "export":
+        _refuse_pickled_payloads(path)
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
@@ -224,3 +228,35 @@ def _onnx_runner(path: Path):
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run
+
+
+def _refuse_pickled_payloads(path: Path) -> None:
+    """Refuse a torch.export archive that would make torch unpickle anything but plain tensors:
+    weights or constants flagged `use_pickle`, custom/opaque objects, or a payload that
+    `torch.load(weights_only=True)` rejects (torch falls back to weights_only=False there)."""
+    import io
+    import json
+    import zipfile
+
+    import torch
+    from torch.export.pt2_archive.constants import CUSTOM_OBJ_FILENAME_PREFIX, OPAQUE_OBJ_FILENAME_PREFIX
+
+    def refuse(what: str) -> PlanError:
+        return PlanError(f"{path}: {what}; refusing to load an export archive that needs unpickling.")
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                if name.endswith("_config.json") and "/data/" in name:
+                    for fqn, meta in (json.loads(archive.read(name)).get("config") or {}).items():
+                        target = str(meta.get("path_name", ""))
+                        if meta.get("use_pickle") or target.startswith((CUSTOM_OBJ_FILENAME_PREFIX,
+                                                                        OPAQUE_OBJ_FILENAME_PREFIX)):
+                            raise refuse(f"`{fqn}` is stored pickled")
+                elif name.endswith(".pt"):
+                    try:
+                        torch.load(io.BytesIO(archive.read(name)), weights_only=True)
+                    except Exception as exc:  # noqa: BLE001 - anything but plain tensors
+                        raise refuse(f"{name} is not a weights-only payload ({type(exc).__name__})") from None
+    except zipfile.BadZipFile:
+        raise PlanError(f"{path}: not a torch.export archive (bad zip).") from None

@@ -178,3 +178,33 @@ def test_verify_rejects_bad_input(tiny, tmp_path):
     assert proc.returncode == 2 and "`--tolerance` got 1.5" in proc.stderr
     proc = _cli("verify", str(tmp_path / "plan.json"), str(tiny))
     assert proc.returncode == 2 and "parameter shapes differ" in proc.stderr
+
+
+def test_export_archive_with_pickled_payload_is_refused(tiny, tmp_path):
+    """Even with a matching hash (plan edited too), torch.export.load is never asked to unpickle."""
+    import zipfile
+
+    import autotiacc
+    from autotiacc.artifacts import export_for_plan, sha256_of
+    from autotiacc.errors import PlanError
+    from autotiacc.knobs import configs_from_params
+    from autotiacc.plan import Plan
+    from autotiacc.workload import load_workload
+
+    Plan(knobs=configs_from_params({})).save(tmp_path / "plan.json")
+    entry = export_for_plan(tmp_path, load_workload(tiny))
+    art = tmp_path / entry["file"]
+    with zipfile.ZipFile(art) as z:
+        items = {n: z.read(n) for n in z.namelist()}
+    key = next(n for n in items if n.endswith("model_weights_config.json"))
+    cfg = json.loads(items[key])
+    next(iter(cfg["config"].values()))["use_pickle"] = True
+    items[key] = json.dumps(cfg).encode()
+    with zipfile.ZipFile(art, "w") as z:
+        for name, data in items.items():
+            z.writestr(name, data)
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    plan["extra"]["artifact"]["sha256"] = sha256_of(art)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(PlanError, match="stored pickled"):
+        autotiacc.load_artifact(tmp_path)
