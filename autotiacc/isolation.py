@@ -38,7 +38,18 @@ class Outcome:
         return f"{self.status}: {self.error}" if not self.ok else ""
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this trial if the tuner dies (kill -9 leaves no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None) -> None:
+    _die_with_parent()
     if log_path:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
@@ -89,8 +100,9 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: s
             if recv.poll(min(left, 0.5)):
                 try:
                     result = recv.recv()
-                except EOFError:  # child died without sending
+                except EOFError:  # child died without sending; let it be reaped
                     result = None
+                    proc.join(timeout=5)
                 break
             if not proc.is_alive() and not recv.poll(0):
                 break

@@ -100,7 +100,11 @@ def plot_latency(data: ReportData, path: Path) -> Path | None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     series = [p["baseline"]["samples_ms"], p["best"]["samples_ms"]]
-    ax.boxplot(series, vert=False, showfliers=True)
+    import matplotlib
+
+    horizontal = ({"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+                  else {"vert": False})
+    ax.boxplot(series, showfliers=True, **horizontal)
     ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
     ax.set_xlabel("latency per call (ms)")
     ax.set_title("Final re-measurement, interleaved in one process")

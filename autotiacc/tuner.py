@@ -198,8 +198,8 @@ class Tuner:
     def run(self) -> TuneResult:
         from .hardware import fingerprint
 
+        model, _ = self.workload.validate()  # the user's bugs surface before anything is written
         self._prepare_dir()
-        model, _ = self.workload.validate()
         ctx = search_context(self.workload, model, self.options.device, self.options.level)
         fp = fingerprint(self.options.device)
         identity = self.workload.identity(model)
