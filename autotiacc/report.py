@@ -95,7 +95,7 @@ def plot_history(data: ReportData, path: Path) -> Path | None:
 
 def plot_latency(data: ReportData, path: Path) -> Path | None:
     p = data.plan
-    if not p or not p.get("baseline") or not p.get("best"):
+    if not p or not (p.get("baseline") or {}).get("samples_ms") or not (p.get("best") or {}).get("samples_ms"):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     """Data-dependent control flow: traced candidates must be rejected, the plan must be right."""
     out = tmp_path / "run"
-    budget = 45
+    budget = 60
     t0 = time.monotonic()
     res = run_cli("tune", str(models_dir / "branchy.py"), "--budget", f"{budget}s", "--strategy", "quick",
                   "--out", str(out), "--quiet", timeout=300)
@@ -50,6 +50,19 @@ def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     (out / "report.md").unlink()
     res = run_cli("report", str(out))
     assert res.returncode == 0 and (out / "report.md").exists()
+
+    exp = tmp_path / "exp.csv"
+    exp.write_text("model,batch,variant,median_ms,p90_ms,spread,speedup_vs_eager,rel_err,setup_s\n"
+                   "branchy,4,eager fp32,2.0,2.2,0.1,1.0,0,0\nbranchy,4,onnxruntime,1.0,1.1,0.1,2.0,1e-7,0.3\n")
+    res = run_cli("compare", str(out), str(exp), "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert set(table["source"]) == {"run", "exp"} and len(table) == 4
+    assert table.loc[table["variant"] == "onnxruntime", "speedup"].iloc[0] == 2.0
+    for name in ("speedup.png", "pareto.png", "histories.png", "cost.png", "compare.html"):
+        assert (tmp_path / "cmp" / name).exists(), name
+    res = run_cli("compare", str(tmp_path / "nothing-here"))
+    assert res.returncode == 2 and "neither a run directory" in res.stderr
 
 
 def _finished(out) -> pd.DataFrame:
