@@ -286,6 +286,8 @@ class Tuner:
         """Time kept for the final re-measurement: a fresh process, rebuilding the top candidates,
         warming up every runner (baseline included), the timing window, and the plan/report."""
         tops = self._top(study)
+        if not tops:  # nothing to re-measure: the plan is written at once
+            return 2.0
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
         warmup = (len(tops) + 1) * FINAL_WARMUP_S
         return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
