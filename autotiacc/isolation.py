@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 # Environment for trial processes: one inductor compile thread (no pool to orphan on kill);
 # passive OpenMP waits so timing interleaved candidates does not fight spinning threads.
-CHILD_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# Inductor's on-disk FX graph cache is shared by all trials and runs: a candidate compiled once
+# (in a trial) rebuilds from cache in the final re-measurement and in production.
+CHILD_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
 
 
 @dataclass
