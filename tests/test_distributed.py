@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from postgres_server import start_or_find_postgres
+from .postgres_server import start_or_find_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = '''

@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from .conftest import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = '''
@@ -24,9 +24,7 @@ def example_inputs(batch_size: int = 2):
 
 
 def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-m", "autotiacc.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return run_cli(*args, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
