@@ -44,7 +44,7 @@ def open_storage(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
 
     if heartbeat_s < 1:
         raise UserInputError(f"`--heartbeat` got {heartbeat_s!r}: use a whole number of seconds >= 1.")
-    url = _with_driver(url)
+    given, url = url, _with_driver(url)
     # ask/tell with our own heartbeat thread is what Study.optimize does inside; Optuna warns anyway.
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     try:
@@ -62,7 +62,7 @@ def open_storage(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S):
                 time.sleep(0.5 + attempt)
     except (sqlalchemy.exc.SQLAlchemyError, ValueError, ImportError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"`--storage` {redact(url)} cannot be opened ({first}); give an Optuna storage URL "
+        raise UserInputError(f"`--storage` {redact(given)} cannot be opened ({first}); give an Optuna storage URL "
                              "such as postgresql://user:pass@host:5432/db or sqlite:///path/study.db.") from None
 
 

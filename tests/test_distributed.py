@@ -110,6 +110,15 @@ def test_report_from_storage_unknown_study(pg_url, tmp_path):
     assert "`--study` 'no-such-study' is not in" in proc.stderr
 
 
+def test_unreachable_storage_is_one_clear_line_without_the_password(tiny, tmp_path):
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(tiny), "--budget", "30s", "--out", str(tmp_path / "o"),
+           "--storage", "postgresql://user:s3cret@127.0.0.1:1/db", "--quiet"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "`--storage` postgresql://user:***@127.0.0.1:1/db cannot be opened" in proc.stderr
+    assert "s3cret" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 def test_two_workers_one_killed(pg_url, tiny, tmp_path):
     """Two workers start at once; one is killed -9 mid-trial. The other fails its trial via
