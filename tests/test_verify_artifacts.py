@@ -10,7 +10,6 @@ import pytest
 
 from .conftest import run_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = '''
 import torch
 from torch import nn
