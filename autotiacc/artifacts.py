@@ -191,10 +191,10 @@ def load_artifact(path: str | Path, *, sha256: str | None = None):
     if actual != entry.get("sha256"):
         raise PlanError(f"{art}: sha256 {actual[:16]}... does not match the plan's {str(entry.get('sha256'))[:16]}...; "
                         "the artifact was modified or swapped. Refusing to load it; re-export it.")
-    return _load_verified(art, entry.get("format"))
+    return _load_verified(art, entry.get("format"), entry)
 
 
-def _load_verified(path: Path, fmt: str | None):
+def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any]):
     import torch
 
     if fmt == "aoti":
@@ -207,19 +207,26 @@ def _load_verified(path: Path, fmt: str | None):
     if fmt == "torchscript":
         return torch.jit.load(str(path), map_location="cpu")
     if fmt == "onnx":
-        return _onnx_runner(path)
+        return _onnx_runner(path, threads=int((entry.get("runtime") or {}).get("threads") or 0))
     raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")
 
 
-def _onnx_runner(path: Path):
-    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out."""
+def _onnx_runner(path: Path, *, threads: int = 0):
+    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out; session
+    options as the tune measured them (no spinning threads, the plan's thread count)."""
     import torch
 
     try:
         import onnxruntime as ort
     except ImportError:
         raise PlanError(f"{path}: an ONNX artifact needs onnxruntime: pip install 'autotiacc[onnx]'.") from None
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    opts = ort.SessionOptions()
+    # Spinning ORT threads starve torch ops in the same process: examples/convnet eager ran at
+    # 257 ms instead of ~7 ms beside a spinning session here (torch also needs OMP_WAIT_POLICY=PASSIVE).
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if threads:
+        opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(*args):
