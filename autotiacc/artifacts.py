@@ -205,7 +205,10 @@ def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any]):
         _refuse_pickled_payloads(path)
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
-        return torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location="cpu")
+        # optimize_for_inference (as the torchscript backend measured) does not survive
+        # save/load ("required keyword attribute 'value'"), so it is applied after loading.
+        return torch.jit.optimize_for_inference(module)
     if fmt == "onnx":
         return _onnx_runner(path, threads=int((entry.get("runtime") or {}).get("threads") or 0))
     raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")
