@@ -43,18 +43,33 @@ def _workload_for(plan, model_file: str | Path):
                          input_dtypes=wl.get("input_dtypes") if is_saved else None)
 
 
-def _check_artifact(plan, plan_dir: Path) -> list[str]:
-    from .artifacts import sha256_of
+def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | None]:
+    """The artifact the plan names: present, hash as recorded, and its outputs on the tuned
+    inputs within the plan's tolerance of eager fp32. Returns (problems, a line of findings)."""
+    from .accuracy import compare_outputs
+    from .artifacts import load_artifact, sha256_of
+
+    import torch
 
     entry = plan.extra.get("artifact")
     if not entry or "file" not in entry:
-        return []
+        return [], None
     path = plan_dir / entry["file"]
     if not path.is_file():
-        return [f"artifact {entry['file']} named by the plan is missing from {plan_dir}"]
+        return [f"artifact {entry['file']} named by the plan is missing from {plan_dir}"], None
     if sha256_of(path) != entry.get("sha256"):
-        return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped)"]
-    return []
+        return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped)"], None
+    try:
+        artifact = load_artifact(plan_dir / "plan.json")
+        inputs = workload.example_inputs()
+        with torch.no_grad():
+            acc = compare_outputs([artifact(*inputs)], [workload.build_model()(*inputs)],
+                                  tolerance=plan.tolerance if plan.tolerance is not None else 2e-2)
+    except Exception as exc:  # noqa: BLE001 - a broken artifact is a finding, not a crash
+        return [f"artifact {entry['file']} failed to load or run here: {type(exc).__name__}: {exc}"], None
+    if not acc.ok:
+        return [f"artifact {entry['file']}: {acc.reason}"], None
+    return [], f"artifact {entry['file']} ({entry.get('format')}): sha256 ok, rel. error {acc.rel_l2:.2e} vs eager fp32"
 
 
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
@@ -83,13 +98,14 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     problems: list[str] = []
     here = fingerprint(plan.device)
     problems += [f"different hardware/software: {d}" for d in fingerprint_differences(plan.fingerprint, here)]
-    problems += _check_artifact(plan, plan_dir)
+    artifact_problems, artifact_line = _check_artifact(plan, plan_dir, workload)
+    problems += artifact_problems
     recorded = plan.speedup if plan.speedup is not None else 1.0
     rec_acc = (plan.accuracy or {}).get("rel_l2")
     lines = [f"plan: {plan.label} — recorded {recorded:.2f}x over eager fp32"
              + (f", rel. error {rec_acc:.2e}" if rec_acc is not None else "")
              + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
-             f"here: {fingerprint_id(here)}"]
+             f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
     outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=plan.device,

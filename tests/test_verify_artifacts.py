@@ -133,6 +133,7 @@ def test_verify_passes_where_it_was_tuned(tuned, tiny):
     result = verify_plan(tuned / "plan.json", tiny, tolerance=0.4)
     assert result.ok, result.problems
     assert result.measured["speedup"] > 0 and result.measured["n"] >= 10
+    assert any(line.startswith("artifact artifact.") and "sha256 ok" in line for line in result.lines)
     import torch
 
     import autotiacc
