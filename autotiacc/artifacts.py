@@ -98,6 +98,21 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     t0 = time.perf_counter()
     wrapper = _deployable(model, plan.knobs, inputs, device)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
+    try:
+        _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"])
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)  # half-written on failure
+    runtime = dataclasses.asdict(plan.knobs["runtime"]) if "runtime" in plan.knobs else {}
+    return {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+            "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
+            "input_shapes": [list(t.shape) for t in inputs],
+            "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+
+
+def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution) -> None:
+    import torch
+
     with torch.no_grad():
         if fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
@@ -111,20 +126,14 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
             if fmt == "aoti":
                 import torch._inductor
 
-                mode = plan.knobs["execution"].compile_mode
-                options = {"freezing": True} if plan.knobs["execution"].freezing else {}
+                mode = execution.compile_mode
+                options = {"freezing": True} if execution.freezing else {}
                 if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
                     options["max_autotune"] = True
                 torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
                                                          inductor_configs=options)
             else:
                 torch.export.save(program, str(tmp))
-    tmp.replace(path)
-    runtime = dataclasses.asdict(plan.knobs["runtime"]) if "runtime" in plan.knobs else {}
-    return {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
-            "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
-            "input_shapes": [list(t.shape) for t in inputs],
-            "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
 
 
 def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:

@@ -106,6 +106,21 @@ def test_load_artifact_needs_a_recorded_hash(tiny, tmp_path):
         autotiacc.load_artifact(tmp_path)
 
 
+def test_failed_export_is_recorded_in_the_plan(tmp_path):
+    """torch.export refuses data-dependent control flow instead of baking in one branch."""
+    from autotiacc.artifacts import export_for_plan
+    from autotiacc.knobs import configs_from_params
+    from autotiacc.plan import Plan, load_plan
+    from autotiacc.workload import load_workload
+
+    Plan(knobs=configs_from_params({})).save(tmp_path / "plan.json")
+    with pytest.raises(Exception):
+        export_for_plan(tmp_path, load_workload(Path(__file__).parent / "models" / "branchy.py"))
+    entry = load_plan(tmp_path).extra["artifact"]
+    assert entry["format"] == "export" and "DataDependent" in entry["error"] and "sha256" not in entry
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan.json"]  # no half-written file
+
+
 @pytest.mark.slow
 def test_aoti_package_runs(tiny, tmp_path):
     import torch
