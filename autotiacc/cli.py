@@ -104,6 +104,9 @@ def tune(
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    traffic: Optional[Path] = typer.Option(None, "--traffic", help="shape mix CSV/JSON (batch_size, dims, weight): "
+                                           "tune buckets for it"),
+    p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="p99 latency budget over the traffic mix (ms)"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
     from .durations import parse_duration
@@ -128,7 +131,8 @@ def tune(
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
-                          command=" ".join(["autotiacc", *sys.argv[1:]]))
+                          command=" ".join(["autotiacc", *sys.argv[1:]]),
+                          traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms)
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)

@@ -1,0 +1,120 @@
+"""The tuner's hook for dynamic shapes: when a workload has traffic, Optuna also samples the
+bucket set (edges per dim from the traffic histogram) and, per bucket, a specialised padded
+graph vs one shared dynamic graph; trials run `traffic_eval.evaluate_traffic`; the chosen
+buckets are recorded in the plan (`plan.extra["shapes"]`), which `Plan.apply` turns back into
+a `BucketedModel`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from .buckets import ALIGN, BATCH, BucketSpec, infer_axes, quantile_edges
+from .errors import UserInputError
+from .traffic import Shape, dim_names, histogram, traffic_to_rows, workload_traffic
+
+# Bucket counts Optuna may pick per dim; capped by the distinct sizes seen and `max_buckets`.
+BUCKET_COUNTS = (1, 2, 3, 4, 6)
+MAX_BUCKETS = 12
+# Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
+N_UNSEEN = 2
+
+
+class ShapeTuning:
+    """Everything the tuner needs to tune for a traffic mix instead of one shape."""
+
+    def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
+                 max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 30) -> None:
+        self.workload, self.traffic, self.p99_ms = workload, traffic, p99_ms
+        self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
+        self.names = dim_names(traffic)
+        probe = {n: max(2, min(histogram(traffic, n))) for n in self.names}
+        self.axes = infer_axes(workload, self.names, probe)
+        self.hist = {n: histogram(traffic, n) for n in self.names}
+
+    # -- search ---------------------------------------------------------------------------------
+    def suggest(self, trial, values: dict[str, dict]) -> dict[str, Any]:
+        """Add `shapes` ({edges, padded, label}) to a trial's knob values."""
+        edges: dict[str, list[int]] = {}
+        budget = self.max_buckets
+        for name in self.names:
+            distinct = len(self.hist[name])
+            counts = [c for c in BUCKET_COUNTS if c <= distinct and c <= budget] or [1]
+            n = trial.suggest_categorical(f"{name}_buckets", counts) if len(counts) > 1 else counts[0]
+            edges[name] = quantile_edges(self.hist[name], n, align=1 if name == BATCH else ALIGN)
+            budget = max(1, budget // len(edges[name]))
+        n_buckets = 1
+        for e in edges.values():
+            n_buckets *= len(e)
+        backend = values.get("execution", {}).get("backend", "eager")
+        if backend == "eager":
+            padded = [False] * n_buckets  # eager runs any shape as is: padding would only add work
+        elif backend == "onnxruntime":
+            padded = [True] * n_buckets  # an exported graph has fixed shapes
+        else:
+            mode = trial.suggest_categorical("bucket_graphs", ["specialised", "dynamic", "per_bucket"])
+            if mode == "per_bucket":
+                padded = [trial.suggest_categorical(f"bucket_{i}_specialised", [True, False])
+                          for i in range(n_buckets)]
+            else:
+                padded = [mode == "specialised"] * n_buckets
+        spec = BucketSpec(edges=edges, axes=self.axes, padded=padded)
+        return {**values, "shapes": {"edges": edges, "padded": padded, "label": spec.label()}}
+
+    @staticmethod
+    def label(values: dict[str, Any]) -> str:
+        return f"; {values['shapes']['label']}" if "shapes" in values else ""
+
+    def evaluator(self, *, final: bool = False) -> tuple[Callable, dict[str, Any]]:
+        """The trial function and its keyword arguments (all picklable)."""
+        from .traffic_eval import evaluate_traffic
+
+        return evaluate_traffic, {"traffic": traffic_to_rows(self.traffic), "axes": self.spec_axes(),
+                                  "rounds": self.final_rounds if final else self.rounds, "p99_ms": self.p99_ms,
+                                  "check_shapes": self.unseen_shapes() if final else None}
+
+    def spec_axes(self) -> dict[str, list[list[int]]]:
+        return {n: [list(a) for a in v] for n, v in self.axes.items()}
+
+    def unseen_shapes(self) -> list[dict[str, Any]]:
+        """In-range shapes that are not in the traffic (midpoints between seen sizes)."""
+        seen = {s.key() for s in self.traffic}
+        out = []
+        for s in self.traffic[:: max(1, len(self.traffic) // N_UNSEEN)]:
+            row = {BATCH: s.batch_size, **{n: v + 1 for n, v in s.dims}, "weight": 1.0}
+            shape = Shape(row[BATCH], tuple(sorted((n, row[n]) for n, _ in s.dims)))
+            if shape.key() not in seen and all(row[n] <= max(self.hist[n]) for n in self.names):
+                out.append(row)
+        return out[:N_UNSEEN]
+
+    # -- the plan -------------------------------------------------------------------------------
+    def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
+        """Store the chosen buckets and the traffic figures in `plan.extra["shapes"]`."""
+        if not values or "shapes" not in values:
+            return
+        shapes = {"edges": values["shapes"]["edges"], "padded": values["shapes"]["padded"],
+                  "axes": self.spec_axes(), "label": values["shapes"]["label"],
+                  "traffic": traffic_to_rows(self.traffic)}
+        if result:
+            for k in ("p99_mix_ms", "padding_waste", "buckets", "per_shape"):
+                if k in result:
+                    shapes[k] = result[k]
+        plan.extra["shapes"] = shapes
+
+
+def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
+                     strategy: Any = None) -> ShapeTuning | None:
+    """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else None."""
+    if p99_ms is not None and not p99_ms > 0:
+        raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
+    traffic = workload_traffic(workload, traffic_file)
+    if traffic is None:
+        if p99_ms is not None:
+            raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
+        return None
+    if workload.kind != "python":
+        raise UserInputError("traffic tuning needs a model.py whose example_inputs(batch_size, **dims) builds "
+                             f"inputs of any shape; {workload.name} is a {workload.kind} file.")
+    extra = getattr(strategy, "extra", {}) or {}
+    return ShapeTuning(workload, traffic, p99_ms=p99_ms, max_buckets=int(extra.get("max_buckets", MAX_BUCKETS)),
+                       rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 30)))
