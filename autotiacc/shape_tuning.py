@@ -24,7 +24,7 @@ class ShapeTuning:
     """Everything the tuner needs to tune for a traffic mix instead of one shape."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
-                 max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 30) -> None:
+                 max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20) -> None:
         self.workload, self.traffic, self.p99_ms = workload, traffic, p99_ms
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
         self.names = dim_names(traffic)
@@ -38,9 +38,11 @@ class ShapeTuning:
         edges: dict[str, list[int]] = {}
         budget = self.max_buckets
         for name in self.names:
-            distinct = len(self.hist[name])
-            counts = [c for c in BUCKET_COUNTS if c <= distinct and c <= budget] or [1]
+            # The choices must be the same in every trial (Optuna has no dynamic value spaces);
+            # the bucket budget is enforced on the count actually used.
+            counts = [c for c in BUCKET_COUNTS if c <= len(self.hist[name])] or [1]
             n = trial.suggest_categorical(f"{name}_buckets", counts) if len(counts) > 1 else counts[0]
+            n = min(n, budget)
             edges[name] = quantile_edges(self.hist[name], n, align=1 if name == BATCH else ALIGN)
             budget = max(1, budget // len(edges[name]))
         n_buckets = 1
@@ -58,12 +60,22 @@ class ShapeTuning:
                           for i in range(n_buckets)]
             else:
                 padded = [mode == "specialised"] * n_buckets
+        if not any(padded):  # one shared runner serves every shape: the edges only bound the range
+            edges, padded = {n: [max(self.hist[n])] for n in self.names}, [False]
         spec = BucketSpec(edges=edges, axes=self.axes, padded=padded)
         return {**values, "shapes": {"edges": edges, "padded": padded, "label": spec.label()}}
 
     @staticmethod
     def label(values: dict[str, Any]) -> str:
         return f"; {values['shapes']['label']}" if "shapes" in values else ""
+
+    def final_reserve(self, tops: list) -> float:
+        """Seconds the final re-measurement needs: it times baseline + the top candidates for
+        `final_rounds` on every shape; scaled from what the trials' measurements took."""
+        measured = [float(t.user_attrs.get("measure_s", 0.0)) for t in tops]
+        per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
+        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        return build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds
 
     def evaluator(self, *, final: bool = False) -> tuple[Callable, dict[str, Any]]:
         """The trial function and its keyword arguments (all picklable)."""
@@ -117,4 +129,4 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
                              f"inputs of any shape; {workload.name} is a {workload.kind} file.")
     extra = getattr(strategy, "extra", {}) or {}
     return ShapeTuning(workload, traffic, p99_ms=p99_ms, max_buckets=int(extra.get("max_buckets", MAX_BUCKETS)),
-                       rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 30)))
+                       rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 20)))

@@ -294,6 +294,8 @@ class Tuner:
         """Time kept for the final re-measurement: rebuilding the top candidates and timing them."""
         tops = self._top(study)
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        if self.shape_tuning is not None:  # timing every traffic shape costs more than one window
+            return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) * 1.3 + 3.0
         return SPAWN_OVERHEAD_S + build + self.strategy.final_measure_s * 1.5 + 3.0
 
     def _top(self, study) -> list:
@@ -384,7 +386,7 @@ class Tuner:
             plan.knobs = configs_from_params(t.user_attrs["knobs"])
             plan.speedup = t.user_attrs.get("speedup")
             plan.compile_s = t.user_attrs.get("build_s")
-            self._record_shapes(plan, t.user_attrs["knobs"])
+            self._record_shapes(plan, t.user_attrs["knobs"], t.user_attrs)
             plan.note = (f"final re-measurement failed ({outcome.reason()}); the plan keeps trial {t.number}, "
                          "the best of the search, with its search-time figures.")
             return self._save_plan(plan)
