@@ -22,6 +22,8 @@ from .knobs import configs_from_params
 from .measure import Timing, measure_interleaved
 from .traffic import Shape, parse_traffic
 
+SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
+
 
 def mixture_quantile(samples: dict[str, list[float]], weights: dict[str, float], q: float) -> float:
     """Quantile `q` of the per-call latency when shapes arrive with `weights`."""
@@ -108,7 +110,10 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             c.padding.update(real=0, fed=0)
             c(*x)
             waste[n] += s.weight * c.padding_waste()
-        timings = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=warmup_s)
+        # Warm-up is per shape here, so cap it: dozens of shapes x the single-shape allowance would
+        # eat the budget; compilation already happened in prepare().
+        timings = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds,
+                                      warmup_s=min(warmup_s, SHAPE_WARMUP_S))
         for n, t in timings.items():
             per_shape[n][s.key()] = t
     mixed = {n: Timing([sum(weights[k] * t.samples_ms[r] for k, t in per_shape[n].items()) for r in range(rounds)])
