@@ -115,12 +115,22 @@ def quantile_edges(hist: dict[int, float], n: int, *, align: int = 1) -> list[in
 def infer_axes(workload, names: list[str], probe: dict[str, int]) -> Axes:
     """Find where each dim lives by building example inputs at two sizes of it and comparing
     shapes: the axes that changed are that dim's. Raises when a dim changes nothing."""
-    base = workload.example_inputs(probe[BATCH], **{n: probe[n] for n in names if n != BATCH})
+    try:
+        base = workload.example_inputs(probe[BATCH], **{n: probe[n] for n in names if n != BATCH})
+    except UserInputError as exc:
+        raise UserInputError(f"the traffic's dynamic dims {', '.join(f'`{n}`' for n in names if n != BATCH)} do not fit "
+                             f"example_inputs(batch_size, **dims): {exc}; make the traffic's columns match "
+                             "example_inputs' keyword arguments.") from None
     axes: Axes = {}
     for name in names:
         bumped = dict(probe)
         bumped[name] = probe[name] + 1
-        other = workload.example_inputs(bumped[BATCH], **{n: bumped[n] for n in names if n != BATCH})
+        try:
+            other = workload.example_inputs(bumped[BATCH], **{n: bumped[n] for n in names if n != BATCH})
+        except UserInputError as exc:
+            raise UserInputError(f"the traffic names dynamic dim `{name}`, but example_inputs(batch_size, "
+                                 f"{name}=...) fails ({exc}); make the traffic's columns match example_inputs' "
+                                 "keyword arguments.") from None
         found = [(i, ax) for i, (a, b) in enumerate(zip(base, other))
                  for ax in range(min(a.dim(), b.dim())) if a.shape[ax] != b.shape[ax]]
         if not found:

@@ -24,8 +24,11 @@ class ShapeTuning:
     """Everything the tuner needs to tune for a traffic mix instead of one shape."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
-                 max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20) -> None:
+                 max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20,
+                 serve_batches: list[int] | None = None) -> None:
         self.workload, self.traffic, self.p99_ms = workload, traffic, p99_ms
+        # Throughput objective: the serving batch sizes searched (None: latency objective).
+        self.serve_batches = serve_batches
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
         self.names = dim_names(traffic)
         probe = {n: max(2, min(histogram(traffic, n))) for n in self.names}
@@ -37,7 +40,13 @@ class ShapeTuning:
         """Add `shapes` ({edges, padded, label}) to a trial's knob values."""
         edges: dict[str, list[int]] = {}
         budget = self.max_buckets
+        serve_batch = None
+        if self.serve_batches:
+            serve_batch = trial.suggest_categorical("serve_batch", self.serve_batches)
         for name in self.names:
+            if name == BATCH and serve_batch:  # full batches of `serve_batch`; smaller ones are padded
+                edges[name] = [serve_batch]
+                continue
             # The choices must be the same in every trial (Optuna has no dynamic value spaces);
             # the bucket budget is enforced on the count actually used.
             counts = [c for c in BUCKET_COUNTS if c <= len(self.hist[name])] or [1]
@@ -61,9 +70,13 @@ class ShapeTuning:
             else:
                 padded = [mode == "specialised"] * n_buckets
         if not any(padded):  # one shared runner serves every shape: the edges only bound the range
-            edges, padded = {n: [max(self.hist[n])] for n in self.names}, [False]
+            edges = {n: [serve_batch if n == BATCH and serve_batch else max(self.hist[n])] for n in self.names}
+            padded = [False]
         spec = BucketSpec(edges=edges, axes=self.axes, padded=padded)
-        return {**values, "shapes": {"edges": edges, "padded": padded, "label": spec.label()}}
+        shapes = {"edges": edges, "padded": padded, "label": spec.label()}
+        if serve_batch:
+            shapes.update(serve_batch=serve_batch, label=f"serve batch {serve_batch}, {spec.label()}")
+        return {**values, "shapes": shapes}
 
     @staticmethod
     def label(values: dict[str, Any]) -> str:
@@ -106,9 +119,10 @@ class ShapeTuning:
             return
         shapes = {"edges": values["shapes"]["edges"], "padded": values["shapes"]["padded"],
                   "axes": self.spec_axes(), "label": values["shapes"]["label"],
-                  "traffic": traffic_to_rows(self.traffic)}
+                  "traffic": traffic_to_rows(self.traffic), "p99_budget_ms": self.p99_ms,
+                  "serve_batch": values["shapes"].get("serve_batch")}
         if result:
-            for k in ("p99_mix_ms", "padding_waste", "buckets", "per_shape"):
+            for k in ("p99_mix_ms", "padding_waste", "buckets", "per_shape", "samples_per_s"):
                 if k in result:
                     shapes[k] = result[k]
         plan.extra["shapes"] = shapes
@@ -120,13 +134,22 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
     if p99_ms is not None and not p99_ms > 0:
         raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
     traffic = workload_traffic(workload, traffic_file)
+    extra = getattr(strategy, "extra", {}) or {}
+    throughput = getattr(strategy, "objective", "latency") == "throughput"
+    if traffic is None and throughput:  # no dynamic dims: every request has the tuned batch size
+        traffic = [Shape(workload.batch_size or 1, ())]
     if traffic is None:
         if p99_ms is not None:
             raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
         return None
-    if workload.kind != "python":
+    if workload.kind != "python" and traffic[0].dims:
         raise UserInputError("traffic tuning needs a model.py whose example_inputs(batch_size, **dims) builds "
                              f"inputs of any shape; {workload.name} is a {workload.kind} file.")
-    extra = getattr(strategy, "extra", {}) or {}
+    serve = None
+    if throughput:
+        serve = [int(b) for b in extra.get("batch_sizes", [1, 2, 4, 8, 16, 32])]
+        if not serve or any(b <= 0 for b in serve):
+            raise UserInputError(f"strategy `batch_sizes` got {serve!r}: use a list of positive batch sizes.")
     return ShapeTuning(workload, traffic, p99_ms=p99_ms, max_buckets=int(extra.get("max_buckets", MAX_BUCKETS)),
-                       rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 20)))
+                       rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 20)),
+                       serve_batches=serve)

@@ -98,6 +98,10 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     names = [BASELINE] + list(built)
     per_shape: dict[str, dict[str, Timing]] = {n: {} for n in names}
     waste = {n: 0.0 for n in built}
+    # Throughput objective: a candidate with `serve_batch` B serves full batches of B requests;
+    # figures become ms per sample (the baseline serves the traffic's own batch sizes).
+    serve = {n: candidates[n]["shapes"].get("serve_batch") for n in built}
+    per_sample = any(serve.values())
     for s in shapes:
         x = inputs[s.key()]
 
@@ -105,10 +109,11 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             with torch.inference_mode():
                 return model(*x)
 
-        runners = {BASELINE: baseline, **{n: (lambda c=c, x=x: c(*x)) for n, c in built.items()}}
+        xs = {n: (workload.example_inputs(serve[n], **s.dim_dict) if serve[n] else x) for n in built}
+        runners = {BASELINE: baseline, **{n: (lambda c=c, x=xs[n]: c(*x)) for n, c in built.items()}}
         for n, c in built.items():
             c.padding.update(real=0, fed=0)
-            c(*x)
+            c(*xs[n])
             waste[n] += s.weight * c.padding_waste()
         # Warm-up is per shape here, so cap it: dozens of shapes x the single-shape allowance would
         # eat the budget; compilation already happened in prepare().
@@ -116,13 +121,17 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
                                       warmup_s=min(warmup_s, SHAPE_WARMUP_S))
         for n, t in timings.items():
             per_shape[n][s.key()] = t
-    mixed = {n: Timing([sum(weights[k] * t.samples_ms[r] for k, t in per_shape[n].items()) for r in range(rounds)])
-             for n in names}
+    batch = {s.key(): s.batch_size for s in shapes}
+    divisor = {n: (lambda k, n=n: (serve.get(n) or batch[k]) if per_sample else 1) for n in names}
+    mixed = {n: Timing([sum(weights[k] * t.samples_ms[r] / divisor[n](k) for k, t in per_shape[n].items())
+                        for r in range(rounds)]) for n in names}
     p99 = {n: mixture_quantile({k: t.samples_ms for k, t in per_shape[n].items()}, weights, 0.99) for n in names}
     base = mixed[BASELINE]
     for n in built:
         r = mixed[n].median / base.median
         res = results[n]
+        if per_sample:
+            res["samples_per_s"] = 1e3 / mixed[n].median
         res.update(timing=mixed[n].to_dict(), ratio=r, speedup=1 / r, p99_mix_ms=p99[n], padding_waste=waste[n],
                    per_shape={k: {"median_ms": t.median, "baseline_ms": per_shape[BASELINE][k].median,
                                   "weight": weights[k]} for k, t in per_shape[n].items()})
@@ -136,6 +145,7 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
         if p99_ms is not None and p99[n] > p99_ms:
             res.update(status="rejected", reason=f"p99 over the traffic mix {p99[n]:.2f} ms exceeds --p99-ms {p99_ms:g}")
     return {"baseline": base.to_dict(), "candidates": results, "baseline_p99_mix_ms": p99[BASELINE],
+            "per_sample": per_sample,
             "measure_s": time.perf_counter() - t0}
 
 
