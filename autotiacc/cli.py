@@ -142,6 +142,10 @@ def tune(
     p = result.plan
     typer.echo(f"plan: {p.label}")
     typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
+    if p.extra.get("shapes"):
+        sh = p.extra["shapes"]
+        p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
+        typer.echo(f"dynamic shapes: {sh['label']}; the speed-up is over the traffic mix, p99 over the mix {p99}")
     typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
     typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
 

@@ -80,7 +80,17 @@ class ShapeTuning:
 
     @staticmethod
     def label(values: dict[str, Any]) -> str:
-        return f"; {values['shapes']['label']}" if "shapes" in values else ""
+        """Label suffix naming the buckets; none for the baseline itself (eager, unpadded), so the
+        tuner still recognises it as the baseline."""
+        from .knobs import configs_from_params, describe
+
+        shapes = values.get("shapes")
+        if not shapes:
+            return ""
+        if (not any(shapes["padded"]) and not shapes.get("serve_batch")
+                and describe(configs_from_params(values)) == describe(configs_from_params({}))):
+            return ""
+        return f"; {shapes['label']}"
 
     def final_reserve(self, tops: list) -> float:
         """Seconds the final re-measurement needs: it times baseline + the top candidates for

@@ -287,3 +287,35 @@ print("served", type(fast).__name__, len(rec))
     assert "served" in proc.stdout
     if not plan["fell_back"]:
         assert proc.stdout.split()[-2:] == ["BucketedModel", "1"]
+
+
+def test_throughput_strategy_searches_the_serving_batch(tiny):
+    import optuna
+
+    from autotiacc.strategy import load_strategy
+
+    strategy = load_strategy("inference-throughput")
+    st = shape_tuning_for(tiny, strategy=strategy, p99_ms=1e4)
+    assert st.serve_batches == [1, 2, 4, 8, 16, 32]
+    study = optuna.create_study()
+    for _ in range(6):
+        trial = study.ask()
+        shapes = st.suggest(trial, {"execution": {"backend": "torchscript"}})["shapes"]
+        assert shapes["edges"]["batch_size"] == [shapes["serve_batch"]] == [trial.params["serve_batch"]]
+        study.tell(trial, 1.0)
+    _, kw = st.evaluator(final=False)
+    kw["rounds"] = 4
+    shapes = {"edges": {"batch_size": [4], "seq_len": [40]}, "padded": [True], "serve_batch": 4, "label": "b4"}
+    res = evaluate_traffic(tiny, {"b4": {"shapes": shapes}}, **kw)
+    cand = res["candidates"]["b4"]
+    assert res["per_sample"] and cand["status"] == "ok", cand.get("reason")
+    assert cand["samples_per_s"] == pytest.approx(1e3 / cand["timing"]["median_ms"])
+    assert cand["p99_mix_ms"] >= max(v["median_ms"] for v in cand["per_shape"].values()) / 4
+
+
+def test_throughput_without_traffic_tunes_the_batch_only(models_dir):
+    from autotiacc.strategy import load_strategy
+
+    w = load_workload(models_dir / "tiny_mlp.py")
+    st = shape_tuning_for(w, strategy=load_strategy("inference-throughput"))
+    assert st.names == ["batch_size"] and st.axes == {"batch_size": [(0, 0)]}
