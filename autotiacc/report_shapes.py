@@ -88,7 +88,7 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
              f"fed that were padding, counted on the real padded tensors): {_f(sh.get('padding_waste'))}",
              f"- traffic: {len(sh.get('traffic') or [])} shapes; requests beyond the largest edges run the "
              "unoptimized model with a one-time warning.", ""]
-    rows = [[b["bucket"], "specialised (padded)" if b["padded"] else "shared dynamic graph", len(b["shape_keys"]),
+    rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", len(b["shape_keys"]),
              b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
             for b in sh.get("buckets") or []]
     if rows:
