@@ -208,7 +208,6 @@ class BucketedModel:
         self.padding = {"real": 0, "fed": 0}  # input elements, counted on the tensors actually fed
 
     def sizes(self, inputs: tuple) -> dict[str, int]:
-        i, ax = 0, 0
         out = {}
         for name, places in self.spec.axes.items():
             i, ax = places[0]

@@ -34,6 +34,9 @@ class ShapeTuning:
         probe = {n: max(2, min(histogram(traffic, n))) for n in self.names}
         self.axes = infer_axes(workload, self.names, probe)
         self.hist = {n: histogram(traffic, n) for n in self.names}
+        # Without pad_inputs only the batch can be padded, and a graph specialised on the batch
+        # would still see every size of the other dims: such workloads get the shared runner only.
+        self.can_pad = len(self.names) == 1 or workload.user_hook("pad_inputs") is not None
 
     # -- search ---------------------------------------------------------------------------------
     def suggest(self, trial, values: dict[str, dict]) -> dict[str, Any]:
@@ -58,7 +61,7 @@ class ShapeTuning:
         for e in edges.values():
             n_buckets *= len(e)
         backend = values.get("execution", {}).get("backend", "eager")
-        if backend == "eager":
+        if backend == "eager" or not self.can_pad:
             padded = [False] * n_buckets  # eager runs any shape as is: padding would only add work
         elif backend == "onnxruntime":
             padded = [True] * n_buckets  # an exported graph has fixed shapes
@@ -112,11 +115,15 @@ class ShapeTuning:
         return {n: [list(a) for a in v] for n, v in self.axes.items()}
 
     def unseen_shapes(self) -> list[dict[str, Any]]:
-        """In-range shapes that are not in the traffic (midpoints between seen sizes)."""
+        """In-range shapes that are not in the traffic: sizes one above seen ones, and a batch
+        size missing between the seen ones when there is one."""
         seen = {s.key() for s in self.traffic}
+        batches = sorted(self.hist[BATCH])
+        missing = [b for b in range(batches[0], batches[-1]) if b not in self.hist[BATCH]]
         out = []
-        for s in self.traffic[:: max(1, len(self.traffic) // N_UNSEEN)]:
-            row = {BATCH: s.batch_size, **{n: v + 1 for n, v in s.dims}, "weight": 1.0}
+        for j, s in enumerate(self.traffic[:: max(1, len(self.traffic) // N_UNSEEN)]):
+            batch = missing[0] if missing and j == 0 else s.batch_size
+            row = {BATCH: batch, **{n: v + 1 for n, v in s.dims}, "weight": 1.0}
             shape = Shape(row[BATCH], tuple(sorted((n, row[n]) for n, _ in s.dims)))
             if shape.key() not in seen and all(row[n] <= max(self.hist[n]) for n in self.names):
                 out.append(row)
@@ -139,7 +146,7 @@ class ShapeTuning:
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
-                     strategy: Any = None) -> ShapeTuning | None:
+                     strategy: Any = None, device: str = "cpu") -> ShapeTuning | None:
     """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else None."""
     if p99_ms is not None and not p99_ms > 0:
         raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
@@ -152,6 +159,9 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
         if p99_ms is not None:
             raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
         return None
+    if (device or "cpu") != "cpu":
+        raise UserInputError(f"`--device` got {device!r}: traffic tuning is measured on CPU in this version; "
+                             "use --device cpu, or drop the traffic to tune one shape on the GPU.")
     if workload.kind != "python" and traffic[0].dims:
         raise UserInputError("traffic tuning needs a model.py whose example_inputs(batch_size, **dims) builds "
                              f"inputs of any shape; {workload.name} is a {workload.kind} file.")

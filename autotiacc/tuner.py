@@ -132,7 +132,7 @@ class Tuner:
 
         # None unless the workload has traffic; then trials tune buckets over the traffic mix.
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
-                                             strategy=self.strategy)
+                                             strategy=self.strategy, device=options.device)
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare_dir(self) -> None:

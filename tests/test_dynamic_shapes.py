@@ -335,3 +335,22 @@ def test_throughput_without_traffic_tunes_the_batch_only(models_dir):
     w = load_workload(models_dir / "tiny_mlp.py")
     st = shape_tuning_for(w, strategy=load_strategy("inference-throughput"))
     assert st.names == ["batch_size"] and st.axes == {"batch_size": [(0, 0)]}
+
+
+def test_without_pad_inputs_only_the_shared_runner_is_searched(tmp_path):
+    import optuna
+
+    f = tmp_path / "nopad.py"
+    f.write_text("import torch\n"
+                 "def build_model():\n    return torch.nn.Linear(4, 2)\n"
+                 "def example_inputs(batch_size=1, seq_len=3):\n    return (torch.randn(batch_size, seq_len, 4),)\n"
+                 "def traffic():\n    return [{'batch_size': 1, 'seq_len': 3}, {'batch_size': 2, 'seq_len': 7}]\n")
+    st = shape_tuning_for(load_workload(f))
+    assert not st.can_pad
+    study = optuna.create_study()
+    for _ in range(5):
+        trial = study.ask()
+        assert st.suggest(trial, {"execution": {"backend": "compile"}})["shapes"]["padded"] == [False]
+        study.tell(trial, 1.0)
+    with pytest.raises(UserInputError, match="`--device`"):
+        shape_tuning_for(load_workload(f), device="cuda")
