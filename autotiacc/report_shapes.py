@@ -87,7 +87,11 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
              f"- p99 over the traffic mix: {_f(sh.get('p99_mix_ms'))} ms; padding waste (share of input elements "
              f"fed that were padding, counted on the real padded tensors): {_f(sh.get('padding_waste'))}",
              f"- traffic: {len(sh.get('traffic') or [])} shapes; requests beyond the largest edges run the "
-             "unoptimized model with a one-time warning.", ""]
+             "unoptimized model with a one-time warning."]
+    if sh.get("serve_batch"):
+        lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {_f(sh.get('samples_per_s'))} "
+                     f"samples/s; p99 budget {_f(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
+    lines.append("")
     rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", len(b["shape_keys"]),
              b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
             for b in sh.get("buckets") or []]
