@@ -354,3 +354,23 @@ def test_without_pad_inputs_only_the_shared_runner_is_searched(tmp_path):
         study.tell(trial, 1.0)
     with pytest.raises(UserInputError, match="`--device`"):
         shape_tuning_for(load_workload(f), device="cuda")
+
+
+def test_report_shows_buckets_traffic_and_latency_vs_shape(tiny, tmp_path):
+    from autotiacc.report import write_report
+
+    st = shape_tuning_for(tiny)
+    _, kw = st.evaluator(final=True)
+    kw["rounds"] = 3
+    values = {"shapes": {"edges": {"batch_size": [3], "seq_len": [16, 40]}, "padded": [True, False],
+                         "label": "2 buckets"}}
+    res = evaluate_traffic(tiny, {"c": values}, **kw)["candidates"]["c"]
+    plan = Plan(knobs=configs_from_params({}))
+    st.record(plan, values, res)
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "run.json").write_text(json.dumps({"workload": {"name": "tiny"}, "sessions": []}))
+    written = write_report(tmp_path)
+    assert {"traffic.png", "latency_vs_shape.png"} <= set(written)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Dynamic shapes: buckets" in md
+    assert "| b3xseq_len16 | specialised, padded |" in md and "| b3xseq_len40 | shared, exact shape |" in md
