@@ -13,33 +13,38 @@ def _shapes(data) -> dict[str, Any] | None:
     return (p.get("extra") or {}).get("shapes")
 
 
-def plot_traffic(data, path: Path) -> Path | None:
-    """One histogram per dynamic dim: traffic share per size, bucket edges as dashed lines."""
+def _histogram_plot(data, path: Path, pick) -> Path | None:
+    """Traffic share per size of one dim, the plan's bucket edges as dashed lines."""
     sh = _shapes(data)
     if not sh or not sh.get("traffic"):
         return None
-    from .report import _plt
+    name = pick(list(sh["edges"]))
+    if name is None:
+        return None
+    from .plotting import figure
 
-    plt = _plt()
-    names = list(sh["edges"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.6), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        hist: dict[int, float] = {}
-        for row in sh["traffic"]:
-            hist[row[name]] = hist.get(row[name], 0.0) + row["weight"]
-        xs = sorted(hist)
-        width = max(1.0, (max(xs) - min(xs)) / 60) if len(xs) > 1 else 0.8
+    hist: dict[int, float] = {}
+    for row in sh["traffic"]:
+        hist[row[name]] = hist.get(row[name], 0.0) + row["weight"]
+    xs = sorted(hist)
+    with figure(path, title=f"Traffic histogram of {name} and the plan's bucket edges", xlabel=name,
+                ylabel="share of requests") as ax:
+        width = max(0.8, (max(xs) - min(xs)) / 60) if len(xs) > 1 else 0.8
         ax.bar(xs, [hist[x] for x in xs], width=width, color="tab:blue", label="traffic share")
         for i, e in enumerate(sh["edges"][name]):
-            ax.axvline(e, color="tab:red", ls="--", lw=1, label="bucket edge" if i == 0 else None)
-        ax.set_xlabel(name)
-        ax.set_ylabel("share of requests")
-        ax.legend(fontsize=7)
-    fig.suptitle("Traffic histogram and the plan's bucket edges")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+            ax.axvline(e, color="tab:red", ls="--", lw=1, label="bucket edge (≤)" if i == 0 else None)
+        ax.legend(fontsize=8)
     return path
+
+
+def plot_traffic(data, path: Path) -> Path | None:
+    """The first named dynamic dim (e.g. seq_len), or the batch size when there is none."""
+    return _histogram_plot(data, path, lambda names: next((n for n in names if n != "batch_size"), names[0]))
+
+
+def plot_traffic_batch(data, path: Path) -> Path | None:
+    """The batch size, when the traffic also has named dims (else plot_traffic shows it)."""
+    return _histogram_plot(data, path, lambda names: "batch_size" if len(names) > 1 else None)
 
 
 def plot_latency_vs_shape(data, path: Path) -> Path | None:
@@ -48,23 +53,17 @@ def plot_latency_vs_shape(data, path: Path) -> Path | None:
     per = (sh or {}).get("per_shape")
     if not per:
         return None
-    from .report import _plt
+    from .plotting import figure
 
-    plt = _plt()
     rows = {f"b{r['batch_size']}x" + "x".join(f"{n}{r[n]}" for n in sorted(k for k in r if k not in ("batch_size", "weight"))): r
             for r in sh["traffic"]}
     size = {k: _elements(rows.get(k), sh) for k in per}
     keys = sorted(per, key=lambda k: size[k])
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([size[k] for k in keys], [per[k]["baseline_ms"] for k in keys], "o-", color="grey", label="eager fp32")
-    ax.plot([size[k] for k in keys], [per[k]["median_ms"] for k in keys], "o-", color="tab:green", label="plan")
-    ax.set_xlabel("batch size x dynamic dims (elements per request)")
-    ax.set_ylabel("median latency (ms)")
-    ax.set_title("Latency vs shape, each shape timed interleaved with eager")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Latency vs shape, each shape timed interleaved with eager",
+                xlabel="batch size x dynamic dims (elements per request)", ylabel="median latency (ms)") as ax:
+        ax.plot([size[k] for k in keys], [per[k]["baseline_ms"] for k in keys], "o-", color="grey", label="eager fp32")
+        ax.plot([size[k] for k in keys], [per[k]["median_ms"] for k in keys], "o-", color="tab:green", label="plan")
+        ax.legend()
     return path
 
 
@@ -101,4 +100,5 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
     return [("Dynamic shapes: buckets", lines)]
 
 
-SHAPE_PLOTS = {"traffic.png": plot_traffic, "latency_vs_shape.png": plot_latency_vs_shape}
+SHAPE_PLOTS = {"traffic.png": plot_traffic, "traffic_batch.png": plot_traffic_batch,
+               "latency_vs_shape.png": plot_latency_vs_shape}

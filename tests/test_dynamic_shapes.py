@@ -370,7 +370,7 @@ def test_report_shows_buckets_traffic_and_latency_vs_shape(tiny, tmp_path):
     plan.save(tmp_path / "plan.json")
     (tmp_path / "run.json").write_text(json.dumps({"workload": {"name": "tiny"}, "sessions": []}))
     written = write_report(tmp_path)
-    assert {"traffic.png", "latency_vs_shape.png"} <= set(written)
+    assert {"traffic.png", "traffic_batch.png", "latency_vs_shape.png"} <= set(written)
     md = (tmp_path / "report.md").read_text()
     assert "## Dynamic shapes: buckets" in md
     assert "| b3xseq_len16 | specialised, padded |" in md and "| b3xseq_len40 | shared, exact shape |" in md
