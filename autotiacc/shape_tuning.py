@@ -37,10 +37,30 @@ class ShapeTuning:
         # Without pad_inputs only the batch can be padded, and a graph specialised on the batch
         # would still see every size of the other dims: such workloads get the shared runner only.
         self.can_pad = len(self.names) == 1 or workload.user_hook("pad_inputs") is not None
+        self._checked = False
 
     # -- search ---------------------------------------------------------------------------------
+    def traffic_id(self) -> str:
+        import hashlib
+        import json
+
+        rows = traffic_to_rows(self.traffic)
+        return hashlib.sha256(json.dumps([rows, self.serve_batches], sort_keys=True).encode()).hexdigest()[:16]
+
+    def _check_study(self, study) -> None:
+        """A resumed study must tune the same traffic: its bucket choices depend on it."""
+        mine, theirs = self.traffic_id(), study.user_attrs.get("traffic_id")
+        if theirs is None:
+            study.set_user_attr("traffic_id", mine)
+        elif theirs != mine:
+            raise UserInputError("this study was tuned for another traffic mix (traffic() or --traffic changed); "
+                                 "its trials are not comparable: use another --out or --study.")
+
     def suggest(self, trial, values: dict[str, dict]) -> dict[str, Any]:
         """Add `shapes` ({edges, padded, label}) to a trial's knob values."""
+        if not self._checked:
+            self._check_study(trial.study)
+            self._checked = True
         edges: dict[str, list[int]] = {}
         budget = self.max_buckets
         serve_batch = None

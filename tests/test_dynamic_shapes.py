@@ -374,3 +374,21 @@ def test_report_shows_buckets_traffic_and_latency_vs_shape(tiny, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "## Dynamic shapes: buckets" in md
     assert "| b3xseq_len16 | specialised, padded |" in md and "| b3xseq_len40 | shared, exact shape |" in md
+
+
+def test_resumed_study_must_tune_the_same_traffic(tiny, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    shape_tuning_for(tiny).suggest(study.ask(), {})
+    other = shape_tuning_for(tiny, traffic_file=_write(tmp_path / "t.csv", "batch_size,seq_len\n1,5\n2,9\n"))
+    with pytest.raises(UserInputError, match="another traffic mix"):
+        other.suggest(optuna.load_study(study_name="s", storage=storage).ask(), {})
+    again = shape_tuning_for(tiny)
+    assert "shapes" in again.suggest(optuna.load_study(study_name="s", storage=storage).ask(), {})
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
