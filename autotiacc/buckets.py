@@ -220,6 +220,8 @@ class BucketedModel:
         if idx is None:
             return self._fallback(inputs, sizes)
         if not self.spec.padded[idx]:
+            if self.shared._state is None:
+                self._build_shared(inputs)
             self._count(inputs, inputs)
             return self.shared(*inputs)
         edge = self.spec.buckets()[idx]
@@ -256,23 +258,35 @@ class BucketedModel:
         with torch.inference_mode():
             return self.original(*inputs)
 
+    def _build_shared(self, inputs: tuple) -> None:
+        """Build the shared runner on the request padded to the largest bucket (batch >= 2, so a
+        dynamic graph does not specialise on size 1): the same shape whatever comes first."""
+        edge = self.spec.buckets()[-1]
+        dims = {n: edge[n] for n in self.spec.names if n != BATCH}
+        x = tuple(self.pad_inputs(inputs, **dims)) if dims and self.pad_inputs is not None else inputs
+        if BATCH in self.spec.axes:
+            x = _pad_batch(x, self.spec.axes[BATCH], max(2, edge.get(BATCH, 2)))
+        self.shared.build(x)
+
     def prepare(self, make_inputs: Callable[..., tuple]) -> dict[str, float]:
-        """Build every bucket now (compile time up front, not on the first request).
+        """Build every bucket now (compile time up front, not on the first request), exactly as
+        serving would: one call per bucket with its smallest shape, padded by the dispatcher.
         `make_inputs(batch_size, **dims)` gives inputs of a shape; returns build seconds per bucket."""
         out = {}
         for idx, edge in enumerate(self.spec.buckets()):
-            if self.runners[idx] is not None:
-                x = make_inputs(edge.get(BATCH, 1), **{n: v for n, v in edge.items() if n != BATCH})
-                t0 = time.perf_counter()
-                self.runners[idx].build(x)
-                out[bucket_key(edge)] = time.perf_counter() - t0
-        if self.shared is not None:
-            edge = self.spec.buckets()[-1]
-            x = make_inputs(max(2, edge.get(BATCH, 2)), **{n: v for n, v in edge.items() if n != BATCH})
+            runner = self.runners[idx] if self.spec.padded[idx] else self.shared
+            if runner._state is not None:
+                continue
+            low = {n: (self.edges_below(n, v) + 1) for n, v in edge.items()}
             t0 = time.perf_counter()
-            self.shared.build(x)
-            out["shared"] = time.perf_counter() - t0
+            self(*make_inputs(low.get(BATCH, 1), **{n: v for n, v in low.items() if n != BATCH}))
+            out[bucket_key(edge) if self.spec.padded[idx] else "shared"] = time.perf_counter() - t0
         return out
+
+    def edges_below(self, name: str, edge: int) -> int:
+        """The edge before `edge` on dim `name` (0 for the first): a bucket holds sizes above it."""
+        lower = [e for e in self.spec.edges[name] if e < edge]
+        return lower[-1] if lower else 0
 
     def padding_waste(self) -> float:
         """Share of the input elements fed to the model that were padding, over all calls so far."""
