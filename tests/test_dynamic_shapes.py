@@ -8,7 +8,6 @@ import warnings
 import pytest
 import torch
 
-import autotiacc
 from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, infer_axes, quantile_edges)
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.knobs import configs_from_params
