@@ -104,8 +104,18 @@ def tune(
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    mode: str = typer.Option("infer", "--mode", help="infer (model.py, latency) or train (train.py, samples/s)"),
+    nproc: int = typer.Option(1, "--nproc", help="--mode train: processes (real torch.distributed ranks, gloo on CPU)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--mode train: peak memory limit, e.g. 4GiB"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
+    if mode not in ("infer", "train"):
+        raise _bad(f"`--mode` got {mode!r}: use infer (a model.py) or train (a train.py).")
+    if mode == "train":
+        _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
+                       tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
+                       quiet=quiet)
+        return
     from .durations import parse_duration
     from .report import write_report
     from .tuner import TuneOptions
@@ -153,8 +163,9 @@ def _bad(msg: str) -> AutotiaccError:
 def report(run_dir: Path = typer.Argument(..., help="a tune's run directory")) -> None:
     """Re-render report.md, report.html and plots from a run directory alone."""
     from .report import write_report
+    from .training.report import is_training_run, write_training_report
 
-    written = write_report(run_dir)
+    written = write_training_report(run_dir) if is_training_run(run_dir) else write_report(run_dir)
     for path in written.values():
         typer.echo(str(path))
 
@@ -169,6 +180,19 @@ def env(device: str = typer.Option("cpu", "--device")) -> None:
     typer.echo(f"- fingerprint_id: {fingerprint_id(fp)}")
     for k, v in fp.items():
         typer.echo(f"- {k}: {v}")
+
+
+def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
+    """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
+    from .durations import parse_duration
+    from .training.tuner import cli_tune
+
+    bar = _Bar(parse_duration(kwargs["budget"]), quiet)
+    try:
+        cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
+                 command=" ".join(["autotiacc", *sys.argv[1:]]), echo=typer.echo, progress=bar)
+    finally:
+        bar.close()
 
 
 def main() -> None:
