@@ -16,9 +16,9 @@ from PIL import Image, ImageDraw
 from torch import nn
 from torch.utils.data import Dataset
 
-N_IMAGES = 768
+N_IMAGES = 512
 SIZE = 224  # stored JPEG size (a typical photo crop); decoded and resized to INPUT
-INPUT = 64
+INPUT = 48
 N_CLASSES = 4
 batch_size = 32
 
@@ -64,9 +64,9 @@ class JpegDataset(Dataset):
 
 def build_model() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Conv2d(3, 12, 3, padding=1, stride=2), nn.BatchNorm2d(12), nn.ReLU(),
+        nn.Conv2d(12, 24, 3, padding=1), nn.BatchNorm2d(24), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(24, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(32, N_CLASSES))
 
 

@@ -52,7 +52,7 @@ class TrainTuneOptions:
     device: str = "cpu"
     command: str = ""
     trial_timeout_s: float = 240.0
-    rounds: int = 4
+    rounds: int = 3
     final_rounds: int = 6
     patience: int = 15
     compile: bool = True
@@ -160,8 +160,8 @@ class TrainingTuner:
         best = self._best(study)
         stop = "budget"
         while True:
-            if self.left() - self._reserve(study) < SPAWN_OVERHEAD_S + 5:
-                break
+            if self.left() - self._reserve(study) < max(SPAWN_OVERHEAD_S + 5, 0.8 * self._typical_wall(study)):
+                break  # a trial that cannot finish in time would only be killed
             if stale >= self.options.patience:
                 stop = f"no gain in {stale} trials"
                 break
@@ -211,11 +211,14 @@ class TrainingTuner:
         vals = [t.value for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
         return max(vals) if vals else 1.0
 
+    @staticmethod
+    def _typical_wall(study) -> float:
+        walls = sorted(float(t.user_attrs.get("wall_s", 0)) for t in study.trials if t.user_attrs.get("status") == "ok")
+        return walls[len(walls) // 2] if walls else 30.0
+
     def _reserve(self, study) -> float:
         """Time kept for the final re-measurement (a baseline and the winner, longer windows)."""
-        walls = [float(t.user_attrs.get("wall_s", 0)) for t in study.trials if t.user_attrs.get("status") == "ok"]
-        typical = max(walls) if walls else 30.0
-        return typical * (self.options.final_rounds / self.options.rounds) + SPAWN_OVERHEAD_S
+        return self._typical_wall(study) * (self.options.final_rounds / self.options.rounds) + SPAWN_OVERHEAD_S
 
     def _reference(self, study) -> list[list[float]] | None:
         return study.user_attrs.get("reference_losses")
