@@ -182,6 +182,19 @@ def env(device: str = typer.Option("cpu", "--device")) -> None:
         typer.echo(f"- {k}: {v}")
 
 
+@app.command()
+@guarded
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories and/or experiment CSV files"),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="folder for compare.md/.html/.csv + plots"),
+) -> None:
+    """Table and plots across tuning runs and experiment CSVs."""
+    from .compare import write_comparison
+
+    for path in write_comparison(runs, out).values():
+        typer.echo(str(path))
+
+
 def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
     from .durations import parse_duration

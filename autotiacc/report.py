@@ -95,12 +95,16 @@ def plot_history(data: ReportData, path: Path) -> Path | None:
 
 def plot_latency(data: ReportData, path: Path) -> Path | None:
     p = data.plan
-    if not p or not p.get("baseline") or not p.get("best"):
+    if not p or not (p.get("baseline") or {}).get("samples_ms") or not (p.get("best") or {}).get("samples_ms"):
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     series = [p["baseline"]["samples_ms"], p["best"]["samples_ms"]]
-    ax.boxplot(series, vert=False, showfliers=True)
+    import matplotlib
+
+    horizontal = ({"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+                  else {"vert": False})
+    ax.boxplot(series, showfliers=True, **horizontal)
     ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
     ax.set_xlabel("latency per call (ms)")
     ax.set_title("Final re-measurement, interleaved in one process")
