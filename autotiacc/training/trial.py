@@ -39,41 +39,54 @@ def _finite(x: float) -> bool:
     return math.isfinite(x)
 
 
-def detect_overflow(model: Any, loss_fn: Callable, batch: Any, mode: str) -> tuple[str, ...]:
-    """Leaf modules whose activations or gradients overflow under autocast (one probe step).
+def detect_overflow(model: Any, loss_fn: Callable, batch: Any, mode: str, *, max_rounds: int = 4) -> tuple[str, ...]:
+    """Leaf modules where activations or gradients start to overflow under autocast.
 
-    A module counts when an output or an output gradient is non-finite or beyond half the
-    reduced dtype's range; those modules run in fp32 in the plan.
+    A module is blamed when its inputs are finite but its outputs are not (or beyond half the
+    reduced dtype's range), forward or backward: downstream modules that merely receive an
+    overflow are not. Blamed modules are put in fp32 on a copy and the probe step repeats
+    until it is clean, since a fallback can reveal the next overflow. Those run in fp32 in the plan.
     """
+    import copy
+
     import torch
+
+    from .loop import keep_fp32
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[mode]
     limit = torch.finfo(dtype).max / 2
-    bad: set[str] = set()
-    handles = []
+    device = next(model.parameters()).device
 
-    def over(t: Any) -> bool:
-        return isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 and \
-            not bool(torch.isfinite(t).all() and t.detach().abs().max() < limit)
+    def over(ts: Any) -> bool:
+        ts = ts if isinstance(ts, (tuple, list)) else (ts,)
+        return any(isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0 and
+                   not bool(torch.isfinite(t).all() and t.detach().abs().max() < limit) for t in ts)
 
-    for name, mod in model.named_modules():
-        if name and not any(True for _ in mod.children()):
-            handles.append(mod.register_forward_hook(
-                lambda m, i, o, n=name: bad.add(n) if any(over(t) for t in (o if isinstance(o, tuple) else (o,))) else None))
-            handles.append(mod.register_full_backward_hook(
-                lambda m, gi, go, n=name: bad.add(n) if any(over(t) for t in go) else None))
-    try:
-        device = next(model.parameters()).device
-        with torch.autocast(device.type, dtype=dtype):
-            loss = loss_fn(model, batch)
-        with warnings.catch_warnings():  # the first layer's inputs need no grad; torch warns about it
-            warnings.simplefilter("ignore", UserWarning)
-            loss.float().backward()
-    finally:
-        for h in handles:
-            h.remove()
-        model.zero_grad(set_to_none=True)
-    return tuple(sorted(bad))
+    kept: set[str] = set()
+    for _ in range(max_rounds):
+        probe = copy.deepcopy(model)
+        keep_fp32(probe, tuple(sorted(kept)), device.type)
+        bad: set[str] = set()
+        handles = []
+        for name, mod in probe.named_modules():
+            if name and not any(True for _ in mod.children()):
+                handles.append(mod.register_forward_hook(
+                    lambda m, i, o, n=name: bad.add(n) if over(o) and not over(i) else None))
+                handles.append(mod.register_full_backward_hook(
+                    lambda m, gi, go, n=name: bad.add(n) if over(gi) and not over(go) else None))
+        try:
+            with torch.autocast(device.type, dtype=dtype):
+                loss = loss_fn(probe, batch)
+            with warnings.catch_warnings():  # the first layer's inputs need no grad; torch warns about it
+                warnings.simplefilter("ignore", UserWarning)
+                loss.float().backward()
+        finally:
+            for h in handles:
+                h.remove()
+        if not bad - kept:
+            break
+        kept |= bad
+    return tuple(sorted(kept))
 
 
 def heaviest_blocks(model: Any, loss_fn: Callable, batch: Any, k: int) -> tuple[str, ...]:
