@@ -91,9 +91,7 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
                                             seconds=time.perf_counter() - t0)
                 res = results[rank]
                 if res is not None and not res.ok:
-                    prefix = "" if res.error.startswith(f"rank {rank}") else f"rank {rank}: "
-                    failure = Outcome(res.status, error=prefix + res.error, traceback=res.traceback,
-                                      seconds=res.seconds)
+                    failure = _root_cause(procs, pipes, results, rank)
                     break
     finally:
         for proc in procs:
@@ -108,3 +106,24 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
     if failure is not None:
         return failure, per_rank
     return Outcome("ok", value=[r.value for r in per_rank], seconds=time.perf_counter() - t0), per_rank
+
+
+def _root_cause(procs, pipes, results: list, first: int, grace_s: float = 2.0) -> Outcome:
+    """When one rank fails, its peers soon fail too (a collective loses its partner). Wait a
+    moment and blame a rank that *died* over ranks that merely saw the connection drop."""
+    deadline = time.perf_counter() + grace_s
+    while time.perf_counter() < deadline:
+        for rank, (proc, pipe) in enumerate(zip(procs, pipes)):
+            if results[rank] is None and not proc.is_alive() and not pipe.poll(0):
+                proc.join(timeout=1)
+                results[rank] = Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}")
+        if any(r is not None and r.status in ("crash", "oom") for r in results):
+            break
+        time.sleep(0.05)
+    failed = [(rank, r) for rank, r in enumerate(results) if r is not None and not r.ok]
+    failed.sort(key=lambda rr: (rr[1].status not in ("crash", "oom"), rr[0] != first))
+    rank, res = failed[0]
+    msg = res.error if res.error.startswith(f"rank {rank}") else f"rank {rank}: {res.error}"
+    others = [f"rank {k} then failed: {r.error.strip()[:160]}" for k, r in failed[1:]]
+    return Outcome(res.status, error="; ".join([msg, *others]), traceback=res.traceback, seconds=res.seconds)
+
