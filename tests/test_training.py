@@ -53,7 +53,7 @@ def _loss(model, batch):
 # -- configs and plans ---------------------------------------------------------------------------
 def test_train_config_and_plan_round_trip_through_json(tmp_path):
     cfg = TrainConfig(data=DataConfig(num_workers=2, prefetch_factor=4, persistent_workers=True, cache="memory"),
-                      compute=ComputeConfig(channels_last=True, optimizer_impl="foreach", micro_batches=2),
+                      compute=ComputeConfig(channels_last=True, optimizer_impl="foreach", micro_batches=2, threads=1),
                       precision=PrecisionConfig(mode="fp16", fp32_modules=("3",)),
                       memory=MemoryConfig(checkpoint_top=1, checkpoint_modules=("0",)),
                       ddp=DDPConfig(bucket_cap_mb=5.0, static_graph=True, comm_hook="powersgd", powersgd_rank=2))
@@ -113,6 +113,22 @@ def test_micro_batches_keep_the_global_batch_gradient():
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_step_runs_with_the_plans_thread_count_and_restores_it():
+    seen = []
+
+    def loss(model, batch):
+        seen.append(torch.get_num_threads())
+        return _loss(model, batch)
+
+    model = _tiny()
+    before = torch.get_num_threads()
+    want = 1 if before > 1 else 2
+    _, _, loader, step = apply(TrainConfig(compute=ComputeConfig(threads=want)), model,
+                               torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), loss, batch_size=8)
+    step(next(iter(loader)))
+    assert seen == [want] and torch.get_num_threads() == before
 
 
 def test_apply_rejects_what_it_cannot_use():

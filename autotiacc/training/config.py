@@ -52,9 +52,12 @@ class ComputeConfig(KnobConfig):
     channels_last: bool = False
     optimizer_impl: str = "default"
     micro_batches: int = 1  # the global batch is split and gradients accumulated: same global batch
+    threads: int = 0  # intra-op threads during a step; 0 = torch's default. Fewer can win on busy cores
 
     def __post_init__(self) -> None:
         _check("optimizer_impl", self.optimizer_impl, OPTIMIZER_IMPLS)
+        if self.threads < 0:
+            raise UserInputError(f"`threads` got {self.threads}: use 0 (torch's default) or a positive count.")
         if self.micro_batches < 1:
             raise UserInputError(f"`micro_batches` got {self.micro_batches}: use 1 (no accumulation) or more.")
 
@@ -191,7 +194,8 @@ def suggest(trial, space: TrainSpace) -> TrainConfig:
         compile=cat("compute.compile", [False, True]) if space.compile else False,
         channels_last=cat("compute.channels_last", [False, True]) if space.has_conv else False,
         optimizer_impl=cat("compute.optimizer_impl", impls),
-        micro_batches=cat("compute.micro_batches", [1, 2]))
+        micro_batches=cat("compute.micro_batches", [1, 2]),
+        threads=cat("compute.threads", [0, 1]) if space.cores // max(1, space.nproc) > 1 else 0)
     precision = PrecisionConfig(mode=cat("precision.mode", list(PRECISIONS)))
     memory = MemoryConfig(checkpoint_top=cat("memory.checkpoint_top", [0, 1]))
     ddp = DDPConfig()

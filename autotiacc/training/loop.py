@@ -11,6 +11,7 @@ import contextlib
 from typing import Any, Callable
 
 from ..errors import UserInputError
+from ..knobs.runtime import _threads
 from .config import DataConfig, TrainConfig
 
 
@@ -155,6 +156,12 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
         return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
     def step(batch: Any) -> Any:
+        if config.compute.threads:  # set per step and restored: torch's thread count is process-wide
+            with _threads(config.compute.threads):
+                return run_step(batch)
+        return run_step(batch)
+
+    def run_step(batch: Any) -> Any:
         batch = _tree_map(prepare, batch)
         optimizer.zero_grad(set_to_none=True)
         micro = split_batch(batch, parts)
