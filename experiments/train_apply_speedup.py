@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -18,9 +19,10 @@ from pathlib import Path
 LOOP = Path(__file__).resolve().parents[1] / "examples" / "train_loop.py"
 
 
-def run(plan: str | None, epochs: int) -> dict:
+def run(plan: str | None, epochs: int, env: dict[str, str]) -> dict:
     cmd = [sys.executable, str(LOOP), "--epochs", str(epochs)] + (["--plan", plan] if plan else [])
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True,
+                         env={**os.environ, **env}).stdout.strip().splitlines()[-1]
     return json.loads(out)
 
 
@@ -29,20 +31,24 @@ def main() -> None:
     ap.add_argument("plan")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for both loops, e.g. "
+                    "OMP_WAIT_POLICY=PASSIVE (what the tuner's trial processes use)")
+    ap.add_argument("--tag", default="", help="suffix of the results file")
     args = ap.parse_args()
+    env = dict(kv.split("=", 1) for kv in args.env)
     rows = {"default": [], "plan": []}
     for _ in range(args.repeats):
         for name, plan in (("default", None), ("plan", args.plan)):
-            r = run(plan, args.epochs)
+            r = run(plan, args.epochs, env)
             rows[name].append(r)
             print(name, json.dumps(r), flush=True)
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("steady_samples_per_s", "end_to_end_samples_per_s",
                                                                 "final_loss")} for n, rs in rows.items()}
-    summary = {"median": med, "runs": rows,
+    summary = {"median": med, "runs": rows, "env": env, "command": " ".join(sys.argv),
                "steady_speedup": med["plan"]["steady_samples_per_s"] / med["default"]["steady_samples_per_s"],
                "end_to_end_speedup": med["plan"]["end_to_end_samples_per_s"] / med["default"]["end_to_end_samples_per_s"]}
     print(json.dumps({k: v for k, v in summary.items() if k != "runs"}, indent=1))
-    out = Path(__file__).resolve().parent / "results" / "train_apply_speedup.json"
+    out = Path(__file__).resolve().parent / "results" / f"train_apply_speedup{args.tag}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(summary, indent=1))
 
