@@ -75,20 +75,9 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
                 failure = Outcome("timeout", error=f"rank {late[0]} gave no result within {timeout:.0f} s; all ranks "
                                   "were killed", seconds=time.perf_counter() - t0)
                 break
-            for rank, (proc, pipe) in enumerate(zip(procs, pipes)):
-                if results[rank] is not None:
-                    continue
-                if pipe.poll(0.05):
-                    try:
-                        status, value, err, tb = pipe.recv()
-                    except EOFError:
-                        proc.join(timeout=5)
-                        status, value, err, tb = "crash", None, f"rank {rank} {_died(proc.exitcode)}", ""
-                    results[rank] = Outcome(status, value, err, tb, time.perf_counter() - t0)
-                elif not proc.is_alive():
-                    proc.join(timeout=1)
-                    results[rank] = Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}",
-                                            seconds=time.perf_counter() - t0)
+            for rank in range(nproc):
+                if results[rank] is None:
+                    results[rank] = _collect(procs[rank], pipes[rank], rank, t0, wait=0.05)
                 res = results[rank]
                 if res is not None and not res.ok:
                     failure = _root_cause(procs, pipes, results, rank)
@@ -108,15 +97,29 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
     return Outcome("ok", value=[r.value for r in per_rank], seconds=time.perf_counter() - t0), per_rank
 
 
+def _collect(proc, pipe, rank: int, t0: float, *, wait: float) -> Outcome | None:
+    """This rank's report, a crash if it died without one (a closed pipe polls readable), or None."""
+    if pipe.poll(wait):
+        try:
+            status, value, err, tb = pipe.recv()
+            return Outcome(status, value, err, tb, time.perf_counter() - t0)
+        except EOFError:
+            proc.join(timeout=5)
+            return Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}", seconds=time.perf_counter() - t0)
+    if not proc.is_alive():
+        proc.join(timeout=1)
+        return Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}", seconds=time.perf_counter() - t0)
+    return None
+
+
 def _root_cause(procs, pipes, results: list, first: int, grace_s: float = 2.0) -> Outcome:
     """When one rank fails, its peers soon fail too (a collective loses its partner). Wait a
     moment and blame a rank that *died* over ranks that merely saw the connection drop."""
     deadline = time.perf_counter() + grace_s
     while time.perf_counter() < deadline:
-        for rank, (proc, pipe) in enumerate(zip(procs, pipes)):
-            if results[rank] is None and not proc.is_alive() and not pipe.poll(0):
-                proc.join(timeout=1)
-                results[rank] = Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}")
+        for rank in range(len(procs)):
+            if results[rank] is None:
+                results[rank] = _collect(procs[rank], pipes[rank], rank, time.perf_counter(), wait=0.0)
         if any(r is not None and r.status in ("crash", "oom") for r in results):
             break
         time.sleep(0.05)

@@ -110,7 +110,7 @@ def heaviest_blocks(model: Any, loss_fn: Callable, batch: Any, k: int) -> tuple[
     return tuple(n for n, _ in sorted(sizes.items(), key=lambda kv: -kv[1])[:k])
 
 
-def resolve(config: TrainConfig, workload: Any, dataset: Any, batch_size: int) -> TrainConfig:
+def resolve(config: TrainConfig, workload: Any, dataset: Any, batch_size: int, device: str = "cpu") -> TrainConfig:
     """Turn searched intents (precision mode, checkpoint count) into the concrete plan entries."""
     import torch
     from torch.utils.data import DataLoader
@@ -119,7 +119,8 @@ def resolve(config: TrainConfig, workload: Any, dataset: Any, batch_size: int) -
     if not needs:
         return config
     probe = next(iter(DataLoader(dataset, batch_size=batch_size, collate_fn=workload.collate_fn)))
-    model = workload.build_model()
+    probe = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, probe)
+    model = workload.build_model().to(device)
     precision, memory = config.precision, config.memory
     if config.precision.mode != "fp32":
         precision = PrecisionConfig(mode=precision.mode, fp32_modules=detect_overflow(model, workload.loss_fn, probe, precision.mode))
@@ -138,8 +139,9 @@ def _peak_rss_mib() -> float:
 class _Run:
     """One applied candidate in this process: its step and an endless batch stream."""
 
-    def __init__(self, workload: Any, config: TrainConfig, dataset: Any, batch_size: int, seed: int) -> None:
-        model = workload.build_model(seed)
+    def __init__(self, workload: Any, config: TrainConfig, dataset: Any, batch_size: int, seed: int,
+                 device: str = "cpu") -> None:
+        model = workload.build_model(seed).to(device)
         opt = workload.make_optimizer(model.parameters())
         self.model, self.opt, self.loader, self.step = apply(config, model, opt, dataset, workload.loss_fn,
                                                             batch_size=batch_size, collate_fn=workload.collate_fn,
@@ -169,7 +171,7 @@ class _Run:
 def train_trial(workload: Any, config_list: list, *, reference_losses: list[list[float]] | None = None,
                 tolerance: float = 0.05, guard_steps: int = GUARD_STEPS, rounds: int = ROUNDS,
                 compare_baseline: bool = True, max_memory_mib: float | None = None, seed: int = 0,
-                threads: int | None = None, gloo_timeout_s: float = 300.0) -> dict[str, Any]:
+                threads: int | None = None, gloo_timeout_s: float = 300.0, device: str = "cpu") -> dict[str, Any]:
     """Measure one candidate on this rank; returns figures, the loss curve and a status.
 
     `reference_losses[rank]` is the fp32 baseline's loss curve of this rank (same seed and data).
@@ -188,10 +190,10 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     config = TrainConfig.from_list(config_list)
     dataset = workload.train_dataset()
     bs = workload.batch_size
-    config = resolve(config, workload, dataset, bs)
+    config = resolve(config, workload, dataset, bs, device)
     out: dict[str, Any] = {"rank": rank, "world": world, "config": config.to_list(), "label": config.label()}
 
-    cand = _Run(workload, config, dataset, bs, seed)
+    cand = _Run(workload, config, dataset, bs, seed, device)
     out["notes"] = dict(getattr(cand.step, "notes", {}))
     losses = [float(cand.step(next(cand.batches))) for _ in range(guard_steps)]
     out["losses"] = losses
@@ -210,7 +212,7 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     steps = max(4, cand.buffer)
     runners = {"candidate": cand.window(steps)}
     if compare_baseline:
-        base = _Run(workload, TrainConfig(), dataset, bs, seed)
+        base = _Run(workload, TrainConfig(), dataset, bs, seed, device)
         runners["baseline"] = base.window(steps)
     timing = measure_interleaved(runners, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
     per_s = {name: steps * bs / (t.median / 1e3) for name, t in timing.items()}

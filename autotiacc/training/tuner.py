@@ -229,7 +229,8 @@ class TrainingTuner:
                          log_dir=self.run_dir / "trials" / name, pid_file=self.run_dir / "trials" / f"{name}.pids",
                          reference_losses=reference, tolerance=self.options.tolerance, rounds=rounds,
                          compare_baseline=compare_baseline, max_memory_mib=self.options.max_memory_mib,
-                         seed=self.options.seed, threads=self.threads, gloo_timeout_s=max(30.0, timeout))
+                         seed=self.options.seed, threads=self.threads, gloo_timeout_s=max(30.0, timeout),
+                         device=self.options.device)
 
     def _run_trial(self, study, trial, config: TrainConfig, *, timeout: float) -> None:
         from optuna.trial import TrialState
