@@ -286,6 +286,7 @@ def test_two_process_training_tune_end_to_end_with_a_rank_killed(tmp_path):
     assert len(ok) >= 2  # the tune went on after the killed trial
     assert any(c.startswith("param_ddp.") for c in t.columns)  # DDP knobs were searched
     assert {"rank0_samples_per_s", "rank1_samples_per_s"} <= set(t.columns)
+    assert ok["eval_metric"].between(0, 1).all()  # the optional eval_fn hook ran on rank 0
     report = (out / "report.md").read_text()
     assert "rank 1" in report and "samples/s" in report
     plan = json.loads((out / "plan.json").read_text())

@@ -127,10 +127,11 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
         if "speedup" in ok:
             ok = ok.sort_values("speedup", ascending=False)
         cols = ["number", "label", "speedup", "samples_per_s", "baseline_samples_per_s", "bound", "peak_rss_mib"]
+        cols += ["eval_metric"] if "eval_metric" in t else []
         rank_cols = sorted(c for c in t.columns if c.startswith("rank") and c.endswith(("_samples_per_s", "_comm_share")))
         rows = [[r.get(c) for c in cols + rank_cols] for _, r in ok.head(12).iterrows()]
         out.append(("Top trials", _table(["#", "candidate", "speed-up", "samples/s", "baseline samples/s", "bound",
-                                          "peak RSS MiB"] + rank_cols, rows)))
+                                          "peak RSS MiB"] + cols[7:] + rank_cols, rows)))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed or rejected trials", _table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))

@@ -199,6 +199,12 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     out["losses"] = losses
     if not all(_finite(x) for x in losses):
         return {**out, "status": "rejected", "reason": f"loss became non-finite on rank {rank}: {losses}"}
+    if workload.eval_fn is not None and rank == 0:  # the user's metric after the guard steps, for the report
+        module = getattr(cand.model, "module", cand.model)
+        module.eval()
+        with torch.no_grad():
+            out["eval_metric"] = float(workload.eval_fn(module))
+        module.train()
     if reference_losses:
         tail = max(1, len(losses) // 4)
         mine, ref = sum(losses[-tail:]) / tail, sum(reference_losses[rank][-tail:]) / tail

@@ -350,6 +350,8 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
                            "knobs": ranks[0]["config"], "label": ranks[0]["label"], "losses": ranks[0].get("losses")}
     if reference:
         out["reference_loss"] = reference[0][-1]
+    if "eval_metric" in ranks[0]:
+        out["eval_metric"] = ranks[0]["eval_metric"]
     if bad and "samples_per_s" not in bad:
         return out
     total = sum(r["samples_per_s"] for r in ranks)
