@@ -214,10 +214,13 @@ class TrainingTuner:
     @staticmethod
     def _typical_wall(study) -> float:
         walls = sorted(float(t.user_attrs.get("wall_s", 0)) for t in study.trials if t.user_attrs.get("status") == "ok")
-        return walls[len(walls) // 2] if walls else 30.0
+        return walls[len(walls) // 2] if walls else 0.0
 
     def _reserve(self, study) -> float:
-        """Time kept for the final re-measurement (a baseline and the winner, longer windows)."""
+        """Time kept for the final re-measurement (a baseline and the winner, longer windows);
+        none while no candidate beats the baseline, as there is then nothing to re-measure."""
+        if self._best(study) <= 1.0:
+            return 0.0
         return self._typical_wall(study) * (self.options.final_rounds / self.options.rounds) + SPAWN_OVERHEAD_S
 
     def _reference(self, study) -> list[list[float]] | None:
@@ -394,10 +397,11 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     budget_s = parse_duration(budget)
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
+    max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
     workload = load_train_workload(file, batch_size=batch_size)
     out = out or Path("runs") / f"{workload.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TrainTuneOptions(budget_s=budget_s, out_dir=Path(out), nproc=nproc,
-                               max_memory_mib=parse_memory(max_memory) if max_memory else None,
+                               max_memory_mib=max_memory_mib,
                                tolerance=tolerance if tolerance is not None else 0.05, storage=storage,
                                study_name=study or STUDY_NAME, resume=resume, seed=seed, device=device, command=command)
     result = tune_training(workload, options, progress)
