@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import UserInputError
+from .plotting import figure
 
 
 class CompareData(NamedTuple):
@@ -82,75 +83,60 @@ def gather(paths: list[str | Path]) -> CompareData:
     return CompareData(pd.DataFrame(rows), hists)
 
 
-def _plt():
-    import matplotlib
+def _case(df, with_source: str = "\n") -> list[str]:
+    """'model bsN' labels; pandas keeps NaN through astype(str), so format row by row."""
+    def one(r) -> str:
+        b = r.get("batch")
+        batch = f" bs{int(b)}" if b is not None and b == b else ""
+        return f"{r.get('model')}{batch}{with_source}{r.get('source')}"
+    return [one(r) for _, r in df.iterrows()]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _short(variant: str) -> str:
+    return "autotiacc (tuned plan)" if str(variant).startswith("autotiacc") else str(variant)
 
 
 def plot_speedups(data: CompareData, path: Path) -> Path:
-    plt = _plt()
     df = data.rows.copy()
-    df["case"] = df["model"].astype(str) + " bs" + df["batch"].astype(str) + "\n" + df["source"].astype(str)
-    cases = list(dict.fromkeys(df["case"]))
-    variants = list(dict.fromkeys(df["variant"].str.replace(r"^autotiacc: .*", "autotiacc (tuned plan)", regex=True)))
-    df["vlabel"] = df["variant"].str.replace(r"^autotiacc: .*", "autotiacc (tuned plan)", regex=True)
+    df["case"] = _case(df)
+    df["vlabel"] = df["variant"].map(_short)
+    cases, variants = list(dict.fromkeys(df["case"])), list(dict.fromkeys(df["vlabel"]))
     width = 0.8 / max(len(variants), 1)
-    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(cases) + 2), 4.5))
-    for i, v in enumerate(variants):
-        sub = df[df["vlabel"] == v].set_index("case")
-        xs = [c for c in range(len(cases)) if cases[c] in sub.index]
-        ys = [float(sub.loc[cases[c], "speedup"]) if not hasattr(sub.loc[cases[c], "speedup"], "iloc")
-              else float(sub.loc[cases[c], "speedup"].iloc[0]) for c in xs]
-        ax.bar([x + i * width - 0.4 + width / 2 for x in xs], ys, width, label=v)
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xticks(range(len(cases)), cases, fontsize=8)
-    ax.set_ylabel("speed-up over eager fp32 (x, same run)")
-    ax.set_title("Speed-up per model and variant")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Speed-up per model and variant", xlabel="model, batch and source",
+                ylabel="speed-up over eager fp32 (x, same run)", size=(max(7, 1.6 * len(cases) + 2), 4.5)) as ax:
+        for i, v in enumerate(variants):
+            sub = df[df["vlabel"] == v].drop_duplicates("case").set_index("case")
+            xs = [c for c, case in enumerate(cases) if case in sub.index]
+            ax.bar([x + i * width - 0.4 + width / 2 for x in xs],
+                   [float(sub.loc[cases[x], "speedup"]) for x in xs], width, label=v)
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.set_xticks(range(len(cases)), cases, fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
     return path
 
 
 def plot_pareto(data: CompareData, path: Path) -> Path:
-    plt = _plt()
     df = data.rows.dropna(subset=["rel_err", "speedup"])
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for model, sub in df.groupby("model"):
-        ax.scatter(sub["rel_err"].clip(lower=1e-9), sub["speedup"], label=str(model))
-        for _, r in sub.iterrows():
-            ax.annotate(str(r["variant"])[:22], (max(r["rel_err"], 1e-9), r["speedup"]), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.set_xlabel("relative L2 error vs fp32 eager (log; 1e-9 = exact)")
-    ax.set_ylabel("speed-up over eager fp32 (x)")
-    ax.set_title("Speed vs accuracy")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Speed vs accuracy", xlabel="relative L2 error vs fp32 eager (log; 1e-9 = exact)",
+                ylabel="speed-up over eager fp32 (x)", size=(7, 4.5)) as ax:
+        for model, sub in df.groupby("model"):
+            ax.scatter(sub["rel_err"].clip(lower=1e-9), sub["speedup"], label=str(model))
+            for _, r in sub.iterrows():
+                ax.annotate(_short(r["variant"])[:22], (max(r["rel_err"], 1e-9), r["speedup"]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
     return path
 
 
 def plot_histories(data: CompareData, path: Path) -> Path | None:
     if not data.histories:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, h in data.histories.items():
-        ax.step(h["number"], h["speedup"].cummax(), where="post", label=label)
-    ax.set_xlabel("trial")
-    ax.set_ylabel("best speed-up so far (x)")
-    ax.set_title("Optimization histories")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Optimization histories", xlabel="trial", ylabel="best speed-up so far (x)",
+                size=(7, 4.5)) as ax:
+        for label, h in data.histories.items():
+            ax.step(h["number"], h["speedup"].cummax(), where="post", label=label)
+        ax.legend(fontsize=7)
     return path
 
 
@@ -158,20 +144,16 @@ def plot_cost(data: CompareData, path: Path) -> Path | None:
     df = data.rows[data.rows["variant"].str.startswith("autotiacc") & data.rows["wall_s"].notna()]
     if df.empty:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    labels = (df["model"].astype(str) + " bs" + df["batch"].astype(str) + " " + df["source"].astype(str)).tolist()
-    ax.barh(labels, df["wall_s"].astype(float), color="tab:grey", label="tuning wall time (s)")
-    if "compile_total_s" in df:
-        ax.barh(labels, df["compile_total_s"].fillna(0).astype(float), color="tab:orange", label="of which build/compile (s)")
-    for y, (w, s) in enumerate(zip(df["wall_s"].astype(float), df["speedup"].astype(float))):
-        ax.text(w, y, f"  {s:.2f}x", va="center", fontsize=8)
-    ax.set_xlabel("seconds (label: speed-up gained)")
-    ax.set_title("Tuning cost beside the gain")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    labels = _case(df, " ")
+    with figure(path, title="Tuning cost beside the gain", xlabel="seconds (label: speed-up gained)",
+                size=(7, 4.5)) as ax:
+        ax.barh(labels, df["wall_s"].astype(float), color="tab:grey", label="tuning wall time (s)")
+        if "compile_total_s" in df:
+            ax.barh(labels, df["compile_total_s"].fillna(0).astype(float), color="tab:orange",
+                    label="of which build/compile (s)")
+        for y, (w, s) in enumerate(zip(df["wall_s"].astype(float), df["speedup"].astype(float))):
+            ax.text(w, y, f"  {s:.2f}x", va="center", fontsize=8)
+        ax.legend(fontsize=7)
     return path
 
 

@@ -247,7 +247,11 @@ class Tuner:
                 continue
             skips = 0
             seen[key] = trial.number
-            self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left), best=best)
+            # One slow candidate (a compile on a loaded machine) must not eat the whole budget.
+            cap = max(self.strategy.max_trial_share * self.options.budget_s, SPAWN_OVERHEAD_S + 10)
+            if trial.user_attrs["label"] == describe(configs_from_params({})):
+                cap = left  # the baseline is the one trial every plan needs
+            self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left, cap), best=best)
             new_best = self._best_ratio(study)
             stale = 0 if new_best < best * 0.99 else stale + 1
             best = min(best, new_best)
@@ -325,7 +329,8 @@ class Tuner:
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
             if outcome.status == "timeout" and timeout < self.strategy.trial_timeout_s:
-                attrs["reason"] = f"stopped at the end of the budget after {outcome.seconds:.0f} s"
+                attrs["reason"] = (f"stopped after {outcome.seconds:.0f} s, its share of the budget "
+                                   f"(max_trial_share={self.strategy.max_trial_share:g} or the time left)")
             state, value = TrialState.FAIL, None
         else:
             res = outcome.value["candidates"]["candidate"]

@@ -99,6 +99,8 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     assert (kept["state"] == "COMPLETE").all()
     assert list(kept["value"]) == pytest.approx(list(before["value"]))
     assert len(after) > len(before)
+    assert not (after["state"] == "RUNNING").any()  # the killed trial is marked, not left running
+    assert set(after.loc[after["status"] == "interrupted", "state"]) <= {"FAIL"}
     assert (out / "plan.json").exists()
     assert len(json.loads((out / "run.json").read_text())["sessions"]) == 2
     res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--budget", "40s", "--out", str(out), "--quiet")
