@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..errors import UserInputError
-from ..report import _f, _html, _plt, _table
+from ..plotting import figure
+from ..report import _f, _html, _table
 
 
 class TrainReportData(NamedTuple):
@@ -46,16 +47,11 @@ def plot_loss(data: TrainReportData, path: Path) -> Path | None:
     curves = _curves(data)
     if not curves:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, ys in curves.items():
-        ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name[:60])
-    ax.set_xlabel("step (same seed and data order)")
-    ax.set_ylabel("training loss (rank 0)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, title="Loss from the same seed and data order", xlabel="step",
+                ylabel="training loss (rank 0)") as ax:
+        for name, ys in curves.items():
+            ax.plot(range(1, len(ys) + 1), ys, marker="o", label=name[:60])
+        ax.legend(fontsize=7)
     return path
 
 
@@ -66,17 +62,11 @@ def plot_throughput(data: TrainReportData, path: Path) -> Path | None:
     ok = t[t["status"] == "ok"].sort_values("number")
     if ok.empty:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter(ok["number"], ok["samples_per_s"], label="candidate")
-    if "baseline_samples_per_s" in ok:
-        ax.scatter(ok["number"], ok["baseline_samples_per_s"], marker="x", label="baseline, same process")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("samples/s (all ranks)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with figure(path, title="Training throughput per trial", xlabel="trial", ylabel="samples/s (all ranks)") as ax:
+        ax.scatter(ok["number"], ok["samples_per_s"], label="candidate")
+        if "baseline_samples_per_s" in ok:
+            ax.scatter(ok["number"], ok["baseline_samples_per_s"], marker="x", label="baseline, same process")
+        ax.legend(fontsize=7)
     return path
 
 
