@@ -184,6 +184,49 @@ def test_cache_refuses_random_items_without_a_load_transform_split():
     assert DecodedCache(Pairs(4)).mode == "item"  # deterministic items are cached whole
 
 
+class TorchvisionStyle(torch.utils.data.Dataset):
+    """JPEG bytes decoded with PIL in __getitem__, a random `transform` attribute (as ImageFolder)."""
+
+    def __init__(self):
+        import io
+
+        from PIL import Image
+
+        self.blobs = []
+        for i in range(4):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), (60 * i, 10, 200)).save(buf, format="JPEG")
+            self.blobs.append(buf.getvalue())
+        self.decodes = 0
+        self.transform = lambda img: torch.as_tensor(img.getpixel((0, 0))).float() + torch.rand(())
+
+    def __len__(self):
+        return len(self.blobs)
+
+    def __getitem__(self, i):
+        import io
+
+        from PIL import Image
+
+        self.decodes += 1
+        img = Image.open(io.BytesIO(self.blobs[i])).convert("RGB")
+        return (self.transform(img) if self.transform is not None else img), i
+
+
+def test_cache_keeps_a_torchvision_style_transform_attribute_random():
+    ds = TorchvisionStyle()
+    cache = DecodedCache(ds)
+    assert cache.mode == "attr" and ds.transform is not None
+    n = ds.decodes
+    (a, la), (b, lb) = cache[2], cache[2]
+    assert ds.decodes == n and la == lb == 2  # served from the cache, labels kept
+    assert not torch.equal(a, b)  # the random transform still runs per access
+    torch.manual_seed(5)
+    want = ds[2][0]
+    torch.manual_seed(5)
+    torch.testing.assert_close(cache[2][0], want)  # same as the uncached item under the same seed
+
+
 # -- precision fallback and checkpointing --------------------------------------------------------
 class Overflowing(nn.Module):
     def __init__(self):
