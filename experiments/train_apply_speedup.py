@@ -19,8 +19,9 @@ from pathlib import Path
 LOOP = Path(__file__).resolve().parents[1] / "examples" / "train_loop.py"
 
 
-def run(plan: str | None, epochs: int, env: dict[str, str]) -> dict:
+def run(plan: str | None, epochs: int, env: dict[str, str], train: str | None) -> dict:
     cmd = [sys.executable, str(LOOP), "--epochs", str(epochs)] + (["--plan", plan] if plan else [])
+    cmd += ["--train", train] if train else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True,
                          env={**os.environ, **env}).stdout.strip().splitlines()[-1]
     return json.loads(out)
@@ -34,12 +35,13 @@ def main() -> None:
     ap.add_argument("--env", action="append", default=[], help="KEY=VALUE for both loops, e.g. "
                     "OMP_WAIT_POLICY=PASSIVE (what the tuner's trial processes use)")
     ap.add_argument("--tag", default="", help="suffix of the results file")
+    ap.add_argument("--train", default=None, help="train.py (default examples/train_jpeg.py)")
     args = ap.parse_args()
     env = dict(kv.split("=", 1) for kv in args.env)
     rows = {"default": [], "plan": []}
     for _ in range(args.repeats):
         for name, plan in (("default", None), ("plan", args.plan)):
-            r = run(plan, args.epochs, env)
+            r = run(plan, args.epochs, env, args.train)
             rows[name].append(r)
             print(name, json.dumps(r), flush=True)
     med = {n: {k: statistics.median(r[k] for r in rs) for k in ("steady_samples_per_s", "end_to_end_samples_per_s",
