@@ -17,9 +17,9 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
-from ..measure import Timing, measure_interleaved
-from .loop import apply
+from ..measure import measure_interleaved
 from .config import MemoryConfig, PrecisionConfig, TrainConfig
+from .loop import apply
 
 GUARD_STEPS = 8
 ROUNDS = 4
