@@ -76,3 +76,10 @@ def rank1_dies():
     dist.barrier()
     time.sleep(600)
     return "unreachable"
+
+
+def rank0_hangs():
+    """Rank 0 never returns; rank 1 returns at once."""
+    if os.environ["RANK"] == "0":
+        time.sleep(600)
+    return os.getpid()

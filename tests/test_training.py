@@ -346,3 +346,14 @@ def test_cli_train_mode_errors_are_one_line(tmp_path):
     res = run_cli("tune", str(ROOT / "examples" / "train_jpeg.py"), "--mode", "train", "--max-memory", "lots",
                   "--out", str(tmp_path / "r2"))
     assert res.returncode == 2 and "`--max-memory` got 'lots'" in res.stderr
+
+
+@pytest.mark.slow
+def test_a_hung_rank_times_out_and_no_rank_is_left_running(tmp_path):
+    import psutil
+
+    overall, ranks = run_ranks(targets.rank0_hangs, 2, timeout=8, pid_file=tmp_path / "pids")
+    assert overall.status == "timeout" and "rank 0" in overall.error
+    assert ranks[1].ok
+    hung = int((tmp_path / "pids").read_text().split()[0])
+    assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
