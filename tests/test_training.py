@@ -131,6 +131,16 @@ def test_step_runs_with_the_plans_thread_count_and_restores_it():
     assert seen == [want] and torch.get_num_threads() == before
 
 
+def test_apply_warns_when_the_plan_was_measured_elsewhere():
+    from autotiacc.errors import HardwareMismatchWarning
+    from autotiacc.hardware import fingerprint
+
+    model = _tiny()
+    plan = TrainingPlan(batch_size=8, fingerprint={**fingerprint("cpu"), "cpu_model": "Some Other CPU"})
+    with pytest.warns(HardwareMismatchWarning, match="cpu_model"):
+        apply(plan, model, torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), _loss)
+
+
 def test_apply_rejects_what_it_cannot_use():
     model = _tiny()
     with pytest.raises(UserInputError, match="batch_size"):

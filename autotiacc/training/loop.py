@@ -200,9 +200,12 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     """
     import torch
 
-    from .plan import as_config, plan_batch_size
+    from .plan import as_config, load_training_plan, plan_batch_size
 
+    if isinstance(plan, (str, bytes)) or hasattr(plan, "__fspath__"):
+        plan = load_training_plan(plan)  # once: its config, batch size and fingerprint
     config = as_config(plan)
+    _warn_if_other_machine(plan)
     if not isinstance(model, torch.nn.Module):
         raise UserInputError(f"`model` got {type(model).__name__}: pass the torch.nn.Module being trained.")
     if not callable(loss_fn):
@@ -230,4 +233,20 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     step = make_step(wrapped, optimizer, loss_fn, config, train_model=train_model)
     step.notes = notes  # type: ignore[attr-defined]
     return wrapped, optimizer, loader, step
+
+
+def _warn_if_other_machine(plan: Any) -> None:
+    """A plan's figures hold where they were measured; say so when applied elsewhere."""
+    import warnings
+
+    from ..errors import HardwareMismatchWarning
+    from ..hardware import fingerprint, fingerprint_differences
+    from .plan import TrainingPlan
+
+    if not isinstance(plan, TrainingPlan) or not plan.fingerprint:
+        return
+    diffs = fingerprint_differences(plan.fingerprint, fingerprint(plan.device))
+    if diffs:
+        warnings.warn("training plan was measured on other hardware/software: " + "; ".join(diffs)
+                      + ". Its speed-up may not hold here; re-tune to be sure.", HardwareMismatchWarning, stacklevel=3)
 
