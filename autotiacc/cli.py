@@ -107,12 +107,25 @@ def tune(
     traffic: Optional[Path] = typer.Option(None, "--traffic", help="shape mix CSV/JSON (batch_size, dims, weight): "
                                            "tune buckets for it"),
     p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="p99 latency budget over the traffic mix (ms)"),
+    mode: str = typer.Option("infer", "--mode", help="infer (model.py, latency) or train (train.py, samples/s)"),
+    nproc: int = typer.Option(1, "--nproc", help="--mode train: processes (real torch.distributed ranks, gloo on CPU)"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--mode train: peak memory limit, e.g. 4GiB"),
     export: bool = typer.Option(False, "--export", help="also save a deployable artifact (AOTInductor, "
                                 "torch.export or TorchScript) named in the plan with its sha256"),
     heartbeat: int = typer.Option(10, "--heartbeat", help="with --storage: seconds between trial heartbeats; "
                                   "a dead worker's trials fail after 3 missed beats"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
+    if mode not in ("infer", "train"):
+        raise _bad(f"`--mode` got {mode!r}: use infer (a model.py) or train (a train.py).")
+    if mode == "train" and export:
+        raise _bad("`--export` saves an inference artifact; drop it with --mode train (training plans are applied "
+                   "with autotiacc.training.apply).")
+    if mode == "train":
+        _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
+                       tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
+                       quiet=quiet)
+        return
     from .durations import parse_duration
     from .report import write_report
     from .tuner import TuneOptions
@@ -175,6 +188,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
                                               "(default runs/<study>-report)")) -> None:
     """Re-render report.md, report.html and plots from a run directory alone (or a shared storage)."""
     from .report import write_report
+    from .training.report import is_training_run, write_training_report
 
     if storage is not None:
         from .distributed import materialize_run_dir
@@ -184,7 +198,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
         run_dir = materialize_run_dir(storage, study, out or Path("runs") / f"{study}-report")
     elif run_dir is None:
         raise _bad("`RUN_DIR` is missing: give a tune's run directory, or --storage URL --study NAME.")
-    written = write_report(run_dir)
+    written = write_training_report(run_dir) if is_training_run(run_dir) else write_report(run_dir)
     for path in written.values():
         typer.echo(str(path))
 
@@ -212,6 +226,19 @@ def compare(
 
     for path in write_comparison(runs, out).values():
         typer.echo(str(path))
+
+
+def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
+    """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
+    from .durations import parse_duration
+    from .training.tuner import cli_tune
+
+    bar = _Bar(parse_duration(kwargs["budget"]), quiet)
+    try:
+        cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
+                 command=" ".join(["autotiacc", *sys.argv[1:]]), echo=typer.echo, progress=bar)
+    finally:
+        bar.close()
 
 
 def _export_hook(run_dir: Path, workload) -> bool:

@@ -1,0 +1,103 @@
+"""Load a user's `train.py` (build_model, train_dataset, loss_fn; optional make_optimizer,
+collate_fn, eval_fn, batch_size) into a picklable `TrainWorkload`.
+
+It travels to trial processes as its path and is re-imported there with the core loader.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ModelRaisedError, WorkloadError
+from ..workload import _load_module
+
+REQUIRED = ("build_model", "train_dataset", "loss_fn")
+DEFAULT_BATCH_SIZE = 32
+
+
+class TrainWorkload:
+    """One training job to tune, given as a `train.py` following the contract."""
+
+    def __init__(self, path: str | Path, *, batch_size: int | None = None) -> None:
+        self.path = Path(path).resolve()
+        if not self.path.is_file() or self.path.suffix != ".py":
+            raise WorkloadError(f"`FILE` got {str(path)!r}: training mode needs an existing train.py that defines "
+                                "build_model(), train_dataset() and loss_fn(model, batch).")
+        self.name = self.path.stem
+        self._user = _load_module(self.path)
+        missing = [fn for fn in REQUIRED if not callable(getattr(self._user, fn, None))]
+        if missing:
+            raise WorkloadError(f"{self.path}: defines no {', '.join(f'`{m}()`' for m in missing)}; a training file "
+                                "must define build_model(), train_dataset() and loss_fn(model, batch).")
+        if batch_size is not None and batch_size <= 0:
+            raise WorkloadError(f"`--batch-size` got {batch_size}: use a positive integer.")
+        self.batch_size = int(batch_size or getattr(self._user, "batch_size", DEFAULT_BATCH_SIZE))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_user": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._user = _load_module(self.path)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        try:
+            return getattr(self._user, name)(*args)
+        except Exception as exc:  # noqa: BLE001 - the user's bug, reported with where it happened
+            raise ModelRaisedError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}") from exc
+
+    def build_model(self, seed: int = 0):
+        """A fresh model in train mode; seeded so every process and rank starts identical."""
+        import torch
+
+        torch.manual_seed(seed)
+        model = self._call("build_model")
+        if not isinstance(model, torch.nn.Module):
+            raise WorkloadError(f"{self.path}: build_model() returned {type(model).__name__}; it must return a "
+                                "torch.nn.Module.")
+        return model.train()
+
+    def train_dataset(self):
+        ds = self._call("train_dataset")
+        if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
+            raise WorkloadError(f"{self.path}: train_dataset() returned {type(ds).__name__}; it must return a "
+                                "map-style torch Dataset (with __getitem__ and __len__).")
+        return ds
+
+    @property
+    def loss_fn(self) -> Callable:
+        return self._user.loss_fn
+
+    @property
+    def collate_fn(self) -> Callable | None:
+        fn = getattr(self._user, "collate_fn", None)
+        return fn if callable(fn) else None
+
+    @property
+    def eval_fn(self) -> Callable | None:
+        fn = getattr(self._user, "eval_fn", None)
+        return fn if callable(fn) else None
+
+    def make_optimizer(self, params):
+        """The user's optimizer, else SGD with momentum (lr 0.01): what a plain loop would use."""
+        import torch
+
+        params = list(params)
+        if callable(getattr(self._user, "make_optimizer", None)):
+            return self._call("make_optimizer", params)
+        return torch.optim.SGD(params, lr=0.01, momentum=0.9)
+
+    def identity(self, model=None) -> dict[str, Any]:
+        model = model if model is not None else self.build_model()
+        h = hashlib.sha256()
+        for k, v in sorted(model.state_dict().items()):
+            h.update(f"{k}:{tuple(v.shape)}:{v.dtype};".encode())
+        return {"name": self.name, "kind": "train", "file": str(self.path), "batch_size": self.batch_size,
+                "param_shapes_sha256": h.hexdigest()[:16],
+                "file_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()}
+
+
+def load_train_workload(path: str | Path, *, batch_size: int | None = None) -> TrainWorkload:
+    """Load and check a training file; errors name the missing function."""
+    return TrainWorkload(path, batch_size=batch_size)
