@@ -201,6 +201,7 @@ class Tuner:
         self._prepare_dir()
         model, _ = self.workload.validate()
         ctx = search_context(self.workload, model, self.options.device, self.options.level)
+        ctx.extras.update(self._profile(model))
         fp = fingerprint(self.options.device)
         identity = self.workload.identity(model)
         del model
@@ -214,7 +215,9 @@ class Tuner:
         if not any(t.state.is_finished() for t in study.trials):
             for entry in self.strategy.enqueue:
                 if _allowed(entry, self.strategy, ctx):
-                    study.enqueue_trial(_to_params(entry), skip_if_exists=True)
+                    study.enqueue_trial({**ctx.extras.get("precision_fp32", {}), **_to_params(entry)}, skip_if_exists=True)
+            for params in ctx.extras.get("precision_enqueue", []):  # per-layer precision starting point
+                study.enqueue_trial({**_to_params({}), **params}, skip_if_exists=True)
         self.progress({"event": "start", "budget_s": self.options.budget_s, "strategy": self.strategy.name,
                        "resumed_trials": len(seen)})
         stale = skips = 0
@@ -258,6 +261,17 @@ class Tuner:
         self._write_trials(study)
         self._update_run_json(stop=stop, wall_s=result.wall_s)
         return result
+
+    def _profile(self, model) -> dict[str, Any]:
+        """Profile + per-layer sensitivity into profile.json; extras for the precision knob."""
+        from .layer_precision import plan_summary, prepare_search
+
+        extras = prepare_search(self.workload, model, self.run_dir, device=self.options.device,
+                                level=self.options.level, strategy=self.strategy,
+                                tolerance=self.options.effective_tolerance, timeout=max(20.0, 0.2 * self.left()),
+                                resume=self.options.resume)
+        self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
+        return extras
 
     def _skip(self, study, trial, reason: str | None, duplicate_of: int | None) -> None:
         from optuna.trial import TrialState
@@ -352,7 +366,8 @@ class Tuner:
         baseline_cfg = configs_from_params({})
         plan = Plan(knobs=baseline_cfg, fingerprint=fp, workload=identity, device=self.options.device,
                     tolerance=self.options.effective_tolerance, level=self.options.level,
-                    extra={"strategy": self.strategy.name, "trials": len(study.trials)})
+                    extra={"strategy": self.strategy.name, "trials": len(study.trials),
+                           **getattr(self, "plan_extra", {})})
         if not tops:
             failures = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
                         for t in study.trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
