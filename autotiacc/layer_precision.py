@@ -254,3 +254,21 @@ def plan_summary(run_dir) -> list[dict[str, Any]]:
     return [{"path": g["path"], "inclusive_share": g.get("inclusive_share"), "allowed": g.get("allowed", []),
              "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")}}
             for g in prof.get("sensitivity") or []]
+
+
+def best_full_precision(top: list, trials: list) -> list:
+    """The fastest measured trial that lowers nothing (global fp32, no groups), when `top`
+    lacks one: re-measured beside the others at the end, so a plan that lowers layers is
+    chosen only if it beats the best all-fp32 configuration side by side."""
+    def full(t) -> bool:
+        prec = (t.user_attrs.get("knobs") or {}).get("precision", {})
+        return prec.get("mode") == "fp32" and not prec.get("groups")
+
+    from .knobs import configs_from_params, describe
+
+    if not top or any(full(t) for t in top):
+        return []
+    baseline = describe(configs_from_params({}))
+    ok = [t for t in trials if t.user_attrs.get("status") == "ok" and t.value is not None and full(t)
+          and t.user_attrs.get("label") != baseline]
+    return [min(ok, key=lambda t: t.value)] if ok else []

@@ -203,6 +203,8 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     from .measure import measure_interleaved
 
     nvtx, nvml, unavailable = _optional_gpu_tools(device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # so max_memory_allocated is this profile's peak
     result: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device}
     ops, _, peak_activation = _op_table(model, inputs, device)
     result["ops"] = ops

@@ -18,6 +18,7 @@ from .errors import BudgetError, UserInputError
 from .evaluate import evaluate
 from .isolation import run_isolated
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
+from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
 from .plan import Plan
 from .strategy import Strategy, load_strategy
@@ -363,6 +364,7 @@ class Tuner:
         """Re-measure the top candidates interleaved with the baseline in one fresh process;
         keep the best only if it beats the baseline beyond noise, else fall back to baseline."""
         tops = self._top(study)
+        tops += best_full_precision(tops, study.get_trials(deepcopy=False))
         baseline_cfg = configs_from_params({})
         plan = Plan(knobs=baseline_cfg, fingerprint=fp, workload=identity, device=self.options.device,
                     tolerance=self.options.effective_tolerance, level=self.options.level,
