@@ -186,8 +186,8 @@ def profile_cmd(
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
     from .isolation import run_isolated
-    from .layer_precision import LOWERED_MODES, analyse_sensitivity, search_groups
-    from .profile import PROFILE_FILE, profile_workload, save_profile, summary_lines
+    from .layer_precision import LOWERED_MODES, profile_for_search
+    from .profile import PROFILE_FILE, save_profile, summary_lines
     from .workload import load_workload
 
     if batch_size is not None and batch_size <= 0:
@@ -201,13 +201,12 @@ def profile_cmd(
             raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype)
     workload.validate()
-    prof = profile_workload(workload, device=device)
-    if sensitivity and prof["groups"]:
-        outcome = run_isolated(analyse_sensitivity, workload, prof["groups"], modes=list(LOWERED_MODES),
-                               tolerance=tolerance, device=device, timeout=600)
-        if not outcome.ok:
-            raise _bad(f"the sensitivity analysis failed: {outcome.reason()}")
-        prof["sensitivity"], prof["search_groups"] = outcome.value, search_groups(outcome.value)
+    # in a spawned process with the trials' environment (passive OpenMP waits), as in a tune
+    outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
+                           modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
+    if not outcome.ok:
+        raise _bad(f"profiling {file} failed in its process: {outcome.reason()}")
+    prof = outcome.value
     out = out or Path("runs") / f"{workload.name}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
     if out.suffix != ".json":
         out.mkdir(parents=True, exist_ok=True)

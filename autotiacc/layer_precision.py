@@ -65,6 +65,14 @@ def _region_class():
                         torch.nn.Sequential(inner), {torch.nn.Linear}, dtype=torch.qint8)[0]
             self.inner = inner
 
+        def __getattr__(self, name: str) -> Any:
+            # Parents read attributes of their children (nn.TransformerEncoder checks
+            # layers[0].self_attn...): answer for the wrapped module.
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(super().__getattr__("inner"), name)
+
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             if self.mode.endswith("_autocast"):
                 with torch.autocast(device_type=self.device_type, dtype=_dtype(self.mode)):
@@ -231,34 +239,48 @@ def default_group_modes(strategy, level: int) -> list[str]:
     return [m for m in LOWERED_MODES if m in listed] + ["int8_dynamic"]
 
 
-def prepare_search(workload, model, run_dir, *, device: str, level: int, strategy, tolerance: float,
+def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,
+                       target_s: float = 1.0) -> dict[str, Any]:
+    """Profile, then (when `modes`) the sensitivity analysis of the profile's groups. Runs in
+    an isolated process, so it is timed in the same environment as the trials."""
+    from .profile import profile_workload
+
+    prof = profile_workload(workload, device=device, target_s=target_s)
+    prof["sensitivity"], prof["search_groups"] = [], []
+    if modes and prof.get("groups"):
+        prof["sensitivity"] = analyse_sensitivity(workload, prof["groups"], modes=modes, tolerance=tolerance,
+                                                  device=device)
+        prof["search_groups"] = search_groups(prof["sensitivity"])
+    return prof
+
+
+def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
                    timeout: float, resume: bool = False) -> dict[str, Any]:
-    """The tune's profiling step: profile in this process, run the sensitivity analysis in
-    an isolated one, write `profile.json`; returns SearchContext extras for the precision knob.
+    """The tune's profiling step: profile and sensitivity analysis in one isolated process,
+    written to `profile.json`; returns SearchContext extras for the precision knob. A failed
+    or timed-out profile is recorded and the tune goes on without per-layer groups.
 
     On `--resume` the saved profile is reused so every group keeps the same Optuna choices.
     """
     from pathlib import Path
 
     from .isolation import run_isolated
-    from .profile import PROFILE_FILE, load_profile, profile_workload, save_profile
+    from .profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
 
     path = Path(run_dir) / PROFILE_FILE
     if resume and path.is_file():
         prof = load_profile(path)
     else:
-        prof = profile_workload(workload, device=device, model=model, target_s=1.0)
         modes = default_group_modes(strategy, level)
-        prof["sensitivity"], prof["search_groups"] = [], []
-        if modes and prof.get("groups"):
-            outcome = run_isolated(analyse_sensitivity, workload, prof["groups"], modes=modes, tolerance=tolerance,
-                                   device=device, timeout=timeout, log_path=str(Path(run_dir) / "sensitivity.log"))
-            if outcome.ok:
-                prof["sensitivity"] = outcome.value
-                prof["search_groups"] = search_groups(outcome.value)
-            else:
-                prof["unavailable"].append(f"sensitivity analysis ({outcome.reason()}); per-layer precision not searched")
-        elif not modes:
+        outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
+                               timeout=timeout, log_path=str(Path(run_dir) / "profile.log"))
+        if outcome.ok:
+            prof = outcome.value
+        else:
+            prof = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device, "modules": [],
+                    "groups": [], "sensitivity": [], "search_groups": [],
+                    "unavailable": [f"the profile ({outcome.reason()}); per-layer precision not searched"]}
+        if not modes:
             prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
         save_profile(prof, path)
     groups = prof.get("search_groups") or []

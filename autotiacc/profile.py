@@ -1,12 +1,13 @@
 """Per-module profile of one forward pass: where the time goes, FLOPs, bytes, peak memory.
 
-Time per module comes from forward pre/post hooks (device sync on CUDA, one NVTX range per
-module when the `nvtx` package is there), so every module gets an *inclusive* time and a
-*self* time (inclusive less its children's); the self times of all modules add up to the
-root's time, and `shares_sum` compares that with the forward measured without hooks
-(interleaved, in the same process). TorchScript archives run their submodules inside the
-TorchScript interpreter where hooks do not fire: they get a whole-model entry and the
-torch.profiler operator table instead (`method: "profiler_ops"`).
+Time per module comes from timing each module's `forward` (a wrapper rather than forward
+hooks, which switch off fused fast paths; device sync on CUDA, one NVTX range per module when
+the `nvtx` package is there), so every module gets an *inclusive* time and a *self* time
+(inclusive less its children's); the self times of all modules add up to the root's time,
+and `shares_sum` compares that with the forward measured without the timers (interleaved, in
+the same process). TorchScript archives run their submodules inside the TorchScript
+interpreter: they get a whole-model entry and the torch.profiler operator table instead
+(`method: "profiler_ops"`).
 
 The profile also names the *candidate groups* for per-layer precision: the deepest modules
 that ran and own parameters, largest first, until they cover most of the time.
@@ -36,7 +37,7 @@ class ModuleStat:
     calls: int = 0
     inclusive_ms: float = 0.0
     self_ms: float = 0.0
-    inclusive_share: float = 0.0  # of the forward measured without hooks
+    inclusive_share: float = 0.0  # of the forward measured without timers
     self_share: float = 0.0
     flops: int = 0  # inclusive, per forward (torch.utils.flop_counter)
     param_bytes: int = 0  # inclusive: parameters and buffers of the subtree
@@ -46,7 +47,7 @@ class ModuleStat:
 
 @dataclass
 class _Clock:
-    """Forward hooks that time every module call; a stack attributes children's time."""
+    """Times every module call (wrapped `forward`); a stack attributes children's time."""
 
     device: str
     nvtx: Any = None
@@ -62,15 +63,14 @@ class _Clock:
             torch.cuda.synchronize()  # attribute GPU work to the module that queued it
         return time.perf_counter()
 
-    def pre(self, path: str):
-        def hook(module, args):
+    def wrap(self, path: str, forward):
+        """`forward` timed as module `path`: a wrapper, not a hook, because forward hooks
+        switch off fused fast paths (nn.TransformerEncoderLayer checks for them)."""
+        def timed(*args, **kwargs):
             if self.nvtx is not None:
-                self.nvtx.push_range(path or type(module).__name__)
+                self.nvtx.push_range(path or "model")
             self.stack.append([path, self.now(), 0.0])
-        return hook
-
-    def post(self, path: str):
-        def hook(module, args, output):
+            output = forward(*args, **kwargs)
             end = self.now()
             p, start, children = self.stack.pop()
             incl = (end - start) * 1e3
@@ -84,7 +84,8 @@ class _Clock:
                 self.out_bytes[p] = _nbytes(output)
             if self.nvtx is not None:
                 self.nvtx.pop_range()
-        return hook
+            return output
+        return timed
 
 
 def _nbytes(obj: Any) -> int:
@@ -195,7 +196,7 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
                   warmup_s: float = 1.0, coverage: float = 0.9, max_groups: int = 8) -> dict[str, Any]:
     """Profile `model(*inputs)`; returns the profile.json content (without workload fields).
 
-    The forward is timed with and without hooks interleaved (`measure.measure_interleaved`),
+    The forward is timed with and without the module timers interleaved (`measure.measure_interleaved`),
     so `shares_sum` tells how much of the measured forward the module self times explain.
     """
     import torch
@@ -218,25 +219,25 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
         stats = [ModuleStat(path="", type=_type_name(model), calls=1, inclusive_ms=timing.median,
                             self_ms=timing.median, inclusive_share=1.0, self_share=1.0,
                             param_bytes=_param_bytes(model), has_params=True)]
-        result.update(method="profiler_ops", forward=timing.summary(), hooked_forward=None, shares_sum=1.0,
-                      hook_overhead=None)
+        result.update(method="profiler_ops", forward=timing.summary(), timed_forward=None, shares_sum=1.0,
+                      timer_overhead=None)
         unavailable.append("per-module times (TorchScript runs submodules inside its interpreter, where "
-                           "forward hooks do not fire): see the operator table instead")
+                           "Python-level module calls do not happen): see the operator table instead")
         try:
             flops = _flops_by_path(model, inputs).get("", 0)
             stats[0].flops = flops
         except Exception as exc:  # noqa: BLE001 - flop counting is decoration
             unavailable.append(f"FLOPs ({type(exc).__name__})")
     else:
-        stats, timing, hooked, base, flops = _hooked_profile(model, inputs, device, nvtx, target_s, warmup_s, plain)
+        stats, timing, hooked, base, flops = _timed_profile(model, inputs, device, nvtx, target_s, warmup_s, plain)
         if flops is None:
             flops = {}
             unavailable.append("FLOPs (torch.utils.flop_counter failed on this model)")
         for s in stats:
             s.flops = flops.get(s.path, 0)
-        result.update(method="forward_hooks", forward=timing.summary(), hooked_forward=hooked.summary(),
+        result.update(method="module_timers", forward=timing.summary(), timed_forward=hooked.summary(),
                       forward_fast_mean_ms=base, shares_sum=sum(s.self_share for s in stats),
-                      hook_overhead=hooked.median / timing.median - 1 if timing.median else None)
+                      timer_overhead=hooked.median / timing.median - 1 if timing.median else None)
     if nvml is not None:
         result["gpu"] = _nvml_during(nvml, plain, device)
     result["modules"] = [asdict(s) for s in stats]
@@ -267,10 +268,10 @@ def _fast_calls(values: list[float], q: float = FAST_QUANTILE) -> list[int]:
     return order[:max(3, math.ceil(len(values) * q))]
 
 
-def _hooked_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
-    """Time every module with hooks, interleaved with the plain forward.
+def _timed_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
+    """Time every module (wrapped forwards), interleaved with the plain forward.
 
-    Module times are means over the fastest quarter of the hooked calls (by the model's own
+    Module times are means over the fastest quarter of the timed calls (by the model's own
     time): means keep self times additive (they sum to the root's time), trimming keeps them
     robust on a shared machine. The plain forward is summarised the same way and is what shares are relative to.
     Returns (stats, plain timing, hooked timing, calls used, flops by path).
@@ -281,13 +282,10 @@ def _hooked_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
 
     clock = _Clock(device=device, nvtx=nvtx)
     per_call: list[dict[str, list[float]]] = []
-    handles = []
     modules = dict(model.named_modules())
-    for path, mod in modules.items():
-        handles.append(mod.register_forward_pre_hook(clock.pre(path)))
-        handles.append(mod.register_forward_hook(clock.post(path)))
+    timers = _Timers(modules, clock)
 
-    def hooked() -> Any:
+    def timed_forward() -> Any:
         clock.call = {}
         clock.stack.clear()
         with torch.no_grad():
@@ -296,25 +294,21 @@ def _hooked_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
         return out
 
     try:
-        # The hooks stay registered throughout, so the plain runner swaps them out per call.
-        with _hooks_disabled(modules) as toggle:
-            def plain_without_hooks() -> Any:
-                toggle(False)
-                try:
-                    return plain()
-                finally:
-                    toggle(True)
-            timings = measure_interleaved({"plain": plain_without_hooks, "hooked": hooked}, device,
-                                          min_rounds=40, target_s=target_s, warmup_s=warmup_s)
+        timers.install(True)
+
+        def plain_without_timers() -> Any:
+            timers.install(False)
+            try:
+                return plain()
+            finally:
+                timers.install(True)
+        timings = measure_interleaved({"plain": plain_without_timers, "timed": timed_forward}, device,
+                                      min_rounds=40, target_s=target_s, warmup_s=warmup_s)
         calls = {p: c // max(len(per_call), 1) for p, c in clock.calls.items()}
-        try:  # with the hooks on, so the FLOPs follow the same code path as the times
-            flops = _flops_by_path(model, inputs)
-        except Exception:  # noqa: BLE001 - decoration; reported as unavailable by the caller
-            flops = None
     finally:
-        for h in handles:
-            h.remove()
-    timed = per_call[-timings["hooked"].n:]  # the timed calls, not the warm-up
+        timers.install(False)
+    flops = _flops_unfused(model, inputs, modules.values())
+    timed = per_call[-timings["timed"].n:]  # the timed calls, not the warm-up
     keep = [timed[i] for i in _fast_calls([c.get("", [0.0])[0] for c in timed])]
     plain_ms = timings["plain"].samples_ms
     base = statistics.fmean(plain_ms[i] for i in _fast_calls(plain_ms))
@@ -328,33 +322,41 @@ def _hooked_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
             s.self_ms = sum(c[path][1] for c in keep if path in c) / len(keep)
             s.inclusive_share, s.self_share = s.inclusive_ms / base, s.self_ms / base
         stats.append(s)
-    return stats, timings["plain"], timings["hooked"], base, flops
+    return stats, timings["plain"], timings["timed"], base, flops
 
 
-class _hooks_disabled:
-    """Context giving a toggle that turns the global hook dispatch on/off cheaply.
+class _Timers:
+    """Installs or removes the timed `forward` of every module (an instance attribute, which
+    `nn.Module.__call__` picks up); the plain forward runs with them removed."""
 
-    Removing and re-adding hooks every call would cost more than the hooks; instead the
-    modules' hook dicts are swapped out while the plain forward runs.
-    """
+    def __init__(self, modules: dict[str, Any], clock: _Clock) -> None:
+        self.items = []
+        for path, mod in modules.items():
+            own = mod.__dict__.get("forward")  # a module may already carry its own forward
+            self.items.append((mod, own, clock.wrap(path, own if own is not None else mod.forward)))
 
-    def __init__(self, modules: dict[str, Any]) -> None:
-        self.modules = list(modules.values())
-        self.saved = [(m._forward_pre_hooks, m._forward_hooks) for m in self.modules]
+    def install(self, on: bool) -> None:
+        for mod, own, timed in self.items:
+            if on:
+                mod.__dict__["forward"] = timed
+            elif own is not None:
+                mod.__dict__["forward"] = own
+            else:
+                mod.__dict__.pop("forward", None)
 
-    def __enter__(self):
-        from collections import OrderedDict
 
-        empty = [(OrderedDict(), OrderedDict()) for _ in self.modules]
-
-        def toggle(on: bool) -> None:
-            for m, (pre, post) in zip(self.modules, self.saved if on else empty):
-                m._forward_pre_hooks, m._forward_hooks = pre, post
-        self.toggle = toggle
-        return toggle
-
-    def __exit__(self, *exc) -> None:
-        self.toggle(True)
+def _flops_unfused(model, inputs, modules) -> dict[str, int] | None:
+    """FLOPs per module. Fused kernels (the TransformerEncoderLayer fast path) have no FLOP
+    formula, so count on the unfused path, which does the same arithmetic: a no-op hook on
+    every module makes PyTorch take it."""
+    handles = [m.register_forward_hook(lambda *a: None) for m in modules]
+    try:
+        return _flops_by_path(model, inputs)
+    except Exception:  # noqa: BLE001 - decoration; reported as unavailable by the caller
+        return None
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _nvml_during(handle, fn, device: str, seconds: float = 1.0) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
     from .profile import top_modules
 
     prof = getattr(data, "profile", None)
-    if not prof or prof.get("method") != "forward_hooks":
+    if not prof or prof.get("method") != "module_timers":
         return None
     mods = [m for m in top_modules(prof, n) if m["path"]][::-1]
     if not mods:
@@ -128,7 +128,7 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
     rows = [[m["path"] or "(model)", m["type"], m["calls"], 100 * m["self_share"], 100 * m["inclusive_share"],
              m["flops"] / 1e6, m["activation_bytes"] / 2**10] for m in top_modules(prof, 12)]
     lines += [""] + _table(["module", "type", "calls", "self %", "inclusive %", "MFLOP", "output KiB"], rows)
-    if prof.get("method") != "forward_hooks" and prof.get("ops"):
+    if prof.get("method") != "module_timers" and prof.get("ops"):
         lines += ["", "Operator table (torch.profiler):", ""]
         lines += _table(["op", "calls", "self ms", "self %"],
                         [[o["op"], o["calls"], o["self_ms"], 100 * o["self_share"]] for o in prof["ops"]])

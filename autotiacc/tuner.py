@@ -202,7 +202,7 @@ class Tuner:
         self._prepare_dir()
         model, _ = self.workload.validate()
         ctx = search_context(self.workload, model, self.options.device, self.options.level)
-        ctx.extras.update(self._profile(model))
+        ctx.extras.update(self._profile())
         fp = fingerprint(self.options.device)
         identity = self.workload.identity(model)
         del model
@@ -263,13 +263,13 @@ class Tuner:
         self._update_run_json(stop=stop, wall_s=result.wall_s)
         return result
 
-    def _profile(self, model) -> dict[str, Any]:
+    def _profile(self) -> dict[str, Any]:
         """Profile + per-layer sensitivity into profile.json; extras for the precision knob."""
         from .layer_precision import plan_summary, prepare_search
 
-        extras = prepare_search(self.workload, model, self.run_dir, device=self.options.device,
+        extras = prepare_search(self.workload, self.run_dir, device=self.options.device,
                                 level=self.options.level, strategy=self.strategy,
-                                tolerance=self.options.effective_tolerance, timeout=max(20.0, 0.2 * self.left()),
+                                tolerance=self.options.effective_tolerance, timeout=max(30.0, 0.2 * self.left()),
                                 resume=self.options.resume)
         self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
         return extras
