@@ -171,6 +171,19 @@ def env(device: str = typer.Option("cpu", "--device")) -> None:
         typer.echo(f"- {k}: {v}")
 
 
+@app.command()
+@guarded
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories and/or experiment CSV files"),
+    out: Path = typer.Option(Path("comparison"), "--out", "-o", help="folder for compare.md/.html/.csv + plots"),
+) -> None:
+    """Table and plots across tuning runs and experiment CSVs."""
+    from .compare import write_comparison
+
+    for path in write_comparison(runs, out).values():
+        typer.echo(str(path))
+
+
 @app.command("profile")
 @guarded
 def profile_cmd(

@@ -78,7 +78,8 @@ def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = 
         ratio = quick[name].median / quick[BASELINE].median
         if ratio > prune_above:
             results[name].update(status="pruned", ratio=ratio, speedup=1 / ratio,
-                                 reason=f"quick look: {ratio:.2f}x the baseline's latency",
+                                 reason=f"quick look: {1 / ratio:.2f}x speed-up, far from the best so far "
+                                        f"({1 / prune_above:.2f}x would be needed to continue)",
                                  timing=quick[name].to_dict())
             return {"baseline": quick[BASELINE].to_dict(), "candidates": results}
     t0 = time.perf_counter()

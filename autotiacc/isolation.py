@@ -17,7 +17,9 @@ from typing import Any, Callable
 
 # Environment for trial processes: one inductor compile thread (no pool to orphan on kill);
 # passive OpenMP waits so timing interleaved candidates does not fight spinning threads.
-CHILD_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+# Inductor's on-disk FX graph cache is shared by all trials and runs: a candidate compiled once
+# (in a trial) rebuilds from cache in the final re-measurement and in production.
+CHILD_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
 
 
 @dataclass
@@ -38,7 +40,18 @@ class Outcome:
         return f"{self.status}: {self.error}" if not self.ok else ""
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this trial if the tuner dies (kill -9 leaves no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+
+
 def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None) -> None:
+    _die_with_parent()
     if log_path:
         fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         os.dup2(fd, 1)
@@ -89,8 +102,9 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: s
             if recv.poll(min(left, 0.5)):
                 try:
                     result = recv.recv()
-                except EOFError:  # child died without sending
+                except EOFError:  # child died without sending; let it be reaped
                     result = None
+                    proc.join(timeout=5)
                 break
             if not proc.is_alive() and not recv.poll(0):
                 break

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from .errors import UserInputError
+from .plotting import figure
 from .report_profile import PROFILE_PLOTS, profile_sections
 
 
@@ -62,21 +63,17 @@ def gather(run_dir: str | Path) -> ReportData:
 
 
 # -- plots -----------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_history(data: ReportData, path: Path) -> Path | None:
     t = data.trials
     if t.empty or "speedup" not in t:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    with figure(path, title="Optimization history", xlabel="trial",
+                ylabel="speed-up over baseline (x, measured side by side)") as ax:
+        _draw_history(ax, t)
+    return path
+
+
+def _draw_history(ax, t) -> None:
     ok = t[t.get("status") == "ok"] if "status" in t else t
     ax.scatter(ok["number"], ok["speedup"], label="measured trial", color="tab:blue", zorder=3)
     bad = t[t["status"].isin(["failed", "rejected", "timeout", "crash", "oom", "exception"])] if "status" in t else t.iloc[0:0]
@@ -86,45 +83,30 @@ def plot_history(data: ReportData, path: Path) -> Path | None:
         best = ok.sort_values("number")["speedup"].cummax()
         ax.step(ok.sort_values("number")["number"], best, where="post", color="tab:green", label="best so far")
     ax.axhline(1.0, color="grey", lw=1, ls="--", label="baseline (eager fp32)")
-    ax.set_xlabel("trial")
-    ax.set_ylabel("speed-up over baseline (x, measured side by side)")
-    ax.set_title("Optimization history")
     ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 def plot_latency(data: ReportData, path: Path) -> Path | None:
     p = data.plan
-    if not p or not p.get("baseline") or not p.get("best"):
+    if not p or not (p.get("baseline") or {}).get("samples_ms") or not (p.get("best") or {}).get("samples_ms"):
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series = [p["baseline"]["samples_ms"], p["best"]["samples_ms"]]
-    ax.boxplot(series, vert=False, showfliers=True)
-    ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
-    ax.set_xlabel("latency per call (ms)")
-    ax.set_title("Final re-measurement, interleaved in one process")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    import matplotlib
+
+    horizontal = ({"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
+                  else {"vert": False})
+    with figure(path, title="Final re-measurement, interleaved in one process", xlabel="latency per call (ms)") as ax:
+        ax.boxplot([p["baseline"]["samples_ms"], p["best"]["samples_ms"]], showfliers=True, **horizontal)
+        ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
     return path
 
 
 def plot_importance(data: ReportData, path: Path) -> Path | None:
     if not data.importance:
         return None
-    plt = _plt()
     items = sorted(data.importance.items(), key=lambda kv: kv[1])
-    fig, ax = plt.subplots(figsize=(7, 0.5 * len(items) + 1.5))
-    ax.barh([k for k, _ in items], [v for _, v in items], color="tab:purple")
-    ax.set_xlabel("importance for latency (Optuna fANOVA, sums to 1)")
-    ax.set_title("Parameter importance")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Parameter importance", xlabel="importance for latency (Optuna, sums to 1)",
+                size=(7, 0.5 * len(items) + 1.5)) as ax:
+        ax.barh([k for k, _ in items], [v for _, v in items], color="tab:purple")
     return path
 
 
@@ -135,18 +117,12 @@ def plot_cost(data: ReportData, path: Path) -> Path | None:
     ok = t[(t["status"] == "ok") & t["build_s"].notna()]
     if ok.empty:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.scatter(ok["build_s"], ok["speedup"], color="tab:orange")
-    for _, r in ok.iterrows():
-        ax.annotate(str(int(r["number"])), (r["build_s"], r["speedup"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    ax.set_xlabel("build / compile time (s)")
-    ax.set_ylabel("speed-up (x)")
-    ax.set_title("What each candidate cost to build vs what it gained")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="What each candidate cost to build vs what it gained", xlabel="build / compile time (s)",
+                ylabel="speed-up (x)") as ax:
+        ax.scatter(ok["build_s"], ok["speedup"], color="tab:orange")
+        for _, r in ok.iterrows():
+            ax.annotate(str(int(r["number"])), (r["build_s"], r["speedup"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     return path
 
 

@@ -9,14 +9,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+from .plotting import figure
 
 
 def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
@@ -28,17 +21,12 @@ def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
     mods = [m for m in top_modules(prof, n) if m["path"]][::-1]
     if not mods:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 0.38 * len(mods) + 1.6))
     labels = [f"{m['path']} [{m['type']}]" for m in mods]
-    ax.barh(labels, [100 * m["inclusive_share"] for m in mods], color="tab:blue", alpha=0.35, label="inclusive")
-    ax.barh(labels, [100 * m["self_share"] for m in mods], color="tab:blue", label="self")
-    ax.set_xlabel("% of the measured forward time")
-    ax.set_title(f"Top modules by self time (forward {prof['forward']['median_ms']:.3g} ms median)")
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title=f"Top modules by self time (forward {prof['forward']['median_ms']:.3g} ms median)",
+                xlabel="% of the measured forward time", size=(7, 0.38 * len(mods) + 1.6)) as ax:
+        ax.barh(labels, [100 * m["inclusive_share"] for m in mods], color="tab:blue", alpha=0.35, label="inclusive")
+        ax.barh(labels, [100 * m["self_share"] for m in mods], color="tab:blue", label="self")
+        ax.legend(loc="lower right", fontsize=8)
     return path
 
 
@@ -58,28 +46,22 @@ def plot_pareto(data, path: Path) -> Path | None:
     ok = t[(t["status"] == "ok") & t["rel_l2"].notna() & t["speedup"].notna()]
     if ok.empty:
         return None
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4))
     layered = ok["label"].astype(str).str.contains("groups=") if "label" in ok else ok["speedup"] < 0
     floor = 1e-9  # exact results (error 0) still need a place on a log axis
     err = ok["rel_l2"].clip(lower=floor)
-    ax.scatter(err[~layered], ok["speedup"][~layered], color="tab:gray", label="whole-model precision")
-    ax.scatter(err[layered], ok["speedup"][layered], color="tab:orange", label="per-layer precision")
-    pts = list(zip(err.tolist(), ok["speedup"].tolist()))
-    front = pareto_front(pts)
-    ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:green", lw=1.5,
-            drawstyle="steps-post", label="Pareto front")
-    for (_, r), e in zip(ok.iterrows(), err):
-        ax.annotate(str(int(r["number"])), (e, r["speedup"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
-    ax.axhline(1.0, color="grey", lw=1, ls="--")
-    ax.set_xlabel("relative L2 error vs fp32 eager (log)")
-    ax.set_ylabel("speed-up (x, measured side by side)")
-    ax.set_title("Error vs speed-up across trials")
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, title="Error vs speed-up across trials", xlabel="relative L2 error vs fp32 eager (log)",
+                ylabel="speed-up (x, measured side by side)") as ax:
+        ax.scatter(err[~layered], ok["speedup"][~layered], color="tab:gray", label="whole-model precision")
+        ax.scatter(err[layered], ok["speedup"][layered], color="tab:orange", label="per-layer precision")
+        pts = list(zip(err.tolist(), ok["speedup"].tolist()))
+        front = pareto_front(pts)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:green", lw=1.5,
+                drawstyle="steps-post", label="Pareto front")
+        for (_, r), e in zip(ok.iterrows(), err):
+            ax.annotate(str(int(r["number"])), (e, r["speedup"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.legend(loc="best", fontsize=8)
     return path
 
 

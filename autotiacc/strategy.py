@@ -11,7 +11,8 @@ import yaml
 from .errors import UserInputError
 
 _FIELDS = {"name": str, "description": str, "objective": str, "trial_timeout_s": float, "measure_s": float,
-           "final_measure_s": float, "final_top_k": int, "patience": int, "prune_factor": float}
+           "final_measure_s": float, "final_top_k": int, "patience": int, "prune_factor": float,
+           "max_trial_share": float}
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Strategy:
     final_top_k: int = 3
     patience: int = 30
     prune_factor: float = 2.0
+    max_trial_share: float = 0.35  # no trial may run longer than this share of the budget
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     enqueue: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,7 @@ from .workload import Workload
 STUDY_NAME = "autotiacc"
 MIN_BUDGET_S = 10.0
 SPAWN_OVERHEAD_S = 6.0  # starting a trial process and importing torch, measured ~3-5 s here
+FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in the final re-measurement
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -199,8 +200,8 @@ class Tuner:
     def run(self) -> TuneResult:
         from .hardware import fingerprint
 
+        model, _ = self.workload.validate()  # the user's bugs surface before anything is written
         self._prepare_dir()
-        model, _ = self.workload.validate()
         ctx = search_context(self.workload, model, self.options.device, self.options.level)
         ctx.extras.update(self._profile())
         fp = fingerprint(self.options.device)
@@ -226,7 +227,7 @@ class Tuner:
         while True:
             reserve = self._final_reserve(study)
             left = self.left() - reserve
-            if left < SPAWN_OVERHEAD_S + 2:
+            if left < max(SPAWN_OVERHEAD_S + 2, 0.8 * self._typical_trial_s(study)):
                 stop = "budget"
                 break
             if stale >= self.strategy.patience:
@@ -250,7 +251,11 @@ class Tuner:
                 continue
             skips = 0
             seen[key] = trial.number
-            self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left), best=best)
+            # One slow candidate (a compile on a loaded machine) must not eat the whole budget.
+            cap = max(self.strategy.max_trial_share * self.options.budget_s, SPAWN_OVERHEAD_S + 10)
+            if trial.user_attrs["label"] == describe(configs_from_params({})):
+                cap = left  # the baseline is the one trial every plan needs
+            self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left, cap), best=best)
             new_best = self._best_ratio(study)
             stale = 0 if new_best < best * 0.99 else stale + 1
             best = min(best, new_best)
@@ -297,10 +302,20 @@ class Tuner:
         return min(vals) if vals else 1.0
 
     def _final_reserve(self, study) -> float:
-        """Time kept for the final re-measurement: rebuilding the top candidates and timing them."""
+        """Time kept for the final re-measurement: a fresh process, rebuilding the top candidates,
+        warming up every runner (baseline included), the timing window, and the plan/report."""
         tops = self._top(study)
+        if not tops:  # nothing to re-measure: the plan is written at once
+            return 2.0
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return SPAWN_OVERHEAD_S + build + self.strategy.final_measure_s * 1.5 + 3.0
+        warmup = (len(tops) + 1) * FINAL_WARMUP_S
+        return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
+
+    def _typical_trial_s(self, study) -> float:
+        """Median wall time of measured trials: don't start one that cannot finish in time."""
+        walls = sorted(float(t.user_attrs["wall_s"]) for t in study.trials
+                       if t.user_attrs.get("status") in ("ok", "pruned", "rejected") and "wall_s" in t.user_attrs)
+        return walls[len(walls) // 2] if walls else SPAWN_OVERHEAD_S + 2
 
     def _top(self, study) -> list:
         from optuna.trial import TrialState
@@ -328,6 +343,9 @@ class Tuner:
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
+            if outcome.status == "timeout" and timeout < self.strategy.trial_timeout_s:
+                attrs["reason"] = (f"stopped after {outcome.seconds:.0f} s, its share of the budget "
+                                   f"(max_trial_share={self.strategy.max_trial_share:g} or the time left)")
             state, value = TrialState.FAIL, None
         else:
             res = outcome.value["candidates"]["candidate"]
@@ -370,6 +388,10 @@ class Tuner:
                     tolerance=self.options.effective_tolerance, level=self.options.level,
                     extra={"strategy": self.strategy.name, "trials": len(study.trials),
                            **getattr(self, "plan_extra", {})})
+        base_trial = next((t for t in study.trials if t.user_attrs.get("label") == describe(baseline_cfg)
+                           and t.user_attrs.get("baseline_ms")), None)
+        if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
+            plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
         if not tops:
             failures = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
                         for t in study.trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
@@ -382,13 +404,17 @@ class Tuner:
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
         outcome = run_isolated(evaluate, self.workload, cands, timeout=timeout,
                                log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
-                               tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s)
+                               tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s,
+                               warmup_s=FINAL_WARMUP_S)
         if not outcome.ok:
             # Keep best-so-far from the search rather than ending with nothing.
             t = tops[0]
             plan.knobs = configs_from_params(t.user_attrs["knobs"])
             plan.speedup = t.user_attrs.get("speedup")
             plan.compile_s = t.user_attrs.get("build_s")
+            plan.baseline = {"median_ms": t.user_attrs.get("baseline_ms"), "source": "search"}
+            plan.best = {"median_ms": t.user_attrs.get("latency_ms"), "p90_ms": t.user_attrs.get("p90_ms"),
+                         "spread": t.user_attrs.get("spread"), "source": "search"}
             plan.note = (f"final re-measurement failed ({outcome.reason()}); the plan keeps trial {t.number}, "
                          "the best of the search, with its search-time figures.")
             return self._save_plan(plan)
@@ -450,6 +476,7 @@ def write_trials_csv(study, path: Path) -> None:
     """One row per trial with its knobs, status, reason and figures (pandas, via Optuna)."""
     df = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs", "duration",
                                        "datetime_start"))
+    df = df[df["state"] != "WAITING"]  # enqueued but never started
     df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", "param_"))
     if "knobs" in df.columns:
         df = df.drop(columns=["knobs"])

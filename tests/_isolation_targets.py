@@ -1,0 +1,35 @@
+"""Module-level functions a spawned trial process can import (spawn pickles them by name)."""
+import os
+import signal
+import time
+
+
+def add(a, b):
+    return a + b
+
+
+def raises():
+    raise ValueError("candidate exploded")
+
+
+def hangs():
+    time.sleep(600)
+
+
+def segfaults():
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def killed():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def memory_error():
+    raise MemoryError("cannot allocate 1 TiB")
+
+
+def prints_then_returns(x):
+    print("hello from the trial")
+    return x

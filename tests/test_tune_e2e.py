@@ -1,0 +1,125 @@
+"""Whole tunes through the real CLI: budget honoured, artifacts written, resume after kill -9."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import autotiacc
+from autotiacc.workload import load_workload
+
+from .conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
+    """Data-dependent control flow: traced candidates must be rejected, the plan must be right."""
+    out = tmp_path / "run"
+    budget = 60
+    t0 = time.monotonic()
+    res = run_cli("tune", str(models_dir / "branchy.py"), "--budget", f"{budget}s", "--strategy", "quick",
+                  "--out", str(out), "--quiet", timeout=300)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    assert wall <= budget + 20, f"budget {budget}s, took {wall:.0f}s"
+    for name in ("plan.json", "trials.csv", "report.md", "report.html", "study.db", "run.json", "history.png"):
+        assert (out / name).exists(), name
+    trials = pd.read_csv(out / "trials.csv")
+    by_label = dict(zip(trials["label"], trials["status"]))
+    assert by_label["baseline (eager fp32)"] == "ok"
+    assert by_label["backend=torchscript"] == "rejected"  # traced one branch only
+    assert "relative error" in trials.loc[trials["label"] == "backend=torchscript", "reason"].iloc[0]
+    plan = autotiacc.load_plan(out / "plan.json")
+    assert plan.knobs["execution"].backend not in ("torchscript", "onnxruntime")
+    w = load_workload(models_dir / "branchy.py")
+    model = w.build_model()
+    fast = plan.apply(w.build_model())
+    for x, _ in w.test_data():
+        assert torch.allclose(fast(*x), model(*x), rtol=0.05, atol=0.05)
+    report = (out / "report.md").read_text()
+    assert "backend=torchscript" in report and "rejected" in report and "fingerprint" in report
+    html = (out / "report.html").read_text()
+    assert "data:image/png;base64," in html  # self-contained
+
+    (out / "report.md").unlink()
+    res = run_cli("report", str(out))
+    assert res.returncode == 0 and (out / "report.md").exists()
+
+    exp = tmp_path / "exp.csv"
+    exp.write_text("model,batch,variant,median_ms,p90_ms,spread,speedup_vs_eager,rel_err,setup_s\n"
+                   "branchy,4,eager fp32,2.0,2.2,0.1,1.0,0,0\nbranchy,4,onnxruntime,1.0,1.1,0.1,2.0,1e-7,0.3\n")
+    res = run_cli("compare", str(out), str(exp), "--out", str(tmp_path / "cmp"))
+    assert res.returncode == 0, res.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "compare.csv")
+    assert set(table["source"]) == {"run", "exp"} and len(table) == 4
+    assert table.loc[table["variant"] == "onnxruntime", "speedup"].iloc[0] == 2.0
+    for name in ("speedup.png", "pareto.png", "histories.png", "cost.png", "compare.html"):
+        assert (tmp_path / "cmp" / name).exists(), name
+    res = run_cli("compare", str(tmp_path / "nothing-here"))
+    assert res.returncode == 2 and "neither a run directory" in res.stderr
+
+
+def _finished(out) -> pd.DataFrame:
+    try:
+        t = pd.read_csv(out / "trials.csv")
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        return pd.DataFrame()
+    return t[t["state"] == "COMPLETE"]
+
+
+def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(models_dir / "tiny_mlp.py"), "--budget", "3m",
+           "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and len(_finished(out)) < 3:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _finished(out)
+    assert len(before) >= 3, "the tune did not get 3 trials done before the kill"
+    assert not (out / "plan.json").exists()
+
+    res = run_cli("report", str(out))  # a partial run still renders
+    assert res.returncode == 0 and "No plan yet" in (out / "report.md").read_text()
+
+    res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--budget", "40s", "--out", str(out), "--resume",
+                  "--quiet", timeout=300)
+    assert res.returncode == 0, res.stderr
+    after = pd.read_csv(out / "trials.csv")
+    kept = after.set_index("number").loc[before["number"]]
+    assert (kept["state"] == "COMPLETE").all()
+    assert list(kept["value"]) == pytest.approx(list(before["value"]))
+    assert len(after) > len(before)
+    assert not (after["state"] == "RUNNING").any()  # the killed trial is marked, not left running
+    assert set(after.loc[after["status"] == "interrupted", "state"]) <= {"FAIL"}
+    assert (out / "plan.json").exists()
+    assert len(json.loads((out / "run.json").read_text())["sessions"]) == 2
+    res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--budget", "40s", "--out", str(out), "--quiet")
+    assert res.returncode == 2 and "--resume" in res.stderr  # never silently overwrites a tune
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_optimize_returns_a_drop_in_callable(tmp_path):
+    model = Tiny().eval()
+    x = torch.randn(4, 32)
+    fast = autotiacc.optimize(model, (x,), budget="30s", strategy="quick", out_dir=tmp_path / "opt")
+    assert torch.allclose(fast(x), model(x), rtol=0.05, atol=0.05)
+    assert fast(x).dtype == torch.float32
+    assert (tmp_path / "opt" / "plan.json").exists() and fast.plan.fingerprint["cpu_count"] >= 1
