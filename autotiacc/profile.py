@@ -456,6 +456,13 @@ def top_modules(prof: dict[str, Any], n: int = 12, *, by: str = "self_share") ->
     return sorted(mods, key=lambda m: -m.get(by, 0.0))[:n]
 
 
+def opaque_root(prof: dict[str, Any]) -> bool:
+    """True when the module breakdown says little (TorchScript, export, a flat forward): the
+    model's own self time is most of the forward, so the operator table is the useful view."""
+    root = next((m for m in prof.get("modules", []) if m["path"] == ""), None)
+    return prof.get("method") != "module_timers" or (root is not None and root["self_share"] > 0.5)
+
+
 def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
     """A few lines for the terminal: forward time, coverage, the top modules."""
     fwd = prof["forward"]
@@ -464,6 +471,9 @@ def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
     for m in top_modules(prof, n):
         lines.append(f"  {m['self_share']:6.1%} self {m['inclusive_share']:6.1%} incl  {m['path'] or '(model)'}"
                      f"  [{m['type']}]  {m['flops'] / 1e6:.1f} MFLOP")
+    if opaque_root(prof):
+        lines.append("most time is inside the model's own forward (no submodule calls): top operators")
+        lines += [f"  {o['self_share']:6.1%}  {o['op']}  x{o['calls']}" for o in prof.get("ops", [])[:n]]
     if prof.get("groups"):
         lines.append("precision groups: " + ", ".join(g["path"] for g in prof["groups"]))
     for what in prof.get("unavailable", []):

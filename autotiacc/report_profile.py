@@ -90,7 +90,7 @@ def _cell(s: dict[str, Any] | None) -> str:
 def profile_sections(data) -> list[tuple[str, list[str]]]:
     """Markdown sections: the profile summary, the groups table, what was not available."""
     from .layer_precision import LOWERED_MODES
-    from .profile import top_modules
+    from .profile import opaque_root, top_modules
 
     prof = getattr(data, "profile", None)
     if not prof:
@@ -110,7 +110,7 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
     rows = [[m["path"] or "(model)", m["type"], m["calls"], 100 * m["self_share"], 100 * m["inclusive_share"],
              m["flops"] / 1e6, m["activation_bytes"] / 2**10] for m in top_modules(prof, 12)]
     lines += [""] + _table(["module", "type", "calls", "self %", "inclusive %", "MFLOP", "output KiB"], rows)
-    if prof.get("method") != "module_timers" and prof.get("ops"):
+    if opaque_root(prof) and prof.get("ops"):
         lines += ["", "Operator table (torch.profiler):", ""]
         lines += _table(["op", "calls", "self ms", "self %"],
                         [[o["op"], o["calls"], o["self_ms"], 100 * o["self_share"]] for o in prof["ops"]])
