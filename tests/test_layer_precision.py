@@ -144,3 +144,30 @@ def test_tune_keeps_the_overflowing_layer_wide_and_output_finite(tmp_path):
     md = written["md"].read_text()
     assert "## Per-layer precision" in md and "overflow" in md
     assert "top_modules.png" in written and "pareto.png" in written
+
+
+@pytest.mark.slow
+def test_prepare_search_writes_profile_json_and_reuses_it_on_resume(tmp_path):
+    from autotiacc.layer_precision import prepare_search
+    from autotiacc.profile import save_profile
+    from autotiacc.strategy import load_strategy
+
+    w = load_workload(OVERFLOW)
+    strategy = load_strategy(str(MODELS / "fp16_layer_strategy.yaml"))
+    extras = prepare_search(w, tmp_path, device="cpu", level=1, strategy=strategy, tolerance=0.02, timeout=120)
+    prof = json.loads((tmp_path / "profile.json").read_text())
+    assert extras["precision_groups"] == prof["search_groups"] and prof["search_groups"]
+    assert "big" not in {g["path"] for g in prof["search_groups"]}
+    assert set(extras["precision_fp32"]) == {param_name(g["path"]) for g in prof["search_groups"]}
+    assert all(m == "fp32" for m in extras["precision_fp32"].values())
+    # --resume keeps the saved groups (their Optuna choices must not change) instead of re-profiling
+    prof["search_groups"] = prof["search_groups"][:1]
+    save_profile(prof, tmp_path / "profile.json")
+    again = prepare_search(w, tmp_path, device="cpu", level=1, strategy=strategy, tolerance=0.02, timeout=120,
+                           resume=True)
+    assert again["precision_groups"] == prof["search_groups"]
+    (tmp_path / "l0").mkdir()
+    none = prepare_search(w, tmp_path / "l0", device="cpu", level=0, strategy=strategy, tolerance=0.02, timeout=120)
+    assert none["precision_groups"] == [] and none["precision_enqueue"] == []
+    prof0 = json.loads((tmp_path / "l0" / "profile.json").read_text())
+    assert prof0["modules"] and any("level 0" in u for u in prof0["unavailable"])
