@@ -128,13 +128,16 @@ def _finite(obj: Any) -> bool:
 
 
 def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
-                        device: str = "cpu") -> list[dict[str, Any]]:
+                        device: str = "cpu", time_limit_s: float | None = None) -> list[dict[str, Any]]:
     """Lower one group at a time in each mode; return the groups with a `sensitivity` entry
     per mode ({rel_l2, finite, ok, reason}), `allowed` modes and a `score` (time share per
     unit of the smallest allowed error; 0 when nothing is allowed), best score first.
 
-    Runs the model on the workload's test data; meant to run inside `run_isolated`.
+    Runs the model on the workload's test data; meant to run inside `run_isolated`. Groups
+    left when `time_limit_s` has passed are not analysed (nothing allowed, `skipped` says why).
     """
+    import time
+
     import torch
 
     from .accuracy import compare_outputs
@@ -146,8 +149,13 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
         refs = [model(*x) for x, _ in test]
     out = []
     inputs = _to(workload.example_inputs(), device)
+    deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
     for group in groups:
         entry = dict(group, sensitivity={}, allowed=[])
+        if deadline is not None and time.monotonic() > deadline:
+            entry.update(score=0.0, skipped=f"not analysed: the {time_limit_s:.0f} s for the analysis ran out")
+            out.append(entry)
+            continue
         for mode in modes_for(group, modes):
             entry["sensitivity"][mode] = _try_mode(model, group["path"], mode, test, refs, tolerance, device,
                                                    compare_outputs, inputs)
@@ -240,16 +248,20 @@ def default_group_modes(strategy, level: int) -> list[str]:
 
 
 def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,
-                       target_s: float = 1.0) -> dict[str, Any]:
+                       target_s: float = 1.0, time_limit_s: float | None = None) -> dict[str, Any]:
     """Profile, then (when `modes`) the sensitivity analysis of the profile's groups. Runs in
     an isolated process, so it is timed in the same environment as the trials."""
+    import time
+
     from .profile import profile_workload
 
+    t0 = time.monotonic()
     prof = profile_workload(workload, device=device, target_s=target_s)
     prof["sensitivity"], prof["search_groups"] = [], []
     if modes and prof.get("groups"):
+        left = None if time_limit_s is None else max(0.0, time_limit_s - (time.monotonic() - t0))
         prof["sensitivity"] = analyse_sensitivity(workload, prof["groups"], modes=modes, tolerance=tolerance,
-                                                  device=device)
+                                                  device=device, time_limit_s=left)
         prof["search_groups"] = search_groups(prof["sensitivity"])
     return prof
 
@@ -272,8 +284,11 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
         prof = load_profile(path)
     else:
         modes = default_group_modes(strategy, level)
+        # the analysis stops early enough (half the timeout; spawning and profiling take the rest)
+        # that a slow model still gets its profile and the groups analysed so far
         outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
-                               timeout=timeout, log_path=str(Path(run_dir) / "profile.log"))
+                               time_limit_s=timeout * 0.5, timeout=timeout,
+                               log_path=str(Path(run_dir) / "profile.log"))
         if outcome.ok:
             prof = outcome.value
         else:

@@ -122,8 +122,8 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
         rows = []
         for g in sens:
             pick = "–" if chosen is None else chosen.get(g["path"], "fp32")
-            rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0),
-                         *[_cell(g["sensitivity"].get(m)) for m in modes], g.get("score"), pick])
+            cells = [_cell(g["sensitivity"].get(m)) for m in modes] if not g.get("skipped") else ["not analysed"] * len(modes)
+            rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
         text = ["Each group lowered alone; cells are the relative L2 error of the model output "
                 "(`overflow`: inf/NaN appeared; `excluded`: failed or beyond tolerance).", ""]
         text += _table(["group", "type", "time %", *modes, "score", "chosen"], rows)

@@ -171,3 +171,12 @@ def test_prepare_search_writes_profile_json_and_reuses_it_on_resume(tmp_path):
     assert none["precision_groups"] == [] and none["precision_enqueue"] == []
     prof0 = json.loads((tmp_path / "l0" / "profile.json").read_text())
     assert prof0["modules"] and any("level 0" in u for u in prof0["unavailable"])
+
+
+def test_sensitivity_stops_at_its_time_limit_and_says_so():
+    w = load_workload(OVERFLOW)
+    groups = [{"path": "mlp.0", "type": "Linear", "inclusive_share": 0.1, "flops": 0, "linear": True},
+              {"path": "big", "type": "Linear", "inclusive_share": 0.1, "flops": 0, "linear": True}]
+    sens = analyse_sensitivity(w, groups, modes=["bf16_weights"], tolerance=2e-2, time_limit_s=0.0)
+    assert all(g["allowed"] == [] and "ran out" in g["skipped"] for g in sens)
+    assert search_groups(sens) == []
