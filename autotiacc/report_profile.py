@@ -83,7 +83,7 @@ def _cell(s: dict[str, Any] | None) -> str:
     err = s.get("rel_l2")
     shown = "inf" if err is None or (isinstance(err, float) and math.isinf(err)) else f"{err:.2g}"
     if s.get("ok"):
-        return shown
+        return shown + (f" ({s['quick_speedup']:.2f}x)" if s.get("quick_speedup") else "")
     return "overflow" if not s.get("finite", True) and "overflow" in s.get("reason", "") else f"excluded ({shown})"
 
 
@@ -124,8 +124,10 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
             pick = "–" if chosen is None else chosen.get(g["path"], "fp32")
             cells = [_cell(g["sensitivity"].get(m)) for m in modes] if not g.get("skipped") else ["not analysed"] * len(modes)
             rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
-        text = ["Each group lowered alone; cells are the relative L2 error of the model output "
-                "(`overflow`: inf/NaN appeared; `excluded`: failed or beyond tolerance).", ""]
+        text = ["Each group lowered alone; cells are the relative L2 error of the model output and, in "
+                "brackets, a short interleaved look at the whole model's speed-up (a hint for the search's "
+                "starting point, not a result); `overflow`: inf/NaN appeared; `excluded`: failed or beyond "
+                "tolerance. Score: time share per unit of the smallest allowed error.", ""]
         text += _table(["group", "type", "time %", *modes, "score", "chosen"], rows)
         out.append(("Per-layer precision", text))
     if prof.get("unavailable"):
