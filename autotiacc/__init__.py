@@ -14,10 +14,11 @@ __version__ = "0.1.0"
 __all__ = [
     "optimize", "load_plan", "Plan", "tune", "AutotiaccError", "BudgetError", "HardwareMismatchWarning",
     "ModelRaisedError", "PlanError", "PlanMismatchError", "TrialError", "UserInputError", "WorkloadError",
-    "__version__",
+    "__version__", "BucketedModel", "parse_traffic",
 ]
 
 _LAZY = {"optimize": "api", "load_plan": "plan", "Plan": "plan", "tune": "tuner"}
+_LAZY.update({"BucketedModel": "buckets", "parse_traffic": "traffic"})  # dynamic shapes
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import optimize

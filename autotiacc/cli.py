@@ -104,6 +104,9 @@ def tune(
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
+    traffic: Optional[Path] = typer.Option(None, "--traffic", help="shape mix CSV/JSON (batch_size, dims, weight): "
+                                           "tune buckets for it"),
+    p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="p99 latency budget over the traffic mix (ms)"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
     from .durations import parse_duration
@@ -128,7 +131,8 @@ def tune(
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
-                          command=" ".join(["autotiacc", *sys.argv[1:]]))
+                          command=" ".join(["autotiacc", *sys.argv[1:]]),
+                          traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms)
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)
@@ -138,6 +142,12 @@ def tune(
     p = result.plan
     typer.echo(f"plan: {p.label}")
     typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
+    if p.extra.get("shapes"):
+        sh = p.extra["shapes"]
+        p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
+        typer.echo(f"dynamic shapes: {sh['label']}; the speed-up is over the traffic mix, p99 over the mix {p99}")
+        if sh.get("samples_per_s"):
+            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {sh['serve_batch']}")
     typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
     typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
 

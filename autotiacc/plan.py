@@ -96,13 +96,20 @@ class Plan:
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
-              device: str | None = None):
-        """Return the optimized callable for `model` (built on the first call if no inputs given)."""
+              device: str | None = None, pad_inputs: Any = None):
+        """Return the optimized callable for `model` (built on the first call if no inputs given).
+
+        A plan tuned on traffic returns a `BucketedModel` dispatcher; its `pad_inputs` defaults to
+        the one in the model.py the plan was tuned on."""
         from .candidate import OptimizedModel
 
         self.check_fingerprint(strict=strict, device=device)
         if hasattr(model, "eval"):
             model.eval()
+        if self.extra.get("shapes"):
+            from .buckets import bucketed_from_plan
+
+            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)
         return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
 
 

@@ -131,6 +131,11 @@ PLOTS = {"history.png": plot_history, "latency.png": plot_latency, "importance.p
 PLOTS.update(PROFILE_PLOTS)
 
 
+from .report_shapes import SHAPE_PLOTS, shape_sections  # noqa: E402 - dynamic-shape plots (traffic runs only)
+
+PLOTS.update(SHAPE_PLOTS)
+
+
 def _wrap(text: str, width: int = 28) -> str:
     words, lines, cur = text.split(", "), [], ""
     for w in words:
@@ -191,6 +196,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
             out.append(("Compile statistics (torch.compile trials)",
                         _table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
+    out += shape_sections(data)
     out += profile_sections(data)
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))

@@ -45,6 +45,8 @@ class TuneOptions:
     device: str = "cpu"
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
+    p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -127,6 +129,11 @@ class Tuner:
         self.run_dir = Path(options.out_dir)
         self.t_start = time.monotonic()
         self.deadline = self.t_start + options.budget_s
+        from .shape_tuning import shape_tuning_for
+
+        # None unless the workload has traffic; then trials tune buckets over the traffic mix.
+        self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
+                                             strategy=self.strategy, device=options.device)
 
     # -- set-up ------------------------------------------------------------------------------
     def _prepare_dir(self) -> None:
@@ -240,8 +247,10 @@ class Tuner:
             configs = {k.name: k.suggest(trial, self.strategy.space(k.name), ctx) for k in knobs}
             configs = configs_from_params(_values(configs))
             values = _values(configs)
+            if self.shape_tuning is not None:
+                values = self.shape_tuning.suggest(trial, values)
             trial.set_user_attr("knobs", values)
-            trial.set_user_attr("label", describe(configs))
+            trial.set_user_attr("label", describe(configs) + (self.shape_tuning.label(values) if self.shape_tuning else ""))
             reason = next((r for k in knobs if (r := k.incompatible(configs, ctx))), None)
             key = _key(values)
             if reason or key in seen:
@@ -308,6 +317,8 @@ class Tuner:
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        if self.shape_tuning is not None:  # timing every traffic shape costs more than one window
+            return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) * 1.3 + 5.0
         warmup = (len(tops) + 1) * FINAL_WARMUP_S
         return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
 
@@ -335,11 +346,12 @@ class Tuner:
         from optuna.trial import TrialState
 
         self.progress({"event": "trial_start", "number": trial.number, "label": trial.user_attrs["label"]})
+        fn, extra = self._evaluator(final=False)
         outcome = run_isolated(
-            evaluate, self.workload, {"candidate": values}, timeout=timeout,
+            fn, self.workload, {"candidate": values}, timeout=timeout,
             log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
             device=self.options.device, tolerance=self.options.effective_tolerance,
-            target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor)
+            target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -352,7 +364,7 @@ class Tuner:
             base = Timing.from_dict(outcome.value["baseline"])
             attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
                          baseline_ms=base.median, compile=res.get("compile"),
-                         rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+                         rel_l2=(res.get("accuracy") or {}).get("rel_l2"), **res.get("trial_attrs", {}))
             if "timing" in res:
                 cand = Timing.from_dict(res["timing"])
                 attrs.update(latency_ms=cand.median, p90_ms=cand.p90, spread=cand.iqr_rel, speedup=res["speedup"])
@@ -402,10 +414,11 @@ class Tuner:
         self.progress({"event": "final_start", "candidates": [t.user_attrs["label"] for t in tops]})
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
-        outcome = run_isolated(evaluate, self.workload, cands, timeout=timeout,
+        fn, extra = self._evaluator(final=True)
+        outcome = run_isolated(fn, self.workload, cands, timeout=timeout,
                                log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
                                tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s,
-                               warmup_s=FINAL_WARMUP_S)
+                               warmup_s=FINAL_WARMUP_S, **extra)
         if not outcome.ok:
             # Keep best-so-far from the search rather than ending with nothing.
             t = tops[0]
@@ -415,6 +428,7 @@ class Tuner:
             plan.baseline = {"median_ms": t.user_attrs.get("baseline_ms"), "source": "search"}
             plan.best = {"median_ms": t.user_attrs.get("latency_ms"), "p90_ms": t.user_attrs.get("p90_ms"),
                          "spread": t.user_attrs.get("spread"), "source": "search"}
+            self._record_shapes(plan, t.user_attrs["knobs"], t.user_attrs)
             plan.note = (f"final re-measurement failed ({outcome.reason()}); the plan keeps trial {t.number}, "
                          "the best of the search, with its search-time figures.")
             return self._save_plan(plan)
@@ -431,6 +445,7 @@ class Tuner:
                 plan.knobs = configs_from_params(res["knobs"])
                 plan.best, plan.speedup = cand.to_dict(), base.median / cand.median
                 plan.accuracy, plan.compile_s = res["accuracy"], res["build_s"]
+                self._record_shapes(plan, res["knobs"], res)
                 plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
                              "re-measured interleaved in a fresh process.")
                 return self._save_plan(plan)
@@ -443,6 +458,14 @@ class Tuner:
         plan.fell_back = True
         plan.speedup = 1.0
         return self._save_plan(plan)
+
+    def _evaluator(self, *, final: bool) -> tuple[Callable, dict[str, Any]]:
+        """The function a trial process runs, and its extra keyword arguments."""
+        return (evaluate, {}) if self.shape_tuning is None else self.shape_tuning.evaluator(final=final)
+
+    def _record_shapes(self, plan: Plan, values: dict, result: dict | None = None) -> None:
+        if self.shape_tuning is not None:
+            self.shape_tuning.record(plan, values, result)
 
     def _save_plan(self, plan: Plan) -> Plan:
         plan.save(self.run_dir / "plan.json")

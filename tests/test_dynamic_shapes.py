@@ -1,0 +1,393 @@
+"""Dynamic input shapes: traffic parsing, bucket edges, the bucketed dispatcher (padding,
+un-padding, out-of-range fallback, bounded graphs), the traffic evaluation, plan round trip."""
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, infer_axes, quantile_edges)
+from autotiacc.errors import PlanError, UserInputError
+from autotiacc.knobs import configs_from_params
+from autotiacc.plan import Plan, load_plan
+from autotiacc.shape_tuning import shape_tuning_for
+from autotiacc.traffic import histogram, load_traffic_file, parse_traffic
+from autotiacc.traffic_eval import evaluate_traffic, mixture_quantile
+from autotiacc.workload import load_workload
+
+from .conftest import ROOT, run_cli
+
+AXES = {"batch_size": [(0, 0), (1, 0)], "seq_len": [(0, 1), (1, 1)]}
+
+
+@pytest.fixture
+def tiny(models_dir):
+    return load_workload(models_dir / "tiny_encoder_traffic.py")
+
+
+def _ref(model, x):
+    with torch.inference_mode():
+        return model(*x)
+
+
+# -- traffic -------------------------------------------------------------------------------------
+def test_parse_traffic_merges_duplicates_and_normalises_weights():
+    shapes = parse_traffic([{"batch_size": 1, "seq_len": 9, "weight": 3}, {"batch_size": "2", "seq_len": 50},
+                            {"batch_size": 1, "seq_len": 9, "weight": 1}])
+    assert [(s.batch_size, s.dim_dict["seq_len"]) for s in shapes] == [(1, 9), (2, 50)]
+    assert [round(s.weight, 6) for s in shapes] == [0.8, 0.2]
+    assert histogram(shapes, "seq_len") == pytest.approx({9: 0.8, 50: 0.2})
+
+
+@pytest.mark.parametrize("rows, needle", [
+    ([{"seq_len": 9, "weight": 1}], "`batch_size`"),
+    ([{"batch_size": 1, "seq_len": 9, "weight": -1}], "`weight` got -1"),
+    ([{"batch_size": 0, "seq_len": 9}], "`batch_size` got 0"),
+    ([{"batch_size": 1, "seq_len": 9.5}], "`seq_len` got 9.5"),
+    ([{"batch_size": 1, "seq_len": 9}, {"batch_size": 1, "width": 4}], "same dynamic dims"),
+    ([], "empty"),
+    (["1,9"], "mapping"),
+])
+def test_parse_traffic_rejects_bad_rows_with_the_fix(rows, needle):
+    with pytest.raises(UserInputError, match=None) as err:
+        parse_traffic(rows, origin="t")
+    assert needle in str(err.value)
+
+
+def test_traffic_file_csv_and_json_agree(tmp_path):
+    (tmp_path / "t.csv").write_text("batch_size,seq_len,weight\n1,9,0.6\n4,250,0.4\n")
+    (tmp_path / "t.json").write_text(json.dumps([{"batch_size": 1, "seq_len": 9, "weight": 0.6},
+                                                 {"batch_size": 4, "seq_len": 250, "weight": 0.4}]))
+    assert load_traffic_file(tmp_path / "t.csv") == load_traffic_file(tmp_path / "t.json")
+    (tmp_path / "t.txt").write_text("x")
+    with pytest.raises(UserInputError, match="`--traffic`.*csv or .json"):
+        load_traffic_file(tmp_path / "t.txt")
+    with pytest.raises(UserInputError, match="no such file"):
+        load_traffic_file(tmp_path / "missing.csv")
+
+
+def test_mixture_quantile_weights_shapes():
+    samples = {"a": [1.0] * 10, "b": [100.0] * 10}
+    assert mixture_quantile(samples, {"a": 0.995, "b": 0.005}, 0.99) == 1.0
+    assert mixture_quantile(samples, {"a": 0.9, "b": 0.1}, 0.99) == 100.0
+
+
+# -- buckets -------------------------------------------------------------------------------------
+def test_quantile_edges_cover_the_traffic_and_align():
+    hist = {9: 0.4, 16: 0.3, 37: 0.2, 250: 0.1}
+    assert quantile_edges(hist, 1) == [250]
+    edges = quantile_edges(hist, 3, align=8)
+    assert edges[-1] == 250 and edges == sorted(set(edges)) and len(edges) <= 3
+    assert all(e % 8 == 0 for e in edges[:-1])
+    assert quantile_edges({1: 0.5, 2: 0.3, 4: 0.2}, 6) == [1, 2, 4]
+
+
+def test_infer_axes_finds_batch_and_named_dims(tiny):
+    assert infer_axes(tiny, ["batch_size", "seq_len"], {"batch_size": 2, "seq_len": 5}) == AXES
+    with pytest.raises(UserInputError, match="`width`"):
+        infer_axes(tiny, ["batch_size", "width"], {"batch_size": 2, "width": 3})
+
+
+def test_bucket_spec_picks_smallest_holding_bucket_and_round_trips():
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 64]}, axes=AXES)
+    buckets = spec.buckets()
+    assert buckets[spec.index({"batch_size": 3, "seq_len": 53})] == {"batch_size": 4, "seq_len": 64}
+    assert buckets[spec.index({"batch_size": 1, "seq_len": 16})] == {"batch_size": 2, "seq_len": 16}
+    assert spec.index({"batch_size": 5, "seq_len": 10}) is None
+    again = BucketSpec.from_dict(json.loads(json.dumps(spec.to_dict())))
+    assert again.to_dict() == spec.to_dict()
+    with pytest.raises(UserInputError, match="increasing"):
+        BucketSpec(edges={"seq_len": [64, 16]}, axes=AXES)
+    with pytest.raises(PlanError, match="edges"):
+        BucketSpec.from_dict({"padded": []})
+
+
+def test_bucketed_model_pads_unpads_and_falls_back_once(tiny):
+    model = tiny.build_model()
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 48]}, axes=AXES)
+    fast = BucketedModel(model, configs_from_params({}), spec, pad_inputs=tiny.user_hook("pad_inputs"))
+    for b, s in ((1, 5), (3, 33), (2, 16), (4, 48)):  # unseen in-range shapes, incl. odd batch and length
+        x = tiny.example_inputs(b, seed=b, seq_len=s)
+        out = fast(*x)
+        assert out.shape == (b, 3)
+        torch.testing.assert_close(out, _ref(model, x), rtol=1e-4, atol=1e-5)
+    assert 0 < fast.padding_waste() < 1
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            x = tiny.example_inputs(5, seq_len=20)
+            torch.testing.assert_close(fast(*x), _ref(model, x))
+    assert [r.category for r in rec] == [OutOfRangeWarning]
+    assert "outside every tuned bucket" in str(rec[0].message) and fast.calls_out_of_range == 3
+
+
+def test_bucketed_model_needs_pad_inputs_for_padded_dims(tiny):
+    spec = BucketSpec(edges={"batch_size": [4], "seq_len": [48]}, axes=AXES)
+    with pytest.raises(PlanError, match="pad_inputs"):
+        BucketedModel(tiny.build_model(), configs_from_params({}), spec)
+    batch_only = BucketSpec(edges={"batch_size": [4]}, axes={"batch_size": AXES["batch_size"]})
+    fast = BucketedModel(tiny.build_model(), configs_from_params({}), batch_only)  # batch padding is built in
+    x = tiny.example_inputs(3, seq_len=7)
+    torch.testing.assert_close(fast(*x), _ref(fast.original, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_buckets_bound_the_graphs(tiny):
+    """Serving many shapes compiles one graph per padded bucket and never recompiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny.build_model()
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 48]}, axes=AXES)
+    fast = BucketedModel(model, configs_from_params({"execution": {"backend": "compile"}}), spec,
+                         pad_inputs=tiny.user_hook("pad_inputs"))
+    counters.clear()
+    fast.prepare(lambda b, **d: tiny.example_inputs(b, **d))
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= len(spec.buckets())
+    for b in (1, 2, 3, 4):
+        for s in (3, 9, 16, 17, 29, 48):
+            x = tiny.example_inputs(b, seed=s, seq_len=s)
+            torch.testing.assert_close(fast(*x), _ref(model, x), rtol=1e-4, atol=1e-4)
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph for 24 unseen shapes
+    assert sum(counters["recompiles"].values()) == 0 if "recompiles" in counters else True
+
+
+# -- the tuner's side ----------------------------------------------------------------------------
+def test_shape_tuning_samples_buckets_and_records_them(tiny, tmp_path):
+    import optuna
+
+    st = shape_tuning_for(tiny)
+    assert st.names == ["batch_size", "seq_len"] and st.axes == AXES
+    study = optuna.create_study()
+    seen = set()
+    for _ in range(12):
+        trial = study.ask()
+        values = st.suggest(trial, {"execution": {"backend": "compile"}})
+        spec = BucketSpec(edges=values["shapes"]["edges"], axes=AXES, padded=values["shapes"]["padded"])
+        assert len(spec.buckets()) <= st.max_buckets
+        assert spec.edges["seq_len"][-1] == 40 and spec.edges["batch_size"][-1] == 3  # covers all traffic
+        seen.add(values["shapes"]["label"])
+        study.tell(trial, 1.0)
+    assert len(seen) > 1
+    eager = st.suggest(study.ask(), {"execution": {"backend": "eager"}})["shapes"]
+    assert eager["padded"] == [False] and eager["edges"] == {"batch_size": [3], "seq_len": [40]}
+    with pytest.raises(UserInputError, match="`--p99-ms`"):
+        shape_tuning_for(tiny, p99_ms=-1)
+
+
+def test_no_traffic_means_static_tuning(models_dir):
+    w = load_workload(models_dir / "tiny_mlp.py")
+    assert shape_tuning_for(w) is None
+    with pytest.raises(UserInputError, match="`--p99-ms` needs a traffic mix"):
+        shape_tuning_for(w, p99_ms=10)
+
+
+def test_evaluate_traffic_weights_latency_and_checks_every_shape(tiny):
+    st = shape_tuning_for(tiny)
+    _, kw = st.evaluator(final=True)
+    kw["rounds"] = 5
+    shapes = {"edges": {"batch_size": [3], "seq_len": [16, 40]}, "padded": [True, True], "label": "2 buckets"}
+    res = evaluate_traffic(tiny, {"padded": {"shapes": shapes}}, **kw)
+    cand = res["candidates"]["padded"]
+    assert cand["status"] == "ok", cand.get("reason")
+    assert len(cand["timing"]["samples_ms"]) == 5 and len(res["baseline"]["samples_ms"]) == 5
+    assert cand["ratio"] == pytest.approx(cand["timing"]["median_ms"] / res["baseline"]["median_ms"])
+    assert set(cand["per_shape"]) == {s.key() for s in st.traffic}
+    assert 0 < cand["padding_waste"] < 1 and cand["p99_mix_ms"] > 0
+    assert sum(b["traffic_share"] for b in cand["buckets"]) == pytest.approx(1.0)
+    assert cand["accuracy"]["rel_l2"] < 1e-4  # padded vs unpadded, traffic + unseen shapes
+    kw["p99_ms"] = 1e-6
+    res = evaluate_traffic(tiny, {"padded": {"shapes": shapes}}, **kw)
+    assert res["candidates"]["padded"]["status"] == "rejected"
+    assert "--p99-ms" in res["candidates"]["padded"]["reason"]
+
+
+def test_evaluate_traffic_rejects_padding_that_changes_outputs(tiny, monkeypatch):
+    """Without a mask-aware pad, padded results differ: the accuracy guard must catch it."""
+    st = shape_tuning_for(tiny)
+    _, kw = st.evaluator(final=False)
+    kw["rounds"] = 3
+    user = tiny._user
+    monkeypatch.setattr(user, "pad_inputs", lambda inputs, seq_len: (
+        torch.nn.functional.pad(inputs[0], (0, seq_len - inputs[0].shape[1]), value=0),
+        torch.nn.functional.pad(inputs[1], (0, seq_len - inputs[1].shape[1]), value=False)))
+    shapes = {"edges": {"batch_size": [3], "seq_len": [40]}, "padded": [True], "label": "1 bucket"}
+    res = evaluate_traffic(tiny, {"bad_pad": {"shapes": shapes}}, **kw)
+    assert res["candidates"]["bad_pad"]["status"] == "rejected"
+    assert "shape b" in res["candidates"]["bad_pad"]["reason"]
+
+
+def test_plan_with_buckets_round_trips_and_applies(tiny, tmp_path):
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 48]}, axes=AXES, padded=[True, False, True, True])
+    plan = Plan(knobs=configs_from_params({}), workload={"file": str(tiny.path)},
+                extra={"shapes": {**spec.to_dict(), "label": spec.label()}})
+    path = plan.save(tmp_path / "plan.json")
+    again = load_plan(path)
+    assert again.to_dict()["extra"] == json.loads(json.dumps(plan.to_dict()["extra"]))
+    model = tiny.build_model()
+    fast = again.apply(model)
+    assert isinstance(fast, BucketedModel) and fast.pad_inputs is not None  # from the recorded model.py
+    x = tiny.example_inputs(3, seq_len=29)
+    torch.testing.assert_close(fast(*x), _ref(model, x), rtol=1e-4, atol=1e-5)
+
+
+def test_cli_rejects_bad_traffic_in_one_line(tmp_path, models_dir):
+    bad = tmp_path / "t.csv"
+    bad.write_text("batch_size,seq_len,weight\n1,9,abc\n")
+    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(bad), "--budget", "30s",
+                  "--out", str(tmp_path / "run"), "--quiet", timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "row 0: `weight` got 'abc'" in res.stderr.strip().splitlines()[-1]
+    res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--p99-ms", "5", "--budget", "30s",
+                  "--out", str(tmp_path / "run2"), "--quiet", timeout=120)
+    assert res.returncode == 2 and "`--p99-ms` needs a traffic mix" in res.stderr
+
+
+SERVE_SCRIPT = """
+import sys, warnings, torch
+sys.path.insert(0, {models!r})
+import tiny_encoder_traffic as m
+import autotiacc
+model = m.build_model().eval()
+fast = autotiacc.load_plan({plan!r}).apply(model)
+for b, s in ((1, 6), (3, 23), (4, 40), (2, 7), (3, 40)):
+    x = m.example_inputs(b, s)
+    with torch.inference_mode():
+        ref = model(*x)
+    torch.testing.assert_close(fast(*x), ref, rtol=2e-2, atol=2e-2)
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    x = m.example_inputs(6, 50)
+    assert fast(*x).shape == (6, 3)
+print("served", type(fast).__name__, len(rec))
+"""
+
+
+def _serve_in_fresh_process(models_dir, plan_path) -> str:
+    proc = subprocess.run([sys.executable, "-c", SERVE_SCRIPT.format(models=str(models_dir), plan=str(plan_path))],
+                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_saved_bucketed_plan_serves_in_a_fresh_process(tiny, models_dir, tmp_path):
+    """No tuning in the serving process: the plan file alone rebuilds the dispatcher."""
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 40]}, axes=AXES, padded=[True, True, False, True])
+    plan = Plan(knobs=configs_from_params({"execution": {"backend": "torchscript"}}), workload={"file": str(tiny.path)},
+                extra={"shapes": {**spec.to_dict(), "label": spec.label()}})
+    plan.save(tmp_path / "plan.json")
+    assert _serve_in_fresh_process(models_dir, tmp_path / "plan.json").split()[-3:] == ["served", "BucketedModel", "1"]
+
+
+@pytest.mark.slow
+def test_tune_with_traffic_end_to_end(tmp_path, models_dir):
+    traffic = tmp_path / "traffic.csv"
+    traffic.write_text("batch_size,seq_len,weight\n1,6,5\n2,12,3\n3,24,2\n4,40,1\n")
+    out = tmp_path / "run"
+    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(traffic), "--budget", "60s",
+                  "--strategy", "quick", "--out", str(out), "--quiet", timeout=300)
+    assert res.returncode == 0, res.stderr
+    plan = json.loads((out / "plan.json").read_text())
+    assert (out / "traffic.png").exists()
+    trials = __import__("pandas").read_csv(out / "trials.csv")
+    measured = trials[trials["status"] == "ok"]
+    assert len(measured) >= 2 and measured["p99_mix_ms"].notna().all() and measured["param_seq_len_buckets"].notna().any()
+    if plan["fell_back"]:  # the tiny model may gain nothing: then the plan is eager, and says why
+        assert "shapes" not in plan["extra"] and plan["note"]
+    else:
+        shapes = plan["extra"]["shapes"]
+        assert shapes["edges"]["seq_len"][-1] == 40 and shapes["edges"]["batch_size"][-1] == 4
+        assert "Dynamic shapes: buckets" in (out / "report.md").read_text()
+    assert "served" in _serve_in_fresh_process(models_dir, out / "plan.json")
+
+
+def test_throughput_strategy_searches_the_serving_batch(tiny):
+    import optuna
+
+    from autotiacc.strategy import load_strategy
+
+    strategy = load_strategy("inference-throughput")
+    st = shape_tuning_for(tiny, strategy=strategy, p99_ms=1e4)
+    assert st.serve_batches == [1, 2, 4, 8, 16, 32]
+    study = optuna.create_study()
+    for _ in range(6):
+        trial = study.ask()
+        shapes = st.suggest(trial, {"execution": {"backend": "torchscript"}})["shapes"]
+        assert shapes["edges"]["batch_size"] == [shapes["serve_batch"]] == [trial.params["serve_batch"]]
+        study.tell(trial, 1.0)
+    _, kw = st.evaluator(final=False)
+    kw["rounds"] = 4
+    shapes = {"edges": {"batch_size": [4], "seq_len": [40]}, "padded": [True], "serve_batch": 4, "label": "b4"}
+    res = evaluate_traffic(tiny, {"b4": {"shapes": shapes}}, **kw)
+    cand = res["candidates"]["b4"]
+    assert res["per_sample"] and cand["status"] == "ok", cand.get("reason")
+    assert cand["samples_per_s"] == pytest.approx(1e3 / cand["timing"]["median_ms"])
+    assert cand["p99_mix_ms"] >= max(v["median_ms"] for v in cand["per_shape"].values()) / 4
+
+
+def test_throughput_without_traffic_tunes_the_batch_only(models_dir):
+    from autotiacc.strategy import load_strategy
+
+    w = load_workload(models_dir / "tiny_mlp.py")
+    st = shape_tuning_for(w, strategy=load_strategy("inference-throughput"))
+    assert st.names == ["batch_size"] and st.axes == {"batch_size": [(0, 0)]}
+
+
+def test_without_pad_inputs_only_the_shared_runner_is_searched(tmp_path):
+    import optuna
+
+    f = tmp_path / "nopad.py"
+    f.write_text("import torch\n"
+                 "def build_model():\n    return torch.nn.Linear(4, 2)\n"
+                 "def example_inputs(batch_size=1, seq_len=3):\n    return (torch.randn(batch_size, seq_len, 4),)\n"
+                 "def traffic():\n    return [{'batch_size': 1, 'seq_len': 3}, {'batch_size': 2, 'seq_len': 7}]\n")
+    st = shape_tuning_for(load_workload(f))
+    assert not st.can_pad
+    study = optuna.create_study()
+    for _ in range(5):
+        trial = study.ask()
+        assert st.suggest(trial, {"execution": {"backend": "compile"}})["shapes"]["padded"] == [False]
+        study.tell(trial, 1.0)
+    with pytest.raises(UserInputError, match="`--device`"):
+        shape_tuning_for(load_workload(f), device="cuda")
+
+
+def test_report_shows_buckets_traffic_and_latency_vs_shape(tiny, tmp_path):
+    from autotiacc.report import write_report
+
+    st = shape_tuning_for(tiny)
+    _, kw = st.evaluator(final=True)
+    kw["rounds"] = 3
+    values = {"shapes": {"edges": {"batch_size": [3], "seq_len": [16, 40]}, "padded": [True, False],
+                         "label": "2 buckets"}}
+    res = evaluate_traffic(tiny, {"c": values}, **kw)["candidates"]["c"]
+    plan = Plan(knobs=configs_from_params({}))
+    st.record(plan, values, res)
+    plan.save(tmp_path / "plan.json")
+    (tmp_path / "run.json").write_text(json.dumps({"workload": {"name": "tiny"}, "sessions": []}))
+    written = write_report(tmp_path)
+    assert {"traffic.png", "traffic_batch.png", "latency_vs_shape.png"} <= set(written)
+    md = (tmp_path / "report.md").read_text()
+    assert "## Dynamic shapes: buckets" in md
+    assert "| b3xseq_len16 | specialised, padded |" in md and "| b3xseq_len40 | shared, exact shape |" in md
+
+
+def test_resumed_study_must_tune_the_same_traffic(tiny, tmp_path):
+    import optuna
+
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="s", storage=storage)
+    shape_tuning_for(tiny).suggest(study.ask(), {})
+    other = shape_tuning_for(tiny, traffic_file=_write(tmp_path / "t.csv", "batch_size,seq_len\n1,5\n2,9\n"))
+    with pytest.raises(UserInputError, match="another traffic mix"):
+        other.suggest(optuna.load_study(study_name="s", storage=storage).ask(), {})
+    again = shape_tuning_for(tiny)
+    assert "shapes" in again.suggest(optuna.load_study(study_name="s", storage=storage).ask(), {})
+
+
+def _write(path, text):
+    path.write_text(text)
+    return path
