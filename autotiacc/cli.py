@@ -278,6 +278,57 @@ def verify(
     raise typer.Exit(1)
 
 
+@app.command("profile")
+@guarded
+def profile_cmd(
+    file: Path = typer.Argument(..., help="model.py, TorchScript .pt/.ts, or torch.export .pt2"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size to profile"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="directory for profile.json, or a .json file"),
+    input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224 (repeatable)"),
+    input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="also lower each group alone and measure its error"),
+    tolerance: float = typer.Option(2e-2, "--tolerance", help="relative L2 error a lowered group may add"),
+    top: int = typer.Option(10, "--top", help="modules to list"),
+) -> None:
+    """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
+    from .isolation import run_isolated
+    from .layer_precision import LOWERED_MODES, profile_for_search
+    from .profile import PROFILE_FILE, save_profile, summary_lines
+    from .workload import load_workload
+
+    if batch_size is not None and batch_size <= 0:
+        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
+    if not tolerance > 0:
+        raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
+    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype)
+    workload.validate()
+    # in a spawned process with the trials' environment (passive OpenMP waits), as in a tune
+    outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
+                           modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
+    if not outcome.ok:
+        raise _bad(f"profiling {file} failed in its process: {outcome.reason()}")
+    prof = outcome.value
+    out = out or Path("runs") / f"{workload.name}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.suffix != ".json":
+        out.mkdir(parents=True, exist_ok=True)
+        out = out / PROFILE_FILE
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    for line in summary_lines(prof, top):
+        typer.echo(line)
+    for g in prof.get("sensitivity", []):
+        typer.echo(f"  sensitivity {g['path']}: allowed {', '.join(g['allowed']) or 'none'}; "
+                   + "; ".join(f"{m} {s['rel_l2']:.2g}" + ("" if s["ok"] else f" ({s['reason'][:40]})")
+                               for m, s in g["sensitivity"].items()))
+    typer.echo(f"written: {save_profile(prof, out)}")
+
+
 def main() -> None:
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:torch.onnx")
     app()

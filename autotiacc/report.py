@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from .errors import UserInputError
 from .plotting import figure
+from .report_profile import PROFILE_PLOTS, profile_sections
 
 
 class ReportData(NamedTuple):
@@ -22,6 +23,7 @@ class ReportData(NamedTuple):
     plan: dict[str, Any] | None
     trials: Any  # pandas.DataFrame
     importance: dict[str, float]
+    profile: dict[str, Any] | None = None  # profile.json, when the tune wrote one
 
 
 def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
@@ -56,7 +58,8 @@ def gather(run_dir: str | Path) -> ReportData:
     run = json.loads((d / "run.json").read_text())
     plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
     trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
-    return ReportData(d, run, plan, trials, _importance(d, run))
+    profile = json.loads((d / "profile.json").read_text()) if (d / "profile.json").is_file() else None
+    return ReportData(d, run, plan, trials, _importance(d, run), profile)
 
 
 # -- plots -----------------------------------------------------------------------------------
@@ -125,6 +128,7 @@ def plot_cost(data: ReportData, path: Path) -> Path | None:
 
 PLOTS = {"history.png": plot_history, "latency.png": plot_latency, "importance.png": plot_importance,
          "cost.png": plot_cost}
+PLOTS.update(PROFILE_PLOTS)
 
 
 from .report_shapes import SHAPE_PLOTS, shape_sections  # noqa: E402 - dynamic-shape plots (traffic runs only)
@@ -193,6 +197,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
                         _table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
     out += shape_sections(data)
+    out += profile_sections(data)
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
     return out

@@ -18,6 +18,7 @@ from .errors import BudgetError, UserInputError
 from .evaluate import evaluate
 from .isolation import run_isolated
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
+from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
 from .plan import Plan
 from .strategy import Strategy, load_strategy
@@ -224,6 +225,7 @@ class Tuner:
         model, _ = self.workload.validate()  # the user's bugs surface before anything is written
         self._prepare_dir()
         ctx = search_context(self.workload, model, self.options.device, self.options.level)
+        ctx.extras.update(self._profile())
         fp = fingerprint(self.options.device)
         identity = self.workload.identity(model)
         del model
@@ -238,7 +240,9 @@ class Tuner:
         if self._created or (not shared and not any(t.state.is_finished() for t in study.trials)):
             for entry in self.strategy.enqueue:
                 if _allowed(entry, self.strategy, ctx):
-                    study.enqueue_trial(_to_params(entry), skip_if_exists=True)
+                    study.enqueue_trial({**ctx.extras.get("precision_fp32", {}), **_to_params(entry)}, skip_if_exists=True)
+            for params in ctx.extras.get("precision_enqueue", []):  # per-layer precision starting point
+                study.enqueue_trial({**_to_params({}), **params}, skip_if_exists=True)
         self.progress({"event": "start", "budget_s": self.options.budget_s, "strategy": self.strategy.name,
                        "resumed_trials": len(seen)})
         stale = skips = 0
@@ -302,6 +306,17 @@ class Tuner:
         self._write_trials(study)
         self._update_run_json(stop=stop, wall_s=result.wall_s)
         return result
+
+    def _profile(self) -> dict[str, Any]:
+        """Profile + per-layer sensitivity into profile.json; extras for the precision knob."""
+        from .layer_precision import plan_summary, prepare_search
+
+        extras = prepare_search(self.workload, self.run_dir, device=self.options.device,
+                                level=self.options.level, strategy=self.strategy,
+                                tolerance=self.options.effective_tolerance, timeout=max(30.0, 0.2 * self.left()),
+                                resume=self.options.resume)
+        self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
+        return extras
 
     def _skip(self, study, trial, reason: str | None, duplicate_of: int | None) -> None:
         from optuna.trial import TrialState
@@ -412,10 +427,12 @@ class Tuner:
         """Re-measure the top candidates interleaved with the baseline in one fresh process;
         keep the best only if it beats the baseline beyond noise, else fall back to baseline."""
         tops = self._top(study)
+        tops += best_full_precision(tops, study.get_trials(deepcopy=False))
         baseline_cfg = configs_from_params({})
         plan = Plan(knobs=baseline_cfg, fingerprint=fp, workload=identity, device=self.options.device,
                     tolerance=self.options.effective_tolerance, level=self.options.level,
-                    extra={"strategy": self.strategy.name, "trials": len(study.trials)})
+                    extra={"strategy": self.strategy.name, "trials": len(study.trials),
+                           **getattr(self, "plan_extra", {})})
         base_trial = next((t for t in study.trials if t.user_attrs.get("label") == describe(baseline_cfg)
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement

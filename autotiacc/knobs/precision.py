@@ -1,4 +1,5 @@
-"""Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts.
+"""Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, and
+per-layer precision: `groups` lowers chosen submodules only (see autotiacc.layer_precision).
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -16,10 +17,24 @@ MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16
 @dataclass(frozen=True)
 class PrecisionConfig(KnobConfig):
     mode: str = "fp32"
+    # ((module path, group mode), ...): per-layer precision under a fp32/tf32 global mode
+    groups: tuple = ()
 
     def __post_init__(self) -> None:
+        from ..layer_precision import GROUP_MODES
+
         if self.mode not in MODES:
             raise ValueError(f"`mode` got {self.mode!r}: use one of {', '.join(MODES)}.")
+        # JSON gives lists; keep tuples so configs compare, hash and round-trip exactly
+        groups = tuple(tuple(g) for g in self.groups)
+        for g in groups:
+            if len(g) != 2 or not isinstance(g[0], str) or g[1] not in GROUP_MODES:
+                raise ValueError(f"`groups` entry {list(g)!r}: use [module path, mode] with mode one of "
+                                 f"{', '.join(GROUP_MODES)}.")
+        if groups and self.mode not in ("fp32", "tf32"):
+            raise ValueError(f"`groups` needs `mode` fp32 or tf32 (got {self.mode!r}): per-layer precision "
+                             "lowers layers of a full-precision model.")
+        object.__setattr__(self, "groups", groups)
 
     @property
     def dtype_name(self) -> str | None:
@@ -42,11 +57,23 @@ class PrecisionKnob(Knob):
     cuda_only = {"mode": {"tf32"}}
 
     def suggest(self, trial, space, ctx: SearchContext) -> PrecisionConfig:
-        return PrecisionConfig(mode=self.pick(trial, "mode", space, ctx))
+        from ..layer_precision import param_name
+
+        mode = self.pick(trial, "mode", space, ctx)
+        layers = ctx.extras.get("precision_groups") or []
+        if mode not in ("fp32", "tf32") or ctx.level < 1 or not layers:
+            return PrecisionConfig(mode=mode)
+        # conditional parameters: one per group, sampled only under a full-precision global mode
+        groups = tuple((g["path"], trial.suggest_categorical(param_name(g["path"]), g["choices"])) for g in layers)
+        return PrecisionConfig(mode=mode, groups=groups if any(m != "fp32" for _, m in groups) else ())
 
     def apply(self, state: BuildState, config: PrecisionConfig) -> None:
         import torch
 
+        if config.groups:
+            from ..layer_precision import apply_group_precision
+
+            apply_group_precision(state.model, config.groups, state.device)
         if config.mode == "tf32":
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
@@ -68,4 +95,6 @@ class PrecisionKnob(Knob):
         cfg = configs["precision"]
         if cfg.mode.endswith("_autocast") and configs["execution"].backend == "onnxruntime":
             return "autocast does not carry into an ONNX Runtime session"
+        if any(m.endswith("_autocast") for _, m in cfg.groups) and configs["execution"].backend == "onnxruntime":
+            return "per-layer autocast regions do not carry into an ONNX Runtime session"
         return None

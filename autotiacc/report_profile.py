@@ -1,0 +1,141 @@
+"""The report's profile part: top modules plot, error-vs-speed-up (Pareto) plot, and the
+table of per-layer precision groups. Registered into `report.PLOTS` and `report.sections`.
+
+Works on `ReportData` (duck-typed: `.profile`, `.plan`, `.trials`); draws, never reads files.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from .plotting import figure
+
+
+def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
+    from .profile import top_modules
+
+    prof = getattr(data, "profile", None)
+    if not prof or prof.get("method") != "module_timers":
+        return None
+    mods = [m for m in top_modules(prof, n) if m["path"]][::-1]
+    if not mods:
+        return None
+    labels = [f"{m['path']} [{m['type']}]" for m in mods]
+    with figure(path, title=f"Top modules by self time (forward {prof['forward']['median_ms']:.3g} ms median)",
+                xlabel="% of the measured forward time", size=(7, 0.38 * len(mods) + 1.6)) as ax:
+        ax.barh(labels, [100 * m["inclusive_share"] for m in mods], color="tab:blue", alpha=0.35, label="inclusive")
+        ax.barh(labels, [100 * m["self_share"] for m in mods], color="tab:blue", label="self")
+        ax.legend(loc="lower right", fontsize=8)
+    return path
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the points no other point beats on both error (lower) and speed-up (higher)."""
+    front = []
+    for i, (e, s) in enumerate(points):
+        if not any((e2 <= e and s2 >= s) and (e2 < e or s2 > s) for j, (e2, s2) in enumerate(points) if j != i):
+            front.append(i)
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def plot_pareto(data, path: Path) -> Path | None:
+    t = data.trials
+    if t is None or t.empty or not {"rel_l2", "speedup", "status"} <= set(t.columns):
+        return None
+    ok = t[(t["status"] == "ok") & t["rel_l2"].notna() & t["speedup"].notna()]
+    if ok.empty:
+        return None
+    layered = ok["label"].astype(str).str.contains("groups=") if "label" in ok else ok["speedup"] < 0
+    floor = 1e-9  # exact results (error 0) still need a place on a log axis
+    err = ok["rel_l2"].clip(lower=floor)
+    with figure(path, title="Error vs speed-up across trials", xlabel="relative L2 error vs fp32 eager (log)",
+                ylabel="speed-up (x, measured side by side)") as ax:
+        ax.scatter(err[~layered], ok["speedup"][~layered], color="tab:gray", label="whole-model precision")
+        ax.scatter(err[layered], ok["speedup"][layered], color="tab:orange", label="per-layer precision")
+        pts = list(zip(err.tolist(), ok["speedup"].tolist()))
+        front = pareto_front(pts)
+        ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:green", lw=1.5,
+                drawstyle="steps-post", label="Pareto front")
+        for (_, r), e in zip(ok.iterrows(), err):
+            ax.annotate(str(int(r["number"])), (e, r["speedup"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.axhline(1.0, color="grey", lw=1, ls="--")
+        ax.legend(loc="best", fontsize=8)
+    return path
+
+
+PROFILE_PLOTS = {"top_modules.png": plot_top_modules, "pareto.png": plot_pareto}
+
+
+def _chosen_groups(plan: dict[str, Any] | None) -> dict[str, str] | None:
+    if not plan:
+        return None
+    for k in plan.get("knobs", []):
+        if k.get("_type") == "PrecisionConfig":
+            return {p: m for p, m in k["_data"].get("groups", [])}
+    return {}
+
+
+def _cell(s: dict[str, Any] | None) -> str:
+    if s is None:
+        return "–"
+    err = s.get("rel_l2")
+    shown = "inf" if err is None or (isinstance(err, float) and math.isinf(err)) else f"{err:.2g}"
+    if s.get("ok"):
+        return shown + (f" ({s['quick_speedup']:.2f}x)" if s.get("quick_speedup") else "")
+    return "overflow" if not s.get("finite", True) and "overflow" in s.get("reason", "") else f"excluded ({shown})"
+
+
+def profile_sections(data) -> list[tuple[str, list[str]]]:
+    """Markdown sections: the profile summary, the groups table, what was not available."""
+    from .layer_precision import LOWERED_MODES
+    from .profile import opaque_root, top_modules
+
+    prof = getattr(data, "profile", None)
+    if not prof:
+        return []
+    fwd = prof.get("forward", {})
+    lines = [f"- method: `{prof.get('method')}`; forward {fwd.get('median_ms', math.nan):.4g} ms median "
+             f"(spread {fwd.get('spread', math.nan):.1%}, n={fwd.get('n')}), measured interleaved with the hooked forward",
+             f"- module self-time shares add up to {prof.get('shares_sum', math.nan):.1%} of the measured forward"]
+    mem = prof.get("memory", {})
+    if mem:
+        lines.append(f"- parameters+buffers {mem.get('param_and_buffer_bytes', 0) / 2**20:.2f} MiB, activations "
+                     f"{mem.get('activation_bytes', 0) / 2**20:.2f} MiB, peak allocated during one forward "
+                     f"{mem.get('peak_forward_alloc_bytes', 0) / 2**20:.2f} MiB")
+    if prof.get("gpu"):
+        lines.append("- GPU during measurement (pynvml, median): "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in prof["gpu"].items()))
+    rows = [[m["path"] or "(model)", m["type"], m["calls"], 100 * m["self_share"], 100 * m["inclusive_share"],
+             m["flops"] / 1e6, m["activation_bytes"] / 2**10] for m in top_modules(prof, 12)]
+    lines += [""] + _table(["module", "type", "calls", "self %", "inclusive %", "MFLOP", "output KiB"], rows)
+    if opaque_root(prof) and prof.get("ops"):
+        lines += ["", "Operator table (torch.profiler):", ""]
+        lines += _table(["op", "calls", "self ms", "self %"],
+                        [[o["op"], o["calls"], o["self_ms"], 100 * o["self_share"]] for o in prof["ops"]])
+    out = [("Profile", lines)]
+    sens = prof.get("sensitivity") or []
+    if sens:
+        chosen = _chosen_groups(data.plan)
+        modes = [m for m in LOWERED_MODES if any(m in g["sensitivity"] for g in sens)]
+        rows = []
+        for g in sens:
+            pick = "–" if chosen is None else chosen.get(g["path"], "fp32")
+            cells = [_cell(g["sensitivity"].get(m)) for m in modes] if not g.get("skipped") else ["not analysed"] * len(modes)
+            rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
+        text = ["Each group lowered alone; cells are the relative L2 error of the model output and, in "
+                "brackets, a short interleaved look at the whole model's speed-up (a hint for the search's "
+                "starting point, not a result); `overflow`: inf/NaN appeared; `excluded`: failed or beyond "
+                "tolerance. Score: time share per unit of the smallest allowed error.", ""]
+        text += _table(["group", "type", "time %", *modes, "score", "chosen"], rows)
+        out.append(("Per-layer precision", text))
+    if prof.get("unavailable"):
+        out.append(("Not available in this profile", [f"- {u}" for u in prof["unavailable"]]))
+    return out
+
+
+def _table(header, rows):
+    from .report import _table as table
+
+    return table(header, rows)
