@@ -181,7 +181,7 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
     # Seeds enqueued once although both workers started together.
     seeds = [json.dumps(t.system_attrs["fixed_params"], sort_keys=True) for t in trials
              if "fixed_params" in t.system_attrs]
-    assert len(seeds) == len(set(seeds)) == len(load_strategy("quick").enqueue)
+    assert len(seeds) == len(set(seeds)) >= len(load_strategy("quick").enqueue)  # + per-layer precision seeds
 
     # Best is consistent: the study's best is the best complete trial, and the plan knows it.
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -195,7 +195,7 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
     # The last worker's trials.csv has every trial; the report renders identically from storage.
     import pandas as pd
 
-    assert len(pd.read_csv(last / "trials.csv")) == len(trials)
+    assert len(pd.read_csv(last / "trials.csv")) == len([t for t in trials if t.state != TrialState.WAITING])
     reports = []
     for where in ("from-a", "from-b"):
         cmd = [sys.executable, "-m", "autotiacc.cli", "report", "--storage", pg_url, "--study", name,
