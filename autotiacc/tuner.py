@@ -158,6 +158,7 @@ class Tuner:
             warnings.simplefilter("ignore")
             sampler = optuna.samplers.TPESampler(seed=self.options.seed, multivariate=True, group=True,
                                                  n_startup_trials=4)
+        self._tpe, self._random = sampler, optuna.samplers.RandomSampler(seed=self.options.seed + 1)
         study = optuna.create_study(study_name=self.options.study_name, storage=storage, direction="minimize",
                                     sampler=sampler, load_if_exists=True)
         if self.options.resume or self.options.storage is not None:
@@ -243,6 +244,9 @@ class Tuner:
             if skips >= 40:
                 stop = "search space exhausted"
                 break
+            # TPE ignores failed trials and keeps proposing them again; after a run of duplicates,
+            # draw the next candidate at random so the budget goes to configurations not yet seen.
+            study.sampler = self._random if skips >= 3 else self._tpe
             trial = study.ask()
             configs = {k.name: k.suggest(trial, self.strategy.space(k.name), ctx) for k in knobs}
             configs = configs_from_params(_values(configs))
