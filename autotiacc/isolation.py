@@ -69,21 +69,16 @@ def _child(conn, fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: st
         conn.close()
 
 
-def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
-                 env: dict[str, str] | None = None, **kwargs: Any) -> Outcome:
-    """Call `fn(*args, **kwargs)` in a spawned process; never raises for the child's failures.
-
-    `fn` must be importable by name (module-level) and its arguments picklable. The child's
-    stdout/stderr go to `log_path` when given. On timeout the child is killed.
-    """
+def start_child(fn: Callable[..., Any], args: tuple, kwargs: dict, *, log_path: str | None = None,
+                env: dict[str, str] | None = None, daemon: bool = True):
+    """Spawn `_child` running `fn` with CHILD_ENV (+ `env`); returns (process, receiving pipe end)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
     merged = {**CHILD_ENV, **(env or {})}
     saved = {k: os.environ.get(k) for k in merged}
     os.environ.update(merged)  # a spawned child copies the parent's environment at start
-    t0 = time.perf_counter()
     try:
-        proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, log_path), daemon=True)
+        proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, log_path), daemon=daemon)
         proc.start()
     finally:
         for k, v in saved.items():
@@ -92,6 +87,18 @@ def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: s
             else:
                 os.environ[k] = v
     send.close()
+    return proc, recv
+
+
+def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
+                 env: dict[str, str] | None = None, **kwargs: Any) -> Outcome:
+    """Call `fn(*args, **kwargs)` in a spawned process; never raises for the child's failures.
+
+    `fn` must be importable by name (module-level) and its arguments picklable. The child's
+    stdout/stderr go to `log_path` when given. On timeout the child is killed.
+    """
+    t0 = time.perf_counter()
+    proc, recv = start_child(fn, args, kwargs, log_path=log_path, env=env)
     try:
         result = None
         deadline = t0 + max(timeout, 0.1)

@@ -206,9 +206,14 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
 def write_report(run_dir: str | Path) -> dict[str, Path]:
     """Draw plots and write report.md and report.html; returns what was written."""
     data = gather(run_dir)
+    return render(data, PLOTS, sections(data), f"autotiacc report — {data.run.get('workload', {}).get('name', data.run_dir.name)}")
+
+
+def render(data: Any, plots: dict[str, Any], secs: list[tuple[str, list[str]]], title: str) -> dict[str, Path]:
+    """Draw `plots` from `data` and write report.md + self-contained report.html into data.run_dir."""
     d = data.run_dir
     images = {}
-    for name, draw in PLOTS.items():
+    for name, draw in plots.items():
         try:
             path = draw(data, d / name)
         except Exception as exc:  # noqa: BLE001 - one broken plot must not lose the report
@@ -216,8 +221,6 @@ def write_report(run_dir: str | Path) -> dict[str, Path]:
             print(f"autotiacc report: plot {name} skipped ({type(exc).__name__}: {exc})")
         if path:
             images[name] = path
-    secs = sections(data)
-    title = f"autotiacc report — {data.run.get('workload', {}).get('name', d.name)}"
     md = [f"# {title}", ""]
     for heading, lines in secs:
         md += [f"## {heading}", "", *lines, ""]

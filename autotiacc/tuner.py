@@ -159,6 +159,7 @@ class Tuner:
             warnings.simplefilter("ignore")
             sampler = optuna.samplers.TPESampler(seed=self.options.seed, multivariate=True, group=True,
                                                  n_startup_trials=4)
+        self._tpe, self._random = sampler, optuna.samplers.RandomSampler(seed=self.options.seed + 1)
         self._created = False
         if self.options.storage is not None:  # possibly shared by several workers: see distributed.py
             from . import distributed
@@ -259,6 +260,9 @@ class Tuner:
             if skips >= 40:
                 stop = "search space exhausted"
                 break
+            # TPE ignores failed trials and keeps proposing them again; after a run of duplicates,
+            # draw the next candidate at random so the budget goes to configurations not yet seen.
+            study.sampler = self._random if skips >= 3 else self._tpe
             if shared:
                 from .distributed import claim, fail_stale_trials
 

@@ -88,13 +88,14 @@ class Knob(ABC):
         return self.config_cls()
 
     def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
-        """The strategy's choices for `param`, less those above the level or needing CUDA."""
+        """The strategy's choices for `param`, less those above the level or needing CUDA; the
+        default is always kept, so the baseline stays part of every search space."""
         default = getattr(self.default(), param)
         wanted = space.get(param, [default])
         levels = self.choice_levels.get(param, {})
         cuda_only = self.cuda_only.get(param, set())
         out = [c for c in wanted if levels.get(c, 0) <= ctx.level and (ctx.cuda or c not in cuda_only)]
-        return out or [default]
+        return out if default in out else [default, *out]
 
     def pick(self, trial, param: str, space: dict[str, list], ctx: SearchContext) -> Any:
         """`trial.suggest_categorical` when there is a choice; the only value otherwise."""

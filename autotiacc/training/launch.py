@@ -1,21 +1,19 @@
 """Start N rank processes (torchrun-compatible environment) for one trial, with a timeout.
 
-Each rank is the core sandbox (`isolation._child`): it reports ok/exception through a pipe.
+Each rank is the core sandbox (`isolation.start_child`): it reports ok/exception through a pipe.
 Ranks are not daemonic, so they may start DataLoader workers. The first rank that fails,
 dies or overruns the timeout ends the trial: the other ranks are killed at once (they would
 otherwise wait in a collective forever) and the failure names the rank and its cause.
 """
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..isolation import CHILD_ENV, Outcome, _child, _kill
+from ..isolation import Outcome, _kill, start_child
 
 
 def free_port() -> int:
@@ -38,29 +36,17 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set as torchrun sets them.
     `pid_file` receives one rank pid per line once all ranks run (for monitoring or tests).
     """
-    ctx = mp.get_context("spawn")
     port = free_port()
     procs, pipes = [], []
     t0 = time.perf_counter()
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     for rank in range(nproc):
-        recv, send = ctx.Pipe(duplex=False)
-        env = {**CHILD_ENV, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
                "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # a spawned child copies the parent's environment when it starts
-        try:
-            log = str(Path(log_dir) / f"rank{rank}.log") if log_dir else None
-            proc = ctx.Process(target=_child, args=(send, fn, args, kwargs, log), daemon=False)
-            proc.start()
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
-        send.close()
+        log = str(Path(log_dir) / f"rank{rank}.log") if log_dir else None
+        # not daemonic: a rank must be able to start its own DataLoader workers
+        proc, recv = start_child(fn, args, kwargs, log_path=log, env=env, daemon=False)
         procs.append(proc)
         pipes.append(recv)
     if pid_file:

@@ -10,7 +10,7 @@ from typing import Any, NamedTuple
 
 from ..errors import UserInputError
 from ..plotting import figure
-from ..report import _f, _html, _table
+from ..report import _f, _table, render
 
 
 class TrainReportData(NamedTuple):
@@ -141,26 +141,8 @@ def _per_rank(fig: dict[str, Any], where: str) -> list[tuple[str, list[str]]]:
 
 def write_training_report(run_dir: str | Path) -> dict[str, Path]:
     data = gather(run_dir)
-    d = data.run_dir
-    images = {}
-    for name, draw in PLOTS.items():
-        try:
-            path = draw(data, d / name)
-        except Exception as exc:  # noqa: BLE001 - one broken plot must not lose the report
-            path = None
-            print(f"autotiacc report: plot {name} skipped ({type(exc).__name__}: {exc})")
-        if path:
-            images[name] = path
-    secs = sections(data)
-    title = f"autotiacc training report — {data.run.get('workload', {}).get('name', d.name)}"
-    md = [f"# {title}", ""]
-    for heading, lines in secs:
-        md += [f"## {heading}", "", *lines, ""]
-    if images:
-        md += ["## Plots", ""] + [f"![{n}]({n})" for n in images] + [""]
-    (d / "report.md").write_text("\n".join(md), encoding="utf-8")
-    (d / "report.html").write_text(_html(title, secs, images), encoding="utf-8")
-    return {"md": d / "report.md", "html": d / "report.html", **images}
+    title = f"autotiacc training report — {data.run.get('workload', {}).get('name', data.run_dir.name)}"
+    return render(data, PLOTS, sections(data), title)
 
 
 def is_training_run(run_dir: str | Path) -> bool:
