@@ -515,6 +515,7 @@ class Tuner:
 
     # -- durable records --------------------------------------------------------------------
     def _write_run_json(self, fp: dict, identity: dict) -> None:
+        from .distributed import redact  # a password never lands in the run directory
         path = self.run_dir / "run.json"
         prev = json.loads(path.read_text()) if path.exists() else {}
         sessions = prev.get("sessions", [])
@@ -522,7 +523,7 @@ class Tuner:
                          "command": self.options.command})
         data = {"workload": identity, "fingerprint": fp, "strategy": self.strategy.name,
                 "level": self.options.level, "tolerance": self.options.effective_tolerance,
-                "device": self.options.device, "storage": self.options.storage or "sqlite:///study.db",
+                "device": self.options.device, "storage": redact(self.options.storage) if self.options.storage else "sqlite:///study.db",
                 "study_name": self.options.study_name, "sessions": sessions, **self.options.extra}
         path.write_text(json.dumps(data, indent=2, default=str))
         if self.options.storage is not None:

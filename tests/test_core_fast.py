@@ -50,12 +50,13 @@ def test_mann_whitney_and_noise_rule():
 
 
 def test_measure_interleaved_orders_real_work():
-    a = torch.randn(64, 64)
-    b = torch.randn(384, 384)
+    a = torch.randn(32, 32)
+    b = torch.randn(512, 512)
     res = measure_interleaved({"small": lambda: a @ a, "big": lambda: b @ b}, min_rounds=10, target_s=0.3,
                               warmup_s=0.2)
     assert res["small"].n == res["big"].n >= 10
-    assert res["small"].median < res["big"].median
+    # the fastest sample is the least disturbed by other load on a shared machine (~4000x less work)
+    assert min(res["small"].samples_ms) < min(res["big"].samples_ms)
 
 
 # -- knobs: the contract suite every knob runs -----------------------------------------------------------
