@@ -22,6 +22,11 @@ from typing import Any, Callable
 CHILD_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
 
 
+def measured_env() -> dict[str, str]:
+    """The thread settings trials are measured under; a plan records them (they change speed)."""
+    return {"OMP_WAIT_POLICY": CHILD_ENV["OMP_WAIT_POLICY"]}
+
+
 @dataclass
 class Outcome:
     """What came back from an isolated call."""

@@ -7,6 +7,7 @@ types resolve only from the registry.
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -93,6 +94,12 @@ class Plan:
             if strict:
                 raise PlanMismatchError(msg + ". Re-tune here, or pass strict=False to apply it anyway.")
             warnings.warn(msg + ". Its speed-up may not hold here.", HardwareMismatchWarning, stacklevel=3)
+        env = {k: v for k, v in (self.extra.get("measured_env") or {}).items() if os.environ.get(k) != v}
+        if env:  # OpenMP reads it once at start: spinning threads measured 2-30x slower when interleaved
+            warnings.warn("plan was measured with " + ", ".join(f"{k}={v}" for k, v in env.items())
+                          + "; this process has " + ", ".join(f"{k}={os.environ.get(k)!r}" for k in env)
+                          + ". Set it before Python starts for the measured speed.", HardwareMismatchWarning,
+                          stacklevel=3)
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,

@@ -16,7 +16,7 @@ from typing import Any, Callable
 from .accuracy import DEFAULT_TOLERANCE
 from .errors import BudgetError, UserInputError
 from .evaluate import evaluate
-from .isolation import run_isolated
+from .isolation import measured_env, run_isolated
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
@@ -435,7 +435,7 @@ class Tuner:
         baseline_cfg = configs_from_params({})
         plan = Plan(knobs=baseline_cfg, fingerprint=fp, workload=identity, device=self.options.device,
                     tolerance=self.options.effective_tolerance, level=self.options.level,
-                    extra={"strategy": self.strategy.name, "trials": len(study.trials),
+                    extra={"strategy": self.strategy.name, "trials": len(study.trials), "measured_env": measured_env(),
                            **getattr(self, "plan_extra", {})})
         base_trial = next((t for t in study.trials if t.user_attrs.get("label") == describe(baseline_cfg)
                            and t.user_attrs.get("baseline_ms")), None)

@@ -25,7 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+# The tuner measures its trials with passive OpenMP waits (isolation.CHILD_ENV); variants timed
+# interleaved in one process need it too, or spinning threads of one slow the next (measured
+# here: eager convnet 38 ms alone, 220 ms interleaved with ONNX Runtime and compiled models).
+# It must be set before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -55,7 +61,8 @@ PEERS = {
     "onnxruntime": {"execution": {"backend": "onnxruntime"}, **NO_GRAD},
 }
 FIELDS = ["model", "batch", "variant", "median_ms", "p90_ms", "spread", "n", "speedup_vs_eager", "rel_err",
-          "setup_s", "tune_wall_s", "status", "note", "cpu_model", "fingerprint_id", "torch", "load_avg", "timestamp"]
+          "setup_s", "tune_wall_s", "status", "note", "cpu_model", "fingerprint_id", "torch", "omp_wait_policy",
+          "load_avg", "timestamp"]
 
 
 def tune(model: str, batch: int, budget: str, runs_dir: Path) -> tuple[Path, float]:
@@ -123,7 +130,7 @@ def bench_case(model_name: str, batch: int, budget: str | None, runs_dir: Path, 
                     "spread": t.iqr_rel if t else None, "n": t.n if t else 0,
                     "speedup_vs_eager": base / t.median if t else None, "tune_wall_s": tune_wall if "autotiacc" in name else None,
                     "cpu_model": fp["cpu_model"], "fingerprint_id": fingerprint_id(fp), "torch": fp["torch"],
-                    "load_avg": round(os.getloadavg()[0], 2), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **row})
+                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_avg": round(os.getloadavg()[0], 2), "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"), **row})
     return out
 
 
@@ -164,10 +171,10 @@ def append_results_md(rows: list[dict], csv_path: Path, png_path: Path, command:
              "| model | batch | variant | median ms | p90 ms | spread | speed-up vs eager | rel. error | setup s | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda x, s=".3g": "–" if x is None else format(x, s)  # noqa: E731
-        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {f(r['median_ms'])} | {f(r['p90_ms'])} | "
-                     f"{f(r['spread'], '.2f')} | {f(r['speedup_vs_eager'], '.2f')} | {f(r['rel_err'], '.2g')} | "
-                     f"{f(r.get('setup_s'), '.1f')} | {r['status']} {r['note'][:80] if r['status'] != 'ok' else ''} |")
+        f = lambda k, s=".3g": "–" if r.get(k) is None else format(r[k], s)  # noqa: E731
+        lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {f('median_ms')} | {f('p90_ms')} | "
+                     f"{f('spread', '.2f')} | {f('speedup_vs_eager', '.2f')} | {f('rel_err', '.2g')} | "
+                     f"{f('setup_s', '.1f')} | {r['status']} {r['note'][:80] if r['status'] != 'ok' else ''} |")
     if not md.exists():
         md.write_text("# Experiment results\n\nNewest last; old results are kept. Every table was measured in one run "
                       "on the machine named, all variants timed interleaved.\n")

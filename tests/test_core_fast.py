@@ -52,8 +52,13 @@ def test_mann_whitney_and_noise_rule():
 def test_measure_interleaved_orders_real_work():
     a = torch.randn(32, 32)
     b = torch.randn(512, 512)
-    res = measure_interleaved({"small": lambda: a @ a, "big": lambda: b @ b}, min_rounds=10, target_s=0.3,
-                              warmup_s=0.2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # in a busy test process, OpenMP hand-offs alone took 14 ms per tiny matmul
+    try:
+        res = measure_interleaved({"small": lambda: a @ a, "big": lambda: b @ b}, min_rounds=10, target_s=0.3,
+                                  warmup_s=0.2)
+    finally:
+        torch.set_num_threads(threads)
     assert res["small"].n == res["big"].n >= 10
     # the fastest sample is the least disturbed by other load on a shared machine (~4000x less work)
     assert min(res["small"].samples_ms) < min(res["big"].samples_ms)
@@ -257,3 +262,15 @@ def test_strategies_ship_and_validate(tmp_path):
     bad.write_text("name: x\nknobs:\n  warp_drive: {on: [true]}\n")
     with pytest.raises(UserInputError, match="unknown knob 'warp_drive'"):
         load_strategy(str(bad))
+
+
+def test_plan_warns_when_thread_wait_policy_differs(monkeypatch):
+    p = _plan()
+    p.extra["measured_env"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    with pytest.warns(UserWarning, match="measured with OMP_WAIT_POLICY=PASSIVE"):
+        p.check_fingerprint()
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.check_fingerprint()
