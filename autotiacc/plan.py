@@ -130,15 +130,20 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
-def load_plan(path: str | Path) -> Plan:
-    """Read a plan file; a missing, corrupt or wrong-schema file raises `PlanError`."""
+def read_plan_json(path: str | Path, what: str = "plan") -> tuple[Path, Any]:
+    """The JSON of a plan file (or of `plan.json` in a run directory); errors are `PlanError`."""
     p = Path(path)
     if p.is_dir():
         p = p / "plan.json"
     if not p.is_file():
-        raise PlanError(f"{p}: no such plan file.")
+        raise PlanError(f"{p}: no such {what} file.")
     try:
-        data = json.loads(p.read_text(encoding="utf-8"))
+        return p, json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlanError(f"{p}: not valid JSON ({exc}); a plan is the plan.json a tune wrote.") from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan file; a missing, corrupt or wrong-schema file raises `PlanError`."""
+    p, data = read_plan_json(path)
     return Plan.from_dict(data, origin=str(p))

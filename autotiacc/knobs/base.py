@@ -149,13 +149,15 @@ def config_to_dict(cfg: KnobConfig) -> dict[str, Any]:
     return {"_type": type(cfg).__name__, "_version": cfg.version, "_data": dataclasses.asdict(cfg)}
 
 
-def config_from_dict(d: dict[str, Any]) -> KnobConfig:
-    """Rebuild a config from JSON; only registered config classes are accepted."""
-    if not isinstance(d, dict) or "_type" not in d or "_data" not in d:
+def config_from_dict(d: dict[str, Any], allowed: dict[str, type] | None = None) -> KnobConfig:
+    """Rebuild a config from JSON; only classes in `allowed` (default: the registered knob
+    configs) are accepted, never a name imported from the file."""
+    allowed = _CONFIGS if allowed is None else allowed
+    if not isinstance(d, dict) or "_type" not in d or not isinstance(d.get("_data"), dict):
         raise PlanError(f"knob entry {d!r} is not of the form {{'_type', '_version', '_data'}}.")
-    cls = _CONFIGS.get(d["_type"])
+    cls = allowed.get(d["_type"])
     if cls is None:
-        raise PlanError(f"knob entry has unknown _type {d['_type']!r}; known: {', '.join(sorted(_CONFIGS))}.")
+        raise PlanError(f"knob entry has unknown _type {d['_type']!r}; known: {', '.join(sorted(allowed))}.")
     if d.get("_version") != cls.version:
         warnings.warn(f"{d['_type']} was saved as version {d.get('_version')}, this autotiacc reads "
                       f"version {cls.version}; applying it anyway.", stacklevel=2)
@@ -166,7 +168,7 @@ def config_from_dict(d: dict[str, Any]) -> KnobConfig:
     data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["_data"].items()}
     try:
         return cls(**data)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, UserInputError) as exc:
         raise PlanError(f"{d['_type']}: {exc}") from None
 
 

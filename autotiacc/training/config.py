@@ -8,12 +8,11 @@ must never search a DataLoader knob.
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import PlanError, UserInputError
-from ..knobs.base import KnobConfig, config_to_dict
+from ..knobs.base import KnobConfig, config_from_dict, config_to_dict
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
@@ -128,22 +127,8 @@ class TrainConfig:
             raise PlanError(f"training config must be a list of knob entries, got {type(entries).__name__}.")
         parts: dict[str, Any] = {}
         for d in entries:
-            if not isinstance(d, dict) or d.get("_type") not in _BY_TYPE or not isinstance(d.get("_data"), dict):
-                raise PlanError(f"training knob entry {d!r} is not one of {sorted(_BY_TYPE)} as "
-                                "{'_type', '_version', '_data'}.")
-            kls = _BY_TYPE[d["_type"]]
-            if d.get("_version") != kls.version:
-                warnings.warn(f"{d['_type']} was saved as version {d.get('_version')}, this autotiacc reads "
-                              f"version {kls.version}; applying it anyway.", stacklevel=2)
-            names = {f.name for f in dataclasses.fields(kls)}
-            unknown = set(d["_data"]) - names
-            if unknown:
-                raise PlanError(f"{d['_type']} has unknown fields {sorted(unknown)}.")
-            data = {k: (tuple(v) if isinstance(v, list) else v) for k, v in d["_data"].items()}
-            try:
-                parts[next(n for n, c in SECTIONS.items() if c is kls)] = kls(**data)
-            except (TypeError, UserInputError) as exc:
-                raise PlanError(f"{d['_type']}: {exc}") from None
+            cfg = config_from_dict(d, allowed=_BY_TYPE)
+            parts[next(n for n, c in SECTIONS.items() if c is type(cfg))] = cfg
         return cls(**parts)
 
     def flat(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
+from ..plan import read_plan_json
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"
@@ -64,15 +65,7 @@ class TrainingPlan:
 
 
 def load_training_plan(path: str | Path) -> TrainingPlan:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "plan.json"
-    if not p.is_file():
-        raise PlanError(f"{p}: no such training plan file.")
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise PlanError(f"{p}: not valid JSON ({exc}); a plan is the plan.json a tune wrote.") from None
+    p, data = read_plan_json(path, "training plan")
     return TrainingPlan.from_dict(data, origin=str(p))
 
 
