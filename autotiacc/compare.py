@@ -7,7 +7,6 @@ speedup_vs_eager, rel_err, setup_s). Everything is gathered into one DataFrame o
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -21,11 +20,9 @@ class CompareData(NamedTuple):
 
 
 def _from_run(d: Path) -> tuple[list[dict], Any]:
-    import pandas as pd
+    from .report import read_run_dir
 
-    run = json.loads((d / "run.json").read_text())
-    plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
-    trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
+    _, run, plan, trials = read_run_dir(d)
     wl = run.get("workload", {})
     label = f"{d.name}"
     wall = sum(float(s.get("wall_s") or 0) for s in run.get("sessions", []))

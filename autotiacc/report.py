@@ -49,7 +49,8 @@ def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
         return {}
 
 
-def gather(run_dir: str | Path) -> ReportData:
+def read_run_dir(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any] | None, Any]:
+    """(folder, run.json, plan.json or None, trials.csv as a DataFrame, empty if none yet)."""
     import pandas as pd
 
     d = Path(run_dir)
@@ -58,6 +59,11 @@ def gather(run_dir: str | Path) -> ReportData:
     run = json.loads((d / "run.json").read_text())
     plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
     trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
+    return d, run, plan, trials
+
+
+def gather(run_dir: str | Path) -> ReportData:
+    d, run, plan, trials = read_run_dir(run_dir)
     profile = json.loads((d / "profile.json").read_text()) if (d / "profile.json").is_file() else None
     return ReportData(d, run, plan, trials, _importance(d, run), profile)
 

@@ -411,13 +411,7 @@ class Tuner:
                 state, value = TrialState.PRUNED, None
             else:
                 state, value = TrialState.FAIL, None
-        for k, v in attrs.items():
-            if v is not None:
-                trial.set_user_attr(k, v)
-        if value is not None:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=state)
+        record_trial(study, trial, attrs, state, value)
         if trial.number == 0 and state != TrialState.COMPLETE and attrs["status"] == "timeout":
             raise BudgetError(f"`--budget` of {self.options.budget_s:.0f}s is too small to measure the baseline "
                               f"(it ran {outcome.seconds:.0f}s without finishing); give a larger budget.")
@@ -544,6 +538,17 @@ class Tuner:
 
     def _write_trials(self, study) -> None:
         write_trials_csv(study, self.run_dir / "trials.csv")
+
+
+def record_trial(study, trial, attrs: dict[str, Any], state, value: float | None) -> None:
+    """Store a trial's figures and reason, then tell Optuna its value (or its final state)."""
+    for k, v in attrs.items():
+        if v is not None:
+            trial.set_user_attr(k, v)
+    if value is not None:
+        study.tell(trial, value)
+    else:
+        study.tell(trial, state=state)
 
 
 def write_trials_csv(study, path: Path) -> None:

@@ -8,9 +8,8 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..errors import UserInputError
 from ..plotting import figure
-from ..report import _f, _table, render
+from ..report import _f, _table, read_run_dir, render
 
 
 class TrainReportData(NamedTuple):
@@ -21,15 +20,7 @@ class TrainReportData(NamedTuple):
 
 
 def gather(run_dir: str | Path) -> TrainReportData:
-    import pandas as pd
-
-    d = Path(run_dir)
-    if not (d / "run.json").is_file():
-        raise UserInputError(f"{d}: not a run directory (no run.json); give the --out folder of a tune.")
-    run = json.loads((d / "run.json").read_text())
-    plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
-    trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
-    return TrainReportData(d, run, plan, trials)
+    return TrainReportData(*read_run_dir(run_dir))
 
 
 def _curves(data: TrainReportData) -> dict[str, list[float]]:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from ..errors import BudgetError, UserInputError
 from ..measure import Timing, faster_beyond_noise
-from ..tuner import MIN_BUDGET_S, SPAWN_OVERHEAD_S, Tuner, write_trials_csv
+from ..tuner import MIN_BUDGET_S, SPAWN_OVERHEAD_S, Tuner, record_trial, write_trials_csv
 from .config import TrainConfig, TrainSpace, seeds, suggest
 from .launch import run_ranks
 from .plan import TrainingPlan
@@ -260,13 +260,7 @@ class TrainingTuner:
                     study.set_user_attr("reference_losses", [r["losses"] for r in ranks])
                     attrs["speedup"] = 1.0
                 state, value = TrialState.COMPLETE, attrs.get("speedup", 1.0)
-        for k, v in attrs.items():
-            if v is not None:
-                trial.set_user_attr(k, v)
-        if value is not None:
-            study.tell(trial, value)
-        else:
-            study.tell(trial, state=state)
+        record_trial(study, trial, attrs, state, value)
         if trial.number == 0 and state != TrialState.COMPLETE:
             raise BudgetError(f"the baseline training trial did not finish ({attrs.get('reason')}); give a larger "
                               "`--budget` or check the training file (see the trial logs in the run directory).")
