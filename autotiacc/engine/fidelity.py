@@ -31,6 +31,7 @@ from .workers import Outcome, WorkerPool, run_isolated
 SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
              "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
 BASELINE = "baseline"
+MIN_ROUNDS = 3  # the fewest windows per variant a comparison is made on
 
 
 def measured_env() -> dict[str, str | None]:
@@ -131,7 +132,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     With `fresh=False` every variant's process is started at once and builds its variant
     before the first round, so no process starts or compiles while another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
-    Stops after `rounds`, or at `deadline` (time.monotonic()) once 4 rounds are in.
+    Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
     """
     t0 = time.perf_counter()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
@@ -145,7 +146,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
             _record(result, name, pool.call(time_window, workload, name, variants[name], timeout=timeout_s,
                                             window_s=0, **kwargs))
         for r in range(rounds):
-            if BASELINE in result.failures or (deadline is not None and r >= 4 and time.monotonic() > deadline):
+            if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
+                                               and time.monotonic() > deadline):
                 break
             names = [n for n in variants if n not in result.failures]
             shift = r % len(names)
@@ -189,9 +191,9 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
     deadline = time.monotonic() + timeout
     rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
-                              warmup_s=warmup_s, tolerance=tolerance, env=env,
-                              timeout_s=max(timeout * 0.5, 30.0), deadline=deadline - 5)
-    if BASELINE in res.failures or res.rounds < 3:
+                              warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
+                              deadline=deadline - 2 * window_s * (len(candidates) + 1))
+    if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
                        seconds=res.seconds)
     from ..measure import Timing
