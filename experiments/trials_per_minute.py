@@ -36,6 +36,11 @@ def summarise(run_dir: Path, *, variant: str, rev: str, budget_s: float, wall_s:
     """One CSV row from a run directory's trials.csv and plan.json."""
     import pandas as pd
 
+    if not (run_dir / "plan.json").exists():  # the tune failed (e.g. the baseline did not finish in time)
+        return {"variant": variant, "rev": rev, "budget_s": budget_s, "wall_s": round(wall_s or 0, 1),
+                "trials_run": 0, "trials_measured": 0, "measured_per_min": 0.0, "median_trial_s": "",
+                "speedup_recorded": "", "plan": "tune failed: see its .log", "final_method": "", "measured_env": "",
+                "load_before": load[0] if load else "", "load_after": load[1] if load else "", "run_dir": str(run_dir)}
     trials = pd.read_csv(run_dir / "trials.csv")
     status = trials["status"].fillna("")
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -60,11 +65,11 @@ def _label(plan: dict) -> str:
         return str(plan.get("note", ""))[:60]
 
 
-def tune(tree: Path, model: str, out: Path, *, budget: str, batch_size: int) -> float:
-    """Run the tune with `tree`'s code; returns its wall time."""
+def tune(tree: Path, model: str, out: Path, *, budget: str, batch_size: int, env: dict[str, str]) -> float:
+    """Run the tune with `tree`'s code, `env` added to this environment; returns its wall time."""
     if out.exists():
         shutil.rmtree(out)
-    env = {**os.environ, "PYTHONPATH": str(tree)}
+    env = {**os.environ, **env, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, "--batch-size", str(batch_size), "--budget", budget,
            "--out", str(out)]
     t0 = time.monotonic()
@@ -72,7 +77,7 @@ def tune(tree: Path, model: str, out: Path, *, budget: str, batch_size: int) -> 
     wall = time.monotonic() - t0
     (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
     if res.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-2000:]}")
+        print(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr[-500:]}", file=sys.stderr)
     return wall
 
 
@@ -89,7 +94,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     with figure(path, title="autotiacc tune examples/convnet.py --batch-size 8 (same budget)",
                 xlabel="measured trials per minute of budget", size=(8, 3.5)) as ax:
-        names = [f"{r['variant']}\n{r['speedup_recorded']}x recorded" for r in rows]
+        names = [f"{r['variant']}\n{r['speedup_recorded'] or '-'}x recorded" for r in rows]
         ax.barh(names, [r["measured_per_min"] for r in rows], color="tab:blue")
         for i, r in enumerate(rows):
             ax.text(r["measured_per_min"], i, f" {r['trials_measured']} trials (load {r['load_before']})",
@@ -105,6 +110,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "trials_per_minute"))
     ap.add_argument("--also-run-dir", action="append", default=[], metavar="DIR:NAME",
                     help="add an existing run directory as a row (e.g. one measured on an idle machine)")
+    ap.add_argument("--passive-too", action="store_true",
+                    help="also run the working tree with OMP_WAIT_POLICY=PASSIVE set (separates workers from env)")
     args = ap.parse_args()
     from autotiacc.durations import parse_duration
 
@@ -117,13 +124,19 @@ def main() -> None:
         rows.append(summarise(Path(d), variant=name or Path(d).name, rev="?", budget_s=budget_s, wall_s=None,
                               load=None))
         shutil.copy(Path(d) / "plan.json", out / f"{name or Path(d).name}.plan.json")
-    for variant, tree in ((f"before ({args.rev})", checkout(args.rev)), ("after (working tree)", ROOT)):
-        run_dir = Path("/tmp") / f"tpm-{variant.split()[0]}"
+    variants = [(f"before ({args.rev})", "before", checkout(args.rev), {}), ("after (working tree)", "after", ROOT, {})]
+    if args.passive_too:  # the same wait policy the 'before' trials imposed, now set by the user: workers alone
+        variants.append(("after, tune run with OMP_WAIT_POLICY=PASSIVE", "after-passive", ROOT,
+                         {"OMP_WAIT_POLICY": "PASSIVE"}))
+    for variant, short, tree, env in variants:
+        run_dir = Path("/tmp") / f"tpm-{short}"
         load0 = os.getloadavg()[0]
-        wall = tune(tree, args.model, run_dir, budget=args.budget, batch_size=args.batch_size)
+        wall = tune(tree, args.model, run_dir, budget=args.budget, batch_size=args.batch_size, env=env)
         rows.append(summarise(run_dir, variant=variant, rev=args.rev if tree != ROOT else "worktree",
                               budget_s=budget_s, wall_s=wall, load=(round(load0, 2), round(os.getloadavg()[0], 2))))
-        shutil.copy(run_dir / "plan.json", out / f"{variant.split()[0]}.plan.json")
+        shutil.copy(run_dir.parent / f"{run_dir.name}.log", out / f"{short}.log")
+        if (run_dir / "plan.json").exists():
+            shutil.copy(run_dir / "plan.json", out / f"{short}.plan.json")
     with open(out / "trials_per_minute.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
