@@ -37,14 +37,15 @@ def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
         storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
     import warnings
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", module="optuna")
-        study = optuna.load_study(study_name=run.get("study_name", "autotiacc"), storage=storage)
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if len(done) < 5:
-            return {}
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():  # scoped: the caller's own warning filters stay as they were
+            warnings.filterwarnings("ignore", module="optuna")
+            study = optuna.load_study(study_name=run.get("study_name", "autotiacc"), storage=storage)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if len(done) < 5:
+                return {}
+            return dict(optuna.importance.get_param_importances(study))
     except Exception:  # noqa: BLE001 - importance is optional decoration (needs variation in params)
         return {}
 

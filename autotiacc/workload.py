@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import sys
 import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -80,6 +81,8 @@ class Workload:
         self.batch_size = batch_size
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
         self._user = None
+        # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
+        self.token = uuid.uuid4().hex
         if kind == "python":
             self._user = _load_module(path)
             for fn in ("build_model", "example_inputs"):
