@@ -29,10 +29,16 @@ class Strategy:
     max_trial_share: float = 0.35  # no trial may run longer than this share of the budget
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     enqueue: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+    # stage-1 starting points on CUDA (what pays on GPUs); `enqueue` is used where this is empty
+    enqueue_cuda: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def space(self, knob: str) -> dict[str, Any]:
         return self.knobs.get(knob, {})
+
+    def seeds(self, *, cuda: bool) -> list[dict[str, dict[str, Any]]]:
+        """The stage-1 starting points for the device: `enqueue_cuda` on CUDA when given."""
+        return list(self.enqueue_cuda) if cuda and self.enqueue_cuda else list(self.enqueue)
 
 
 def builtin_strategies() -> list[str]:
@@ -79,5 +85,11 @@ def load_strategy(name_or_path: str) -> Strategy:
         for param, choices in v.items():
             if not isinstance(choices, list) and choices != "auto":
                 v[param] = [choices]
-    extra = {k: v for k, v in data.items() if k not in _FIELDS and k not in ("knobs", "enqueue")}
-    return Strategy(knobs=knobs, enqueue=list(data.get("enqueue") or []), extra=extra, **kwargs)
+    seed_keys = ("enqueue", "enqueue_cuda")
+    for key in seed_keys:
+        if not isinstance(data.get(key) or [], list):
+            raise UserInputError(f"strategy {origin}: `{key}` must be a list of starting points "
+                                 "({knob: {field: value}} each).")
+    extra = {k: v for k, v in data.items() if k not in _FIELDS and k not in ("knobs", *seed_keys)}
+    return Strategy(knobs=knobs, enqueue=list(data.get("enqueue") or []),
+                    enqueue_cuda=list(data.get("enqueue_cuda") or []), extra=extra, **kwargs)
