@@ -196,6 +196,9 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     result.setdefault("nvtx", False)
     result["groups"] = candidate_groups(result["modules"], model, coverage=coverage, max_groups=max_groups,
                                         min_share=min_group_share)
+    if not result["groups"] and result["method"] == METHOD:
+        unavailable.append(f"per-layer precision groups: no parameter-owning blocks of >= {min_group_share:.0%} "
+                           "each that together carry half of the forward")
     return result
 
 
