@@ -243,7 +243,10 @@ class Tuner:
                 seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
         shared = self.options.storage is not None
         if self._created or (not shared and not any(t.state.is_finished() for t in study.trials)):
-            for entry in self.strategy.enqueue:
+            from .profiling.diagnosis import order_seeds
+
+            # the profile's diagnosis puts the seeds that pay for this model first
+            for entry in order_seeds(self.strategy.seeds(cuda=ctx.cuda), ctx.extras.get("diagnosis")):
                 if _allowed(entry, self.strategy, ctx):
                     study.enqueue_trial({**ctx.extras.get("precision_fp32", {}), **_to_params(entry)}, skip_if_exists=True)
             for params in ctx.extras.get("precision_enqueue", []):  # per-layer precision starting point
