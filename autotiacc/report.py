@@ -238,36 +238,15 @@ def render(data: Any, plots: dict[str, Any], secs: list[tuple[str, list[str]]], 
     return {"md": d / "report.md", "html": d / "report.html", **images}
 
 
-def _md_inline(text: str) -> str:
-    import re
-
-    s = html.escape(text)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-
-
 def _html(title: str, secs: list[tuple[str, list[str]]], images: dict[str, Path]) -> str:
+    # markdown-it-py (CommonMark + GFM tables) comes with rich; raw HTML in cells stays escaped.
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
     body = [f"<h1>{html.escape(title)}</h1>"]
     for heading, lines in secs:
         body.append(f"<h2>{html.escape(heading)}</h2>")
-        i = 0
-        while i < len(lines):
-            line = lines[i]
-            if line.startswith("|"):
-                rows = []
-                while i < len(lines) and lines[i].startswith("|"):
-                    if not lines[i].startswith("|---"):
-                        rows.append([c.strip() for c in lines[i].strip("|").split(" | ")])
-                    i += 1
-                body.append("<table><tr>" + "".join(f"<th>{_md_inline(c)}</th>" for c in rows[0]) + "</tr>"
-                            + "".join("<tr>" + "".join(f"<td>{_md_inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-                            + "</table>")
-                continue
-            if line.startswith("- "):
-                body.append(f"<li>{_md_inline(line[2:])}</li>")
-            elif line:
-                body.append(f"<p>{_md_inline(line)}</p>")
-            i += 1
+        body.append(md.render("\n".join(lines)))
     for name, path in images.items():
         b64 = base64.b64encode(Path(path).read_bytes()).decode()
         body.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">')

@@ -23,7 +23,7 @@ from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
 from .plan import Plan
 from .strategy import Strategy, load_strategy
-from .workload import Workload
+from .workload import ModelFacts, Workload
 
 STUDY_NAME = "autotiacc"
 MIN_BUDGET_S = 10.0
@@ -49,6 +49,7 @@ class TuneOptions:
     traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
     p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
     heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
+    started: float | None = None  # time.monotonic() when the budget started (the CLI checks the model first)
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -72,9 +73,7 @@ class TuneResult:
     wall_s: float
 
 
-def search_context(workload: Workload, model: Any, device: str, level: int) -> SearchContext:
-    import torch
-
+def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
     from .hardware import usable_cores
 
     try:
@@ -83,12 +82,8 @@ def search_context(workload: Workload, model: Any, device: str, level: int) -> S
         ort = True
     except ImportError:
         ort = False
-    names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
-    if workload.kind in ("torchscript", "export"):
-        has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
-    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=has_conv, onnxruntime=ort,
-                         module_names=names)
+    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=facts.has_conv, onnxruntime=ort,
+                         module_names=facts.module_names)
 
 
 def _key(values: dict[str, dict]) -> str:
@@ -129,7 +124,7 @@ class Tuner:
         self.strategy = load_strategy(options.strategy)
         self.progress = progress or (lambda event: None)
         self.run_dir = Path(options.out_dir)
-        self.t_start = time.monotonic()
+        self.t_start = options.started if options.started is not None else time.monotonic()
         self.deadline = self.t_start + options.budget_s
         from .shape_tuning import shape_tuning_for
 
@@ -232,13 +227,13 @@ class Tuner:
     def _run(self) -> TuneResult:
         from .hardware import fingerprint
 
-        model, _ = self.workload.validate()  # the user's bugs surface before anything is written
+        # the user's code runs first in a child, under the budget; its bugs surface before anything is written
+        facts = self.workload.validate(timeout=max(1.0, self.left()), limit=f"the {self.options.budget_s:.0f} s --budget")
         self._prepare_dir()
-        ctx = search_context(self.workload, model, self.options.device, self.options.level)
+        ctx = search_context(facts, self.options.device, self.options.level)
         ctx.extras.update(self._profile())
         fp = fingerprint(self.options.device)
-        identity = self.workload.identity(model)
-        del model
+        identity = facts.identity
         study = self._study_obj = self._study(fp, identity)
         self._write_run_json(fp, identity)
         knobs = [k for k in all_knobs() if k.applies(ctx) or k.name in ("execution", "precision", "runtime")]
@@ -248,7 +243,10 @@ class Tuner:
                 seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
         shared = self.options.storage is not None
         if self._created or (not shared and not any(t.state.is_finished() for t in study.trials)):
-            for entry in self.strategy.enqueue:
+            from .profiling.diagnosis import order_seeds
+
+            # the profile's diagnosis puts the seeds that pay for this model first
+            for entry in order_seeds(self.strategy.seeds(cuda=ctx.cuda), ctx.extras.get("diagnosis")):
                 if _allowed(entry, self.strategy, ctx):
                     study.enqueue_trial({**ctx.extras.get("precision_fp32", {}), **_to_params(entry)}, skip_if_exists=True)
             for params in ctx.extras.get("precision_enqueue", []):  # per-layer precision starting point
@@ -329,7 +327,8 @@ class Tuner:
 
         extras = prepare_search(self.workload, self.run_dir, device=self.options.device,
                                 level=self.options.level, strategy=self.strategy,
-                                tolerance=self.options.effective_tolerance, timeout=max(30.0, 0.2 * self.left()),
+                                tolerance=self.options.effective_tolerance,
+                                timeout=min(max(30.0, 0.2 * self.left()), max(1.0, self.left())),
                                 resume=self.options.resume)
         self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
         return extras
@@ -536,7 +535,7 @@ class Tuner:
         prev = json.loads(path.read_text()) if path.exists() else {}
         sessions = prev.get("sessions", [])
         sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
-                         "command": self.options.command})
+                         "command": redact(self.options.command)})
         data = {"workload": identity, "fingerprint": fp, "strategy": self.strategy.name,
                 "level": self.options.level, "tolerance": self.options.effective_tolerance,
                 "device": self.options.device, "storage": redact(self.options.storage) if self.options.storage else "sqlite:///study.db",
