@@ -29,6 +29,7 @@ STUDY_NAME = "autotiacc"
 MIN_BUDGET_S = 10.0
 SPAWN_OVERHEAD_S = 6.0  # starting a trial process and importing torch, measured ~3-5 s here
 FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in the final re-measurement
+FINAL_ALTERNATING_WARMUP_S = 1.0  # the same, each variant in its own process (built and run on test data)
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -308,7 +309,6 @@ class Tuner:
             stale = 0 if new_best < best * 0.99 else stale + 1
             best = min(best, new_best)
             self._write_trials(study)
-        self.pool.close()  # before the final re-measurement: nothing else runs beside it
         self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
         if shared:
             from .distributed import fail_stale_trials
@@ -364,8 +364,9 @@ class Tuner:
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
         if self.shape_tuning is not None:  # timing every traffic shape costs more than one window
             return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) * 1.3 + 5.0
-        warmup = (len(tops) + 1) * FINAL_WARMUP_S
-        return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
+        warmup = (len(tops) + 1) * FINAL_ALTERNATING_WARMUP_S
+        # one process per candidate, started together; the trial worker times the baseline
+        return SPAWN_OVERHEAD_S * (1 + len(tops) / 2) + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
 
     def _typical_trial_s(self, study) -> float:
         """Median wall time of measured trials: don't start one that cannot finish in time."""
@@ -458,10 +459,12 @@ class Tuner:
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
         fn, extra = self._evaluator(final=True)
         if self.shape_tuning is None:  # each variant alone in its own process, in the tune's environment
+            # the trial worker already holds the built, warm baseline: it times the baseline
             outcome = evaluate_alternating(self.workload, cands, device=self.options.device,
                                            tolerance=self.options.effective_tolerance,
-                                           target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S,
-                                           env=worker_env(self.run_dir), timeout=timeout)
+                                           target_s=self.strategy.final_measure_s,
+                                           warmup_s=FINAL_ALTERNATING_WARMUP_S,
+                                           env=worker_env(self.run_dir), timeout=timeout, baseline_pool=self.pool)
         else:
             outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=worker_env(self.run_dir),
                                    log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
