@@ -107,17 +107,39 @@ class Plan:
         """Return the optimized callable for `model` (built on the first call if no inputs given).
 
         A plan tuned on traffic returns a `BucketedModel` dispatcher; its `pad_inputs` defaults to
-        the one in the model.py the plan was tuned on."""
-        from .candidate import OptimizedModel
+        the one in the model.py the plan was tuned on.
 
+        The model (and `example_inputs`) are moved to `device`, by default the plan's; a plan made
+        for CUDA raises `PlanError` in a process without it unless `device="cpu"` is given."""
+        from .candidate import OptimizedModel
+        from .device import to_device
+
+        device = self.target_device(device)
         self.check_fingerprint(strict=strict, device=device)
+        model = to_device(model, device)
+        if example_inputs is not None:
+            example_inputs = to_device(tuple(example_inputs), device)
         if hasattr(model, "eval"):
             model.eval()
         if self.extra.get("shapes"):
             from .buckets import bucketed_from_plan
 
-            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
+            return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device)
+
+    def target_device(self, device: str | None = None) -> str:
+        """`device` (checked), else the device the plan was made for, if this process has it."""
+        from .device import resolve_device
+        from .errors import UserInputError
+
+        if device is not None:
+            return resolve_device(device, name="device")
+        try:
+            return resolve_device(self.device, name="device")
+        except UserInputError:
+            raise PlanError(f"the plan was made for `{self.device}` and this process has no such device; pass "
+                            "device='cpu' to apply it on the CPU (its figures were measured on the GPU), or "
+                            "re-tune here.") from None
 
 
 def _jsonable(x: Any) -> Any:

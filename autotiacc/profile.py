@@ -361,7 +361,7 @@ def _flops_unfused(model, inputs, modules) -> dict[str, int] | None:
 
 def _nvml_during(handle, fn, device: str, seconds: float = 1.0) -> dict[str, Any]:
     """Sample pynvml while the forward runs repeatedly; median of each figure."""
-    from .measure import synchronize
+    from .device import synchronize
 
     samples = []
     end = time.perf_counter() + seconds
@@ -415,11 +415,12 @@ def _linear_paths(model: Any) -> set[str]:
 
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
-    from .evaluate import _to
+    from .device import to_device, use_device
     from .hardware import fingerprint, fingerprint_id
 
-    model = _to(model if model is not None else workload.build_model(), device)
-    inputs = _to(workload.example_inputs(), device)
+    use_device(device)
+    model = to_device(model if model is not None else workload.build_model(), device)
+    inputs = to_device(workload.example_inputs(), device)
     prof = profile_model(model, inputs, device=device, target_s=target_s)
     fp = fingerprint(device)
     prof["workload"] = {"name": workload.name, "kind": workload.kind, "batch_size": workload.batch_size,

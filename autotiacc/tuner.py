@@ -42,9 +42,10 @@ class TuneOptions:
     study_name: str = STUDY_NAME
     resume: bool = False
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # a resolved device (the CLI resolves --device auto)
     command: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    max_memory_mib: float | None = None  # a candidate peaking above it is rejected with the figure
     traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
     p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
     heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
@@ -492,7 +493,9 @@ class Tuner:
 
     def _evaluator(self, *, final: bool) -> tuple[Callable, dict[str, Any]]:
         """The function a trial process runs, and its extra keyword arguments."""
-        return (evaluate, {}) if self.shape_tuning is None else self.shape_tuning.evaluator(final=final)
+        if self.shape_tuning is None:
+            return evaluate, {"max_memory_mib": self.options.max_memory_mib}
+        return self.shape_tuning.evaluator(final=final)
 
     def _record_shapes(self, plan: Plan, values: dict, result: dict | None = None) -> None:
         if self.shape_tuning is not None:

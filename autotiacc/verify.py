@@ -77,8 +77,10 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 
 
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
-                measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
-    """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
+                measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0,
+                device: str | None = None) -> VerifyResult:
+    """Re-measure the plan at `plan_path` for the model in `model_file` here, on `device` (by
+    default the plan's own; a CUDA plan in a process without CUDA is a `PlanError`); see the module doc."""
     from .evaluate import evaluate
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
     from .isolation import run_isolated
@@ -92,6 +94,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         raise UserInputError(f"`--measure-s` got {measure_s!r}: use a positive number of seconds, e.g. 3.")
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
+    device = plan.target_device(device)
     plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
     workload = _workload_for(plan, model_file)
     identity = workload.identity()
@@ -100,7 +103,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         raise PlanMismatchError(f"`FILE` {model_file}: its model's parameter shapes differ from the model the plan "
                                 f"was tuned for ({(plan.workload or {}).get('name')!r}); give the same model file.")
     problems: list[str] = []
-    here = fingerprint(plan.device)
+    here = fingerprint(device)
     problems += [f"different hardware/software: {d}" for d in fingerprint_differences(plan.fingerprint, here)]
     artifact_problems, artifact_line = _check_artifact(plan, plan_dir, workload)
     problems += artifact_problems
@@ -112,7 +115,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
-    outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=plan.device,
+    outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=device,
                            tolerance=tol, target_s=measure_s)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:

@@ -199,6 +199,12 @@ def seeds(space: TrainSpace) -> list[dict[str, Any]]:
     """Candidates tried first (after the baseline): the usual big wins, so a short budget finds them."""
     out: list[dict[str, Any]] = [{"data.cache": "memory"}, {"data.num_workers": min(space.cores, 2) // max(1, space.nproc) or 1},
                                  {"data.cache": "memory", "precision.mode": "bf16"}]
+    if space.cuda:  # on a GPU lead with what pays there: autocast, pinned copies, NHWC, fused kernels, compile
+        gpu: dict[str, Any] = {"data.cache": "memory", "data.pin_memory": True, "precision.mode": "bf16",
+                               "compute.optimizer_impl": "fused" if space.fused_ok else "foreach"}
+        if space.has_conv:
+            gpu["compute.channels_last"] = True
+        out = [gpu, {**gpu, "precision.mode": "fp16"}] + ([{**gpu, "compute.compile": True}] if space.compile else []) + out
     if space.nproc > 1:
         out += [{"data.cache": "memory", "ddp.comm_hook": "fp16", "ddp.gradient_as_bucket_view": True},
                 {"data.cache": "memory", "ddp.bucket_cap_mb": 5.0, "ddp.static_graph": True}]

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..device import parse_memory, resolve_device
 from ..errors import BudgetError, UserInputError
 from ..measure import Timing, faster_beyond_noise
 from ..tuner import MIN_BUDGET_S, SPAWN_OVERHEAD_S, Tuner, record_trial, write_trials_csv
@@ -26,17 +26,6 @@ from .workload import TrainWorkload
 
 STUDY_NAME = "autotiacc-train"
 Progress = Callable[[dict[str, Any]], None]
-_UNITS = {"": 1 / 2**20, "b": 1 / 2**20, "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024, "m": 1, "mb": 1, "mib": 1,
-          "g": 1024, "gb": 1024, "gib": 1024, "t": 2**20, "tb": 2**20, "tib": 2**20}
-
-
-def parse_memory(text: str | float | int, *, name: str = "--max-memory") -> float:
-    """'4GiB', '512M', '2g' -> MiB. A bare number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise UserInputError(f"`{name}` got {text!r}: use a positive size such as 512MiB, 4GiB or 2G.")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
 
 @dataclass
 class TrainTuneOptions:
@@ -49,7 +38,7 @@ class TrainTuneOptions:
     storage: str | None = None
     study_name: str = STUDY_NAME
     resume: bool = False
-    device: str = "cpu"
+    device: str = "auto"  # CUDA when available, else CPU
     command: str = ""
     trial_timeout_s: float = 240.0
     rounds: int = 3
@@ -66,9 +55,14 @@ class TrainTuneOptions:
         if self.budget_s < MIN_BUDGET_S:
             raise BudgetError(f"`--budget` of {self.budget_s:.0f}s is too small to measure even the baseline; "
                               f"use at least {MIN_BUDGET_S:.0f}s (3m or more is sensible for training).")
-        if self.device != "cpu" and self.nproc > 1:
-            raise UserInputError(f"`--nproc` {self.nproc} with `--device` {self.device}: multi-process tuning runs "
-                                 "on CPU with gloo here; use --device cpu.")
+        self.device = resolve_device(self.device, allow_meta=False)
+        if self.device.startswith("cuda") and self.nproc > 1:
+            import torch
+
+            if self.device != "cuda" or torch.cuda.device_count() < self.nproc:
+                raise UserInputError(f"`--nproc` {self.nproc} with `--device` {self.device}: each rank takes its own "
+                                     f"GPU (cuda:RANK, NCCL) and {torch.cuda.device_count()} are visible; use --device "
+                                     f"cuda with --nproc {torch.cuda.device_count()} or fewer, or --device cpu (gloo).")
 
 
 @dataclass
@@ -353,6 +347,7 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
         return out
     total = sum(r["samples_per_s"] for r in ranks)
     out.update(samples_per_s=total, peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+               peak_mem_mib=max(r.get("peak_mem_mib", 0.0) for r in ranks),
                bound=ranks[0]["bound"], loader_samples_per_s=ranks[0]["loader_samples_per_s"],
                compute_samples_per_s=ranks[0]["compute_samples_per_s"],
                spread=Timing.from_dict(ranks[0]["timing"]["candidate"]).iqr_rel,
