@@ -258,7 +258,8 @@ def read_flags() -> dict[str, Any]:
             "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
-def _write_flags(values: dict[str, Any]) -> None:
+def set_flags(values: dict[str, Any]) -> None:
+    """Set some of `FLAGS` (the keys of `read_flags()`); `process_flags` scopes this."""
     import torch
 
     unknown = set(values) - set(FLAGS)
@@ -284,7 +285,7 @@ def process_flags(**overrides: Any) -> Iterator[dict[str, Any]]:
     """
     before = read_flags()
     try:
-        _write_flags(overrides)
+        set_flags(overrides)
         yield before
     finally:
-        _write_flags(before)
+        set_flags(before)

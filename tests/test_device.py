@@ -91,7 +91,7 @@ def test_evaluate_moves_targets_with_outputs_for_the_users_metric():
     assert r["accuracy"]["metric"] == r["accuracy"]["reference_metric"]
 
 
-def test_plan_apply_puts_the_model_on_the_plans_device_or_says_why_not():
+def test_plan_apply_puts_the_model_on_the_plans_device_or_says_why_not(tmp_path):
     from autotiacc.plan import Plan
 
     model = nn.Sequential(nn.Linear(4, 3))
@@ -100,6 +100,11 @@ def test_plan_apply_puts_the_model_on_the_plans_device_or_says_why_not():
     if not torch.cuda.is_available():
         with pytest.raises(PlanError, match="made for `cuda` and this process has no such device.*device='cpu'"):
             Plan(knobs=configs_from_params({}), device="cuda").apply(nn.Linear(4, 3))
+        from autotiacc.verify import verify_plan
+
+        cuda_plan = Plan(knobs=configs_from_params({}), device="cuda").save(tmp_path / "plan.json")
+        with pytest.raises(PlanError, match="made for `cuda`"):  # verify says why before measuring anything
+            verify_plan(cuda_plan, MODELS / "tiny_mlp.py")
 
 
 # -- per-candidate process flags -------------------------------------------------------------------
