@@ -30,11 +30,6 @@ def is_meta(device: Any) -> bool:
     return str(device) == "meta"
 
 
-def device_type(device: Any) -> str:
-    """'cuda', 'cpu' or 'meta': what torch.autocast and DDP want."""
-    return str(device).split(":", 1)[0]
-
-
 def resolve_device(spec: str | None = "auto", *, allow_meta: bool = True, name: str = "--device") -> str:
     """`auto` (CUDA when available, else CPU), `cpu`, `cuda`, `cuda:N` or `meta` -> a device
     string that exists here; raises `UserInputError` naming the fix otherwise."""
@@ -76,7 +71,9 @@ def use_device(device: Any) -> None:
     if is_cuda(device):
         import torch
 
-        torch.cuda.set_device(torch.device(device))
+        dev = torch.device(device)
+        if dev.index is not None:  # set_device refuses a bare `cuda`; that one means the current device
+            torch.cuda.set_device(dev)
 
 
 def rank_device(device: str, local_rank: int) -> str:
@@ -107,7 +104,9 @@ def to_device(obj: Any, device: Any) -> Any:
         if isinstance(x, torch.Tensor):
             if x.device == target:
                 return x
-            return x.to(target, non_blocking=x.device.type == "cpu" and x.is_pinned())
+            # pinned host memory -> GPU copies asynchronously; is_pinned only asked then (no CUDA init on CPU runs)
+            pinned = target.type == "cuda" and x.device.type == "cpu" and x.is_pinned()
+            return x.to(target, non_blocking=pinned)
         if isinstance(x, torch.nn.Module):
             return x.to(target)
         return x
