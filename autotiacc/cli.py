@@ -124,7 +124,7 @@ def tune(
     if mode == "train":
         _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
                        tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
-                       quiet=quiet)
+                       quiet=quiet, heartbeat=heartbeat)
         return
     from .durations import parse_duration
     from .report import write_report
@@ -191,7 +191,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
     from .training.report import is_training_run, write_training_report
 
     if storage is not None:
-        from .distributed import materialize_run_dir
+        from .engine.storage import materialize_run_dir
 
         if run_dir is not None:
             raise _bad(f"give either RUN_DIR ({run_dir}) or `--storage`, not both; with --storage use --out DIR.")

@@ -12,13 +12,14 @@ from .errors import UserInputError
 
 _FIELDS = {"name": str, "description": str, "objective": str, "trial_timeout_s": float, "measure_s": float,
            "final_measure_s": float, "final_top_k": int, "patience": int, "prune_factor": float,
-           "max_trial_share": float}
+           "max_trial_share": float, "profile_share": float, "task": str}
 
 
 @dataclass
 class Strategy:
     name: str
     description: str = ""
+    task: str = "inference"  # or "training": which registered knobs it names
     objective: str = "latency"
     trial_timeout_s: float = 300.0
     measure_s: float = 2.0
@@ -27,6 +28,7 @@ class Strategy:
     patience: int = 30
     prune_factor: float = 2.0
     max_trial_share: float = 0.35  # no trial may run longer than this share of the budget
+    profile_share: float = 0.1  # the profile and sensitivity pass takes at most this share
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     enqueue: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -70,7 +72,12 @@ def load_strategy(name_or_path: str) -> Strategy:
         raise UserInputError(f"strategy {origin}: `knobs` must map knob names to their choices.")
     from .knobs import all_knobs
 
-    known = {k.name for k in all_knobs()}
+    task = kwargs.get("task", "inference")
+    if task == "training":
+        from .training import config as _registers_training_knobs  # noqa: F401
+    elif task != "inference":
+        raise UserInputError(f"strategy {origin}: `task` got {task!r}; use inference or training.")
+    known = {k.name for k in all_knobs(task)}
     for k, v in knobs.items():
         if k not in known:
             raise UserInputError(f"strategy {origin}: unknown knob {k!r}; known: {', '.join(sorted(known))}.")

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from autotiacc.errors import PlanError, UserInputError, WorkloadError
-from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConfig, PrecisionConfig, TrainConfig,
+from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConfig, TrainPrecisionConfig, TrainConfig,
                                 TrainingPlan, apply, load_training_plan)
 from autotiacc.training.cache import DecodedCache
 from autotiacc.training.launch import run_ranks
@@ -54,7 +54,7 @@ def _loss(model, batch):
 def test_train_config_and_plan_round_trip_through_json(tmp_path):
     cfg = TrainConfig(data=DataConfig(num_workers=2, prefetch_factor=4, persistent_workers=True, cache="memory"),
                       compute=ComputeConfig(channels_last=True, optimizer_impl="foreach", micro_batches=2, threads=1),
-                      precision=PrecisionConfig(mode="fp16", fp32_modules=("3",)),
+                      precision=TrainPrecisionConfig(mode="fp16", fp32_modules=("3",)),
                       memory=MemoryConfig(checkpoint_top=1, checkpoint_modules=("0",)),
                       ddp=DDPConfig(bucket_cap_mb=5.0, static_graph=True, comm_hook="powersgd", powersgd_rank=2))
     assert TrainConfig.from_list(json.loads(json.dumps(cfg.to_list()))) == cfg
@@ -90,7 +90,7 @@ def test_apply_returns_tuned_loader_and_a_step_that_trains():
     model = _tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = TrainConfig(data=DataConfig(num_workers=1, prefetch_factor=3, persistent_workers=True),
-                      compute=ComputeConfig(optimizer_impl="foreach"), precision=PrecisionConfig(mode="bf16"))
+                      compute=ComputeConfig(optimizer_impl="foreach"), precision=TrainPrecisionConfig(mode="bf16"))
     model2, opt2, loader, step = apply(cfg, model, opt, Pairs(), _loss, batch_size=8)
     assert model2 is model and opt2 is opt
     assert loader.num_workers == 1 and loader.prefetch_factor == 3 and loader.persistent_workers
@@ -146,7 +146,7 @@ def test_apply_rejects_what_it_cannot_use():
     with pytest.raises(UserInputError, match="batch_size"):
         apply(None, model, torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), _loss)
     with pytest.raises(UserInputError, match="fp32_modules"):
-        apply(TrainConfig(precision=PrecisionConfig(mode="bf16", fp32_modules=("nope",))), model,
+        apply(TrainConfig(precision=TrainPrecisionConfig(mode="bf16", fp32_modules=("nope",))), model,
               torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), _loss, batch_size=8)
 
 
@@ -259,7 +259,7 @@ def test_overflowing_module_is_detected_and_kept_in_fp32():
     bad = detect_overflow(model, loss, batch, "fp16")
     assert "big" in bad and "inp" not in bad
     opt = torch.optim.SGD(model.parameters(), lr=1e-9)
-    cfg = TrainConfig(precision=PrecisionConfig(mode="fp16", fp32_modules=bad))
+    cfg = TrainConfig(precision=TrainPrecisionConfig(mode="fp16", fp32_modules=bad))
     ds = torch.utils.data.TensorDataset(*batch)
     _, _, loader, step = apply(cfg, model, opt, ds, loss, batch_size=8)
     assert torch.isfinite(step(next(iter(loader))))
