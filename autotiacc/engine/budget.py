@@ -49,8 +49,14 @@ class Budget:
         return out
 
 
+def budget_section(run: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """The report's "Where the budget went" section, when run.json recorded it."""
+    lines = budget_lines(run.get("sessions") or [])
+    return [("Where the budget went", lines)] if lines else []
+
+
 def budget_lines(sessions: list[dict[str, Any]]) -> list[str]:
-    """The report's lines: one per session that recorded its budget."""
+    """One line per session that recorded its budget."""
     names = {"profile_s": "profile", "build_s": "builds", "timing_s": "timing", "final_s": "final re-measurement",
              "other_s": "start-up, idle and overhead"}
     lines = []

@@ -32,19 +32,19 @@ class RunDir:
 
     # -- set-up -----------------------------------------------------------------------------
     def open(self, *, resume: bool, shared: bool) -> "RunDir":
+        """Make the folder and take its lock (a live holder is refused first), then refuse to
+        start a new tune over a finished or interrupted one without --resume."""
         d = self.path
         if d.exists() and not d.is_dir():
             raise UserInputError(f"`--out` {d} is a file; give a directory (it is created if missing).")
-        if (d / "run.json").exists() and not resume and not shared:
-            raise UserInputError(f"`--out` {d} already holds a tune; add --resume to continue it, or choose another --out.")
         try:
             (d / "trials").mkdir(parents=True, exist_ok=True)
-            probe = d / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
+            self.lock()
         except OSError as exc:
             raise UserInputError(f"`--out` {d} is not writable: {exc.strerror or exc}.") from None
-        self.lock()
+        if (d / "run.json").exists() and not resume and not shared:
+            self.close()
+            raise UserInputError(f"`--out` {d} already holds a tune; add --resume to continue it, or choose another --out.")
         return self
 
     def lock(self) -> None:
