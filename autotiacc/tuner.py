@@ -15,13 +15,14 @@ from .engine.profile_cache import cached_profile
 from .engine.space import as_values, config_key, sample, seed_params, seeds
 from .engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from .errors import BudgetError, UserInputError
+from .engine.fidelity import measured_env
+from .engine.workers import WorkerPool, run_isolated, worker_env
 from .evaluate import evaluate
-from .isolation import measured_env, run_isolated
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .measure import Timing
 from .plan import Plan
 from .strategy import load_strategy
-from .workload import Workload
+from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
@@ -53,9 +54,7 @@ class TuneOptions(RunOptions):
         return self.tolerance if self.tolerance is not None else DEFAULT_TOLERANCE[self.level]
 
 
-def search_context(workload: Workload, model: Any, device: str, level: int) -> SearchContext:
-    import torch
-
+def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
     from .hardware import usable_cores
 
     try:
@@ -64,12 +63,8 @@ def search_context(workload: Workload, model: Any, device: str, level: int) -> S
         ort = True
     except ImportError:
         ort = False
-    names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
-    if workload.kind in ("torchscript", "export"):
-        has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
-    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=has_conv, onnxruntime=ort,
-                         module_names=names)
+    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=facts.has_conv, onnxruntime=ort,
+                         module_names=facts.module_names)
 
 
 class InferenceTask(Task):
@@ -95,10 +90,12 @@ class InferenceTask(Task):
                                              strategy=self.strategy, device=options.device)
 
     # -- set-up ------------------------------------------------------------------------------
-    def validate(self) -> None:
-        model, _ = self.workload.validate()
-        self.ctx = search_context(self.workload, model, self.options.device, self.options.level)
-        self._identity = self.workload.identity(model)
+    def validate(self, left_s: float) -> None:
+        # the user's code runs first in a child, under the budget
+        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
+        self.ctx = search_context(facts, self.options.device, self.options.level)
+        self._identity = facts.identity
+        self.pool: WorkerPool | None = None
 
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
@@ -109,7 +106,7 @@ class InferenceTask(Task):
         self.run_dir = run_dir
         self._fingerprint = fingerprint(self.options.device)
         t0 = time.monotonic()
-        timeout = max(1.0, self.strategy.profile_share * self.options.budget_s)
+        timeout = min(max(1.0, self.strategy.profile_share * self.options.budget_s), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
                             key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance],
                             resume=self.options.resume) as reuse:
@@ -159,9 +156,21 @@ class InferenceTask(Task):
         cap = max(self.strategy.max_trial_share * budget_s, SPAWN_OVERHEAD_S + 10)
         return min(self.strategy.trial_timeout_s, left_s, cap)
 
+    def start_search(self) -> None:
+        # One warm worker for the whole search (replaced only after a crash, hang or OOM).
+        self.pool = WorkerPool(env=worker_env(self.run_dir.path), log_dir=self.run_dir.path / "trials")
+
+    def end_search(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
+            self.pool = None
+
     def evaluate(self, trial, candidate: Candidate, *, timeout: float, best_gain: float) -> TrialResult:
         fn, extra = self._evaluator(final=False)
-        outcome = run_isolated(
+        outcome = self.pool.call(
             fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
             log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
             tolerance=self.options.effective_tolerance, target_s=self.strategy.measure_s,
@@ -213,7 +222,8 @@ class InferenceTask(Task):
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
         fn, extra = self._evaluator(final=True)
-        outcome = run_isolated(fn, self.workload, cands, timeout=timeout, log_path=self.run_dir.trial_log("final"),
+        outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=worker_env(self.run_dir.path),
+                               log_path=self.run_dir.trial_log("final"),
                                device=self.options.device, tolerance=self.options.effective_tolerance,
                                target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S, **extra)
         if not outcome.ok:

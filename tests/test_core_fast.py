@@ -111,7 +111,7 @@ def test_plan_round_trip(tmp_path):
 
 @pytest.mark.parametrize("content,match", [("{not json", "not valid JSON"), ("[1, 2]", "not an autotiacc plan"),
                                            (json.dumps({"schema": "autotiacc.plan", "schema_version": 99, "knobs": []}),
-                                            "schema version 99")])
+                                            "schema version .?99")])
 def test_bad_plan_files(tmp_path, content, match):
     f = tmp_path / "plan.json"
     f.write_text(content)
@@ -238,8 +238,8 @@ def test_torchscript_and_export_files(tmp_path):
     torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
     for name in ("m.pt", "m.pt2"):
         w = load_workload(tmp_path / name, input_shapes=["2x6"])
-        m, out = w.validate()
-        assert out.shape == (2, 3)
+        assert w.validate().output == "Tensor[2, 3]"
+        m = w.build_model()
         assert torch.allclose(m(x), model(x), atol=1e-6)
 
 

@@ -92,7 +92,7 @@ class FakeTask(Task):
         x = candidate.values["x"]
         attrs: dict[str, Any] = {"wall_s": 0.01, "build_s": 0.002, "measure_s": 0.005}
         if x in self.isolated:
-            from autotiacc.isolation import run_isolated
+            from autotiacc.engine.workers import run_isolated
 
             out = run_isolated(_engine_targets.scripted, self.isolated[x], self.gains.get(x, 1.0),
                                timeout=min(timeout, 5.0))

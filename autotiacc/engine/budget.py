@@ -17,7 +17,7 @@ class Budget:
     """The deadline and the ledger of one session."""
 
     budget_s: float
-    t_start: float = field(default_factory=time.monotonic)
+    t_start: float = field(default_factory=time.monotonic)  # when the budget started
     spent: dict[str, float] = field(default_factory=lambda: dict.fromkeys(CATEGORIES[:-1], 0.0))
     trials_s: float = 0.0
 

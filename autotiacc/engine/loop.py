@@ -45,7 +45,7 @@ class Search:
     def __init__(self, task: Task, options: RunOptions, *, patience: int, progress: Progress | None = None) -> None:
         self.task, self.options, self.patience = task, options, patience
         self.progress = progress or (lambda event: None)
-        self.budget = Budget(options.budget_s)
+        self.budget = Budget(options.budget_s, **({"t_start": options.started} if options.started is not None else {}))
         self.spec = StudySpec(storage=options.storage, study_name=options.study_name, direction=task.direction,
                               seed=options.seed, heartbeat_s=options.heartbeat_s, resume=options.resume)
         self.run_dir = RunDir(options.out_dir)
@@ -58,7 +58,7 @@ class Search:
     def run(self) -> SearchResult:
         import optuna
 
-        self.task.validate()  # the user's bugs surface before anything is written
+        self.task.validate(self.left())  # the user's bugs surface before anything is written
         self.run_dir.open(resume=self.options.resume, shared=self.spec.shared)
         try:
             self.budget.add("profile_s", self.task.prepare(self.run_dir, self.left()))
@@ -75,7 +75,9 @@ class Search:
             if created or (not self.spec.shared and not any(t.state.is_finished() for t in study.trials)):
                 for params in self.task.seeds():
                     study.enqueue_trial(params, skip_if_exists=True)
+            self.task.start_search()
             stop = self._search(study)
+            self.task.end_search()
             plan = self._finalize(study)
             n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped"))
             result = SearchResult(plan=plan, run_dir=self.run_dir.path, n_trials=n, wall_s=self.budget.elapsed(),

@@ -21,6 +21,7 @@ class RunOptions:
     device: str = "cpu"
     command: str = ""  # recorded in run.json (the storage password redacted)
     heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
+    started: float | None = None  # time.monotonic() when the budget started (the CLI checks the model first)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -71,18 +71,19 @@ class Task(ABC):
 
     Call order, all in the tuner's process:
 
-    0. `validate()` once, before anything is written: the user's file loads and runs.
+    0. `validate(left_s)` once, before anything is written: the user's file loads and runs.
     1. `prepare(run_dir, left_s)` once, after the run directory is locked and before the study
        opens: profile (at most its share of the budget), fix the search space. Returns the
        seconds it spent profiling (budget accounting).
     2. `identity()` and `fingerprint()`: what the study is checked against on resume (another
        machine, model, batch size or input shapes is refused) and what run.json records.
     3. `seeds()` once when the study is new: Optuna params to enqueue, the baseline first.
-    4. Per trial: `propose(trial)` samples a `Candidate` with Optuna (ask/tell: it is measured
+    4. `start_search()`, then per trial: `propose(trial)` samples a `Candidate` with Optuna (ask/tell: it is measured
        elsewhere); unless skipped or a duplicate, `evaluate(trial, candidate, timeout, best)`
        measures it in a worker and returns a `TrialResult`; a crash, hang or OOM is a failed
        result, never an exception.
-    5. `final_reserve(tops)` before each trial: seconds kept for the end.
+    5. `final_reserve(tops)` before each trial: seconds kept for the end; `end_search()` after
+       the last one.
     6. `final(tops, timeout)` once: re-measure the top trials side by side with the baseline;
        returns a `FinalMeasure`, or a reason string when it failed as a whole.
     7. `make_plan(decision, study)` once: the plan object (`save`, `to_dict`, `label`,
@@ -103,8 +104,9 @@ class Task(ABC):
     def gain(self, value: float) -> float:
         return 1.0 / value if self.direction == "minimize" else value
 
-    def validate(self) -> None:
-        """Raise a one-line error for a broken workload before the run directory is touched."""
+    def validate(self, left_s: float) -> None:
+        """Raise a one-line error for a broken workload before the run directory is touched
+        (the user's code runs within `left_s`)."""
 
     @abstractmethod
     def prepare(self, run_dir, left_s: float) -> float:
@@ -132,6 +134,13 @@ class Task(ABC):
     @abstractmethod
     def seeds(self) -> list[dict[str, Any]]:
         ...
+
+    def start_search(self) -> None:
+        """Before the first trial: start warm workers."""
+
+    def end_search(self) -> None:
+        """After the last trial, before the final re-measurement: stop warm workers, so nothing
+        else runs beside the final timing."""
 
     @abstractmethod
     def propose(self, trial) -> Candidate:

@@ -90,7 +90,7 @@ class TrainingTask(Task):
         self.knobs = all_knobs("training")
 
     # -- set-up ------------------------------------------------------------------------------
-    def validate(self) -> None:
+    def validate(self, left_s: float) -> None:
         import torch
 
         from ..hardware import usable_cores
