@@ -132,8 +132,13 @@ class InferenceTask(Task):
                 "tolerance": self.options.effective_tolerance}
 
     def seeds(self) -> list[dict[str, Any]]:
-        # strategy entries pin every per-layer group to fp32; then the per-layer starting points
-        out = seeds(self.strategy, all_knobs(), self.ctx, extra=self.ctx.extras.get("precision_fp32", {}))
+        from .profiling.diagnosis import order_seeds
+
+        # the profile's diagnosis puts the seeds that pay for this model first; strategy entries
+        # pin every per-layer group to fp32; then the per-layer starting points
+        entries = order_seeds(self.strategy.seeds(cuda=self.ctx.cuda), self.ctx.extras.get("diagnosis"))
+        out = seeds(self.strategy, all_knobs(), self.ctx, entries=entries,
+                    extra=self.ctx.extras.get("precision_fp32", {}))
         baseline = seed_params({}, all_knobs())
         return out + [{**baseline, **params} for params in self.ctx.extras.get("precision_enqueue", [])]
 

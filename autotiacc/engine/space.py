@@ -47,7 +47,10 @@ def seed_params(entry: dict[str, dict], knobs: list[Knob]) -> dict[str, Any]:
     return params
 
 
-def seeds(strategy, knobs: list[Knob], ctx: SearchContext, extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    """Optuna params of the strategy's stage-1 entries usable here, in order (the baseline first)."""
-    return [{**(extra or {}), **seed_params(entry, knobs)} for entry in strategy.enqueue
+def seeds(strategy, knobs: list[Knob], ctx: SearchContext, *, entries: list[dict] | None = None,
+          extra: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Optuna params of the stage-1 entries (default: the strategy's for this device) usable
+    here, in order (the baseline first)."""
+    entries = strategy.seeds(cuda=ctx.cuda) if entries is None else entries
+    return [{**(extra or {}), **seed_params(entry, knobs)} for entry in entries
             if seed_allowed(entry, knobs, strategy, ctx)]
