@@ -101,16 +101,14 @@ class Knob(ABC):
         out = [c for c in wanted if levels.get(c, 0) <= ctx.level and (ctx.cuda or c not in cuda_only)]
         return out if default in out else [default, *out]
 
-<<<<<<< HEAD
     def param(self, field_name: str) -> str:
         """The Optuna parameter of one config field (field names are unique among inference knobs)."""
         return field_name
-=======
+
     def levels(self, param: str, ctx: SearchContext) -> dict[Any, int]:
         """choice -> lowest --level at which it is searched on `ctx`'s device (a knob may
         promote choices that pay on one device only, e.g. autotuned kernels on CUDA)."""
         return self.choice_levels.get(param, {})
->>>>>>> main
 
     def pick(self, trial, param: str, space: dict[str, list], ctx: SearchContext) -> Any:
         """`trial.suggest_categorical` when there is a choice; the only value otherwise."""
