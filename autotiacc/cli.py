@@ -129,11 +129,12 @@ def tune(
     if mode == "train":
         _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
                        tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
-                       quiet=quiet, heartbeat=heartbeat)
+                       quiet=quiet, heartbeat=heartbeat,
+                       strategy="training" if strategy == "inference-latency" else strategy)
         return
     from .durations import parse_duration
     from .report import write_report
-    from .strategy import load_strategy
+    from .engine.space import strategy_for
     from .tuner import MIN_BUDGET_S, TuneOptions
     from .tuner import tune as run_tune
     from .workload import load_workload
@@ -148,7 +149,7 @@ def tune(
 
         if not torch.cuda.is_available():
             raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
-    load_strategy(strategy)  # a bad strategy is refused before any work
+    strategy_for("inference", strategy)  # a bad strategy is refused before any work
     if budget_s >= MIN_BUDGET_S and storage is not None:  # a bad URL is refused before profiling
         from .engine.storage import open_storage
 

@@ -12,7 +12,7 @@ from .accuracy import DEFAULT_TOLERANCE
 from .engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from .engine.options import MIN_BUDGET_S, RunOptions
 from .engine.profile_cache import cached_profile
-from .engine.space import as_values, config_key, sample, seed_params, seeds
+from .engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
 from .engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from .errors import BudgetError, UserInputError
 from .engine.fidelity import measured_env
@@ -21,7 +21,6 @@ from .evaluate import evaluate
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .measure import Timing
 from .plan import Plan
-from .strategy import load_strategy
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -75,10 +74,7 @@ class InferenceTask(Task):
 
     def __init__(self, workload: Workload, options: TuneOptions) -> None:
         self.workload, self.options = workload, options
-        self.strategy = load_strategy(options.strategy)
-        if self.strategy.task != "inference":
-            raise UserInputError(f"`--strategy` {options.strategy!r} is a training strategy; use it with --mode train, "
-                                 "or pick an inference one (inference-latency, inference-throughput, quick).")
+        self.strategy = strategy_for("inference", options.strategy)
         self.strategy_name = self.strategy.name
         self.final_top_k = self.strategy.final_top_k
         self.baseline_label = describe(configs_from_params({}))

@@ -92,10 +92,8 @@ class FakeTask(Task):
         x = candidate.values["x"]
         attrs: dict[str, Any] = {"wall_s": 0.01, "build_s": 0.002, "measure_s": 0.005}
         if x in self.isolated:
-            from autotiacc.engine.workers import run_isolated
-
-            out = run_isolated(_engine_targets.scripted, self.isolated[x], self.gains.get(x, 1.0),
-                               timeout=min(timeout, 5.0))
+            out = self.pool.call(_engine_targets.scripted, self.isolated[x], self.gains.get(x, 1.0),
+                                 timeout=min(timeout, 10.0))
             if not out.ok:
                 return TrialResult("fail", attrs={**attrs, "status": out.status, "reason": out.error})
             attrs["pid"] = out.value["pid"]
@@ -103,6 +101,19 @@ class FakeTask(Task):
         if gain is None:
             return TrialResult("fail", attrs={**attrs, "status": "failed", "reason": "scripted"})
         return TrialResult("complete", 1 / gain, {**attrs, "status": "ok", "speedup": gain})
+
+    def start_search(self) -> None:
+        from autotiacc.engine.workers import WorkerPool
+
+        self.pool = WorkerPool()
+
+    def end_search(self) -> None:
+        self.workers_started = self.pool.started
+        self.pool.close()
+
+    def close(self) -> None:
+        if getattr(self, "pool", None) is not None:
+            self.pool.close()
 
     def final_reserve(self, tops: list) -> float:
         return self.reserve if tops else 2.0
@@ -187,13 +198,15 @@ def test_failed_trials_are_recorded_with_reason_and_the_search_goes_on(tmp_path)
 
 
 def test_a_crashed_worker_is_replaced_and_only_its_candidate_fails(tmp_path):
-    task = FakeTask(gains={1: 1.2, 2: 1.3, 3: 1.1}, seed_values=[0, 1, 2, 3],
-                    isolated={1: "ok", 2: "kill", 3: "ok"})
+    task = FakeTask(gains={1: 1.2, 2: 1.3, 3: 1.1, 4: 1.15}, seed_values=[0, 1, 4, 2, 3],
+                    isolated={1: "ok", 4: "ok", 2: "kill", 3: "ok"})
     _run(tmp_path, task, patience=3)
     t = _measured(tmp_path)
     assert t.loc["x=2", "status"] in ("oom", "crash") and "SIGKILL" in t.loc["x=2", "reason"]
-    assert t.loc["x=1", "status"] == "ok" and t.loc["x=3", "status"] == "ok"
-    assert t.loc["x=1", "pid"] != t.loc["x=3", "pid"]  # a new worker after the crash
+    assert (t.loc[["x=1", "x=4", "x=3"], "status"] == "ok").all()
+    assert t.loc["x=1", "pid"] == t.loc["x=4", "pid"]  # one warm worker, candidate after candidate
+    assert t.loc["x=3", "pid"] != t.loc["x=1", "pid"]  # replaced after the crash
+    assert task.workers_started == 2
 
 
 def test_budget_too_small_starts_nothing(tmp_path):

@@ -6,7 +6,22 @@ import dataclasses
 import json
 from typing import Any
 
+from ..errors import UserInputError
 from ..knobs.base import Knob, KnobConfig, SearchContext
+
+_STRATEGY_HINT = {"inference": "inference-latency, inference-throughput or quick (or a YAML file without `task:`)",
+                  "training": "training (or a YAML file with `task: training`) with --mode train"}
+
+
+def strategy_for(task: str, name_or_path: str):
+    """The strategy `name_or_path`, which must be written for `task`."""
+    from ..strategy import load_strategy
+
+    strategy = load_strategy(name_or_path)
+    if strategy.task != task:
+        raise UserInputError(f"`--strategy` {name_or_path!r} is a {strategy.task} strategy; this is a {task} tune: "
+                             f"use {_STRATEGY_HINT[task]}.")
+    return strategy
 
 
 def sample(trial, knobs: list[Knob], strategy, ctx: SearchContext) -> dict[str, KnobConfig]:

@@ -14,12 +14,11 @@ from typing import Any, Callable
 
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import RunOptions
-from ..engine.space import config_key, sample, seeds
+from ..engine.space import config_key, sample, seeds, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..errors import BudgetError, UserInputError
 from ..knobs.base import all_knobs
 from ..measure import Timing
-from ..strategy import load_strategy
 from .config import TrainConfig, train_context
 from .launch import run_ranks
 from .plan import TrainingPlan
@@ -80,10 +79,7 @@ class TrainingTask(Task):
 
     def __init__(self, workload: TrainWorkload, options: TrainTuneOptions) -> None:
         self.workload, self.options = workload, options
-        self.strategy = load_strategy(options.strategy)
-        if self.strategy.task != "training":
-            raise UserInputError(f"`--strategy` {options.strategy!r} is an inference strategy; --mode train uses "
-                                 "`training` or a YAML file with `task: training`.")
+        self.strategy = strategy_for("training", options.strategy)
         self.strategy_name = self.strategy.name
         self.patience = options.patience if options.patience is not None else self.strategy.patience
         self.trial_timeout_s = options.trial_timeout_s or self.strategy.trial_timeout_s
@@ -284,13 +280,14 @@ def tune_training(workload: TrainWorkload, options: TrainTuneOptions, progress: 
 def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memory: str | None,
              batch_size: int | None, tolerance: float | None, storage: str | None, study: str | None,
              resume: bool, seed: int, device: str, command: str, echo: Callable[[str], None],
-             progress: Progress | None = None, heartbeat: int = 10) -> TrainTuneResult:
+             progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training") -> TrainTuneResult:
     """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin."""
     from ..durations import parse_duration
     from .report import write_training_report
     from .workload import load_train_workload
 
     budget_s = parse_duration(budget)
+    strategy_for("training", strategy)  # a wrong strategy is refused before any work
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
     max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
@@ -300,7 +297,7 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
                                max_memory_mib=max_memory_mib,
                                tolerance=tolerance if tolerance is not None else 0.05, storage=storage,
                                study_name=study or STUDY_NAME, resume=resume, seed=seed, device=device, command=command,
-                               heartbeat_s=heartbeat)
+                               heartbeat_s=heartbeat, strategy=strategy)
     result = tune_training(workload, options, progress)
     written = write_training_report(result.run_dir)
     p = result.plan
