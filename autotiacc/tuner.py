@@ -96,15 +96,18 @@ class InferenceTask(Task):
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
         budget; reused across runs of the same workload and machine); extras for the precision knob."""
+        from . import __version__
         from .hardware import fingerprint
         from .layer_precision import plan_summary, prepare_search
+        from .profile import SCHEMA_VERSION
 
         self.run_dir = run_dir
         self._fingerprint = fingerprint(self.options.device)
         t0 = time.monotonic()
         timeout = min(max(1.0, self.strategy.profile_share * self.options.budget_s), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
-                            key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance],
+                            key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance,
+                                       SCHEMA_VERSION, __version__],
                             resume=self.options.resume) as reuse:
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,

@@ -330,3 +330,55 @@ def test_run_json_records_where_the_budget_went(tmp_path):
     assert b["build_s"] > 0 and b["timing_s"] > 0
     assert sum(v for k, v in b.items() if k != "wall_s") == pytest.approx(b["wall_s"], abs=0.05)
     assert "secret" not in run["sessions"][0]["command"]
+
+
+def test_shared_storage_fails_only_a_dead_peers_trial_and_queues_it_again(tmp_path):
+    """With `--storage` (any RDB URL; SQLite here) a peer's trial is failed only once its worker
+    stops sending heartbeats; a live peer's trial is left alone. Every task gets this."""
+    from autotiacc.engine.optuna_compat import heartbeat_thread
+    from autotiacc.engine.storage import claim
+    from autotiacc.engine.study import recover_interrupted
+
+    spec = StudySpec(f"sqlite:///{tmp_path / 'shared.db'}", "shared", "minimize", heartbeat_s=1)
+    study, created = open_study(spec, None, None)
+    assert created
+    live, dead = study.ask(), study.ask()
+    for t in (live, dead):
+        t.suggest_categorical("x", [0, 1, 2])
+        claim(study, t)
+    with heartbeat_thread(study, live):  # the live worker beats; the dead one stopped after its claim
+        time.sleep(4.5)
+        failed = recover_interrupted(study, shared=True)
+    assert failed == [dead.number]
+    trials = study.get_trials(deepcopy=False)
+    assert trials[live.number].state.name == "RUNNING"
+    assert trials[dead.number].state.name == "FAIL" and trials[dead.number].user_attrs["status"] == "interrupted"
+    again = [t for t in trials if t.user_attrs.get("retry_of") == dead.number]
+    assert len(again) == 1 and again[0].state.name == "WAITING"
+    assert again[0].system_attrs["fixed_params"] == trials[dead.number].params
+
+
+def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path, monkeypatch):
+    from autotiacc.engine.profile_cache import cached_profile
+
+    monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(tmp_path / "cache"))
+    ident = {"kind": "module", "param_shapes_sha256": "abc", "input_shapes": [[8, 3]], "batch_size": 8}
+    fp = {"cpu_model": "Fake CPU", "torch": "0.0", "device_name": "fake"}
+    good = {"modules": [{"path": "fc"}], "sensitivity": [], "unavailable": []}
+
+    def run(name, identity=ident, fingerprint=fp, profile=good, resume=False):
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        with cached_profile(d, identity, fingerprint, key_extra=[1], resume=resume) as reuse:
+            if not reuse:
+                (d / "profile.json").write_text(json.dumps(profile))
+        return reuse, json.loads((d / "profile.json").read_text())
+
+    assert run("a") == (False, good)  # profiled, then cached
+    assert run("b") == (True, good)  # the same workload and machine: reused
+    assert run("c", identity={**ident, "batch_size": 16})[0] is False  # another input: profiled again
+    assert run("d", fingerprint={**fp, "torch": "9.9"})[0] is False  # another machine/software
+    failed = {**good, "unavailable": ["the profile (timeout: no result); per-layer precision not searched"]}
+    assert run("e", identity={**ident, "kind": "x"}, profile=failed)[0] is False
+    assert run("f", identity={**ident, "kind": "x"})[0] is False  # a failed profile was not kept
+    assert run("a", resume=True)[0] is True  # --resume keeps the run's own profile
