@@ -367,3 +367,43 @@ def test_a_hung_rank_times_out_and_no_rank_is_left_running(tmp_path):
     assert ranks[1].ok
     hung = int((tmp_path / "pids").read_text().split()[0])
     assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+
+
+def test_plans_written_before_the_precision_rename_still_load():
+    plan = load_training_plan(ROOT / "experiments" / "results" / "train_jpeg_plan.json")
+    assert isinstance(plan.config.precision, TrainPrecisionConfig) and plan.config.precision.mode == "bf16"
+    assert "PrecisionConfig" in (ROOT / "experiments" / "results" / "train_jpeg_plan.json").read_text()
+    assert {e["_type"] for e in plan.to_dict()["knobs"]} >= {"TrainPrecisionConfig", "DataConfig"}
+
+
+def test_training_space_is_registered_knobs_and_the_training_strategy():
+    """Sampled like inference (knobs + YAML): DDP only with several processes, pin_memory only on
+    CUDA, channels_last only with convolutions; never among the inference knobs or plans."""
+    import optuna
+
+    from autotiacc.engine.space import sample, seeds
+    from autotiacc.knobs import all_knobs, config_from_dict, config_to_dict
+    from autotiacc.strategy import load_strategy
+    from autotiacc.training.config import train_context
+
+    strategy, knobs = load_strategy("training"), all_knobs("training")
+    assert [k.name for k in knobs] == ["data", "compute", "precision", "memory", "ddp"]
+    assert not {"data", "ddp", "memory", "compute"} & {k.name for k in all_knobs()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for nproc in (1, 2):
+        ctx = train_context(cores=4, nproc=nproc, device="cpu", has_conv=False, fused_ok=True, compile=True)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(12):
+            trial = study.ask()
+            cfg = TrainConfig(**sample(trial, knobs, strategy, ctx))
+            study.tell(trial, 1.0)
+            assert not cfg.data.pin_memory and not cfg.compute.channels_last
+            assert cfg.data.num_workers <= 4 // nproc
+        names = set().union(*(t.params for t in study.trials))
+        assert any(n.startswith("ddp.") for n in names) == (nproc > 1)
+        assert "data.pin_memory" not in names and "compute.channels_last" not in names
+        first = seeds(strategy, knobs, ctx)
+        assert TrainConfig.from_flat({k: v for k, v in first[0].items()}) == TrainConfig()  # the baseline first
+        assert any(s.get("ddp.comm_hook") == "fp16" for s in first) == (nproc > 1)
+    with pytest.raises(PlanError, match="unknown _type 'DataConfig'"):
+        config_from_dict(config_to_dict(DataConfig()))  # an inference plan never loads a training knob
