@@ -18,6 +18,7 @@ from .errors import BudgetError, UserInputError
 from .engine.fidelity import measured_env
 from .engine.workers import WorkerPool, run_isolated, worker_env
 from .evaluate import evaluate
+from .hardware import fingerprint as machine_fingerprint
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .measure import Timing
 from .plan import Plan
@@ -91,18 +92,17 @@ class InferenceTask(Task):
         facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
         self.ctx = search_context(facts, self.options.device, self.options.level)
         self._identity = facts.identity
+        self._fingerprint = machine_fingerprint(self.options.device)
         self.pool: WorkerPool | None = None
 
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
         budget; reused across runs of the same workload and machine); extras for the precision knob."""
         from . import __version__
-        from .hardware import fingerprint
         from .layer_precision import plan_summary, prepare_search
         from .profile import SCHEMA_VERSION
 
         self.run_dir = run_dir
-        self._fingerprint = fingerprint(self.options.device)
         t0 = time.monotonic()
         timeout = min(max(1.0, self.strategy.profile_share * self.options.budget_s), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,

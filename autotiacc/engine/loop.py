@@ -61,13 +61,13 @@ class Search:
         self.task.validate(self.left())  # the user's bugs surface before anything is written
         self.run_dir.open(resume=self.options.resume, shared=self.spec.shared)
         try:
-            self.budget.add("profile_s", self.task.prepare(self.run_dir, self.left()))
             fp, identity = self.task.fingerprint(), self.task.identity()
             self.tpe = compat.tpe_sampler(self.options.seed)
             self.random = optuna.samplers.RandomSampler(seed=self.options.seed + 1)
             study, created = open_study(self.spec, self.run_dir.file("study.db"), self.tpe)
             self.study = study
-            check_same_setup(study, fp, identity)
+            check_same_setup(study, fp, identity)  # before the profile: a wrong resume costs nothing
+            self.budget.add("profile_s", self.task.prepare(self.run_dir, self.left()))
             recover_interrupted(study, shared=self.spec.shared)
             record_setup(study, fp, identity, **self.task.study_attrs())
             self.task.opened(study)

@@ -72,11 +72,11 @@ class Task(ABC):
     Call order, all in the tuner's process:
 
     0. `validate(left_s)` once, before anything is written: the user's file loads and runs.
-    1. `prepare(run_dir, left_s)` once, after the run directory is locked and before the study
-       opens: profile (at most its share of the budget), fix the search space. Returns the
-       seconds it spent profiling (budget accounting).
-    2. `identity()` and `fingerprint()`: what the study is checked against on resume (another
+    1. `identity()` and `fingerprint()`: what the study is checked against on resume (another
        machine, model, batch size or input shapes is refused) and what run.json records.
+    2. `prepare(run_dir, left_s)` once, after the run directory is locked and the study checked:
+       profile (at most its share of the budget), fix the search space. Returns the seconds it
+       spent profiling (budget accounting).
     3. `seeds()` once when the study is new: Optuna params to enqueue, the baseline first.
     4. `start_search()`, then per trial: `propose(trial)` samples a `Candidate` with Optuna (ask/tell: it is measured
        elsewhere); unless skipped or a duplicate, `evaluate(trial, candidate, timeout, best)`

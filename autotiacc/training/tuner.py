@@ -17,6 +17,7 @@ from ..engine.options import RunOptions
 from ..engine.space import config_key, sample, seeds, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..errors import BudgetError, UserInputError
+from ..hardware import fingerprint as machine_fingerprint
 from ..knobs.base import all_knobs
 from ..measure import Timing
 from .config import TrainConfig, train_context
@@ -97,12 +98,10 @@ class TrainingTask(Task):
                                  has_conv=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
                                  fused_ok="fused" in getattr(opt, "defaults", {}), compile=self.options.compile)
         self._identity = self.workload.identity(model)
+        self._fingerprint = machine_fingerprint(self.options.device)
 
     def prepare(self, run_dir, left_s: float) -> float:
-        from ..hardware import fingerprint
-
         self.run_dir = run_dir
-        self._fingerprint = fingerprint(self.options.device)
         self.threads = max(1, self.ctx.cores // self.options.nproc)
         return 0.0
 
