@@ -121,11 +121,12 @@ class Plan:
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
-              device: str | None = None, pad_inputs: Any = None):
+              device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None):
         """Return the optimized callable for `model` (built on the first call if no inputs given).
 
-        A plan tuned on traffic returns a `BucketedModel` dispatcher; its `pad_inputs` defaults to
-        the one in the model.py the plan was tuned on."""
+        A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
+        other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
+        a plan never imports the model.py it records."""
         from .candidate import OptimizedModel
 
         self.check_fingerprint(strict=strict, device=device)
@@ -134,7 +135,8 @@ class Plan:
         if self.extra.get("shapes"):
             from .buckets import bucketed_from_plan
 
-            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)
+            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs,
+                                      unpad_outputs=unpad_outputs)
         return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
 
 

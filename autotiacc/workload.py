@@ -120,6 +120,7 @@ class Workload:
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
         self._user_module = None
         self.facts: ModelFacts | None = None
+        self.check_s = 0.0  # seconds the child of `check` took: spawn, import, build, one forward
         if kind == "python" and self.batch_size is None:
             self.batch_size = 1
 
@@ -294,7 +295,7 @@ class Workload:
             cls = getattr(errors, outcome.value["error"], WorkloadError)
             raise cls(outcome.value["message"])
         if outcome.ok:
-            self.facts = ModelFacts(**outcome.value)
+            self.facts, self.check_s = ModelFacts(**outcome.value), outcome.seconds
             return self.facts
         stage = "importing it, building the model and running it once on its example inputs"
         if outcome.status == "timeout":
