@@ -336,7 +336,7 @@ def profile_cmd(
     top: int = typer.Option(10, "--top", help="modules to list"),
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .layer_precision import LOWERED_MODES, profile_for_search
     from .profile import PROFILE_FILE, save_profile, summary_lines
     from .workload import CHECK_TIMEOUT_S, load_workload

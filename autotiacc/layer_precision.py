@@ -276,7 +276,7 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     """
     from pathlib import Path
 
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
 
     path = Path(run_dir) / PROFILE_FILE
@@ -299,9 +299,10 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
             prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
         save_profile(prof, path)
     groups = prof.get("search_groups") or []
-    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say
+    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
+    # the diagnosis orders the strategy's starting points (autotiacc.profiling.diagnosis.order_seeds)
     return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, prof.get("sensitivity") or []),
-            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}}
+            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis")}
 
 
 def plan_summary(run_dir) -> list[dict[str, Any]]:

@@ -42,10 +42,16 @@ class Strategy:
     max_trial_share: float = 0.35  # no trial may run longer than this share of the budget
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     enqueue: list[dict[str, dict[str, Any]]] = field(default_factory=list)
+    # stage-1 starting points on CUDA (what pays on GPUs); `enqueue` is used where this is empty
+    enqueue_cuda: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def space(self, knob: str) -> dict[str, Any]:
         return self.knobs.get(knob, {})
+
+    def seeds(self, *, cuda: bool) -> list[dict[str, dict[str, Any]]]:
+        """The stage-1 starting points for the device: `enqueue_cuda` on CUDA when given."""
+        return list(self.enqueue_cuda) if cuda and self.enqueue_cuda else list(self.enqueue)
 
 
 # (check, what the value must be) per numeric field; a field not listed needs only its type.
@@ -117,11 +123,13 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
     from .knobs.base import matches_type, type_name
 
     hints = typing.get_type_hints(Strategy)
-    scalars = {f.name: hints[f.name] for f in dataclasses.fields(Strategy) if f.name not in ("knobs", "enqueue", "extra")}
+    seed_keys = ("enqueue", "enqueue_cuda")  # stage-1 starting points; enqueue_cuda replaces enqueue on CUDA
+    scalars = {f.name: hints[f.name] for f in dataclasses.fields(Strategy)
+               if f.name not in ("knobs", "extra", *seed_keys)}
     known = {**scalars, **EXTRA_KEYS}
     for key in data:
-        if key not in known and key not in ("knobs", "enqueue"):
-            raise _refuse(origin, "key", key, [*known, "knobs", "enqueue"])
+        if key not in known and key not in ("knobs", *seed_keys):
+            raise _refuse(origin, "key", key, [*known, "knobs", *seed_keys])
     for key, hint in known.items():
         if key not in data:
             continue
@@ -132,15 +140,18 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
         if not check(value):
             raise StrategyError(f"strategy {origin}: `{key}` got {value!r}: use {want}.")
     knobs = _check_knobs(data.get("knobs") or {}, origin)
-    enqueue = data.get("enqueue") or []
-    if not isinstance(enqueue, list):
-        raise StrategyError(f"strategy {origin}: `enqueue` must be a list of starting points, e.g. "
-                            "[{execution: {backend: torchscript}}].")
-    for i, entry in enumerate(enqueue):
-        _check_entry(entry, origin, f"enqueue entry {i + 1}")
+    seeds = {}
+    for key in seed_keys:
+        seeds[key] = data.get(key) or []
+        if not isinstance(seeds[key], list):
+            raise StrategyError(f"strategy {origin}: `{key}` must be a list of starting points, e.g. "
+                                "[{execution: {backend: torchscript}}].")
+        for i, entry in enumerate(seeds[key]):
+            _check_entry(entry, origin, f"{key} entry {i + 1}")
     kwargs = {k: (float(v) if hints[k] is float else v) for k, v in data.items() if k in scalars}
     extra = {k: v for k, v in data.items() if k in EXTRA_KEYS}
-    return Strategy(knobs=knobs, enqueue=list(enqueue), extra=extra, **kwargs)
+    return Strategy(knobs=knobs, enqueue=list(seeds["enqueue"]), enqueue_cuda=list(seeds["enqueue_cuda"]),
+                    extra=extra, **kwargs)
 
 
 def _knob(name: Any, origin: str):

@@ -16,7 +16,8 @@ from typing import Any, Callable
 from .accuracy import DEFAULT_TOLERANCE
 from .errors import BudgetError, UserInputError
 from .evaluate import evaluate
-from .isolation import measured_env, run_isolated
+from .engine.fidelity import measured_env
+from .engine.workers import WorkerPool, run_isolated, worker_env
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
@@ -216,6 +217,14 @@ class Tuner:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TuneResult:
+        self.pool: WorkerPool | None = None
+        try:
+            return self._run()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+
+    def _run(self) -> TuneResult:
         from .hardware import fingerprint
 
         # the user's code runs first in a child, under the budget; its bugs surface before anything is written
@@ -234,13 +243,18 @@ class Tuner:
                 seen.setdefault(_key(t.user_attrs["knobs"]), t.number)
         shared = self.options.storage is not None
         if self._created or (not shared and not any(t.state.is_finished() for t in study.trials)):
-            for entry in self.strategy.enqueue:
+            from .profiling.diagnosis import order_seeds
+
+            # the profile's diagnosis puts the seeds that pay for this model first
+            for entry in order_seeds(self.strategy.seeds(cuda=ctx.cuda), ctx.extras.get("diagnosis")):
                 if _allowed(entry, self.strategy, ctx):
                     study.enqueue_trial({**ctx.extras.get("precision_fp32", {}), **_to_params(entry)}, skip_if_exists=True)
             for params in ctx.extras.get("precision_enqueue", []):  # per-layer precision starting point
                 study.enqueue_trial({**_to_params({}), **params}, skip_if_exists=True)
         self.progress({"event": "start", "budget_s": self.options.budget_s, "strategy": self.strategy.name,
                        "resumed_trials": len(seen)})
+        # One warm worker for the whole search (replaced only after a crash, hang or OOM).
+        self.pool = WorkerPool(env=worker_env(self.run_dir), log_dir=self.run_dir / "trials")
         stale = skips = 0
         best = self._best_ratio(study)
         while True:
@@ -294,6 +308,7 @@ class Tuner:
             stale = 0 if new_best < best * 0.99 else stale + 1
             best = min(best, new_best)
             self._write_trials(study)
+        self.pool.close()  # before the final re-measurement: nothing else runs beside it
         self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
         if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
@@ -384,7 +399,7 @@ class Tuner:
         from .distributed import heartbeat
 
         with heartbeat(study, trial):  # a no-op unless the storage has heartbeats on
-            outcome = run_isolated(
+            outcome = self.pool.call(
                 fn, self.workload, {"candidate": values}, timeout=timeout,
                 log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
                 device=self.options.device, tolerance=self.options.effective_tolerance,
@@ -457,7 +472,7 @@ class Tuner:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
         fn, extra = self._evaluator(final=True)
-        outcome = run_isolated(fn, self.workload, cands, timeout=timeout,
+        outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=worker_env(self.run_dir),
                                log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
                                tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s,
                                warmup_s=FINAL_WARMUP_S, **extra)

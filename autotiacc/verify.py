@@ -83,7 +83,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
     from .evaluate import evaluate
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
 

@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import sys
 import traceback
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -121,6 +122,8 @@ class Workload:
         self._user_module = None
         self.facts: ModelFacts | None = None
         self.check_s = 0.0  # seconds the child of `check` took: spawn, import, build, one forward
+        # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
+        self.token = uuid.uuid4().hex
         if kind == "python" and self.batch_size is None:
             self.batch_size = 1
 
@@ -281,7 +284,7 @@ class Workload:
         import os
         import tempfile
 
-        from .isolation import run_isolated
+        from .engine.workers import run_isolated
 
         where = self.path or self.name
         fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")

@@ -95,10 +95,15 @@ class Knob(ABC):
         default is always kept, so the baseline stays part of every search space."""
         default = getattr(self.default(), param)
         wanted = space.get(param, [default])
-        levels = self.choice_levels.get(param, {})
+        levels = self.levels(param, ctx)
         cuda_only = self.cuda_only.get(param, set())
         out = [c for c in wanted if levels.get(c, 0) <= ctx.level and (ctx.cuda or c not in cuda_only)]
         return out if default in out else [default, *out]
+
+    def levels(self, param: str, ctx: SearchContext) -> dict[Any, int]:
+        """choice -> lowest --level at which it is searched on `ctx`'s device (a knob may
+        promote choices that pay on one device only, e.g. autotuned kernels on CUDA)."""
+        return self.choice_levels.get(param, {})
 
     def pick(self, trial, param: str, space: dict[str, list], ctx: SearchContext) -> Any:
         """`trial.suggest_categorical` when there is a choice; the only value otherwise."""
