@@ -163,7 +163,7 @@ def check_plan_header(d: Any, schema: str, version: int, origin: str, *, what: s
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
     if d.get("schema_version") != version:
-        raise PlanError(f"{origin}: {what} schema version {str(d.get('schema_version'))[:40]!r} is not supported by "
+        raise PlanError(f"{origin}: {what} schema version {repr(d.get('schema_version'))[:40]} is not supported by "
                         f"this autotiacc (reads version {version}); re-run `{retune}`.")
 
 
