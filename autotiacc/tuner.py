@@ -465,7 +465,13 @@ class Tuner:
             failures = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
                         for t in study.trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
             plan.fell_back = True
-            plan.note = ("no candidate passed the accuracy guard and measurement; keeping the baseline. "
+            counts: dict[str, int] = {}
+            for t in study.trials:  # say what stopped them: the accuracy guard is one reason of several
+                status = t.user_attrs.get("status")
+                if status not in ("ok", "duplicate", "skipped", None) and t.user_attrs.get("label") != describe(baseline_cfg):
+                    counts[status] = counts.get(status, 0) + 1
+            why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
+            plan.note = (f"no candidate beat the baseline ({why}); keeping the baseline. "
                          + ("Failures: " + " | ".join(failures[:8]) if failures else ""))
             return self._save_plan(plan)
         self.progress({"event": "final_start", "candidates": [t.user_attrs["label"] for t in tops]})
