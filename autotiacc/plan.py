@@ -124,11 +124,12 @@ class Plan:
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
-              device: str | None = None, pad_inputs: Any = None):
+              device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None):
         """Return the optimized callable for `model` (built on the first call if no inputs given).
 
-        A plan tuned on traffic returns a `BucketedModel` dispatcher; its `pad_inputs` defaults to
-        the one in the model.py the plan was tuned on."""
+        A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
+        other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
+        a plan never imports the model.py it records."""
         from .candidate import OptimizedModel
 
         self.check_fingerprint(strict=strict, device=device)
@@ -137,7 +138,8 @@ class Plan:
         if self.extra.get("shapes"):
             from .buckets import bucketed_from_plan
 
-            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)
+            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs,
+                                      unpad_outputs=unpad_outputs)
         return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
 
 
@@ -164,7 +166,7 @@ def check_plan_header(d: Any, schema: str, version: int, origin: str, *, what: s
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
     if d.get("schema_version") != version:
-        raise PlanError(f"{origin}: {what} schema version {str(d.get('schema_version'))[:40]!r} is not supported by "
+        raise PlanError(f"{origin}: {what} schema version {repr(d.get('schema_version'))[:40]} is not supported by "
                         f"this autotiacc (reads version {version}); re-run `{retune}`.")
 
 

@@ -310,6 +310,8 @@ class Tuner:
             self._write_trials(study)
         self.pool.close()  # before the final re-measurement: nothing else runs beside it
         self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
+        if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
+            raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
         if shared:
             from .distributed import fail_stale_trials
 
@@ -392,6 +394,8 @@ class Tuner:
 
         self.progress({"event": "trial_start", "number": trial.number, "label": trial.user_attrs["label"]})
         fn, extra = self._evaluator(final=False)
+        # the baseline is never pruned: a quick look at a tiny model is noise, not "0.47x of itself"
+        is_baseline = trial.user_attrs["label"] == describe(configs_from_params({}))
         from .distributed import heartbeat
 
         with heartbeat(study, trial):  # a no-op unless the storage has heartbeats on
@@ -399,7 +403,8 @@ class Tuner:
                 fn, self.workload, {"candidate": values}, timeout=timeout,
                 log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
                 device=self.options.device, tolerance=self.options.effective_tolerance,
-                target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor, **extra)
+                target_s=self.strategy.measure_s,
+                prune_above=None if is_baseline else best * self.strategy.prune_factor, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -424,8 +429,18 @@ class Tuner:
                 state, value = TrialState.FAIL, None
         record_trial(study, trial, attrs, state, value)
         if trial.number == 0 and state != TrialState.COMPLETE and attrs["status"] == "timeout":
-            raise BudgetError(f"`--budget` of {self.options.budget_s:.0f}s is too small to measure the baseline "
-                              f"(it ran {outcome.seconds:.0f}s without finishing); give a larger budget.")
+            raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {outcome.seconds:.0f}s "
+                                              "without finishing)", trial_s=outcome.seconds * 1.5))
+
+    def _too_short(self, what: str, trial_s: float | None = None) -> str:
+        from .durations import suggest_budget
+
+        setup = time.monotonic() - self.t_start
+        trial_s = trial_s or (self.workload.check_s + FINAL_WARMUP_S + 2 * self.strategy.measure_s)
+        final = SPAWN_OVERHEAD_S + 2 * FINAL_WARMUP_S + self.strategy.final_measure_s + 5
+        return (f"`--budget` of {self.options.budget_s:.0f}s {what}: setting up took {setup:.0f}s and one trial takes "
+                f"about {trial_s:.0f}s here; give --budget {suggest_budget(setup_s=setup, trial_s=trial_s, final_s=final)}"
+                " or more.")
         self.progress({"event": "trial_end", "number": trial.number, "status": attrs["status"],
                        "speedup": attrs.get("speedup"), "reason": attrs.get("reason", ""),
                        "build_s": attrs.get("build_s"), "best_speedup": 1 / self._best_ratio(study),
@@ -450,7 +465,13 @@ class Tuner:
             failures = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
                         for t in study.trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
             plan.fell_back = True
-            plan.note = ("no candidate passed the accuracy guard and measurement; keeping the baseline. "
+            counts: dict[str, int] = {}
+            for t in study.trials:  # say what stopped them: the accuracy guard is one reason of several
+                status = t.user_attrs.get("status")
+                if status not in ("ok", "duplicate", "skipped", None) and t.user_attrs.get("label") != describe(baseline_cfg):
+                    counts[status] = counts.get(status, 0) + 1
+            why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
+            plan.note = (f"no candidate beat the baseline ({why}); keeping the baseline. "
                          + ("Failures: " + " | ".join(failures[:8]) if failures else ""))
             return self._save_plan(plan)
         self.progress({"event": "final_start", "candidates": [t.user_attrs["label"] for t in tops]})

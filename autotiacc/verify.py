@@ -32,7 +32,8 @@ class VerifyResult:
     measured: dict[str, Any] = field(default_factory=dict)
 
 
-def _workload_for(plan, model_file: str | Path):
+def _workload_for(plan, model_file: str | Path, timeout_s: float):
+    """The model file, checked by running it once in a child (its exits and hangs are errors)."""
     from .workload import load_workload
 
     wl = plan.workload or {}
@@ -40,7 +41,8 @@ def _workload_for(plan, model_file: str | Path):
     is_saved = Path(model_file).suffix != ".py"
     return load_workload(model_file, batch_size=wl.get("batch_size"),
                          input_shapes=shapes if is_saved else None,
-                         input_dtypes=wl.get("input_dtypes") if is_saved else None)
+                         input_dtypes=wl.get("input_dtypes") if is_saved else None,
+                         timeout=timeout_s, limit="verify's limit")
 
 
 def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | None]:
@@ -92,8 +94,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
     plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
-    workload = _workload_for(plan, model_file)
-    identity = workload.identity()
+    workload = _workload_for(plan, model_file, timeout_s)
+    identity = workload.facts.identity
     recorded_id = (plan.workload or {}).get("param_shapes_sha256")
     if recorded_id and recorded_id != identity["param_shapes_sha256"]:
         raise PlanMismatchError(f"`FILE` {model_file}: its model's parameter shapes differ from the model the plan "
