@@ -42,7 +42,8 @@ def diagnose(*, device: str, forward_ms: float, busy_ms: float, device_events: f
                               "Python and dispatch between them take the rest"}
         return {"kind": None, "figures": fig,
                 "reason": f"not diagnosed on CPU: operators run {busy_share:.0%} of the forward, and compute- vs "
-                          "memory-bound needs this CPU's peak FLOP/s and memory bandwidth, which autotiacc does not know"}
+                          "memory-bound needs this CPU's peak FLOP/s and memory bandwidth, which autotiacc "
+                          "does not know"}
     fig["kernels_per_forward"] = device_events
     fig["mean_kernel_us"] = busy_ms * 1e3 / device_events if device_events else None
     if busy_share < LAUNCH_BUSY:
