@@ -283,7 +283,7 @@ class Workload:
         import os
         import tempfile
 
-        from .isolation import run_isolated
+        from .engine.workers import run_isolated
 
         where = self.path or self.name
         fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
