@@ -271,9 +271,20 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
         plain()
     plain_ms: list[float] = []
     forwards: list[Forward] = []
-    end = time.perf_counter() + target_s
+    start = time.perf_counter()
+
+    def more() -> bool:
+        """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
+        machine) two blocks are enough."""
+        spent = time.perf_counter() - start
+        if spent < target_s:
+            return True
+        if len(forwards) >= min_forwards:
+            return False
+        return spent < 3 * target_s or len(forwards) < 2 * block
+
     try:
-        while len(forwards) < min_forwards or time.perf_counter() < end:
+        while more():
             plain_ms += [_time_once(plain, device) for _ in range(block)]
             ranges.install(True)
             try:
