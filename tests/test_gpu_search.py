@@ -289,3 +289,49 @@ def test_report_states_the_diagnosis_and_the_attribution():
     text = "\n".join(lines)
     assert "diagnosis: launch-bound" in text and "kernels/forward 160" in text and "NVTX range per module" in text
     assert "busy share 27%" in text
+
+
+def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
+    """What runs around the capture, on CPU: one graph per input signature, inputs copied into
+    the static buffers, outputs cloned (the next replay overwrites the static ones), a warned
+    fallback past MAX_GRAPHS. The stand-in replays the runner on the static buffers, writing
+    into the static outputs, as a CUDA graph does; torch.cuda.graph itself needs a GPU."""
+    import warnings
+
+    from autotiacc.knobs import cuda_graphs
+
+    class Replay:
+        def __init__(self, fn, static, out):
+            self.fn, self.static, self.out = fn, static, out
+
+        def replay(self):
+            self.out.copy_(self.fn(*self.static))
+
+    class StandIn(cuda_graphs.CUDAGraphRunner):
+        def __init__(self, runner):  # no require_cuda: the capture below is a CPU stand-in
+            self.runner, self.device, self._graphs, self._warned = runner, "cpu", {}, False
+            self.captures = 0
+
+        def _capture(self, inputs):
+            self.captures += 1
+            static = [torch.empty_like(t).copy_(t) for t in inputs]
+            out = self.runner(*static).clone()
+            return Replay(self.runner, static, out), static, out
+
+    lin = nn.Linear(4, 3).eval()
+    r = StandIn(lin)
+    a, b = torch.randn(2, 4), torch.randn(2, 4)
+    with torch.no_grad():
+        ya, yb = r(a), r(b)
+        assert torch.allclose(ya, lin(a)) and torch.allclose(yb, lin(b)) and r.captures == 1
+        assert not torch.allclose(ya, yb)  # ya was cloned: the second replay did not overwrite it
+        for n in range(2, 2 + cuda_graphs.MAX_GRAPHS - 1):
+            r(torch.randn(n + 1, 4))
+        assert r.graphs == cuda_graphs.MAX_GRAPHS
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            c = torch.randn(9, 4)
+            assert torch.allclose(r(c), lin(c)) and r.graphs == cuda_graphs.MAX_GRAPHS
+        assert any("without a CUDA graph" in str(w.message) for w in seen)
+    with pytest.raises(UserInputError, match="tensor inputs only"):
+        r(a, 3)
