@@ -249,7 +249,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
                      min_forwards: int = 12) -> Attribution:
     """Blocks of plain forwards (timed, no profiler) alternate with blocks of ranged forwards
     under torch.profiler, until `target_s`; both are trimmed to their fastest quarter. A block
-    is about a sixteenth of `target_s`, at most 32 forwards (stopping the profiler and parsing
+    is about a sixteenth of `target_s`, 2 to 32 forwards (stopping the profiler and parsing
     its trace cost far more than a small model's forward)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -266,7 +266,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warm_up(plain, device, max_s=warmup_s)
     # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
-    block = max(4, min(32, math.ceil(target_s / 16 / max(_time_once(plain, device) / 1e3, 1e-6))))
+    block = max(2, min(32, math.ceil(target_s / 16 / max(_time_once(plain, device) / 1e3, 1e-6))))
     with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
         plain()
     plain_ms: list[float] = []
@@ -275,20 +275,19 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
 
     def more() -> bool:
         """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
-        machine) two blocks are enough."""
+        machine) four profiled forwards are enough."""
         spent = time.perf_counter() - start
         if spent < target_s:
             return True
         if len(forwards) >= min_forwards:
             return False
-        return spent < 3 * target_s or len(forwards) < 2 * block
+        return spent < 3 * target_s or len(forwards) < 4
 
     try:
         while more():
             plain_ms += [_time_once(plain, device) for _ in range(block)]
             ranges.install(True)
             try:
-                plain()  # a ranged warm-up call outside the trace
                 with profile(activities=acts) as prof:
                     for _ in range(block):
                         plain()
