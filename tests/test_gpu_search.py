@@ -195,7 +195,8 @@ def test_cpu_attribution_is_exact_on_a_crafted_trace():
     self times of one forward add up to it exactly."""
     spans = [_range("", 0, 100), _range("a", 5, 40), Span("op", "aten::mm", 10, 30, id=1, self_us=20),
              _range("b", 45, 60), Span("op", "aten::relu", 46, 50, id=2, self_us=4), _range("b.c", 50, 58),
-             Span("op", "aten::add", 51, 57, id=3, self_us=6), _range("b", 70, 90),
+             Span("op", "aten::add", 51, 57, id=3, self_us=5), Span("op", "aten::add_", 52, 53, id=6, self_us=1),
+             _range("b", 70, 90),
              Span("op", "aten::relu", 71, 80, id=4, self_us=9),
              _range("", 200, 250), _range("a", 210, 240), Span("op", "aten::mm", 212, 238, id=5, self_us=26),
              _range("stray", 300, 310)]  # a module called outside the model's forward

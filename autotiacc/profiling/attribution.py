@@ -103,6 +103,7 @@ def attribute(spans: list[Span], *, device: bool) -> list[Forward]:
     forwards: list[tuple[Span, Forward]] = []
     stack: list[tuple[Span, str, list[float]]] = []  # (range, path, [child range time])
     op_home: dict[int, tuple[int, str]] = {}  # op id -> (forward index, path)
+    top_end = -math.inf  # end of the last operator not nested in another one
     for it in items:
         while stack and stack[-1][0].end <= it.start:
             _close(stack.pop(), forwards, device)
@@ -119,7 +120,9 @@ def attribute(spans: list[Span], *, device: bool) -> list[Forward]:
         elif stack:
             fwd = forwards[-1][1]
             path = stack[-1][1]
-            fwd.ops += 1
+            if it.start >= top_end:  # count aten::conv2d, not the convolution calls inside it
+                fwd.ops += 1
+                top_end = it.end
             if not device:
                 own = it.self_us if it.self_us is not None else it.dur
                 fwd.add(path, busy_us=own)
