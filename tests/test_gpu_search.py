@@ -233,6 +233,9 @@ def test_idle_time_is_rescaled_to_the_plain_forward():
     assert att.modules["a"][1] == pytest.approx((40 + 5) / 1e3)
     assert att.modules["b"][1] == pytest.approx((20 + 15) / 1e3)
     assert sum(v[1] for v in att.modules.values()) == pytest.approx(0.08)
+    # a plain forward slower than the profiled one is noise: idle time is not scaled up
+    noisy = summarise(attribute(spans, device=False), plain_ms=0.2)
+    assert noisy.idle_scale == 1.0 and sum(v[1] for v in noisy.modules.values()) == pytest.approx(0.1)
 
 
 class TinyConvNet(nn.Module):

@@ -20,8 +20,9 @@ torch.profiler, and the trace is attributed afterwards:
   CPU forward 0.37 ms. So a module's time in the *plain* forward is its busy time plus its
   idle time scaled by (plain forward - busy) / (profiled forward - busy): the idle time the
   plain forward really had, spread over modules as the trace spread it. `idle_scale` records
-  that factor; the shares add up to 100 % of the plain forward unless busy alone exceeds it,
-  and `profiled_ms` / `plain_ms` is the profiler's overhead.
+  that factor (at most 1); the shares add up to 100 % of the plain forward unless busy alone
+  exceeds it or noise made the plain forward slower than the profiled one, and
+  `profiled_ms` / `plain_ms` is the profiler's overhead.
 
 `attribute` works on plain `Span` records, so it is tested on crafted timelines too.
 """
@@ -319,7 +320,9 @@ def summarise(keep: list[Forward], plain_ms: float, plain_samples: list[float] |
     profiled = statistics.fmean(f.wall_us for f in keep) / 1e3
     busy = statistics.fmean(f.busy_us for f in keep) / 1e3
     idle = profiled - busy
-    scale = max(0.0, plain_ms - busy) / idle if idle > 1e-9 else 1.0
+    # the profiler only adds time: a plain forward slower than the profiled one is noise (a
+    # loaded machine), so the idle time is never scaled up and the shares then fall short of 100 %
+    scale = min(1.0, max(0.0, plain_ms - busy) / idle) if idle > 1e-9 else 1.0
     mods: dict[str, list[float]] = {}
     for f in keep:
         for path, (calls, self_us, busy_us, events) in f.modules.items():
