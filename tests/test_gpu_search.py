@@ -339,3 +339,13 @@ def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
         assert any("without a CUDA graph" in str(w.message) for w in seen)
     with pytest.raises(UserInputError, match="tensor inputs only"):
         r(a, 3)
+
+
+def test_profile_and_sensitivity_put_the_model_on_the_device():
+    """The model is a pytree leaf: mapping `.to` over tensors left it on the CPU on CUDA."""
+    from autotiacc.profile import model_to
+
+    moved = model_to(TinyConvNet(), "meta")
+    assert {p.device.type for p in moved.parameters()} == {"meta"}
+    scripted = torch.jit.script(nn.Linear(2, 2))
+    assert next(model_to(scripted, "meta").parameters()).device.type == "meta"
