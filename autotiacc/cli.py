@@ -199,6 +199,22 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
         raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
     if resume and not (Path(out) / "run.json").exists():
         raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
+        raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
+                   "from a copy, or start a new tune with another --out.")
+
+
+def _is_sqlite_db(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 def _bad(msg: str) -> AutotiaccError:

@@ -15,7 +15,7 @@ from .engine.profile_cache import cached_profile
 from .engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
 from .engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from .errors import BudgetError, UserInputError
-from .engine.fidelity import measured_env
+from .engine.fidelity import evaluate_alternating, measured_env
 from .engine.workers import WorkerPool, run_isolated, worker_env
 from .evaluate import evaluate
 from .hardware import fingerprint as machine_fingerprint
@@ -75,6 +75,7 @@ class InferenceTask(Task):
 
     def __init__(self, workload: Workload, options: TuneOptions) -> None:
         self.workload, self.options = workload, options
+        self.t_start = options.started if options.started is not None else time.monotonic()
         self.strategy = strategy_for("inference", options.strategy)
         self.strategy_name = self.strategy.name
         self.final_top_k = self.strategy.final_top_k
@@ -164,8 +165,20 @@ class InferenceTask(Task):
         # One warm worker for the whole search (replaced only after a crash, hang or OOM).
         self.pool = WorkerPool(env=worker_env(self.run_dir.path), log_dir=self.run_dir.path / "trials")
 
-    def end_search(self) -> None:
+    def end_search(self, study) -> None:
         self.close()
+        if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
+            raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
+
+    def _too_short(self, what: str, trial_s: float | None = None) -> str:
+        from .durations import suggest_budget
+
+        setup = time.monotonic() - self.t_start
+        trial_s = trial_s or (self.workload.check_s + FINAL_WARMUP_S + 2 * self.strategy.measure_s)
+        final = SPAWN_OVERHEAD_S + 2 * FINAL_WARMUP_S + self.strategy.final_measure_s + 5
+        return (f"`--budget` of {self.options.budget_s:.0f}s {what}: setting up took {setup:.0f}s and one trial takes "
+                f"about {trial_s:.0f}s here; give --budget {suggest_budget(setup_s=setup, trial_s=trial_s, final_s=final)}"
+                " or more.")
 
     def close(self) -> None:
         if getattr(self, "pool", None) is not None:
@@ -178,7 +191,8 @@ class InferenceTask(Task):
             fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
             log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
             tolerance=self.options.effective_tolerance, target_s=self.strategy.measure_s,
-            prune_above=self.strategy.prune_factor / best_gain, **extra)
+            # the baseline is never pruned: a quick look at a tiny model is noise, not "0.47x of itself"
+            prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -199,8 +213,9 @@ class InferenceTask(Task):
 
     def check_baseline(self, result: TrialResult, budget_s: float) -> None:
         if result.state != "complete" and result.attrs.get("status") == "timeout":
-            raise BudgetError(f"`--budget` of {budget_s:.0f}s is too small to measure the baseline "
-                              f"(it ran {result.attrs['wall_s']:.0f}s without finishing); give a larger budget.")
+            wall = result.attrs["wall_s"]
+            raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {wall:.0f}s without "
+                                              "finishing)", trial_s=wall * 1.5))
 
     def _evaluator(self, *, final: bool) -> tuple[Callable, dict[str, Any]]:
         """The function a trial process runs, and its extra keyword arguments."""
@@ -225,14 +240,21 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        fn, extra = self._evaluator(final=True)
-        outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=worker_env(self.run_dir.path),
-                               log_path=self.run_dir.trial_log("final"),
-                               device=self.options.device, tolerance=self.options.effective_tolerance,
-                               target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S, **extra)
+        env = worker_env(self.run_dir.path)
+        if self.shape_tuning is None:  # each variant alone in its own process, in the tune's environment
+            outcome = evaluate_alternating(self.workload, cands, device=self.options.device,
+                                           tolerance=self.options.effective_tolerance,
+                                           target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S,
+                                           env=env, timeout=timeout)
+        else:
+            fn, extra = self._evaluator(final=True)
+            outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=env,
+                                   log_path=self.run_dir.trial_log("final"), device=self.options.device,
+                                   tolerance=self.options.effective_tolerance,
+                                   target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S, **extra)
         if not outcome.ok:
             return outcome.reason()
-        self.final_results = outcome.value["candidates"]
+        self.final_alternating = outcome.value.get("alternating")
         return FinalMeasure(baseline=Timing.from_dict(outcome.value["baseline"]),
                             candidates={int(n.split("_")[1]): (r["status"], Timing.from_dict(r["timing"])
                                                                if "timing" in r else None, r)
@@ -250,9 +272,18 @@ class InferenceTask(Task):
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
         kind, t = decision.kind, decision.trial
         if kind == "nothing":
+            counts: dict[str, int] = {}
+            for x in trials:  # say what stopped them: the accuracy guard is one reason of several
+                status = x.user_attrs.get("status")
+                if status not in ("ok", "duplicate", "skipped", None) and x.user_attrs.get("label") != self.baseline_label:
+                    counts[status] = counts.get(status, 0) + 1
+            if any(x.user_attrs.get("status") == "ok" and x.user_attrs.get("label") != self.baseline_label
+                   for x in trials):
+                counts["not faster"] = sum(1 for x in trials if x.user_attrs.get("status") == "ok"
+                                           and x.user_attrs.get("label") != self.baseline_label)
+            why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
             plan.fell_back, plan.speedup = True, 1.0
-            plan.note = ("no candidate passed the accuracy guard and measurement faster than the baseline; keeping "
-                         "the baseline. " + failure_note(trials))
+            plan.note = f"no candidate beat the baseline ({why}); keeping the baseline. " + failure_note(trials)
             return plan
         if kind == "final_failed":  # keep best-so-far from the search rather than ending with nothing
             a = t.user_attrs
@@ -266,6 +297,8 @@ class InferenceTask(Task):
             return plan
         final = decision.final
         plan.baseline = final.baseline.to_dict()
+        if getattr(self, "final_alternating", None):
+            plan.extra["final_alternating"] = self.final_alternating
         plan.extra["final"] = {f"trial_{n}": {k: r.get(k) for k in ("status", "ratio", "reason", "build_s")}
                                for n, (_, _, r) in final.candidates.items()}
         plan.fell_back, plan.speedup = True, 1.0
@@ -276,16 +309,19 @@ class InferenceTask(Task):
         if kind == "not_faster":
             plan.best = cand.to_dict()
             plan.note = (f"best candidate ({describe(configs_from_params(res['knobs']))}) was "
-                         f"{final.baseline.median / cand.median:.2f}x the baseline in the final re-measurement: not "
+                         f"{res.get('speedup', final.baseline.median / cand.median):.2f}x the baseline in the final "
+                         "re-measurement: not "
                          "faster beyond noise, so the plan keeps the baseline.")
             return plan
         plan.fell_back = False
         plan.knobs = configs_from_params(res["knobs"])
-        plan.best, plan.speedup = cand.to_dict(), final.baseline.median / cand.median
-        plan.accuracy, plan.compile_s = res["accuracy"], res["build_s"]
+        plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
+        plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
         self._record_shapes(plan, res["knobs"], res)
+        how = ("each alone in its own process, measured in turns" if getattr(self, "final_alternating", None)
+               else "interleaved in a fresh process")
         plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
-                     "re-measured interleaved in a fresh process.")
+                     f"re-measured {how}, in the environment of the tune.")
         return plan
 
     def _record_shapes(self, plan: Plan, values: dict, result: dict | None = None) -> None:

@@ -107,7 +107,7 @@ class FakeTask(Task):
 
         self.pool = WorkerPool()
 
-    def end_search(self) -> None:
+    def end_search(self, study) -> None:
         self.workers_started = self.pool.started
         self.pool.close()
 

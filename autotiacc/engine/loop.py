@@ -77,7 +77,7 @@ class Search:
                     study.enqueue_trial(params, skip_if_exists=True)
             self.task.start_search()
             stop = self._search(study)
-            self.task.end_search()
+            self.task.end_search(study)
             plan = self._finalize(study)
             n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped"))
             result = SearchResult(plan=plan, run_dir=self.run_dir.path, n_trials=n, wall_s=self.budget.elapsed(),
@@ -255,12 +255,17 @@ def choose(final, tops: list) -> Decision:
     if isinstance(final, str):  # keep the search's best rather than ending with nothing
         return Decision("final_failed", trial=tops[0], reason=final)
     by_number = {t.number: t for t in tops}
+    # a task may rank by its own ratio and give its own noise verdict (`ratio`, `faster` in the
+    # result: e.g. from windows timed in alternating processes); else the samples decide
     ranked = sorted(((n, timing, res) for n, (status, timing, res) in final.candidates.items()
-                     if status == "ok" and timing is not None), key=lambda x: x[1].median)
+                     if status == "ok" and timing is not None),
+                    key=lambda x: x[2].get("ratio", x[1].median / final.baseline.median))
     if not ranked:
         return Decision("all_failed", final=final)
     number, timing, res = ranked[0]
-    kind = "winner" if faster_beyond_noise(timing, final.baseline) else "not_faster"
+    faster = res.get("faster")
+    faster = faster_beyond_noise(timing, final.baseline) if faster is None else bool(faster)
+    kind = "winner" if faster else "not_faster"
     return Decision(kind, trial=by_number.get(number), final=final, result=res, timing=timing)
 
 

@@ -138,9 +138,9 @@ class Task(ABC):
     def start_search(self) -> None:
         """Before the first trial: start warm workers."""
 
-    def end_search(self) -> None:
+    def end_search(self, study) -> None:
         """After the last trial, before the final re-measurement: stop warm workers, so nothing
-        else runs beside the final timing."""
+        else runs beside the final timing; raise when the budget measured nothing at all."""
 
     @abstractmethod
     def propose(self, trial) -> Candidate:

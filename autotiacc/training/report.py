@@ -141,8 +141,9 @@ def write_training_report(run_dir: str | Path) -> dict[str, Path]:
 def is_training_run(run_dir: str | Path) -> bool:
     p = Path(run_dir) / "run.json"
     try:
-        return p.is_file() and json.loads(p.read_text()).get("mode") == "train"
-    except (OSError, json.JSONDecodeError):
-        return False
+        data = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False  # the report's reader names what is wrong with it
+    return isinstance(data, dict) and data.get("mode") == "train"
 
 
