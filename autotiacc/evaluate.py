@@ -50,6 +50,7 @@ _CACHE: list = [None, None]
 
 
 def reference_for(workload, device: str) -> _Reference:
+    use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
     key = (getattr(workload, "token", None) or id(workload), device)
     if _CACHE[0] != key:
         _CACHE[:] = [None, None]  # free the old model before building the new one
@@ -90,7 +91,6 @@ def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = 
     """
     import torch
 
-    use_device(device)
     if not _PRISTINE:
         _PRISTINE.update(_flags())
     _restore_flags(_PRISTINE)  # whatever the previous candidate's build changed

@@ -255,15 +255,22 @@ def test_a_failing_eval_fn_is_recorded_not_fatal(tmp_path):
     assert "eval_metric" in run_eval(wl.eval_fn, wl.build_model())
 
 
-def test_training_space_leads_with_gpu_wins_on_cuda():
-    from autotiacc.training.config import TrainSpace, seeds
+def test_training_stage1_leads_with_gpu_wins_on_cuda():
+    from autotiacc.engine.space import seeds, strategy_for
+    from autotiacc.knobs.base import all_knobs
+    from autotiacc.training.config import train_context
 
-    cpu = seeds(TrainSpace(cores=2))
-    gpu = seeds(TrainSpace(cores=2, cuda=True, has_conv=True))
-    assert gpu[0] == {"data.cache": "memory", "data.pin_memory": True, "precision.mode": "bf16",
-                      "compute.optimizer_impl": "fused", "compute.channels_last": True}
-    assert any(s.get("compute.compile") for s in gpu) and any(s.get("precision.mode") == "fp16" for s in gpu)
-    assert not any("data.pin_memory" in s for s in cpu)
+    strategy, knobs = strategy_for("training", "training"), all_knobs("training")
+
+    def first(device, has_conv):
+        ctx = train_context(cores=2, nproc=1, device=device, has_conv=has_conv, fused_ok=True, compile=True)
+        return seeds(strategy, knobs, ctx)[1]  # after the baseline
+
+    gpu = first("cuda", True)
+    assert gpu["data.pin_memory"] is True and gpu["precision.mode"] == "bf16"
+    assert gpu["compute.channels_last"] is True and gpu["compute.optimizer_impl"] == "fused"
+    assert first("cuda", False)["compute.channels_last"] is False  # the NHWC entry is skipped without convs
+    assert first("cpu", True)["data.pin_memory"] is False
 
 
 # -- the command line ----------------------------------------------------------------------------
