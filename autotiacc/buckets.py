@@ -190,8 +190,9 @@ class BucketedModel:
         self.pad_inputs, self.unpad_outputs = pad_inputs, unpad_outputs
         dims = [n for n in spec.names if n != BATCH]
         if dims and any(spec.padded) and pad_inputs is None:
-            raise PlanError(f"buckets pad the dims {dims} but no `pad_inputs(inputs, **dims)` was given; define it "
-                            "in model.py or pass pad_inputs= to apply().")
+            raise PlanError(f"buckets pad the dims {dims} but no `pad_inputs(inputs, **dims)` was given; pass the "
+                            "model file's, e.g. plan.apply(model, pad_inputs=my_model.pad_inputs) (a plan never "
+                            "imports the model.py it names).")
         for name in spec.names:
             if name not in spec.axes:
                 raise PlanError(f"bucket dim `{name}` has no recorded input axes; re-run the tune.")
@@ -298,17 +299,10 @@ def bucket_key(edge: dict[str, int]) -> str:
     return "x".join(f"{'b' if n == BATCH else n}{v}" for n, v in edge.items())
 
 
-def bucketed_from_plan(plan, model: Any, *, device: str = "cpu", pad_inputs: Callable | None = None) -> BucketedModel:
+def bucketed_from_plan(plan, model: Any, *, device: str = "cpu", pad_inputs: Callable | None = None,
+                       unpad_outputs: Callable | None = None) -> BucketedModel:
     """Rebuild the dispatcher a plan recorded; bucket graphs compile on their first request
-    (or all at once with `.prepare(make_inputs)`)."""
-    from pathlib import Path
-
+    (or all at once with `.prepare(make_inputs)`). The caller passes `pad_inputs`: a plan file
+    never makes autotiacc import the model.py whose path it records."""
     spec = BucketSpec.from_dict(plan.extra["shapes"])
-    unpad = None
-    file = (plan.workload or {}).get("file")
-    if file and Path(file).is_file() and (pad_inputs is None):
-        from .workload import load_workload
-
-        user = load_workload(file)
-        pad_inputs, unpad = user.user_hook("pad_inputs"), user.user_hook("unpad_outputs")
-    return BucketedModel(model, plan.knobs, spec, device=device, pad_inputs=pad_inputs, unpad_outputs=unpad)
+    return BucketedModel(model, plan.knobs, spec, device=device, pad_inputs=pad_inputs, unpad_outputs=unpad_outputs)

@@ -228,8 +228,10 @@ def test_plan_with_buckets_round_trips_and_applies(tiny, tmp_path):
     again = load_plan(path)
     assert again.to_dict()["extra"] == json.loads(json.dumps(plan.to_dict()["extra"]))
     model = tiny.build_model()
-    fast = again.apply(model)
-    assert isinstance(fast, BucketedModel) and fast.pad_inputs is not None  # from the recorded model.py
+    with pytest.raises(PlanError, match="pad_inputs=my_model.pad_inputs"):  # a plan never imports model.py
+        again.apply(model)
+    fast = again.apply(model, pad_inputs=tiny.user_hook("pad_inputs"))
+    assert isinstance(fast, BucketedModel) and fast.pad_inputs is not None
     x = tiny.example_inputs(3, seq_len=29)
     torch.testing.assert_close(fast(*x), _ref(model, x), rtol=1e-4, atol=1e-5)
 
@@ -252,7 +254,7 @@ sys.path.insert(0, {models!r})
 import tiny_encoder_traffic as m
 import autotiacc
 model = m.build_model().eval()
-fast = autotiacc.load_plan({plan!r}).apply(model)
+fast = autotiacc.load_plan({plan!r}).apply(model, pad_inputs=m.pad_inputs)
 for b, s in ((1, 6), (3, 23), (4, 40), (2, 7), (3, 40)):
     x = m.example_inputs(b, s)
     with torch.inference_mode():
