@@ -330,7 +330,8 @@ class Tuner:
         extras = prepare_search(self.workload, self.run_dir, device=self.options.device,
                                 level=self.options.level, strategy=self.strategy,
                                 tolerance=self.options.effective_tolerance,
-                                timeout=min(max(30.0, 0.2 * self.left()), max(1.0, self.left())),
+                                # at most 40 % of what is left: the baseline must still be measured
+                                timeout=min(max(30.0, 0.2 * self.left()), max(1.0, 0.4 * self.left())),
                                 resume=self.options.resume)
         self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
         return extras

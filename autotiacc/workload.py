@@ -27,7 +27,7 @@ from .errors import AutotiaccError, ModelRaisedError, WorkloadError
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
 DEFAULT_TEST_BATCHES = 4
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 def parse_shape(text: str) -> list[int]:
@@ -373,9 +373,9 @@ def load_workload(path: str | Path, *, batch_size: int | None = None, input_shap
     if not p.is_file():
         raise WorkloadError(f"{p}: is not a file.")
     if input_dtypes:
-        bad = [d for d in input_dtypes if d not in _DTYPES]
+        bad = [d for d in input_dtypes if d not in INPUT_DTYPES]
         if bad:
-            raise WorkloadError(f"`--input-dtype` got {bad[0]!r}: use one of {', '.join(_DTYPES)}.")
+            raise WorkloadError(f"`--input-dtype` got {bad[0]!r}: use one of {', '.join(INPUT_DTYPES)}.")
     name = p.stem
     if p.suffix == ".py":
         w = Workload(kind="python", name=name, path=p.resolve(), batch_size=batch_size)

@@ -138,6 +138,7 @@ def test_malformed_training_plans_raise_only_plan_error(fuzz_dir, text):
     (lambda d: d["knobs"][0]["_data"].update(threads=10**9), "`threads` got 1000000000"),
     (lambda d: d["knobs"][0].update(_type="os.system"), "unknown _type 'os.system'"),
     (lambda d: d["extra"]["artifact"].update(file="../../x.so"), "not a path"),
+    (lambda d: d["workload"].update(input_dtypes=["float99"]), "`workload.input_dtypes` got 'float99'"),
 ])
 def test_plan_field_errors_name_the_file_and_the_field(tmp_path, edit, expected):
     d = _good_plan()
