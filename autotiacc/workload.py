@@ -344,10 +344,21 @@ def _probe(workload: Workload) -> dict[str, Any]:
             has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
         leaves = _tensor_leaves(out)
         output = ", ".join(f"Tensor{list(t.shape)}" for t in leaves[:4]) + (" ..." if len(leaves) > 4 else "")
-        return asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
-                                 output=output))
+        facts = asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
+                                  output=output))
+        stage = "traffic()"  # the tuner calls it in its own process: prove here that it returns
+        traffic = workload.user_hook("traffic")
+        if traffic is not None:
+            try:
+                traffic()
+            except Exception:  # noqa: BLE001 - its errors are reported with the traffic checks' messages
+                pass
+        return facts
     except AutotiaccError as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - anything else of the user's code, with where it happened
+        return {"error": "WorkloadError", "message": f"{workload.path or workload.name}: {stage} raised "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     except SystemExit as exc:
         return {"error": "WorkloadError",
                 "message": f"{workload.path or workload.name}: {stage} called sys.exit({exc.code!r}); {_NO_EXIT}"}

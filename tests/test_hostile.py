@@ -93,6 +93,7 @@ EXITS = {
     "os._exit(0) in forward": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                                + "class M(torch.nn.Module):\n    def forward(self, x):\n        import os; os._exit(0)\n",
                                "the process ended while importing it"),
+    "sys.exit(0) in traffic()": (GOOD + "def traffic():\n    import sys; sys.exit(0)\n", "traffic() called sys.exit(0)"),
     "forward returns None": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                              + "class M(torch.nn.Module):\n    def forward(self, x):\n        return None\n",
                              "returned NoneType with no tensor in it"),
