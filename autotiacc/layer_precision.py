@@ -142,8 +142,9 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
 
     from .accuracy import compare_outputs
     from .evaluate import _to
+    from .profile import model_to
 
-    model = _to(workload.build_model(), device)
+    model = model_to(workload.build_model(), device)
     test = [(_to(x, device), y) for x, y in workload.test_data()]
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]

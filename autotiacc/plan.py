@@ -113,11 +113,14 @@ class Plan:
                 raise PlanMismatchError(msg + ". Re-tune here, or pass strict=False to apply it anyway.")
             warnings.warn(msg + ". Its speed-up may not hold here.", HardwareMismatchWarning, stacklevel=3)
         env = {k: v for k, v in (self.extra.get("measured_env") or {}).items() if os.environ.get(k) != v}
-        if env:  # OpenMP reads it once at start: spinning threads measured 2-30x slower when interleaved
-            warnings.warn("plan was measured with " + ", ".join(f"{k}={v}" for k, v in env.items())
-                          + "; this process has " + ", ".join(f"{k}={os.environ.get(k)!r}" for k in env)
-                          + ". Set it before Python starts for the measured speed.", HardwareMismatchWarning,
-                          stacklevel=3)
+        if env:  # OpenMP and allocators read these once at start; they change speed (see engine/fidelity.py)
+            def show(v: str | None) -> str:
+                return "unset" if v is None else repr(v)
+
+            warnings.warn("plan was measured with " + ", ".join(f"{k} {show(v)}" for k, v in env.items())
+                          + "; this process has " + ", ".join(f"{k} {show(os.environ.get(k))}" for k in env)
+                          + ". Its speed-up may not hold here; set them as measured before Python starts.",
+                          HardwareMismatchWarning, stacklevel=3)
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
@@ -200,7 +203,7 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     if bad:
         raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
-    _check_nested(extra, {"measured_env": dict[str, str], "artifact": dict[str, Any], "shapes": dict[str, Any]},
+    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
                   "extra", origin)
     _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
                   "extra.shapes", origin)

@@ -1,8 +1,8 @@
 """`autotiacc verify`: re-measure a saved plan on the machine at hand and flag drift.
 
-Meant for CI of a serving image: the plan is rebuilt and timed interleaved with the eager fp32
-baseline in a fresh process (the same `evaluate` a trial runs, so the figure means the same
-thing as the recorded one), and compared with what the plan recorded: hardware/software
+Meant for CI of a serving image: the plan and the eager fp32 baseline are rebuilt, each alone in
+its own process, and timed in windows taken in turns (the method of the tune's final
+re-measurement, so the figure means the same thing as the recorded one), and compared with what the plan recorded: hardware/software
 fingerprint, accuracy, speed-up, and the artifact's hash when the plan names one.
 
 Speed drift is judged with the noise, not against a bare number: the plan fails when its
@@ -81,9 +81,8 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
-    from .evaluate import evaluate
+    from .engine.fidelity import evaluate_alternating
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .engine.workers import run_isolated
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
 
@@ -114,8 +113,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
-    outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=plan.device,
-                           tolerance=tol, target_s=measure_s)
+    outcome = evaluate_alternating(workload, {"plan": values}, device=plan.device, tolerance=tol,
+                                   target_s=measure_s, timeout=timeout_s)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")
@@ -131,7 +130,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
                     baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n} interleaved), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n}, each in its own process, in turns), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)

@@ -265,11 +265,27 @@ def test_strategies_ship_and_validate(tmp_path):
 
 def test_plan_warns_when_thread_wait_policy_differs(monkeypatch):
     p = _plan()
-    p.extra["measured_env"] = {"OMP_WAIT_POLICY": "PASSIVE"}
+    p.extra["measured_env"] = {"OMP_WAIT_POLICY": "PASSIVE"}  # an old plan, measured under PASSIVE
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    with pytest.warns(UserWarning, match="measured with OMP_WAIT_POLICY=PASSIVE"):
+    with pytest.warns(UserWarning, match="measured with OMP_WAIT_POLICY 'PASSIVE'.*this process has OMP_WAIT_POLICY unset"):
         p.check_fingerprint()
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        p.check_fingerprint()
+
+
+def test_plans_record_the_tune_environment_and_warn_only_when_it_differs(monkeypatch):
+    from autotiacc.engine.fidelity import measured_env
+
+    for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS"):
+        monkeypatch.delenv(k, raising=False)
+    p = _plan()
+    p.extra["measured_env"] = measured_env()  # what a tune in this (default) environment records
+    assert p.extra["measured_env"]["OMP_WAIT_POLICY"] is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p.check_fingerprint()  # production in the same environment: silent
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    with pytest.warns(UserWarning, match="measured with OMP_WAIT_POLICY unset"):
         p.check_fingerprint()

@@ -30,6 +30,7 @@ def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     assert wall <= budget + 20, f"budget {budget}s, took {wall:.0f}s"
     for name in ("plan.json", "trials.csv", "report.md", "report.html", "study.db", "run.json", "history.png"):
         assert (out / name).exists(), name
+    assert (out / "cache" / "inductor").is_dir()  # the workers' inductor caches live in the run directory
     trials = pd.read_csv(out / "trials.csv")
     measured = trials[trials["status"] != "duplicate"]
     by_label = dict(zip(measured["label"], measured["status"]))

@@ -30,7 +30,8 @@ def nvml_handle(device: str) -> tuple[Any, str | None]:
 
         return pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0), None
     except Exception as exc:  # noqa: BLE001 - missing package, no driver, no permission
-        return None, f"pynvml GPU sampling ({type(exc).__name__}: {exc}; `pip install nvidia-ml-py`, extra autotiacc[gpu])"
+        return None, (f"pynvml GPU sampling ({type(exc).__name__}: {exc}; `pip install nvidia-ml-py`, "
+                      "extra autotiacc[gpu])")
 
 
 def nvml_sample(handle) -> dict[str, float]:
