@@ -183,6 +183,7 @@ def test_report_renders_when_no_trial_succeeded(tmp_path):
     ("run.json", "[1, 2]", "run.json: holds a list"),
     ("trials.csv", b"\xff\xfe\x00garbage\x81", "trials.csv: cannot be read (UnicodeDecodeError"),
     ("trials.csv", "a,b\n1,2\n", "trials.csv: has no `number` and `status` columns"),
+    ("run.json", '{"sessions": "yesterday"}', "run.json: `sessions` holds a str"),
 ])
 def test_report_on_a_damaged_run_dir_is_one_line(tmp_path, name, content, expected):
     d = _run_dir(tmp_path)
