@@ -267,7 +267,7 @@ def profile_for_search(workload, *, device: str = "cpu", modes: list[str], toler
     return prof
 
 
-MIN_PROFILE_S = 15.0  # less than this for the profile (a short budget): skip it
+MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
 
 
 def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .engine.budget import budget_section
 from .errors import UserInputError
 from .plotting import figure
 from .report_profile import PROFILE_PLOTS, profile_sections
@@ -243,6 +244,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
     out += shape_sections(data)
     out += profile_sections(data)
+    out += budget_section(run)
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
     return out

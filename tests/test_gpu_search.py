@@ -16,7 +16,12 @@ from autotiacc.profiling.attribution import Span, attribute, profile_forwards, r
 from autotiacc.profiling.diagnosis import diagnose, order_seeds
 from autotiacc.profiling.gpu import peak_from_name, peak_from_specs
 from autotiacc.strategy import load_strategy
-from autotiacc.tuner import _allowed
+from autotiacc.engine.space import seed_allowed
+from autotiacc.knobs import all_knobs
+
+
+def _allowed(entry, strategy, ctx) -> bool:
+    return seed_allowed(entry, all_knobs(), strategy, ctx)
 
 
 def _cuda(level: int = 1) -> SearchContext:
