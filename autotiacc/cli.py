@@ -199,6 +199,10 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
         raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
     if resume and not (Path(out) / "run.json").exists():
         raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    if resume:  # what a resume reads back must be readable: one line now, not a traceback later
+        from .report import read_json_file
+
+        read_json_file(Path(out) / "run.json")
     if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
         raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
                    "from a copy, or start a new tune with another --out.")

@@ -197,6 +197,11 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     wl = fields.get("workload") or {}
     if any(n <= 0 for n in [wl.get("batch_size") or 1, *(d for s in wl.get("input_shapes") or [] for d in s)]):
         raise PlanError(f"{origin}: `workload` batch size and input shapes must be positive sizes.")
+    from .workload import INPUT_DTYPES
+
+    bad = [d for d in wl.get("input_dtypes") or [] if d not in INPUT_DTYPES]
+    if bad:
+        raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
     _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
                   "extra", origin)
