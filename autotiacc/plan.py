@@ -3,6 +3,10 @@
 A plan is a recipe: `apply(model)` rebuilds the optimized callable from the knob configs
 (tracing/compiling again on the first call). Nothing in a plan is unpickled, and knob
 types resolve only from the registry.
+
+Schema version 2 adds `shapes` (a plan tuned on a traffic mix: the bucket set and each
+bucket's own knob configs, see `buckets.ShapePlan`). Version 1 plans are still read; their
+`extra["shapes"]`, where version 1 kept the buckets, moves to `shapes` on reading.
 """
 from __future__ import annotations
 
@@ -14,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .buckets import ShapePlan
 from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
 
 SCHEMA = "autotiacc.plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -38,10 +44,11 @@ class Plan:
     level: int | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     extra: dict[str, Any] = field(default_factory=dict)
+    shapes: ShapePlan | None = None  # tuned on traffic: buckets, each with its own configs
 
     @property
     def label(self) -> str:
-        return describe(self.knobs)
+        return describe(self.knobs) + (f"; {self.shapes.label}" if self.shapes else "")
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -54,15 +61,17 @@ class Plan:
             "label": self.label, "baseline": self.baseline, "best": self.best, "speedup": self.speedup,
             "accuracy": self.accuracy, "compile_s": self.compile_s, "fell_back": self.fell_back,
             "note": self.note, "tolerance": self.tolerance, "level": self.level, "extra": self.extra,
+            "shapes": self.shapes.to_dict() if self.shapes else None,
         }
 
     @classmethod
     def from_dict(cls, d: Any, *, origin: str = "plan") -> "Plan":
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise PlanError(f"{origin}: not an autotiacc plan (missing \"schema\": \"{SCHEMA}\").")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise PlanError(f"{origin}: plan schema version {d.get('schema_version')!r} is not supported by this "
-                            f"autotiacc (reads version {SCHEMA_VERSION}); re-run `autotiacc tune`.")
+        version = d.get("schema_version")
+        if version not in READS_VERSIONS:
+            raise PlanError(f"{origin}: plan schema version {version!r} is not supported by this autotiacc "
+                            f"(reads versions {', '.join(map(str, READS_VERSIONS))}); re-run `autotiacc tune`.")
         if not isinstance(d.get("knobs"), list):
             raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
         configs = [config_from_dict(k) for k in d["knobs"]]
@@ -72,7 +81,18 @@ class Plan:
             by_name[knob.name] = match[0] if match else knob.default()
         keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
                 "fell_back", "note", "tolerance", "level", "created", "extra")
-        return cls(knobs=by_name, **{k: d[k] for k in keys if k in d and d[k] is not None})
+        fields = {k: d[k] for k in keys if k in d and d[k] is not None}
+        if not isinstance(fields.get("extra", {}), dict):
+            raise PlanError(f"{origin}: `extra` must be a mapping.")
+        extra = dict(fields.pop("extra", {}))
+        try:
+            if version == 1:  # version 1 kept the buckets among the free-form extras
+                shapes = ShapePlan.from_v1(extra.pop("shapes")) if extra.get("shapes") else None
+            else:
+                shapes = ShapePlan.from_dict(d["shapes"]) if d.get("shapes") is not None else None
+        except PlanError as exc:
+            raise PlanError(f"{origin}: {exc}") from None
+        return cls(knobs=by_name, extra=extra, shapes=shapes, **fields)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -106,14 +126,14 @@ class Plan:
               device: str | None = None, pad_inputs: Any = None):
         """Return the optimized callable for `model` (built on the first call if no inputs given).
 
-        A plan tuned on traffic returns a `BucketedModel` dispatcher; its `pad_inputs` defaults to
-        the one in the model.py the plan was tuned on."""
+        A plan tuned on traffic returns a `BucketedModel` dispatcher; give it `pad_inputs` (e.g. the
+        one in your model.py) when its buckets pad dims other than the batch."""
         from .candidate import OptimizedModel
 
         self.check_fingerprint(strict=strict, device=device)
         if hasattr(model, "eval"):
             model.eval()
-        if self.extra.get("shapes"):
+        if self.shapes is not None:
             from .buckets import bucketed_from_plan
 
             return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)

@@ -15,19 +15,18 @@ from typing import Any, Callable
 
 from .accuracy import DEFAULT_TOLERANCE
 from .errors import BudgetError, UserInputError
-from .evaluate import evaluate
 from .isolation import measured_env, run_isolated
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
 from .plan import Plan
+from .shape_tuning import FINAL_WARMUP_S, shape_tuning_for
 from .strategy import Strategy, load_strategy
 from .workload import Workload
 
 STUDY_NAME = "autotiacc"
 MIN_BUDGET_S = 10.0
 SPAWN_OVERHEAD_S = 6.0  # starting a trial process and importing torch, measured ~3-5 s here
-FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in the final re-measurement
 Progress = Callable[[dict[str, Any]], None]
 
 
@@ -130,10 +129,8 @@ class Tuner:
         self.run_dir = Path(options.out_dir)
         self.t_start = time.monotonic()
         self.deadline = self.t_start + options.budget_s
-        from .shape_tuning import shape_tuning_for
-
-        # None unless the workload has traffic; then trials tune buckets over the traffic mix.
-        self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
+        # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
+        self.shapes = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
                                              strategy=self.strategy, device=options.device)
 
     # -- set-up ------------------------------------------------------------------------------
@@ -272,11 +269,11 @@ class Tuner:
                 claim(study, trial)
             configs = {k.name: k.suggest(trial, self.strategy.space(k.name), ctx) for k in knobs}
             configs = configs_from_params(_values(configs))
-            values = _values(configs)
-            if self.shape_tuning is not None:
-                values = self.shape_tuning.suggest(trial, values)
+            values = self.shapes.suggest(trial, _values(configs), ctx)
+            is_baseline = values == _values(configs_from_params({}))
             trial.set_user_attr("knobs", values)
-            trial.set_user_attr("label", describe(configs) + (self.shape_tuning.label(values) if self.shape_tuning else ""))
+            trial.set_user_attr("baseline", is_baseline)
+            trial.set_user_attr("label", describe(configs) + self.shapes.label(values))
             reason = next((r for k in knobs if (r := k.incompatible(configs, ctx))), None)
             key = _key(values)
             if shared:  # other workers' finished trials count as seen too
@@ -292,7 +289,7 @@ class Tuner:
             seen[key] = trial.number
             # One slow candidate (a compile on a loaded machine) must not eat the whole budget.
             cap = max(self.strategy.max_trial_share * self.options.budget_s, SPAWN_OVERHEAD_S + 10)
-            if trial.user_attrs["label"] == describe(configs_from_params({})):
+            if is_baseline:
                 cap = left  # the baseline is the one trial every plan needs
             self._run_trial(study, trial, values, timeout=min(self.strategy.trial_timeout_s, left, cap), best=best)
             new_best = self._best_ratio(study)
@@ -350,11 +347,7 @@ class Tuner:
         tops = self._top(study)
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        if self.shape_tuning is not None:  # timing every traffic shape costs more than one window
-            return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) * 1.3 + 5.0
-        warmup = (len(tops) + 1) * FINAL_WARMUP_S
-        return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
+        return SPAWN_OVERHEAD_S + self.shapes.final_reserve(tops) + 5.0
 
     def _typical_trial_s(self, study) -> float:
         """Median wall time of measured trials: don't start one that cannot finish in time."""
@@ -371,7 +364,7 @@ class Tuner:
         out, keys = [], set()
         for t in done:
             k = _key(t.user_attrs["knobs"])
-            if k not in keys and t.user_attrs.get("label") != describe(configs_from_params({})):
+            if k not in keys and not t.user_attrs.get("baseline"):
                 keys.add(k)
                 out.append(t)
         return out[: self.strategy.final_top_k]
@@ -380,15 +373,15 @@ class Tuner:
         from optuna.trial import TrialState
 
         self.progress({"event": "trial_start", "number": trial.number, "label": trial.user_attrs["label"]})
-        fn, extra = self._evaluator(final=False)
+        fn, extra = self.shapes.evaluator(final=False, measure_s=self.strategy.measure_s,
+                                          prune_above=best * self.strategy.prune_factor)
         from .distributed import heartbeat
 
         with heartbeat(study, trial):  # a no-op unless the storage has heartbeats on
             outcome = run_isolated(
                 fn, self.workload, {"candidate": values}, timeout=timeout,
                 log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
-                device=self.options.device, tolerance=self.options.effective_tolerance,
-                target_s=self.strategy.measure_s, prune_above=best * self.strategy.prune_factor, **extra)
+                device=self.options.device, tolerance=self.options.effective_tolerance, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -431,7 +424,7 @@ class Tuner:
                     tolerance=self.options.effective_tolerance, level=self.options.level,
                     extra={"strategy": self.strategy.name, "trials": len(study.trials), "measured_env": measured_env(),
                            **getattr(self, "plan_extra", {})})
-        base_trial = next((t for t in study.trials if t.user_attrs.get("label") == describe(baseline_cfg)
+        base_trial = next((t for t in study.trials if t.user_attrs.get("baseline")
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
@@ -445,11 +438,10 @@ class Tuner:
         self.progress({"event": "final_start", "candidates": [t.user_attrs["label"] for t in tops]})
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
-        fn, extra = self._evaluator(final=True)
+        fn, extra = self.shapes.evaluator(final=True)
         outcome = run_isolated(fn, self.workload, cands, timeout=timeout,
                                log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
-                               tolerance=self.options.effective_tolerance, target_s=self.strategy.final_measure_s,
-                               warmup_s=FINAL_WARMUP_S, **extra)
+                               tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S, **extra)
         if not outcome.ok:
             # Keep best-so-far from the search rather than ending with nothing.
             t = tops[0]
@@ -459,7 +451,7 @@ class Tuner:
             plan.baseline = {"median_ms": t.user_attrs.get("baseline_ms"), "source": "search"}
             plan.best = {"median_ms": t.user_attrs.get("latency_ms"), "p90_ms": t.user_attrs.get("p90_ms"),
                          "spread": t.user_attrs.get("spread"), "source": "search"}
-            self._record_shapes(plan, t.user_attrs["knobs"], t.user_attrs)
+            self.shapes.record(plan, t.user_attrs["knobs"], t.user_attrs)
             plan.note = (f"final re-measurement failed ({outcome.reason()}); the plan keeps trial {t.number}, "
                          "the best of the search, with its search-time figures.")
             return self._save_plan(plan)
@@ -476,7 +468,7 @@ class Tuner:
                 plan.knobs = configs_from_params(res["knobs"])
                 plan.best, plan.speedup = cand.to_dict(), base.median / cand.median
                 plan.accuracy, plan.compile_s = res["accuracy"], res["build_s"]
-                self._record_shapes(plan, res["knobs"], res)
+                self.shapes.record(plan, res["knobs"], res)
                 plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
                              "re-measured interleaved in a fresh process.")
                 return self._save_plan(plan)
@@ -489,14 +481,6 @@ class Tuner:
         plan.fell_back = True
         plan.speedup = 1.0
         return self._save_plan(plan)
-
-    def _evaluator(self, *, final: bool) -> tuple[Callable, dict[str, Any]]:
-        """The function a trial process runs, and its extra keyword arguments."""
-        return (evaluate, {}) if self.shape_tuning is None else self.shape_tuning.evaluator(final=final)
-
-    def _record_shapes(self, plan: Plan, values: dict, result: dict | None = None) -> None:
-        if self.shape_tuning is not None:
-            self.shape_tuning.record(plan, values, result)
 
     def _save_plan(self, plan: Plan) -> Plan:
         plan.save(self.run_dir / "plan.json")

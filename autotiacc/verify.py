@@ -1,9 +1,10 @@
 """`autotiacc verify`: re-measure a saved plan on the machine at hand and flag drift.
 
 Meant for CI of a serving image: the plan is rebuilt and timed interleaved with the eager fp32
-baseline in a fresh process (the same `evaluate` a trial runs, so the figure means the same
-thing as the recorded one), and compared with what the plan recorded: hardware/software
-fingerprint, accuracy, speed-up, and the artifact's hash when the plan names one.
+baseline in a fresh process (the same evaluator a trial runs, so the figure means the same
+thing as the recorded one: a plan tuned on traffic is timed over every shape of its mix), and
+compared with what the plan recorded: hardware/software fingerprint, accuracy, speed-up, and
+the artifact's hash when the plan names one.
 
 Speed drift is judged with the noise, not against a bare number: the plan fails when its
 candidate is slower *beyond noise* (Mann-Whitney U) than the recorded speed-up, less the
@@ -11,7 +12,6 @@ allowed `tolerance`, predicts from the baseline measured side by side.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,11 +79,11 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
-    from .evaluate import evaluate
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
     from .isolation import run_isolated
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
+    from .shape_tuning import shape_tuning_for_plan, values_from_plan
 
     if not 0 <= tolerance < 1:
         raise UserInputError(f"`--tolerance` got {tolerance!r}: use a fraction in [0, 1), e.g. 0.25 "
@@ -110,10 +110,10 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              + (f", rel. error {rec_acc:.2e}" if rec_acc is not None else "")
              + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
-    values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
-    outcome = run_isolated(evaluate, workload, {"plan": values}, timeout=timeout_s, device=plan.device,
-                           tolerance=tol, target_s=measure_s)
+    fn, kwargs = shape_tuning_for_plan(plan, workload).evaluator(final=False, measure_s=measure_s)
+    outcome = run_isolated(fn, workload, {"plan": values_from_plan(plan)}, timeout=timeout_s, device=plan.device,
+                           tolerance=tol, **kwargs)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")
@@ -128,6 +128,9 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     speedup = base.median / cand.median
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
                     baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
+    if res.get("per_shape"):  # a traffic plan: the figures are traffic-weighted over these shapes
+        measured["shapes"] = sorted(res["per_shape"])
+        lines.append(f"timed over the traffic mix: {len(res['per_shape'])} shapes, traffic-weighted")
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
                  f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n} interleaved), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
