@@ -7,8 +7,8 @@ workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or 
 - `suggest(trial, values, ctx=None)` once per trial, in the tuner's process, after the knobs
   sampled `values` ({knob: {field: value}}); returns the values to evaluate. With traffic, Optuna
   also samples the bucket set (edges per dim from the traffic histogram), which buckets pad to a
-  specialised graph, and, given the `SearchContext`, each bucket's own backend and precision
-  (an ONNX Runtime bucket is always padded: its session has fixed shapes). These land in
+  specialised graph, and, given the `SearchContext`, the buckets of large requests' own backend
+  and precision (an ONNX Runtime bucket is always padded: its session has fixed shapes). These land in
   `values["shapes"]`. The search's baseline (eager fp32, no buckets) comes back unchanged, so
   `values == baseline values` identifies it; no label is compared.
 - `label(values)`: a suffix for the trial's label ("" when there is nothing to add).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,8 +42,8 @@ MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
 FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-measurement
-# Knobs a bucket may set for itself; the others (threads, layout) hold for the whole process.
-BUCKET_KNOBS = {"execution": "backend", "precision": "mode"}
+# Buckets above this traffic quantile of the request size may run their own backend/precision.
+SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
 
 class StaticShapes:
@@ -139,24 +140,43 @@ class ShapeTuning:
             out[b] = modes
         return out if sum(len(m) for m in out.values()) > 1 else {}
 
-    def _bucket_knobs(self, trial, values: dict[str, dict], n: int, ctx: SearchContext | None) -> list[dict]:
-        """Each bucket's own backend and precision (overrides of `values`; {} when the same)."""
+    def _size_quantile(self, q: float) -> int:
+        """Input elements per request (product of the dims) at the traffic-weighted quantile q."""
+        sizes = sorted((_elements({BATCH: t.batch_size, **t.dim_dict}), t.weight) for t in self.traffic)
+        acc = 0.0
+        for size, w in sizes:
+            acc += w
+            if acc >= q - 1e-12:
+                return size
+        return sizes[-1][0]
+
+    def _bucket_knobs(self, trial, values: dict[str, dict], buckets: list[dict[str, int]],
+                      ctx: SearchContext | None) -> list[dict]:
+        """Each bucket's own backend and precision (overrides of `values`; {} when the same).
+
+        Sampled as a split by request size, which a short budget can search (2 x buckets
+        independent choices could not): buckets holding requests larger than the traffic's
+        `split_at` quantile run `split_backend` with `split_precision`; the others the trial's
+        knobs. Not while stage-1 seeds are still queued: a seed measures one whole-model config."""
+        from optuna.trial import TrialState
+
         choices = self.bucket_choices(ctx)
-        if not choices or trial.suggest_categorical("bucket_knobs", ["same", "per_bucket"]) == "same":
-            return [{} for _ in range(n)]
-        out = []
-        for i in range(n):
-            backend = trial.suggest_categorical(f"bucket_{i}_backend", list(choices))
-            modes = choices[backend]
-            # One parameter per backend: Optuna needs the same choices under a name in every trial.
-            mode = trial.suggest_categorical(f"bucket_{i}_{backend}_precision", modes) if len(modes) > 1 else modes[0]
-            own = {}
-            if backend != values.get("execution", {}).get("backend", "eager"):
-                own["execution"] = dataclasses.asdict(get_knob("execution").config_cls(backend=backend))
-            if mode != values.get("precision", {}).get("mode", "fp32"):
-                own["precision"] = dataclasses.asdict(get_knob("precision").config_cls(mode=mode))
-            out.append(own)
-        return out
+        none = [{} for _ in buckets]
+        if not choices or trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return none
+        if trial.suggest_categorical("bucket_knobs", ["same", "split"]) == "same":
+            return none
+        backend = trial.suggest_categorical("split_backend", list(choices))
+        modes = choices[backend]
+        # One parameter per backend: Optuna needs the same choices under a name in every trial.
+        mode = trial.suggest_categorical(f"split_{backend}_precision", modes) if len(modes) > 1 else modes[0]
+        threshold = self._size_quantile(trial.suggest_categorical("split_at", SPLIT_QUANTILES))
+        own = {}
+        if backend != values.get("execution", {}).get("backend", "eager"):
+            own["execution"] = dataclasses.asdict(get_knob("execution").config_cls(backend=backend))
+        if mode != values.get("precision", {}).get("mode", "fp32"):
+            own["precision"] = dataclasses.asdict(get_knob("precision").config_cls(mode=mode))
+        return [dict(own) if _elements(edge) > threshold else {} for edge in buckets]
 
     def _padded(self, trial, backends: list[str]) -> list[bool]:
         """Which buckets pad to a specialised graph: eager never (padding would only add work),
@@ -184,8 +204,7 @@ class ShapeTuning:
             self._checked = True
         serve_batch = trial.suggest_categorical("serve_batch", self.serve_batches) if self.serve_batches else None
         edges = self._edges(trial, serve_batch)
-        n_buckets = len(BucketSpec(edges=edges, axes=self.axes).buckets())
-        own = self._bucket_knobs(trial, values, n_buckets, ctx)
+        own = self._bucket_knobs(trial, values, BucketSpec(edges=edges, axes=self.axes).buckets(), ctx)
         backend = values.get("execution", {}).get("backend", "eager")
         padded = self._padded(trial, [o.get("execution", {}).get("backend", backend) for o in own])
         if not any(padded) and not any(own):  # one shared runner serves every shape: edges only bound the range
@@ -253,6 +272,10 @@ class ShapeTuning:
         measured = {k: result[k] for k in ShapePlan.FIGURES if result and k in result}
         plan.shapes = ShapePlan(spec, traffic=traffic_to_rows(self.traffic), serve_batch=sh.get("serve_batch"),
                                 p99_budget_ms=self.p99_ms, label=sh["label"], measured=measured)
+
+
+def _elements(sizes: dict[str, int]) -> int:
+    return math.prod(sizes.values())
 
 
 def _values(configs) -> dict[str, dict]:

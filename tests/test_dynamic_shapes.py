@@ -426,8 +426,11 @@ def _ort_available() -> bool:
 
 
 def test_per_bucket_backend_and_precision_are_searched(tiny):
-    """With a search context, Optuna picks each bucket's own backend and precision; an ONNX
-    Runtime bucket is always padded (fixed shapes), an eager one never."""
+    """With a search context, Optuna picks a backend and precision for the buckets of large
+    requests; an ONNX Runtime bucket is always padded (fixed shapes), an eager one never; while
+    stage-1 seeds are queued, every bucket runs the trial's own knobs."""
+    import math
+
     import optuna
 
     from autotiacc.strategy import load_strategy
@@ -436,23 +439,34 @@ def test_per_bucket_backend_and_precision_are_searched(tiny):
     ctx = SearchContext(level=1, onnxruntime=True)
     assert set(st.bucket_choices(ctx)) == {"eager", "torchscript", "compile", "onnxruntime"}
     assert "bf16_autocast" not in st.bucket_choices(ctx)["onnxruntime"]  # incompatible, as the knob says
+    assert st.bucket_choices(ctx)["eager"] == ["fp32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights"]
     assert st.bucket_choices(SearchContext(level=0)) != {}  # backends still differ at level 0
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
-    own_backends, own_modes = set(), set()
+    knobs = {"execution": {"backend": "torchscript"}, "precision": {"mode": "fp32"}}
+    study.enqueue_trial({"seq_len_buckets": 3})
+    study.enqueue_trial({"seq_len_buckets": 3})
+    seed = study.ask()
+    assert not any(st.suggest(seed, knobs, ctx)["shapes"]["knobs"]) and "bucket_knobs" not in seed.params
+    study.tell(seed, 1.0)
+    own_backends, own_modes, splits = set(), set(), 0
     for _ in range(30):
         trial = study.ask()
-        values = st.suggest(trial, {"execution": {"backend": "torchscript"}, "precision": {"mode": "fp32"}}, ctx)
+        values = st.suggest(trial, knobs, ctx)
         study.tell(trial, 1.0)
         sh = values["shapes"]
         spec = spec_from_values(sh, st.axes)
         assert len(sh["knobs"]) == len(sh["padded"]) == len(spec.buckets())
-        for idx, own in enumerate(sh["knobs"]):
+        sizes = [math.prod(b.values()) for b in spec.buckets()]
+        own = [i for i, k in enumerate(sh["knobs"]) if k]
+        assert all(sizes[i] > sizes[j] for i in own for j in range(len(sizes)) if j not in own)  # the large ones
+        splits += bool(own)
+        for idx, k in enumerate(sh["knobs"]):
             backend = spec.configs(idx, configs_from_params(values))["execution"].backend
-            own_backends.add(own.get("execution", {}).get("backend"))
-            own_modes.add(own.get("precision", {}).get("mode"))
+            own_backends.add(k.get("execution", {}).get("backend"))
+            own_modes.add(k.get("precision", {}).get("mode"))
             assert sh["padded"][idx] if backend == "onnxruntime" else True
             assert not sh["padded"][idx] if backend == "eager" else True
-    assert {"onnxruntime", "eager"} <= own_backends and "bf16_weights" in own_modes
+    assert splits >= 5 and {"onnxruntime", "eager"} <= own_backends and "bf16_weights" in own_modes
 
 
 def test_per_bucket_configs_are_evaluated_and_recorded_in_the_plan(tiny, tmp_path):
