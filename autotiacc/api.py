@@ -15,8 +15,9 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
              seed: int = 0, quiet: bool = True):
     """Tune `model` on this machine and return an optimized callable used exactly like it.
 
-    Trials run in spawned processes, so `model` and its class must be picklable/importable
-    (define it at module level; guard script entry points with `if __name__ == "__main__":`).
+    Trials run in worker processes that never import the caller's `__main__`: `model` is sent
+    to them with cloudpickle (a class defined in a script, `python -` or a notebook travels by
+    value), so this works from a script without a `__main__` guard, a notebook, or a module.
     The run directory (plan.json, report, trials) is `out_dir`, else a temporary folder;
     the returned callable has `.plan` and `.run_dir` attributes.
     """
@@ -25,6 +26,7 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
     from .workload import workload_from_module
 
     workload = workload_from_module(model, example_inputs, test_data=test_data, metric=metric)
+    _check_sendable(workload)
     run_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"autotiacc-{workload.name}-"))
     options = TuneOptions(budget_s=parse_duration(budget, name="budget"), out_dir=run_dir, level=level,
                           strategy=strategy, tolerance=tolerance, device=device, seed=seed,
@@ -35,3 +37,17 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
     fast = result.plan.apply(model, workload.example_inputs(), device=device)
     fast.plan, fast.run_dir = result.plan, run_dir
     return fast
+
+
+def _check_sendable(workload) -> None:
+    """The model, inputs, test data and metric go to worker processes: fail before any work."""
+    import cloudpickle
+
+    from .errors import WorkloadError
+
+    try:
+        cloudpickle.dumps(workload)
+    except Exception as exc:  # noqa: BLE001 - e.g. a lock, an open file or a socket held by the model
+        raise WorkloadError(f"`model` (or its inputs, test data or metric) cannot be sent to a worker process: "
+                            f"{type(exc).__name__}: {exc}; remove the unpicklable attribute (a lock, open "
+                            "file or connection) from the module before calling optimize().") from None

@@ -14,7 +14,7 @@ from .errors import AutotiaccError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
-_STATE = {"debug": False}
+_STATE: dict[str, Any] = {"debug": False, "run_dir": None}
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -35,7 +35,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                 traceback.print_exc()
             _fail(str(exc))
         except KeyboardInterrupt:
-            typer.echo("autotiacc: interrupted; finished trials are kept (continue with --resume).", err=True)
+            run_dir = _STATE["run_dir"]
+            if run_dir is not None and (Path(run_dir) / "run.json").is_file():
+                typer.echo(f"autotiacc: interrupted; finished trials are kept (continue with --resume --out {run_dir}).",
+                           err=True)
+            else:
+                typer.echo("autotiacc: interrupted before any trial was recorded; nothing was kept.", err=True)
             raise typer.Exit(130)
     return wrapper
 
@@ -128,28 +133,35 @@ def tune(
         return
     from .durations import parse_duration
     from .report import write_report
-    from .tuner import TuneOptions
+    from .strategy import load_strategy
+    from .tuner import MIN_BUDGET_S, TuneOptions
     from .tuner import tune as run_tune
     from .workload import load_workload
 
+    started = time.monotonic()
     budget_s = parse_duration(budget)
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
-    if resume and out is None:
-        raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
-    if resume and not (Path(out) / "run.json").exists():
-        raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    _check_out(out, resume)
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
-    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype)
+    load_strategy(strategy)  # a bad strategy is refused before any work
+    if budget_s >= MIN_BUDGET_S and storage is not None:  # a bad URL is refused before profiling
+        from .distributed import open_storage
+
+        open_storage(storage, heartbeat_s=heartbeat)
+    # the user's code runs first in a child killed at the end of the budget (a hanging forward)
+    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
+                             timeout=max(budget_s, MIN_BUDGET_S), limit=f"the {budget_s:.0f} s --budget")
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    _STATE["run_dir"] = out
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
-                          command=" ".join(["autotiacc", *sys.argv[1:]]),
-                          traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms, heartbeat_s=heartbeat)
+                          command=_command(), traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms,
+                          heartbeat_s=heartbeat, started=started)
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)
@@ -170,6 +182,22 @@ def tune(
     typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
     if exported is False:
         raise typer.Exit(1)
+
+
+def _command() -> str:
+    """The command line as run.json records it: never a storage password."""
+    from .distributed import redact
+
+    return redact(" ".join(["autotiacc", *sys.argv[1:]]))
+
+
+def _check_out(out: Optional[Path], resume: bool) -> None:
+    if out is not None and out.exists() and not out.is_dir():
+        raise _bad(f"`--out` {out} is a file, not a folder; give a folder for the run (created if missing).")
+    if resume and out is None:
+        raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
+    if resume and not (Path(out) / "run.json").exists():
+        raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
 
 
 def _bad(msg: str) -> AutotiaccError:
@@ -236,7 +264,7 @@ def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     bar = _Bar(parse_duration(kwargs["budget"]), quiet)
     try:
         cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
-                 command=" ".join(["autotiacc", *sys.argv[1:]]), echo=typer.echo, progress=bar)
+                 command=_command(), echo=typer.echo, progress=bar)
     finally:
         bar.close()
 
@@ -292,10 +320,10 @@ def profile_cmd(
     top: int = typer.Option(10, "--top", help="modules to list"),
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .layer_precision import LOWERED_MODES, profile_for_search
     from .profile import PROFILE_FILE, save_profile, summary_lines
-    from .workload import load_workload
+    from .workload import CHECK_TIMEOUT_S, load_workload
 
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
@@ -306,8 +334,8 @@ def profile_cmd(
 
         if not torch.cuda.is_available():
             raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
-    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype)
-    workload.validate()
+    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
+                             timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
     # in a spawned process with the trials' environment (passive OpenMP waits), as in a tune
     outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)

@@ -33,8 +33,9 @@ def worker_id() -> str:
 
 
 def redact(url: str) -> str:
-    """The storage URL without its password, for messages and run.json."""
-    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+    """The storage URL (or a command line holding one) without its password, for messages and
+    run.json. Up to the last `@` of the word: a raw `@` or `/` in a password is hidden too."""
+    return re.sub(r"(://[^:/@\s]+):\S*@", r"\1:***@", url)
 
 
 def open_storage(url: str, *, heartbeat_s: int = DEFAULT_HEARTBEAT_S):

@@ -21,6 +21,10 @@ class ModelRaisedError(WorkloadError):
     """The user's model raised on its own example inputs (a bug in the user's code)."""
 
 
+class StrategyError(UserInputError):
+    """A strategy YAML (preset or `--strategy FILE`) is malformed; refused before any work starts."""
+
+
 class BudgetError(UserInputError):
     """The `--budget` string is malformed or too small for the work asked."""
 

@@ -1,8 +1,10 @@
-"""What runs inside an isolated trial process: build candidates, guard accuracy, time them
-interleaved with the fp32 eager baseline built in the same process.
+"""What runs inside a trial worker: build candidates, guard accuracy, time them interleaved
+with the fp32 eager baseline built in the same process.
 
-Measuring the baseline again in every trial process costs one eager model, and makes every
-trial's figure a side-by-side ratio rather than a comparison across minutes of drift.
+Measuring the baseline beside every candidate makes every trial's figure a side-by-side ratio
+rather than a comparison across minutes of drift. A warm worker evaluates candidate after
+candidate, so the model, its test data, the fp32 references and the eager baseline are built
+(and the baseline warmed up) once per workload and device, and reused: `_Reference`.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from typing import Any
 from .accuracy import compare_outputs
 from .candidate import OptimizedModel, compile_stats
 from .knobs import configs_from_params
-from .measure import Timing, measure_interleaved
+from .measure import Timing, measure_interleaved, warm_up
 
 BASELINE = "baseline"
+WARM_BASELINE_S = 0.3  # a baseline already warmed in this worker only needs its caches refilled
 
 
 def _to(obj: Any, device: str) -> Any:
@@ -27,67 +30,138 @@ def _to(obj: Any, device: str) -> Any:
     return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
+class _Reference:
+    """One workload's eager fp32 model on a device, its inputs, test data and outputs."""
+
+    def __init__(self, workload, device: str) -> None:
+        import torch
+
+        self.model = _to(workload.build_model(), device)
+        self.inputs = _to(workload.example_inputs(), device)
+        self.test = [(_to(x, device), y) for x, y in workload.test_data()]
+        with torch.no_grad():
+            self.refs = [self.model(*x) for x, _ in self.test]
+        self.warmed = False
+
+    def baseline(self) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return self.model(*self.inputs)
+
+
+# The reference of the last workload this worker evaluated: (key, _Reference). One only, so a
+# worker never holds two models; a key is the workload's token (same object in the tuner) + device.
+_CACHE: list = [None, None]
+
+
+def reference_for(workload, device: str) -> _Reference:
+    key = (getattr(workload, "token", None) or id(workload), device)
+    if _CACHE[0] != key:
+        _CACHE[:] = [None, None]  # free the old model before building the new one
+        _CACHE[:] = [key, _Reference(workload, device)]
+    return _CACHE[1]
+
+
+def _flags() -> dict[str, Any]:
+    """Process-wide torch settings a knob may change while building; restored after each evaluation."""
+    import torch
+
+    return {"threads": torch.get_num_threads(), "matmul": torch.get_float32_matmul_precision(),
+            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
+            "cuda_tf32": torch.backends.cuda.matmul.allow_tf32}
+
+
+def _restore_flags(flags: dict[str, Any]) -> None:
+    import torch
+
+    if torch.get_num_threads() != flags["threads"]:
+        torch.set_num_threads(flags["threads"])
+    torch.set_float32_matmul_precision(flags["matmul"])
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["cuda_tf32"]
+
+
+_PRISTINE: dict[str, Any] = {}  # the worker's flags before its first evaluation
+
+
 def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = "cpu", tolerance: float = 2e-2,
              target_s: float = 2.0, warmup_s: float = 3.0, prune_above: float | None = None) -> dict[str, Any]:
     """Evaluate each candidate ({name: {knob: {field: value}}}) against the baseline.
 
     Returns {"baseline": timing, "candidates": {name: result}}; a result's status is `ok`,
     `rejected` (accuracy), `failed` (raised while building or running) or `pruned` (a quick
-    look said it is more than `prune_above` x the baseline's latency).
+    look said it is more than `prune_above` x the baseline's latency). The quick look's
+    samples count towards the full measurement when the candidate is not pruned.
     """
     import torch
 
-    torch._dynamo.reset()
+    if not _PRISTINE:
+        _PRISTINE.update(_flags())
+    _restore_flags(_PRISTINE)  # whatever the previous candidate's build changed
+    torch._dynamo.reset()  # compiled graphs of earlier candidates: memory, and recompile limits
     torch._dynamo.utils.counters.clear()
-    model = _to(workload.build_model(), device)
-    inputs = _to(workload.example_inputs(), device)
-    test = [(_to(x, device), y) for x, y in workload.test_data()]
-    with torch.no_grad():
-        refs = [model(*x) for x, _ in test]
+    try:
+        ref = reference_for(workload, device)
+        return _evaluate(ref, workload, candidates, device=device, tolerance=tolerance, target_s=target_s,
+                         warmup_s=warmup_s, prune_above=prune_above)
+    finally:
+        _restore_flags(_PRISTINE)
 
-    def baseline() -> Any:
-        with torch.no_grad():
-            return model(*inputs)
+
+def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]], *, device: str, tolerance: float,
+              target_s: float, warmup_s: float, prune_above: float | None) -> dict[str, Any]:
+    import torch
 
     results: dict[str, Any] = {}
-    runners = {BASELINE: baseline}
+    runners = {BASELINE: ref.baseline}
     for name, values in candidates.items():
         res: dict[str, Any] = {"knobs": values}
         try:
             torch._dynamo.utils.counters.clear()
-            cand = OptimizedModel(model, configs_from_params(values), example_inputs=inputs, device=device)
+            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
             res["build_s"] = cand.build_seconds
-            outs = [cand(*x) for x, _ in test]
+            outs = [cand(*x) for x, _ in ref.test]
             res["compile"] = compile_stats()
-            acc = compare_outputs(outs, refs, tolerance=tolerance, metric=workload.metric,
-                                  targets=[y for _, y in test])
+            acc = compare_outputs(outs, ref.refs, tolerance=tolerance, metric=workload.metric,
+                                  targets=[y for _, y in ref.test])
             res["accuracy"] = acc.to_dict()
             if not acc.ok:
                 res.update(status="rejected", reason=acc.reason)
             else:
                 res["status"] = "ok"
-                runners[name] = (lambda c=cand: c(*inputs))
+                runners[name] = (lambda c=cand: c(*ref.inputs))
         except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
             res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                        traceback=traceback.format_exc()[-4000:])
         results[name] = res
+    t0 = time.perf_counter()
+    # Warm each runner once; an eager baseline this worker warmed before needs only a few calls.
+    warm_up(ref.baseline, device, max_s=WARM_BASELINE_S if ref.warmed else warmup_s)
+    ref.warmed = True
+    for name in list(runners)[1:]:
+        warm_up(runners[name], device, max_s=warmup_s)
+    timings: dict[str, Timing] | None = None
     if prune_above is not None and len(runners) == 2:
-        quick = measure_interleaved(runners, device, min_rounds=5, target_s=min(0.5, target_s / 4),
-                                    warmup_s=warmup_s)
+        quick_s = min(0.5, target_s / 4)
+        timings = measure_interleaved(runners, device, min_rounds=5, target_s=quick_s, warmup_s=0)
         name = next(n for n in runners if n != BASELINE)
-        ratio = quick[name].median / quick[BASELINE].median
+        ratio = timings[name].median / timings[BASELINE].median
         if ratio > prune_above:
             results[name].update(status="pruned", ratio=ratio, speedup=1 / ratio,
                                  reason=f"quick look: {1 / ratio:.2f}x speed-up, far from the best so far "
                                         f"({1 / prune_above:.2f}x would be needed to continue)",
-                                 timing=quick[name].to_dict())
-            return {"baseline": quick[BASELINE].to_dict(), "candidates": results}
-    t0 = time.perf_counter()
-    timings: dict[str, Timing] = measure_interleaved(runners, device, target_s=target_s, warmup_s=warmup_s)
-    for name, t in timings.items():
+                                 timing=timings[name].to_dict())
+            return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
+        target_s = max(target_s - quick_s, 0.0)
+    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0)
+    if timings is not None:  # the quick look was measured the same way: keep its samples
+        more = {n: Timing(timings[n].samples_ms + t.samples_ms) for n, t in more.items()}
+    for name, t in more.items():
         if name == BASELINE:
             continue
-        r = t.median / timings[BASELINE].median
+        r = t.median / more[BASELINE].median
         results[name].update(timing=t.to_dict(), ratio=r, speedup=1 / r)
-    return {"baseline": timings[BASELINE].to_dict(), "candidates": results,
+    return {"baseline": more[BASELINE].to_dict(), "candidates": results,
             "measure_s": time.perf_counter() - t0}

@@ -276,7 +276,7 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     """
     from pathlib import Path
 
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
 
     path = Path(run_dir) / PROFILE_FILE

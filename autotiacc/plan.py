@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any
 from .buckets import ShapePlan
 from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
+from .knobs.base import field_type_errors, matches_type, type_name
 
 SCHEMA = "autotiacc.plan"
 SCHEMA_VERSION = 2
@@ -66,32 +68,37 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any, *, origin: str = "plan") -> "Plan":
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise PlanError(f"{origin}: not an autotiacc plan (missing \"schema\": \"{SCHEMA}\").")
-        version = d.get("schema_version")
-        if version not in READS_VERSIONS:
-            raise PlanError(f"{origin}: plan schema version {version!r} is not supported by this autotiacc "
-                            f"(reads versions {', '.join(map(str, READS_VERSIONS))}); re-run `autotiacc tune`.")
+        """Check every field a plan is read for, then build it; anything else is a `PlanError`
+        naming `origin` (nothing in the file is imported, run or unpickled)."""
+        check_plan_header(d, SCHEMA, READS_VERSIONS, origin, what="plan", retune="autotiacc tune")
         if not isinstance(d.get("knobs"), list):
             raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
-        configs = [config_from_dict(k) for k in d["knobs"]]
-        by_name = {}
-        for knob in all_knobs():
-            match = [c for c in configs if isinstance(c, knob.config_cls)]
-            by_name[knob.name] = match[0] if match else knob.default()
         keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
                 "fell_back", "note", "tolerance", "level", "created", "extra")
         fields = {k: d[k] for k in keys if k in d and d[k] is not None}
-        if not isinstance(fields.get("extra", {}), dict):
-            raise PlanError(f"{origin}: `extra` must be a mapping.")
+        check_fields(cls, fields, origin)
+        check_plan_details(fields, origin)
+        try:
+            configs = [config_from_dict(k) for k in d["knobs"]]
+        except PlanError as exc:
+            raise PlanError(f"{origin}: {exc}") from None
+        by_name = {}
+        for knob in all_knobs():
+            match = [c for c in configs if isinstance(c, knob.config_cls)]
+            if len(match) > 1:
+                raise PlanError(f"{origin}: `knobs` lists {knob.config_cls.__name__} {len(match)} times; a plan has one "
+                                "entry per knob.")
+            by_name[knob.name] = match[0] if match else knob.default()
         extra = dict(fields.pop("extra", {}))
         try:
-            if version == 1:  # version 1 kept the buckets among the free-form extras
-                shapes = ShapePlan.from_v1(extra.pop("shapes")) if extra.get("shapes") else None
+            if d["schema_version"] == 1:  # version 1 kept the buckets among the free-form extras
+                shapes = ShapePlan.from_v1(extra.pop("shapes")) if extra.get("shapes") is not None else None
             else:
                 shapes = ShapePlan.from_dict(d["shapes"]) if d.get("shapes") is not None else None
         except PlanError as exc:
             raise PlanError(f"{origin}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - data only: whatever is wrong in it is a malformed plan
+            raise PlanError(f"{origin}: `shapes` is malformed ({type(exc).__name__}: {exc}).") from None
         return cls(knobs=by_name, extra=extra, shapes=shapes, **fields)
 
     def save(self, path: str | Path) -> Path:
@@ -150,6 +157,67 @@ def _jsonable(x: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(x).__name__}")
 
 
+# Nested fields a plan is read for (by verify, apply, load_artifact), with their types.
+_WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
+                    "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
+_ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
+                    "runtime": dict[str, Any]}
+_DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
+
+
+def check_plan_header(d: Any, schema: str, version: int | tuple[int, ...], origin: str, *, what: str,
+                      retune: str) -> None:
+    """The schema name and version (or the versions read), shared by inference and training plans."""
+    versions = (version,) if isinstance(version, int) else tuple(version)
+    if not isinstance(d, dict) or d.get("schema") != schema:
+        raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
+    got = d.get("schema_version")
+    if got not in versions or isinstance(got, bool):
+        shown = got if isinstance(got, int) else repr(str(got)[:40])
+        raise PlanError(f"{origin}: {what} schema version {shown} is not supported by this autotiacc "
+                        f"(reads version {' or '.join(map(str, versions))}); re-run `{retune}`.")
+
+
+def check_fields(cls: type, fields: dict[str, Any], origin: str) -> None:
+    """Every top-level field against the dataclass annotation of the plan class."""
+    wrong = field_type_errors(cls, fields)
+    if wrong:
+        raise PlanError(f"{origin}: " + "; ".join(wrong) + ".")
+
+
+def _check_nested(value: Any, spec: dict[str, Any], where: str, origin: str) -> None:
+    for key, hint in spec.items():
+        if isinstance(value, dict) and value.get(key) is not None and not matches_type(value[key], hint):
+            raise PlanError(f"{origin}: `{where}.{key}` got {str(value[key])[:60]!r} ({type(value[key]).__name__}), "
+                            f"expected {type_name(hint)}.")
+
+
+def check_plan_details(fields: dict[str, Any], origin: str) -> None:
+    """Ranges and the nested fields read later, so a bad value fails here, naming the file."""
+    if "device" in fields and not _DEVICE.fullmatch(fields["device"]):
+        raise PlanError(f"{origin}: `device` got {fields['device'][:40]!r}: expected cpu, cuda or cuda:N.")
+    if fields.get("level") not in (None, 0, 1, 2):
+        raise PlanError(f"{origin}: `level` got {fields['level']!r}: expected 0, 1 or 2.")
+    for key in ("speedup", "tolerance", "compile_s"):
+        if key in fields and not fields[key] >= 0:
+            raise PlanError(f"{origin}: `{key}` got {fields[key]!r}: expected a number >= 0.")
+    _check_nested(fields.get("workload"), _WORKLOAD_FIELDS, "workload", origin)
+    wl = fields.get("workload") or {}
+    if any(n <= 0 for n in [wl.get("batch_size") or 1, *(d for s in wl.get("input_shapes") or [] for d in s)]):
+        raise PlanError(f"{origin}: `workload` batch size and input shapes must be positive sizes.")
+    extra = fields.get("extra") or {}
+    _check_nested(extra, {"measured_env": dict[str, str], "artifact": dict[str, Any], "shapes": dict[str, Any]},
+                  "extra", origin)
+    _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
+                  "extra.shapes", origin)
+    artifact = extra.get("artifact") or {}
+    _check_nested(artifact, _ARTIFACT_FIELDS, "extra.artifact", origin)
+    name = artifact.get("file")
+    if name is not None and (not name or Path(name).name != name or name in (".", "..")):
+        raise PlanError(f"{origin}: `extra.artifact.file` got {name[:60]!r}: an artifact is a file name inside the "
+                        "run directory, not a path.")
+
+
 def read_plan_json(path: str | Path, what: str = "plan") -> tuple[Path, Any]:
     """The JSON of a plan file (or of `plan.json` in a run directory); errors are `PlanError`."""
     p = Path(path)
@@ -161,6 +229,10 @@ def read_plan_json(path: str | Path, what: str = "plan") -> tuple[Path, Any]:
         return p, json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise PlanError(f"{p}: not valid JSON ({exc}); a plan is the plan.json a tune wrote.") from None
+    except RecursionError:
+        raise PlanError(f"{p}: not a plan (nested too deeply to read); a plan is the plan.json a tune wrote.") from None
+    except OSError as exc:
+        raise PlanError(f"{p}: cannot be read ({exc.strerror or exc}).") from None
 
 
 def load_plan(path: str | Path) -> Plan:

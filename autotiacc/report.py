@@ -37,14 +37,15 @@ def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
         storage = f"sqlite:///{(run_dir / 'study.db').resolve()}"
     import warnings
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", module="optuna")
-        study = optuna.load_study(study_name=run.get("study_name", "autotiacc"), storage=storage)
-        done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        if len(done) < 5:
-            return {}
-        return dict(optuna.importance.get_param_importances(study))
+        with warnings.catch_warnings():  # scoped: the caller's own warning filters stay as they were
+            warnings.filterwarnings("ignore", module="optuna")
+            study = optuna.load_study(study_name=run.get("study_name", "autotiacc"), storage=storage)
+            done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if len(done) < 5:
+                return {}
+            return dict(optuna.importance.get_param_importances(study))
     except Exception:  # noqa: BLE001 - importance is optional decoration (needs variation in params)
         return {}
 
@@ -237,36 +238,15 @@ def render(data: Any, plots: dict[str, Any], secs: list[tuple[str, list[str]]], 
     return {"md": d / "report.md", "html": d / "report.html", **images}
 
 
-def _md_inline(text: str) -> str:
-    import re
-
-    s = html.escape(text)
-    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", s)
-
-
 def _html(title: str, secs: list[tuple[str, list[str]]], images: dict[str, Path]) -> str:
+    # markdown-it-py (CommonMark + GFM tables) comes with rich; raw HTML in cells stays escaped.
+    from markdown_it import MarkdownIt
+
+    md = MarkdownIt("commonmark", {"html": False}).enable("table")
     body = [f"<h1>{html.escape(title)}</h1>"]
     for heading, lines in secs:
         body.append(f"<h2>{html.escape(heading)}</h2>")
-        i = 0
-        while i < len(lines):
-            line = lines[i]
-            if line.startswith("|"):
-                rows = []
-                while i < len(lines) and lines[i].startswith("|"):
-                    if not lines[i].startswith("|---"):
-                        rows.append([c.strip() for c in lines[i].strip("|").split(" | ")])
-                    i += 1
-                body.append("<table><tr>" + "".join(f"<th>{_md_inline(c)}</th>" for c in rows[0]) + "</tr>"
-                            + "".join("<tr>" + "".join(f"<td>{_md_inline(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
-                            + "</table>")
-                continue
-            if line.startswith("- "):
-                body.append(f"<li>{_md_inline(line[2:])}</li>")
-            elif line:
-                body.append(f"<p>{_md_inline(line)}</p>")
-            i += 1
+        body.append(md.render("\n".join(lines)))
     for name, path in images.items():
         b64 = base64.b64encode(Path(path).read_bytes()).decode()
         body.append(f'<h3>{html.escape(name)}</h3><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">')

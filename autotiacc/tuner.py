@@ -15,14 +15,15 @@ from typing import Any, Callable
 
 from .accuracy import DEFAULT_TOLERANCE
 from .errors import BudgetError, UserInputError
-from .isolation import measured_env, run_isolated
+from .engine.fidelity import measured_env
+from .engine.workers import WorkerPool, run_isolated, worker_env
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .layer_precision import best_full_precision
 from .measure import Timing, faster_beyond_noise
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, shape_tuning_for
 from .strategy import Strategy, load_strategy
-from .workload import Workload
+from .workload import ModelFacts, Workload
 
 STUDY_NAME = "autotiacc"
 MIN_BUDGET_S = 10.0
@@ -47,6 +48,7 @@ class TuneOptions:
     traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
     p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
     heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
+    started: float | None = None  # time.monotonic() when the budget started (the CLI checks the model first)
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -70,9 +72,7 @@ class TuneResult:
     wall_s: float
 
 
-def search_context(workload: Workload, model: Any, device: str, level: int) -> SearchContext:
-    import torch
-
+def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
     from .hardware import usable_cores
 
     try:
@@ -81,12 +81,8 @@ def search_context(workload: Workload, model: Any, device: str, level: int) -> S
         ort = True
     except ImportError:
         ort = False
-    names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
-    has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
-    if workload.kind in ("torchscript", "export"):
-        has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
-    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=has_conv, onnxruntime=ort,
-                         module_names=names)
+    return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=facts.has_conv, onnxruntime=ort,
+                         module_names=facts.module_names)
 
 
 def _key(values: dict[str, dict]) -> str:
@@ -127,7 +123,7 @@ class Tuner:
         self.strategy = load_strategy(options.strategy)
         self.progress = progress or (lambda event: None)
         self.run_dir = Path(options.out_dir)
-        self.t_start = time.monotonic()
+        self.t_start = options.started if options.started is not None else time.monotonic()
         self.deadline = self.t_start + options.budget_s
         # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shapes = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
@@ -218,15 +214,23 @@ class Tuner:
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> TuneResult:
+        self.pool: WorkerPool | None = None
+        try:
+            return self._run()
+        finally:
+            if self.pool is not None:
+                self.pool.close()
+
+    def _run(self) -> TuneResult:
         from .hardware import fingerprint
 
-        model, _ = self.workload.validate()  # the user's bugs surface before anything is written
+        # the user's code runs first in a child, under the budget; its bugs surface before anything is written
+        facts = self.workload.validate(timeout=max(1.0, self.left()), limit=f"the {self.options.budget_s:.0f} s --budget")
         self._prepare_dir()
-        ctx = search_context(self.workload, model, self.options.device, self.options.level)
+        ctx = search_context(facts, self.options.device, self.options.level)
         ctx.extras.update(self._profile())
         fp = fingerprint(self.options.device)
-        identity = self.workload.identity(model)
-        del model
+        identity = facts.identity
         study = self._study_obj = self._study(fp, identity)
         self._write_run_json(fp, identity)
         knobs = [k for k in all_knobs() if k.applies(ctx) or k.name in ("execution", "precision", "runtime")]
@@ -243,6 +247,8 @@ class Tuner:
                 study.enqueue_trial({**_to_params({}), **params}, skip_if_exists=True)
         self.progress({"event": "start", "budget_s": self.options.budget_s, "strategy": self.strategy.name,
                        "resumed_trials": len(seen)})
+        # One warm worker for the whole search (replaced only after a crash, hang or OOM).
+        self.pool = WorkerPool(env=worker_env(self.run_dir), log_dir=self.run_dir / "trials")
         stale = skips = 0
         best = self._best_ratio(study)
         while True:
@@ -296,6 +302,7 @@ class Tuner:
             stale = 0 if new_best < best * 0.99 else stale + 1
             best = min(best, new_best)
             self._write_trials(study)
+        self.pool.close()  # before the final re-measurement: nothing else runs beside it
         self.progress({"event": "search_done", "reason": stop, "left_s": self.left()})
         if shared:
             from .distributed import fail_stale_trials
@@ -314,7 +321,8 @@ class Tuner:
 
         extras = prepare_search(self.workload, self.run_dir, device=self.options.device,
                                 level=self.options.level, strategy=self.strategy,
-                                tolerance=self.options.effective_tolerance, timeout=max(30.0, 0.2 * self.left()),
+                                tolerance=self.options.effective_tolerance,
+                                timeout=min(max(30.0, 0.2 * self.left()), max(1.0, self.left())),
                                 resume=self.options.resume)
         self.plan_extra = {"layer_precision": plan_summary(self.run_dir)}
         return extras
@@ -378,7 +386,7 @@ class Tuner:
         from .distributed import heartbeat
 
         with heartbeat(study, trial):  # a no-op unless the storage has heartbeats on
-            outcome = run_isolated(
+            outcome = self.pool.call(
                 fn, self.workload, {"candidate": values}, timeout=timeout,
                 log_path=str(self.run_dir / "trials" / f"{trial.number:04d}.log"),
                 device=self.options.device, tolerance=self.options.effective_tolerance, **extra)
@@ -439,7 +447,7 @@ class Tuner:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
         timeout = max(self.left() - 2, SPAWN_OVERHEAD_S + 5)
         fn, extra = self.shapes.evaluator(final=True)
-        outcome = run_isolated(fn, self.workload, cands, timeout=timeout,
+        outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=worker_env(self.run_dir),
                                log_path=str(self.run_dir / "trials" / "final.log"), device=self.options.device,
                                tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S, **extra)
         if not outcome.ok:
@@ -498,7 +506,7 @@ class Tuner:
         prev = json.loads(path.read_text()) if path.exists() else {}
         sessions = prev.get("sessions", [])
         sessions.append({"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
-                         "command": self.options.command})
+                         "command": redact(self.options.command)})
         data = {"workload": identity, "fingerprint": fp, "strategy": self.strategy.name,
                 "level": self.options.level, "tolerance": self.options.effective_tolerance,
                 "device": self.options.device, "storage": redact(self.options.storage) if self.options.storage else "sqlite:///study.db",

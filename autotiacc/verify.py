@@ -80,7 +80,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .isolation import run_isolated
+    from .engine.workers import run_isolated
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
     from .shape_tuning import shape_tuning_for_plan, values_from_plan

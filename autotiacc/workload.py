@@ -2,18 +2,27 @@
 in-memory module) into one `Workload`: a model factory, example inputs, test data, a metric.
 
 A Workload is picklable: file-backed ones pickle as their spec and reload in the trial
-process; in-memory ones carry the module itself.
+process; in-memory ones carry the module itself. A model.py is imported lazily, on first use.
+
+The user's code can hang, exit or crash the process. `Workload.check(timeout=...)` (and
+`load_workload(..., timeout=...)`) import, build and run the model once in a spawned child
+that is killed after `timeout` seconds, so the first run of the user's code happens there.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import logging
 import sys
 import traceback
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .errors import ModelRaisedError, WorkloadError
+from . import errors
+from .errors import AutotiaccError, ModelRaisedError, WorkloadError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
@@ -63,7 +72,38 @@ def _load_module(path: Path):
     except Exception as exc:  # noqa: BLE001 - the user's import-time failure, reported whole
         del sys.modules[name]
         raise WorkloadError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
+    except SystemExit as exc:
+        del sys.modules[name]
+        raise WorkloadError(f"{path}: importing it called sys.exit({exc.code!r}); {_NO_EXIT}") from None
     return module
+
+
+_NO_EXIT = ("a model file must define functions, not end the process: put script code under "
+            "`if __name__ == \"__main__\":`.")
+CHECK_TIMEOUT_S = 300.0  # load + one forward when no budget bounds it (profile, verify)
+
+
+@dataclass
+class ModelFacts:
+    """What one run of the user's code in a child found: enough to set up a search."""
+
+    identity: dict[str, Any]
+    module_names: list[str]
+    has_conv: bool
+    output: str  # e.g. "Tensor[2, 3]"
+
+
+@contextlib.contextmanager
+def _quiet_torch_loader():
+    """torch.export.load logs a traceback before raising on a corrupt file; the error we raise
+    from it says everything that matters."""
+    log = logging.getLogger("torch.export")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
 
 
 class Workload:
@@ -79,28 +119,37 @@ class Workload:
         self.dims = dict(dims or {})
         self.batch_size = batch_size
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
-        self._user = None
-        if kind == "python":
-            self._user = _load_module(path)
+        self._user_module = None
+        self.facts: ModelFacts | None = None
+        # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
+        self.token = uuid.uuid4().hex
+        if kind == "python" and self.batch_size is None:
+            self.batch_size = 1
+
+    @property
+    def _user(self):
+        """The user's model.py as a module, imported on first use and checked for the contract."""
+        if self.kind != "python":
+            return None
+        if self._user_module is None:
+            module = _load_module(self.path)
             for fn in ("build_model", "example_inputs"):
-                if not callable(getattr(self._user, fn, None)):
-                    raise WorkloadError(f"{path}: defines no `{fn}()`; a model file must define "
+                if not callable(getattr(module, fn, None)):
+                    raise WorkloadError(f"{self.path}: defines no `{fn}()`; a model file must define "
                                         "build_model() and example_inputs(batch_size=1, **dims).")
-            if self.batch_size is None:
-                self.batch_size = 1
+            self._user_module = module
+        return self._user_module
 
     # -- pickling: file-backed workloads travel as their spec ---------------------------------
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state["_user"] = None
+        state["_user_module"] = None  # the child imports the file itself, lazily
         if self.kind != "module":
             state["_module"] = None
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        if self.kind == "python":
-            self._user = _load_module(self.path)
 
     # -- the contract ----------------------------------------------------------------------
     def user_hook(self, name: str) -> Callable | None:
@@ -125,10 +174,8 @@ class Workload:
                                     "it must return a torch.nn.Module.")
         elif self.kind == "module":
             model = copy.deepcopy(self._module)
-        elif self.kind == "torchscript":
-            model = torch.jit.load(str(self.path), map_location="cpu")
-        elif self.kind == "export":
-            model = torch.export.load(str(self.path)).module()
+        elif self.kind in ("torchscript", "export"):
+            model = self._load_saved()
         else:  # pragma: no cover
             raise WorkloadError(f"unknown workload kind {self.kind!r}")
         if hasattr(model, "eval"):
@@ -137,6 +184,22 @@ class Workload:
             except (NotImplementedError, RuntimeError):  # exported modules refuse eval()
                 pass
         return model
+
+    def _load_saved(self):
+        import torch
+
+        try:
+            with _quiet_torch_loader():
+                if self.kind == "torchscript":
+                    return torch.jit.load(str(self.path), map_location="cpu")
+                return torch.export.load(str(self.path)).module()
+        except Exception as exc:  # noqa: BLE001 - garbage file, wrong format
+            ts = self.kind == "torchscript"
+            hint = ("save it with torch.jit.save(torch.jit.script(m), path)" if ts
+                    else "save it with torch.export.save(torch.export.export(m, args), path)")
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            raise WorkloadError(f"{self.path}: not a readable {'TorchScript archive' if ts else 'torch.export program'} "
+                                f"({type(exc).__name__}: {first}); {hint}.") from None
 
     def example_inputs(self, batch_size: int | None = None, seed: int = 0, **dims: int) -> tuple:
         import torch
@@ -195,13 +258,11 @@ class Workload:
             ident["file_sha256"] = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
         return ident
 
-    def validate(self) -> tuple[Any, tuple]:
-        """Build the model and run it once on its example inputs; a failure is the user's bug,
-        reported with the exception message. Returns (model, reference output)."""
+    def run_once(self, model, inputs: tuple) -> Any:
+        """One forward on `inputs`; the user's exception becomes `ModelRaisedError`, an output
+        with no tensor in it a `WorkloadError` (the accuracy guard would compare nothing)."""
         import torch
 
-        model = self.build_model()
-        inputs = self.example_inputs()
         try:
             with torch.no_grad():
                 out = model(*inputs)
@@ -210,7 +271,85 @@ class Workload:
             raise ModelRaisedError(
                 f"the model raised on its own example inputs: {type(exc).__name__}: {exc} "
                 f"(at {Path(last.filename).name}:{last.lineno})") from exc
-        return model, out
+        if not _tensor_leaves(out):
+            raise WorkloadError(f"{self.path or self.name}: the model returned {type(out).__name__} with no tensor in "
+                                "it; forward() must return a tensor (or tensors) for the accuracy check to compare.")
+        return out
+
+    def check(self, *, timeout: float, limit: str = "") -> ModelFacts:
+        """Import, build and run the model once in a spawned child killed after `timeout` s;
+        the user's errors, `sys.exit`, `os._exit`, crashes and hangs become one clear error.
+        `limit` says where the timeout came from (e.g. "the 20 s --budget")."""
+        import os
+        import tempfile
+
+        from .engine.workers import run_isolated
+
+        where = self.path or self.name
+        fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
+        os.close(fd)
+        try:  # the child's output goes to a log: a torch loader's logged traceback is noise here
+            outcome = run_isolated(_probe, self, timeout=timeout, log_path=log)
+            tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] if not outcome.ok else []
+        finally:
+            os.unlink(log)
+        if outcome.ok and "error" in outcome.value:
+            cls = getattr(errors, outcome.value["error"], WorkloadError)
+            raise cls(outcome.value["message"])
+        if outcome.ok:
+            self.facts = ModelFacts(**outcome.value)
+            return self.facts
+        stage = "importing it, building the model and running it once on its example inputs"
+        if outcome.status == "timeout":
+            raise WorkloadError(f"{where}: {stage} did not finish within {timeout:.0f} s"
+                                + (f" ({limit})" if limit else "") + " and was stopped; look for an endless loop or "
+                                "a blocking call (sleep, input(), a lock) in it, or allow more time.")
+        if outcome.status == "exception":  # raised outside `_probe`: the workload did not reach the child
+            raise WorkloadError(f"{where}: could not be sent to a child process to run ({outcome.error}).")
+        raise WorkloadError(f"{where}: the process ended while {stage} ({outcome.error}"
+                            + (f"; last output: {tail[0][:200]}" if tail else "")
+                            + f"): os._exit() or a crash in native code; {_NO_EXIT}")
+
+    def validate(self, *, timeout: float = CHECK_TIMEOUT_S, limit: str = "") -> ModelFacts:
+        """The facts of one checked run (see `check`); checks only once per workload."""
+        return self.facts if self.facts is not None else self.check(timeout=timeout, limit=limit)
+
+
+def _tensor_leaves(out: Any) -> list:
+    import torch
+    import torch.utils._pytree as pytree
+
+    return [x for x in pytree.tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+
+
+def _probe(workload: Workload) -> dict[str, Any]:
+    """Runs in the child of `Workload.check`: the first run of the user's code."""
+    import torch
+
+    stage = "importing it"
+    try:
+        _ = workload._user
+        stage = "build_model()"
+        model = workload.build_model()
+        stage = "example_inputs()"
+        inputs = workload.example_inputs()
+        stage = "forward() on its example inputs"
+        out = workload.run_once(model, inputs)
+        stage = "reading its parameters"
+        names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
+        if workload.kind in ("torchscript", "export"):
+            has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
+        else:
+            has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
+        leaves = _tensor_leaves(out)
+        output = ", ".join(f"Tensor{list(t.shape)}" for t in leaves[:4]) + (" ..." if len(leaves) > 4 else "")
+        return asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
+                                 output=output))
+    except AutotiaccError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    except SystemExit as exc:
+        return {"error": "WorkloadError",
+                "message": f"{workload.path or workload.name}: {stage} called sys.exit({exc.code!r}); {_NO_EXIT}"}
 
 
 def _like(t):
@@ -222,8 +361,11 @@ def _like(t):
 
 
 def load_workload(path: str | Path, *, batch_size: int | None = None, input_shapes: list[str] | None = None,
-                  input_dtypes: list[str] | None = None) -> Workload:
-    """Open the user's file; every way it can be wrong raises `WorkloadError` with the fix."""
+                  input_dtypes: list[str] | None = None, timeout: float | None = None, limit: str = "") -> Workload:
+    """Open the user's file; every way it can be wrong raises `WorkloadError` with the fix.
+
+    With `timeout`, nothing of the file runs in this process: it is imported, built and run once
+    in a child (`Workload.check`) killed after `timeout` s. Without, a model.py is imported here."""
     p = Path(path)
     if not p.exists():
         raise WorkloadError(f"{p}: no such file.")
@@ -235,22 +377,23 @@ def load_workload(path: str | Path, *, batch_size: int | None = None, input_shap
             raise WorkloadError(f"`--input-dtype` got {bad[0]!r}: use one of {', '.join(_DTYPES)}.")
     name = p.stem
     if p.suffix == ".py":
-        return Workload(kind="python", name=name, path=p.resolve(), batch_size=batch_size)
-    if p.suffix in TORCHSCRIPT_SUFFIXES + EXPORT_SUFFIXES:
+        w = Workload(kind="python", name=name, path=p.resolve(), batch_size=batch_size)
+    elif p.suffix in TORCHSCRIPT_SUFFIXES + EXPORT_SUFFIXES:
         if not input_shapes:
             raise WorkloadError(f"{p}: a saved model needs its input shapes: add --input-shape, e.g. 1x3x224x224.")
         kind = "export" if p.suffix in EXPORT_SUFFIXES else "torchscript"
         w = Workload(kind=kind, name=name, path=p.resolve(), batch_size=batch_size,
                      input_shapes=[parse_shape(s) for s in input_shapes], input_dtypes=input_dtypes)
-        try:
-            w.build_model()
-        except Exception as exc:  # noqa: BLE001 - garbage file, wrong format
-            hint = ("save it with torch.jit.save(torch.jit.script(m), path)" if kind == "torchscript"
-                    else "save it with torch.export.save(torch.export.export(m, args), path)")
-            raise WorkloadError(f"{p}: not a readable {'TorchScript archive' if kind == 'torchscript' else 'torch.export program'} "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); {hint}.") from None
-        return w
-    raise WorkloadError(f"{p}: unsupported file type {p.suffix!r}; give a model.py, a TorchScript .pt/.ts or a torch.export .pt2.")
+    else:
+        raise WorkloadError(f"{p}: unsupported file type {p.suffix!r}; give a model.py, a TorchScript .pt/.ts or a "
+                            "torch.export .pt2.")
+    if timeout is not None:
+        w.check(timeout=timeout, limit=limit)
+    elif w.kind == "python":
+        _ = w._user  # import now: its errors belong to loading
+    else:
+        w.build_model()  # a garbage file fails here, not at the first trial
+    return w
 
 
 def workload_from_module(model, example_inputs, *, test_data=None, metric=None, name: str | None = None) -> Workload:

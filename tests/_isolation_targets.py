@@ -33,3 +33,28 @@ def memory_error():
 def prints_then_returns(x):
     print("hello from the trial")
     return x
+
+
+CALLS = {"n": 0}
+
+
+def counter():
+    """Module-level state: a warm worker keeps it between calls."""
+    CALLS["n"] += 1
+    return os.getpid(), CALLS["n"]
+
+
+def exits(code):
+    os._exit(code)
+
+
+def sys_exits(code):
+    import sys
+
+    sys.exit(code)
+
+
+def inductor_cache_dir():
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return cache_dir()

@@ -1,9 +1,12 @@
-"""Trials that raise, hang, crash or run out of memory become failed outcomes, never a dead tuner."""
+"""Trials that raise, hang, crash or run out of memory become failed outcomes, never a dead tuner;
+a warm worker keeps its state between calls and is replaced after it dies."""
+import os
+import signal
 import time
 
 import pytest
 
-from autotiacc.isolation import run_isolated
+from autotiacc.engine.workers import WorkerPool, run_isolated, worker_env
 
 from . import _isolation_targets as t
 
@@ -35,3 +38,71 @@ def test_crashes_and_oom(fn, status, text):
     out = run_isolated(fn, timeout=60)
     assert out.status == status
     assert text in out.error
+
+
+def test_warm_worker_keeps_state_and_a_raise_keeps_it(tmp_path):
+    with WorkerPool(log_dir=tmp_path) as pool:
+        a = pool.call(t.counter, timeout=60)
+        b = pool.call(t.counter, timeout=60)
+        assert a.ok and b.ok and a.value[0] == b.value[0] != os.getpid()
+        assert b.value[1] == a.value[1] + 1  # the module-level counter survived between calls
+        bad = pool.call(t.raises, timeout=60)
+        assert bad.status == "exception" and "candidate exploded" in bad.error
+        c = pool.call(t.counter, timeout=60)
+        assert c.value == (a.value[0], a.value[1] + 2) and pool.started == 1
+        log = tmp_path / "call.log"
+        assert pool.call(t.prints_then_returns, 5, timeout=60, log_path=str(log)).value == 5
+        assert log.read_text() == "hello from the trial\n"  # per-call output, and only that call's
+
+
+@pytest.mark.parametrize("fn,args,status,text", [
+    (t.hangs, (), "timeout", "no result within 3 s"),
+    (t.exits, (3,), "crash", "exited with code 3"),
+    (t.sys_exits, (0,), "crash", "sys.exit(0)"),
+    (t.killed, (), "oom", "SIGKILL: killed (likely out of memory)"),
+    (t.segfaults, (), "crash", "SIGSEGV"),
+])
+def test_a_dying_worker_is_recorded_and_replaced(fn, args, status, text):
+    with WorkerPool() as pool:
+        first = pool.call(t.counter, timeout=60)
+        pid = pool.pid
+        t0 = time.monotonic()
+        out = pool.call(fn, *args, timeout=3)
+        assert out.status == status and text in out.error, out
+        assert time.monotonic() - t0 < 15
+        assert pool.pid is None  # the dead or hung worker is gone
+        try:
+            os.kill(pid, 0)
+            alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+        except (ProcessLookupError, FileNotFoundError):
+            alive = False
+        assert not alive
+        again = pool.call(t.counter, timeout=60)
+        assert again.ok and again.value[0] != first.value[0] and again.value[1] == 1  # a fresh worker
+        assert pool.started == 2
+
+
+def test_close_ends_the_worker():
+    pool = WorkerPool()
+    assert pool.call(t.add, 1, 2, timeout=60).value == 3
+    proc = pool.worker.proc
+    pool.close()
+    assert proc.poll() is not None
+
+
+def test_worker_env_puts_inductor_caches_in_the_run_dir(tmp_path):
+    env = worker_env(tmp_path / "run")
+    with WorkerPool(env=env) as pool:
+        out = pool.call(t.inductor_cache_dir, timeout=60)
+    assert out.ok, out.error
+    assert out.value == str((tmp_path / "run" / "cache" / "inductor").resolve())
+    assert (tmp_path / "run" / "cache" / "inductor").is_dir()
+
+
+def test_unpicklable_call_is_an_exception_outcome():
+    import threading
+
+    with WorkerPool() as pool:
+        out = pool.call(t.add, threading.Lock(), 1, timeout=60)
+        assert out.status == "exception" and "could not be sent" in out.error
+        assert pool.call(t.add, 1, 1, timeout=60).value == 2

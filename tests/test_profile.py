@@ -59,7 +59,7 @@ def test_shares_add_up_to_the_measured_forward():
     """Done-means: module shares add up to ~100 % of the forward measured without timers,
     profiled as a tune does it (spawned process, passive OpenMP waits). The CPU is shared,
     so take the best of three attempts and allow 15 %."""
-    from autotiacc.isolation import run_isolated
+    from autotiacc.engine.workers import run_isolated
     from autotiacc.layer_precision import profile_for_search
     from autotiacc.workload import load_workload
 

@@ -334,7 +334,7 @@ def test_two_process_training_tune_end_to_end_with_a_rank_killed(tmp_path):
 
     t = pd.read_csv(out / "trials.csv")
     t1 = t[t["number"] == 1].iloc[0]
-    assert t1["status"] in ("crash", "exception") and "rank 1" in t1["reason"], t1["reason"]
+    assert t1["status"] in ("crash", "oom", "exception") and "rank 1" in t1["reason"], t1["reason"]
     ok = t[t["status"] == "ok"]
     assert len(ok) >= 2  # the tune went on after the killed trial
     assert any(c.startswith("param_ddp.") for c in t.columns)  # DDP knobs were searched

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
+MAX_THREADS = 4096  # beyond any machine: a larger count is a typo or a corrupt plan
+
 
 @dataclass(frozen=True)
 class RuntimeConfig(KnobConfig):
@@ -14,8 +16,8 @@ class RuntimeConfig(KnobConfig):
     cudnn_benchmark: bool = False
 
     def __post_init__(self) -> None:
-        if self.threads < 0:
-            raise ValueError(f"`threads` got {self.threads}: use 0 (default) or a positive count.")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"`threads` got {self.threads}: use 0 (default) or a positive count up to {MAX_THREADS}.")
 
 
 @contextlib.contextmanager

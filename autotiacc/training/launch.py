@@ -1,19 +1,19 @@
 """Start N rank processes (torchrun-compatible environment) for one trial, with a timeout.
 
-Each rank is the core sandbox (`isolation.start_child`): it reports ok/exception through a pipe.
-Ranks are not daemonic, so they may start DataLoader workers. The first rank that fails,
-dies or overruns the timeout ends the trial: the other ranks are killed at once (they would
-otherwise wait in a collective forever) and the failure names the rank and its cause.
+Each rank is a core sandbox worker (`engine.workers.Worker`), so ranks and inference trials
+share one supervisor and one classification of how a process ended. A rank may start its
+own DataLoader workers. The first rank that fails, dies or overruns the timeout ends the
+trial: the other ranks are killed at once (they would otherwise wait in a collective forever)
+and the failure names the rank and its cause.
 """
 from __future__ import annotations
 
-import signal
 import socket
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from ..isolation import Outcome, _kill, start_child
+from ..engine.workers import Outcome, Worker
 
 
 def free_port() -> int:
@@ -22,38 +22,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _died(code: int | None) -> str:
-    if code is not None and code < 0:
-        sig = signal.Signals(-code).name
-        return f"died with {sig}" + (" (killed: out of memory or by a user)" if -code == signal.SIGKILL else "")
-    return f"exited with code {code} before reporting"
-
-
 def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, log_dir: str | Path | None = None,
               pid_file: str | Path | None = None, **kwargs: Any) -> tuple[Outcome, list[Outcome]]:
-    """Run `fn(*args, **kwargs)` in `nproc` spawned ranks; returns (overall, per-rank outcomes).
+    """Run `fn(*args, **kwargs)` in `nproc` rank processes; returns (overall, per-rank outcomes).
 
     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT are set as torchrun sets them.
     `pid_file` receives one rank pid per line once all ranks run (for monitoring or tests).
     """
     port = free_port()
-    procs, pipes = [], []
+    workers: list[Worker] = []
     t0 = time.perf_counter()
     if log_dir:
         Path(log_dir).mkdir(parents=True, exist_ok=True)
-    for rank in range(nproc):
-        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-               "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        log = str(Path(log_dir) / f"rank{rank}.log") if log_dir else None
-        # not daemonic: a rank must be able to start its own DataLoader workers
-        proc, recv = start_child(fn, args, kwargs, log_path=log, env=env, daemon=False)
-        procs.append(proc)
-        pipes.append(recv)
-    if pid_file:
-        Path(pid_file).write_text("".join(f"{p.pid}\n" for p in procs))
     results: list[Outcome | None] = [None] * nproc
     failure: Outcome | None = None
     try:
+        for rank in range(nproc):
+            env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                   "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            worker = Worker(env=env, log_path=Path(log_dir) / f"rank{rank}.log" if log_dir else None)
+            workers.append(worker)
+            try:
+                worker.submit(fn, args, kwargs, None)
+            except BrokenPipeError:  # died at start; its exit code tells why below
+                pass
+        if pid_file:
+            Path(pid_file).write_text("".join(f"{w.pid}\n" for w in workers))
         deadline = t0 + max(timeout, 0.1)
         while failure is None and any(r is None for r in results):
             if time.perf_counter() > deadline:
@@ -63,49 +57,41 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
                 break
             for rank in range(nproc):
                 if results[rank] is None:
-                    results[rank] = _collect(procs[rank], pipes[rank], rank, t0, wait=0.05)
+                    results[rank] = _collect(workers[rank], rank, t0, wait=0.05)
                 res = results[rank]
                 if res is not None and not res.ok:
-                    failure = _root_cause(procs, pipes, results, rank)
+                    failure = _root_cause(workers, results, rank)
                     break
     finally:
-        for proc in procs:
-            if proc.is_alive():
-                if failure is None:
-                    proc.join(timeout=10)
-                if proc.is_alive():
-                    _kill(proc)
-        for pipe in pipes:
-            pipe.close()
+        for worker in workers:
+            if failure is None:
+                worker.close(grace_s=10)
+            worker.kill()
     per_rank = [r or Outcome("killed", error="killed after another rank failed") for r in results]
     if failure is not None:
         return failure, per_rank
     return Outcome("ok", value=[r.value for r in per_rank], seconds=time.perf_counter() - t0), per_rank
 
 
-def _collect(proc, pipe, rank: int, t0: float, *, wait: float) -> Outcome | None:
-    """This rank's report, a crash if it died without one (a closed pipe polls readable), or None."""
-    if pipe.poll(wait):
-        try:
-            status, value, err, tb = pipe.recv()
-            return Outcome(status, value, err, tb, time.perf_counter() - t0)
-        except EOFError:
-            proc.join(timeout=5)
-            return Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}", seconds=time.perf_counter() - t0)
-    if not proc.is_alive():
-        proc.join(timeout=1)
-        return Outcome("crash", error=f"rank {rank} {_died(proc.exitcode)}", seconds=time.perf_counter() - t0)
-    return None
+def _collect(worker: Worker, rank: int, t0: float, *, wait: float) -> Outcome | None:
+    """This rank's report, its death (named by rank), or None while it runs."""
+    out = worker.poll(wait)
+    if out is None:
+        return None
+    out.seconds = time.perf_counter() - t0
+    if not out.ok and out.error.startswith("process "):
+        out.error = f"rank {rank} {out.error[len('process '):]}"
+    return out
 
 
-def _root_cause(procs, pipes, results: list, first: int, grace_s: float = 2.0) -> Outcome:
+def _root_cause(workers: list[Worker], results: list, first: int, grace_s: float = 2.0) -> Outcome:
     """When one rank fails, its peers soon fail too (a collective loses its partner). Wait a
     moment and blame a rank that *died* over ranks that merely saw the connection drop."""
     deadline = time.perf_counter() + grace_s
     while time.perf_counter() < deadline:
-        for rank in range(len(procs)):
+        for rank in range(len(workers)):
             if results[rank] is None:
-                results[rank] = _collect(procs[rank], pipes[rank], rank, time.perf_counter(), wait=0.0)
+                results[rank] = _collect(workers[rank], rank, time.perf_counter(), wait=0.0)
         if any(r is not None and r.status in ("crash", "oom") for r in results):
             break
         time.sleep(0.05)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from ..plan import read_plan_json
+from ..plan import check_fields, check_plan_details, check_plan_header, read_plan_json
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"
@@ -46,15 +46,20 @@ class TrainingPlan:
 
     @classmethod
     def from_dict(cls, d: Any, *, origin: str = "plan") -> "TrainingPlan":
-        if not isinstance(d, dict) or d.get("schema") != SCHEMA:
-            raise PlanError(f"{origin}: not an autotiacc training plan (missing \"schema\": \"{SCHEMA}\"); "
-                            "inference plans are read with autotiacc.load_plan.")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise PlanError(f"{origin}: training plan schema version {d.get('schema_version')!r} is not supported "
-                            f"(reads version {SCHEMA_VERSION}); re-run `autotiacc tune --mode train`.")
+        check_plan_header(d, SCHEMA, SCHEMA_VERSION, origin, what="training plan (inference plans are read with "
+                          "autotiacc.load_plan)", retune="autotiacc tune --mode train")
         keys = ("batch_size", "nproc", "fingerprint", "workload", "device", "baseline", "best", "speedup",
                 "fell_back", "note", "created", "extra")
-        return cls(config=TrainConfig.from_list(d.get("knobs")), **{k: d[k] for k in keys if d.get(k) is not None})
+        fields = {k: d[k] for k in keys if d.get(k) is not None}
+        check_fields(cls, fields, origin)
+        check_plan_details(fields, origin)
+        if fields.get("nproc", 1) < 1 or fields.get("batch_size", 1) < 1:
+            raise PlanError(f"{origin}: `nproc` and `batch_size` must be positive.")
+        try:
+            config = TrainConfig.from_list(d.get("knobs"))
+        except PlanError as exc:
+            raise PlanError(f"{origin}: {exc}") from None
+        return cls(config=config, **fields)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)

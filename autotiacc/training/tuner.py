@@ -322,14 +322,18 @@ class TrainingTuner:
         return plan
 
     def _write_run_json(self, fp: dict, identity: dict) -> None:
+        from ..distributed import redact  # a password never lands in the run directory
+
         path = self.run_dir / "run.json"
         prev = json.loads(path.read_text()) if path.exists() else {}
         sessions = prev.get("sessions", []) + [{"started": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                                "budget_s": self.options.budget_s, "command": self.options.command}]
+                                                "budget_s": self.options.budget_s,
+                                                "command": redact(self.options.command)}]
         data = {"mode": "train", "workload": identity, "fingerprint": fp, "strategy": "training",
                 "nproc": self.options.nproc, "tolerance": self.options.tolerance,
                 "max_memory_mib": self.options.max_memory_mib, "device": self.options.device,
-                "storage": self.options.storage or "sqlite:///study.db", "study_name": self.options.study_name,
+                "storage": redact(self.options.storage) if self.options.storage else "sqlite:///study.db",
+                "study_name": self.options.study_name,
                 "sessions": sessions, **self.options.extra}
         path.write_text(json.dumps(data, indent=2, default=str))
 

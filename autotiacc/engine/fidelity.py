@@ -1,0 +1,166 @@
+"""Figures that hold in production: each variant timed alone in its own process, in the
+environment of the command, alternating A B A B ... so drift hits all variants alike.
+
+Interleaving two variants in one process is fair when they share one thread pool (eager and
+TorchScript or inductor all use torch's OpenMP threads). It is not when they do not: torch's
+OpenMP threads spin after each op while ONNX Runtime's pool wants the same cores (one
+fp16-overflow MLP measured 1.21x interleaved, 1.55x alone). Forcing `OMP_WAIT_POLICY=PASSIVE`
+makes interleaving fair but slows the eager baseline (0.99 ms against 0.60 ms here), so the
+speed-up would be measured against a baseline no user runs. Hence `measure_alternating`:
+every variant in a process of its own, measured in windows taken in turns; the speed-up is
+the ratio of the medians of the per-window medians, and the noise test is a one-sided
+Mann-Whitney U over those window medians (the repetitions), not over correlated samples.
+
+`fresh=True` starts a new process for every window (what `verify` and the fidelity experiment
+use: nothing survives from one window to the next); `fresh=False` keeps one warm process per
+variant, built once (what a tune can afford at its end).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .workers import Outcome, WorkerPool, run_isolated
+
+# Environment variables that change how fast the same model runs; a plan records them as
+# they were when it was measured, and `apply` warns when the production process differs.
+SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
+             "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
+BASELINE = "baseline"
+
+
+def measured_env() -> dict[str, str]:
+    """The speed-relevant environment of this process, which workers inherit unchanged."""
+    return {k: os.environ[k] for k in SPEED_ENV if k in os.environ}
+
+
+@dataclass
+class AlternatingResult:
+    """Per-variant window medians (ms) and the comparison of each variant with the baseline."""
+
+    windows: dict[str, list[float]] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)
+    accuracy: dict[str, dict] = field(default_factory=dict)
+    rounds: int = 0
+    seconds: float = 0.0
+
+    def median_ms(self, name: str) -> float:
+        return statistics.median(self.windows[name])
+
+    def speedup(self, name: str) -> float:
+        return self.median_ms(BASELINE) / self.median_ms(name)
+
+    def p_faster(self, name: str) -> float:
+        """One-sided Mann-Whitney U p-value that `name`'s windows are faster than the baseline's."""
+        from scipy.stats import mannwhitneyu
+
+        return float(mannwhitneyu(self.windows[name], self.windows[BASELINE], alternative="less").pvalue)
+
+    def speedup_range(self, name: str) -> tuple[float, float]:
+        """The lowest and highest speed-up of any pair of windows taken in the same round: the noise."""
+        pairs = [b / c for b, c in zip(self.windows[BASELINE], self.windows[name])]
+        return min(pairs), max(pairs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
+                               "seconds": round(self.seconds, 1), "windows_ms": self.windows}
+        if self.failures:
+            out["failures"] = self.failures
+        if BASELINE in self.windows:
+            out["speedup"] = {n: self.speedup(n) for n in self.windows if n != BASELINE}
+            out["p_faster"] = {n: self.p_faster(n) for n in self.windows if n != BASELINE}
+        return out
+
+
+# -- what runs in a variant's process ------------------------------------------------------------
+_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device) -> runner, in a warm variant process
+
+
+def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
+                tolerance: float) -> dict[str, Any]:
+    """Build `values` (None: the eager fp32 baseline) once in this process, then time one window.
+
+    Returns {"median_ms", "n", "accuracy" (first window of a candidate only)}.
+    """
+    import torch
+
+    from ..evaluate import reference_for
+    from ..measure import measure, warm_up
+
+    key = (getattr(workload, "token", None), name, device)
+    info: dict[str, Any] = {}
+    if key not in _BUILT:
+        _BUILT.clear()  # one variant per process
+        ref = reference_for(workload, device)
+        if values is None:
+            runner = ref.baseline
+        else:
+            from ..accuracy import compare_outputs
+            from ..candidate import OptimizedModel
+            from ..knobs import configs_from_params
+
+            torch._dynamo.reset()
+            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+            acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
+                                  metric=workload.metric, targets=[y for _, y in ref.test])
+            info["accuracy"] = acc.to_dict()
+            if not acc.ok:
+                raise ValueError(f"accuracy: {acc.reason}")
+            runner = (lambda: cand(*ref.inputs))
+        warm_up(runner, device, max_s=warmup_s)
+        _BUILT[key] = runner
+    t = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0)
+    return {"median_ms": t.median, "n": t.n, **info}
+
+
+# -- the parent's side ---------------------------------------------------------------------------
+def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
+                        window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
+                        fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
+                        deadline: float | None = None) -> AlternatingResult:
+    """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
+    its own process, one window per variant per round, the order rotating every round.
+
+    A variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
+    Stops after `rounds`, or at `deadline` (time.monotonic()) once 4 rounds are in.
+    """
+    t0 = time.perf_counter()
+    variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
+    result = AlternatingResult(windows={n: [] for n in variants})
+    pools = {} if fresh else {n: WorkerPool(env=env) for n in variants}
+    kwargs = {"device": device, "window_s": window_s, "warmup_s": warmup_s, "tolerance": tolerance}
+    try:
+        for r in range(rounds):
+            if deadline is not None and r >= 4 and time.monotonic() > deadline:
+                break
+            names = [n for n in variants if n not in result.failures]
+            shift = r % len(names)
+            for name in names[shift:] + names[:shift]:
+                if fresh:
+                    out = run_isolated(time_window, workload, name, variants[name], timeout=timeout_s, env=env,
+                                       **kwargs)
+                else:
+                    out = pools[name].call(time_window, workload, name, variants[name], timeout=timeout_s, **kwargs)
+                _record(result, name, out)
+            if BASELINE in result.failures:
+                break
+            result.rounds = r + 1
+    finally:
+        for pool in pools.values():
+            pool.close()
+    for name in result.failures:
+        result.windows.pop(name, None)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
+    if not out.ok:
+        result.failures[name] = out.reason()
+        return
+    result.windows[name].append(out.value["median_ms"])
+    if "accuracy" in out.value:
+        result.accuracy[name] = out.value["accuracy"]

@@ -1,0 +1,97 @@
+"""The worker process's side of `workers.py`: read a call, run it, report, repeat.
+
+Started as `python -c ...` with the call pipe's and the result pipe's file descriptors and the
+parent's pid. Each message in is a cloudpickle of (sys.path or None, fn, args, kwargs,
+log_path); each message out is a pickle of (status, value, error, traceback). The call pipe
+closing (the parent closed the pool or died) ends the worker.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from typing import Any
+
+_OOM_TEXT = "out of memory"
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: have the kernel kill this worker when the tuner dies (kill -9 leaves no orphans)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before the line above ran
+        os._exit(1)
+
+
+def _run(fn: Any, args: tuple, kwargs: dict) -> tuple[tuple, bool]:
+    """((status, value, error, traceback), keep the worker) for one call."""
+    try:
+        return ("ok", fn(*args, **kwargs), "", ""), True
+    except MemoryError as exc:
+        return ("oom", None, f"MemoryError: {exc}", traceback.format_exc()), False
+    except Exception as exc:  # noqa: BLE001 - everything is reported to the parent
+        msg = f"{type(exc).__name__}: {exc}"[:2000]
+        if _OOM_TEXT in str(exc).lower():  # CUDA/allocator out of memory: start clean
+            return ("oom", None, msg, traceback.format_exc()), False
+        return ("exception", None, msg, traceback.format_exc()), True
+    except SystemExit as exc:  # the code asked the process to end: honour it after reporting
+        return ("crash", None, f"the code called sys.exit({exc.code!r})", traceback.format_exc()), False
+    except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like
+        return ("crash", None, f"{type(exc).__name__}: {exc}", traceback.format_exc()), False
+
+
+def _redirect(log_path: str | None, base: tuple[int, int]) -> None:
+    """Point fds 1 and 2 at `log_path` (append), or back at the worker's own output."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if log_path:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+    else:
+        os.dup2(base[0], 1)
+        os.dup2(base[1], 2)
+
+
+def main(argv: list[str]) -> None:
+    call_fd, result_fd, parent = (int(a) for a in argv)
+    _die_with_parent(parent)
+    calls = Connection(call_fd, writable=False)
+    results = Connection(result_fd, readable=False)
+    base = (os.dup(1), os.dup(2))
+    import cloudpickle
+    import torch  # noqa: F401 - once per worker, before the first call, not in every call
+
+    while True:
+        try:
+            path, fn, args, kwargs, log_path = pickle.loads(calls.recv_bytes())
+        except (EOFError, OSError):  # the pool closed or the parent died
+            break
+        if path is not None:
+            sys.path[:] = path
+        try:
+            _redirect(log_path, base)
+        except OSError as exc:
+            report, keep = ("exception", None, f"cannot write the call's log {log_path}: {exc}", ""), True
+        else:
+            report, keep = _run(fn, args, kwargs)
+            _redirect(None, base)
+        try:
+            payload = cloudpickle.dumps(report)
+        except Exception as exc:  # noqa: BLE001 - an unpicklable result is the call's failure
+            payload = pickle.dumps(("exception", None, f"the result could not be sent back: "
+                                    f"{type(exc).__name__}: {exc}", ""))
+        results.send_bytes(payload)
+        if not keep:
+            break
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # skip interpreter teardown: atexit hooks of the user's code ran nowhere else either
