@@ -36,6 +36,7 @@ BATCH = "batch_size"
 # Padded sizes of non-batch dims are rounded up to a multiple of this (vector-friendly shapes),
 # never beyond the largest size seen in the traffic.
 ALIGN = 8
+MAX_PLAN_BUCKETS = 256  # far above what a tune picks (12 by default): a bound for plans read from files
 
 Axes = dict[str, list[tuple[int, int]]]  # dim name -> [(input index, axis), ...]
 
@@ -63,7 +64,10 @@ class BucketSpec:
                 raise UserInputError(f"bucket edges for `{name}` got {e!r}; use increasing positive sizes.")
         self.edges = {n: [int(x) for x in e] for n, e in self.edges.items()}
         self.axes = {n: [tuple(a) for a in v] for n, v in self.axes.items()}
-        n = len(self.buckets())
+        n = math.prod(len(e) for e in self.edges.values())
+        if n > MAX_PLAN_BUCKETS:  # each bucket may build its own graph: a plan never asks for thousands
+            raise UserInputError(f"{n} buckets ({' x '.join(str(len(e)) for e in self.edges.values())} edges); "
+                                 f"use at most {MAX_PLAN_BUCKETS}.")
         if not self.padded:
             self.padded = [True] * n
         if not self.knobs:
@@ -115,7 +119,7 @@ class BucketSpec:
         if not isinstance(d, dict) or not {"edges", "axes"} <= set(d):
             raise PlanError(f"{where} must hold `edges` and `axes`; got {d!r:.200}.")
         buckets = d.get("buckets")
-        if not isinstance(d["edges"], dict) or not isinstance(d["axes"], dict) or not isinstance(buckets, (list, type(None))):
+        if not (isinstance(d["edges"], dict) and isinstance(d["axes"], dict) and isinstance(buckets, (list, type(None)))):
             raise PlanError(f"{where}: `edges` and `axes` must be mappings and `buckets` a list.")
         padded, knobs = list(d.get("padded") or []), []
         if buckets is not None:
@@ -123,8 +127,10 @@ class BucketSpec:
                 raise PlanError(f"{where}: each of `buckets` must be {{edge, padded, knobs: [knob entries]}}.")
             padded = [b.get("padded") is True for b in buckets]
             for b in buckets:
-                own = [config_from_dict(k) for k in b.get("knobs", [])]
-                knobs.append({knob_for_config(c).name: c for c in own})
+                own = {knob_for_config(c).name: c for c in map(config_from_dict, b.get("knobs", []))}
+                if len(own) != len(b.get("knobs", [])):
+                    raise PlanError(f"{where}: bucket {b.get('edge')!r:.80} lists a knob twice; one entry per knob.")
+                knobs.append(own)
         try:
             spec = cls(edges=dict(d["edges"]), axes=dict(d["axes"]), padded=padded, knobs=knobs)
         except (UserInputError, TypeError, ValueError) as exc:
