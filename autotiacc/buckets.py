@@ -141,6 +141,18 @@ class BucketSpec:
         return spec
 
 
+def own_label(own: Overrides) -> str:
+    """A bucket's own knob configs, short: the fields that differ from each knob's default, or its
+    first field when none does (`backend=eager` on a TorchScript plan must still show)."""
+    parts = []
+    for cfg in own.values():
+        default = knob_for_config(cfg).default()
+        fields = dataclasses.fields(cfg)
+        changed = [f for f in fields if getattr(cfg, f.name) != getattr(default, f.name)] or fields[:1]
+        parts += [f"{f.name}={getattr(cfg, f.name)}" for f in changed]
+    return ", ".join(parts)
+
+
 def spec_from_values(shapes: dict[str, Any], axes: Axes) -> BucketSpec:
     """The bucket set a trial's `values["shapes"]` describes ({edges, padded, knobs, ...}; `knobs`
     holds one {knob: {field: value}} override per bucket, as JSON-friendly trial values)."""

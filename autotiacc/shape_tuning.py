@@ -16,6 +16,10 @@ workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or 
   its own keyword arguments (picklable); the loop adds device, tolerance and warmup_s.
 - `final_reserve(tops)`: seconds the final re-measurement of the trials `tops` needs, beyond
   starting its process.
+- `final_measure(workload, candidates, *, device, tolerance, warmup_s, env, timeout, log_path)`:
+  the final re-measurement of the top candidates against the baseline, in `evaluate`'s result
+  format: one shape, each variant alone in its own process, in turns (`evaluate_alternating`);
+  a traffic mix, all of them over every shape in one fresh process (`evaluator(final=True)`).
 - `record(plan, values, result)`: write the chosen configuration into the plan (`plan.shapes`).
 
 `values_from_plan(plan)` inverts `record`, so `verify` re-measures a plan with the same
@@ -69,6 +73,13 @@ class StaticShapes:
     def final_reserve(self, tops: list) -> float:
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
         return 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float, env: dict[str, str] | None, timeout: float, log_path: str | None = None):
+        from .engine.fidelity import evaluate_alternating
+
+        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
@@ -231,6 +242,14 @@ class ShapeTuning:
         per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
         return 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
+
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float, env: dict[str, str] | None, timeout: float, log_path: str | None = None):
+        from .engine.workers import run_isolated
+
+        fn, kwargs = self.evaluator(final=True)
+        return run_isolated(fn, workload, candidates, timeout=timeout, env=env, log_path=log_path, device=device,
+                            tolerance=tolerance, warmup_s=warmup_s, **kwargs)
 
     def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
                   prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:

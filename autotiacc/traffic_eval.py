@@ -15,10 +15,10 @@ import traceback
 from typing import Any
 
 from .accuracy import compare_outputs
-from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, spec_from_values
+from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
 from .evaluate import BASELINE
-from .knobs import configs_from_params, describe
+from .knobs import configs_from_params
 from .measure import Timing, measure_interleaved
 from .traffic import Shape, parse_traffic
 
@@ -162,7 +162,7 @@ def _bucket_rows(spec: BucketSpec, shapes: list[Shape], build: dict[str, float])
     rows = []
     for idx, edge in enumerate(spec.buckets()):
         keys = [s.key() for s in shapes if spec.index({BATCH: s.batch_size, **s.dim_dict}) == idx]
-        own = describe(spec.knobs[idx]) if spec.knobs[idx] else ""
+        own = own_label(spec.knobs[idx])
         rows.append({"bucket": bucket_key(edge), "padded": spec.padded[idx], "shape_keys": keys, "knobs": own,
                      "traffic_share": sum(s.weight for s in shapes if s.key() in keys),
                      "build_s": build.get(bucket_key(edge))})

@@ -19,8 +19,7 @@ import warnings
 
 import torch
 
-from autotiacc.buckets import bucket_key
-from autotiacc.knobs import describe
+from autotiacc.buckets import bucket_key, own_label
 from autotiacc.measure import measure_interleaved
 from autotiacc.plan import load_plan
 from autotiacc.traffic import workload_traffic
@@ -88,7 +87,7 @@ def main() -> None:
            for n in ("eager", "plan")}
     result = {
         "plan": plan.label,
-        "buckets": [{"bucket": bucket_key(edge), "padded": p, "knobs": describe(own) if own else "plan's"}
+        "buckets": [{"bucket": bucket_key(edge), "padded": p, "knobs": own_label(own) or "plan's"}
                     for edge, p, own in zip(spec.buckets(), spec.padded, spec.knobs)] if spec else None,
         "build_s": round(build_s, 2), "traffic_shapes": len(traffic),
         "weighted_latency_ms": {n: round(v, 3) for n, v in med.items()},

@@ -9,8 +9,8 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, quantile_edges,
-                               spec_from_values)
+from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
+                               quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.evaluate import evaluate
 from autotiacc.knobs import SearchContext, configs_from_params
@@ -477,6 +477,7 @@ def test_per_bucket_configs_are_evaluated_and_recorded_in_the_plan(tiny, tmp_pat
     res = evaluate_traffic(tiny, {"mixed": values}, **kw)["candidates"]["mixed"]
     assert res["status"] == "ok", res.get("reason")
     assert [b["knobs"] for b in res["buckets"]] == ["backend=torchscript", "mode=bf16_weights"]
+    assert own_label({"execution": configs_from_params({})["execution"]}) == "backend=eager"
     assert 1e-4 < res["accuracy"]["rel_l2"] < 5e-2  # bf16 on the long bucket: not bit-exact, within tolerance
     plan = Plan(knobs=configs_from_params({}))
     st.record(plan, values, res)
