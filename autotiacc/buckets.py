@@ -296,8 +296,9 @@ class BucketedModel:
         self.pad_inputs, self.unpad_outputs = pad_inputs, unpad_outputs
         dims = [n for n in spec.names if n != BATCH]
         if dims and any(spec.padded) and pad_inputs is None:
-            raise PlanError(f"buckets pad the dims {dims} but no `pad_inputs(inputs, **dims)` was given; pass "
-                            "pad_inputs= to apply() (e.g. the one in your model.py).")
+            raise PlanError(f"buckets pad the dims {dims} but no `pad_inputs(inputs, **dims)` was given; pass the "
+                            "model file's, e.g. plan.apply(model, pad_inputs=my_model.pad_inputs) (a plan never "
+                            "imports the model.py it names).")
         for name in spec.names:
             if name not in spec.axes:
                 raise PlanError(f"bucket dim `{name}` has no recorded input axes; re-run the tune.")

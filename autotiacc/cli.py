@@ -129,11 +129,12 @@ def tune(
     if mode == "train":
         _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
                        tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
-                       quiet=quiet)
+                       quiet=quiet, heartbeat=heartbeat,
+                       strategy="training" if strategy == "inference-latency" else strategy)
         return
     from .durations import parse_duration
     from .report import write_report
-    from .strategy import load_strategy
+    from .engine.space import strategy_for
     from .tuner import MIN_BUDGET_S, TuneOptions
     from .tuner import tune as run_tune
     from .workload import load_workload
@@ -148,9 +149,9 @@ def tune(
 
         if not torch.cuda.is_available():
             raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
-    load_strategy(strategy)  # a bad strategy is refused before any work
+    strategy_for("inference", strategy)  # a bad strategy is refused before any work
     if budget_s >= MIN_BUDGET_S and storage is not None:  # a bad URL is refused before profiling
-        from .distributed import open_storage
+        from .engine.storage import open_storage
 
         open_storage(storage, heartbeat_s=heartbeat)
     # the user's code runs first in a child killed at the end of the budget (a hanging forward)
@@ -186,7 +187,7 @@ def tune(
 
 def _command() -> str:
     """The command line as run.json records it: never a storage password."""
-    from .distributed import redact
+    from .engine.storage import redact
 
     return redact(" ".join(["autotiacc", *sys.argv[1:]]))
 
@@ -198,6 +199,22 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
         raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
     if resume and not (Path(out) / "run.json").exists():
         raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
+        raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
+                   "from a copy, or start a new tune with another --out.")
+
+
+def _is_sqlite_db(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return False
 
 
 def _bad(msg: str) -> AutotiaccError:
@@ -219,7 +236,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
     from .training.report import is_training_run, write_training_report
 
     if storage is not None:
-        from .distributed import materialize_run_dir
+        from .engine.storage import materialize_run_dir
 
         if run_dir is not None:
             raise _bad(f"give either RUN_DIR ({run_dir}) or `--storage`, not both; with --storage use --out DIR.")

@@ -142,8 +142,9 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
 
     from .accuracy import compare_outputs
     from .evaluate import _to
+    from .profile import model_to
 
-    model = _to(workload.build_model(), device)
+    model = model_to(workload.build_model(), device)
     test = [(_to(x, device), y) for x, y in workload.test_data()]
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
@@ -299,9 +300,10 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
             prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
         save_profile(prof, path)
     groups = prof.get("search_groups") or []
-    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say
+    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
+    # the diagnosis orders the strategy's starting points (autotiacc.profiling.diagnosis.order_seeds)
     return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, prof.get("sensitivity") or []),
-            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}}
+            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis")}
 
 
 def plan_summary(run_dir) -> list[dict[str, Any]]:

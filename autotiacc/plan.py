@@ -122,19 +122,23 @@ class Plan:
                 raise PlanMismatchError(msg + ". Re-tune here, or pass strict=False to apply it anyway.")
             warnings.warn(msg + ". Its speed-up may not hold here.", HardwareMismatchWarning, stacklevel=3)
         env = {k: v for k, v in (self.extra.get("measured_env") or {}).items() if os.environ.get(k) != v}
-        if env:  # OpenMP reads it once at start: spinning threads measured 2-30x slower when interleaved
-            warnings.warn("plan was measured with " + ", ".join(f"{k}={v}" for k, v in env.items())
-                          + "; this process has " + ", ".join(f"{k}={os.environ.get(k)!r}" for k in env)
-                          + ". Set it before Python starts for the measured speed.", HardwareMismatchWarning,
-                          stacklevel=3)
+        if env:  # OpenMP and allocators read these once at start; they change speed (see engine/fidelity.py)
+            def show(v: str | None) -> str:
+                return "unset" if v is None else repr(v)
+
+            warnings.warn("plan was measured with " + ", ".join(f"{k} {show(v)}" for k, v in env.items())
+                          + "; this process has " + ", ".join(f"{k} {show(os.environ.get(k))}" for k in env)
+                          + ". Its speed-up may not hold here; set them as measured before Python starts.",
+                          HardwareMismatchWarning, stacklevel=3)
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
-              device: str | None = None, pad_inputs: Any = None):
+              device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None):
         """Return the optimized callable for `model` (built on the first call if no inputs given).
 
-        A plan tuned on traffic returns a `BucketedModel` dispatcher; give it `pad_inputs` (e.g. the
-        one in your model.py) when its buckets pad dims other than the batch."""
+        A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
+        other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
+        a plan never imports the model.py it records."""
         from .candidate import OptimizedModel
 
         self.check_fingerprint(strict=strict, device=device)
@@ -143,7 +147,8 @@ class Plan:
         if self.shapes is not None:
             from .buckets import bucketed_from_plan
 
-            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs)
+            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs,
+                                      unpad_outputs=unpad_outputs)
         return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
 
 
@@ -206,7 +211,7 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     if any(n <= 0 for n in [wl.get("batch_size") or 1, *(d for s in wl.get("input_shapes") or [] for d in s)]):
         raise PlanError(f"{origin}: `workload` batch size and input shapes must be positive sizes.")
     extra = fields.get("extra") or {}
-    _check_nested(extra, {"measured_env": dict[str, str], "artifact": dict[str, Any], "shapes": dict[str, Any]},
+    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
                   "extra", origin)
     _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
                   "extra.shapes", origin)

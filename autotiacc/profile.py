@@ -1,33 +1,35 @@
-"""Per-module profile of one forward pass: where the time goes, FLOPs, bytes, peak memory.
+"""Per-module profile of one forward pass: where the time goes, FLOPs, bytes, peak memory,
+GPU counters, and a diagnosis of what bounds the forward.
 
-Time per module comes from timing each module's `forward` (a wrapper rather than forward
-hooks, which switch off fused fast paths; device sync on CUDA, one NVTX range per module when
-the `nvtx` package is there), so every module gets an *inclusive* time and a *self* time
-(inclusive less its children's); the self times of all modules add up to the root's time,
-and `shares_sum` compares that with the forward measured without the timers (interleaved, in
-the same process). TorchScript archives run their submodules inside the TorchScript
-interpreter: they get a whole-model entry and the torch.profiler operator table instead
-(`method: "profiler_ops"`).
+Time per module comes from torch.profiler's attribution (`autotiacc.profiling.attribution`):
+every module runs inside a `record_function` range (and an NVTX range on CUDA), nothing is
+synchronised per module, and each operator (CPU) or kernel (CUDA) is attributed to the
+innermost module range around it. Every module gets a *self* time (its own operators or
+kernels and the idle time before them) and an *inclusive* time (its subtree); the self times
+add up to the forward measured without the profiler (`shares_sum`, interleaved in the same
+process). TorchScript archives run their submodules inside the TorchScript interpreter: they
+get a whole-model entry and the torch.profiler operator table instead (`method: "profiler_ops"`).
 
-The profile also names the *candidate groups* for per-layer precision: the deepest modules
-that ran and own parameters, largest first, until they cover most of the time.
+The profile also names the *candidate groups* for per-layer precision: modules that own
+parameters, coarsened to blocks that each carry a real share of the time.
 """
 from __future__ import annotations
 
 import json
-import math
-import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import UserInputError
 
 SCHEMA = "autotiacc.profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: profiler attribution, busy time, diagnosis
 PROFILE_FILE = "profile.json"
 TOP_OPS = 15
+METHOD = "profiler_attribution"
+MODULE_METHODS = (METHOD, "module_timers")  # module_timers: schema 1 profiles
+MIN_GROUP_SHARE = 0.05  # a precision group carries at least this share of the forward
 
 
 @dataclass
@@ -43,49 +45,8 @@ class ModuleStat:
     param_bytes: int = 0  # inclusive: parameters and buffers of the subtree
     activation_bytes: int = 0  # bytes of this module's outputs, per forward
     has_params: bool = False
-
-
-@dataclass
-class _Clock:
-    """Times every module call (wrapped `forward`); a stack attributes children's time."""
-
-    device: str
-    nvtx: Any = None
-    stack: list[list[Any]] = field(default_factory=list)
-    call: dict[str, list[float]] = field(default_factory=dict)  # path -> [incl, self] this forward
-    out_bytes: dict[str, int] = field(default_factory=dict)
-    calls: dict[str, int] = field(default_factory=dict)
-
-    def now(self) -> float:
-        if self.device.startswith("cuda"):
-            import torch
-
-            torch.cuda.synchronize()  # attribute GPU work to the module that queued it
-        return time.perf_counter()
-
-    def wrap(self, path: str, forward):
-        """`forward` timed as module `path`: a wrapper, not a hook, because forward hooks
-        switch off fused fast paths (nn.TransformerEncoderLayer checks for them)."""
-        def timed(*args, **kwargs):
-            if self.nvtx is not None:
-                self.nvtx.push_range(path or "model")
-            self.stack.append([path, self.now(), 0.0])
-            output = forward(*args, **kwargs)
-            end = self.now()
-            p, start, children = self.stack.pop()
-            incl = (end - start) * 1e3
-            acc = self.call.setdefault(p, [0.0, 0.0])
-            acc[0] += incl
-            acc[1] += incl - children
-            if self.stack:
-                self.stack[-1][2] += incl
-            self.calls[p] = self.calls.get(p, 0) + 1
-            if p not in self.out_bytes:
-                self.out_bytes[p] = _nbytes(output)
-            if self.nvtx is not None:
-                self.nvtx.pop_range()
-            return output
-        return timed
+    busy_ms: float = 0.0  # self: in its own operators (CPU) or kernels (CUDA)
+    device_events: float = 0.0  # self: kernels and copies per forward (CUDA)
 
 
 def _nbytes(obj: Any) -> int:
@@ -101,38 +62,15 @@ def _is_script(model: Any) -> bool:
     return isinstance(model, torch.jit.ScriptModule)
 
 
-def _optional_gpu_tools(device: str) -> tuple[Any, Any, list[str]]:
-    """(nvtx module or None, pynvml handle or None, what was not available and why)."""
-    missing: list[str] = []
+def _gpu_tools(device: str) -> tuple[Any, list[str]]:
+    """(pynvml handle or None, what was not available and why). NVTX ranges need nothing
+    beyond torch (`torch.cuda.nvtx`)."""
     if not device.startswith("cuda"):
-        return None, None, ["NVTX ranges (no CUDA device)", "pynvml GPU sampling (no CUDA device)"]
-    try:
-        import nvtx
-    except ImportError:
-        nvtx = None
-        missing.append("NVTX ranges (`pip install nvtx`, extra autotiacc[gpu])")
-    handle = None
-    try:
-        import pynvml
+        return None, ["NVTX ranges (no CUDA device)", "pynvml GPU sampling (no CUDA device)"]
+    from .profiling.gpu import nvml_handle
 
-        pynvml.nvmlInit()
-        import torch
-
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0)
-    except Exception as exc:  # noqa: BLE001 - missing package, no driver, no permission
-        missing.append(f"pynvml GPU sampling ({type(exc).__name__}: {exc}; `pip install nvidia-ml-py`)")
-    return nvtx, handle, missing
-
-
-def _nvml_sample(handle) -> dict[str, float]:
-    import pynvml
-
-    util = pynvml.nvmlDeviceGetUtilizationRates(handle)
-    mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
-    return {"gpu_util_pct": float(util.gpu), "memory_used_mb": mem.used / 2**20,
-            "power_w": pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0,
-            "sm_clock_mhz": float(pynvml.nvmlDeviceGetClockInfo(handle, pynvml.NVML_CLOCK_SM)),
-            "temperature_c": float(pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU))}
+    handle, why = nvml_handle(device)
+    return handle, [why] if why else []
 
 
 def _flops_by_path(model: Any, inputs: tuple) -> dict[str, int]:
@@ -193,17 +131,18 @@ def _peak_alloc(prof) -> int:
 
 
 def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: float = 1.5,
-                  warmup_s: float = 1.0, coverage: float = 0.9, max_groups: int = 8) -> dict[str, Any]:
+                  warmup_s: float = 1.0, coverage: float = 0.9, max_groups: int = 8,
+                  min_group_share: float = MIN_GROUP_SHARE) -> dict[str, Any]:
     """Profile `model(*inputs)`; returns the profile.json content (without workload fields).
 
-    The forward is timed with and without the module timers interleaved (`measure.measure_interleaved`),
-    so `shares_sum` tells how much of the measured forward the module self times explain.
+    The plain forward is timed interleaved with the profiled one, so `shares_sum` tells how
+    much of the measured forward the module self times explain.
     """
     import torch
 
-    from .measure import measure_interleaved
+    from .measure import Timing, measure_interleaved
 
-    nvtx, nvml, unavailable = _optional_gpu_tools(device)
+    nvml, unavailable = _gpu_tools(device)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # so max_memory_allocated is this profile's peak
     result: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device}
@@ -214,6 +153,7 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
         with torch.no_grad():
             return model(*inputs)
 
+    busy = events = None
     if _is_script(model) or not hasattr(model, "named_modules"):
         timing = measure_interleaved({"forward": plain}, device, target_s=target_s, warmup_s=warmup_s)["forward"]
         stats = [ModuleStat(path="", type=_type_name(model), calls=1, inclusive_ms=timing.median,
@@ -224,28 +164,81 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
         unavailable.append("per-module times (TorchScript runs submodules inside its interpreter, where "
                            "Python-level module calls do not happen): see the operator table instead")
         try:
-            flops = _flops_by_path(model, inputs).get("", 0)
-            stats[0].flops = flops
+            stats[0].flops = _flops_by_path(model, inputs).get("", 0)
         except Exception as exc:  # noqa: BLE001 - flop counting is decoration
             unavailable.append(f"FLOPs ({type(exc).__name__})")
     else:
-        stats, timing, hooked, base, flops = _timed_profile(model, inputs, device, nvtx, target_s, warmup_s, plain)
+        from .profiling.attribution import profile_forwards
+
+        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s)
+        modules = dict(model.named_modules())
+        flops, out_bytes = _flops_and_bytes(model, inputs, modules)
         if flops is None:
             flops = {}
             unavailable.append("FLOPs (torch.utils.flop_counter failed on this model)")
-        for s in stats:
-            s.flops = flops.get(s.path, 0)
-        result.update(method="module_timers", forward=timing.summary(), timed_forward=hooked.summary(),
-                      forward_fast_mean_ms=base, shares_sum=sum(s.self_share for s in stats),
-                      timer_overhead=hooked.median / timing.median - 1 if timing.median else None)
+        stats = _module_stats(modules, att, flops, out_bytes)
+        timing = Timing(att.plain_samples_ms)
+        result.update(method=METHOD, forward=timing.summary(), timed_forward=Timing(att.profiled_samples_ms).summary(),
+                      forward_fast_mean_ms=att.plain_ms, profiled_fast_mean_ms=att.profiled_ms,
+                      shares_sum=sum(s.self_share for s in stats), idle_scale=att.idle_scale,
+                      timer_overhead=att.profiled_ms / att.plain_ms - 1 if att.plain_ms else None,
+                      busy_ms=att.busy_ms, device_events_per_forward=att.device_events,
+                      ops_per_forward=att.ops, nvtx=device.startswith("cuda"))
+        busy, events = att.busy_ms, att.device_events if device.startswith("cuda") else att.ops
     if nvml is not None:
-        result["gpu"] = _nvml_during(nvml, plain, device)
+        from .profiling.gpu import nvml_during
+
+        result["gpu"] = nvml_during(nvml, plain, device)
     result["modules"] = [asdict(s) for s in stats]
     result["memory"] = _memory(model, stats, peak_activation, device)
+    result["diagnosis"] = _diagnosis(result, stats, busy, events, device, nvml)
     result["unavailable"] = unavailable
-    result["nvtx"] = nvtx is not None
-    result["groups"] = candidate_groups(result["modules"], model, coverage=coverage, max_groups=max_groups)
+    result.setdefault("nvtx", False)
+    result["groups"] = candidate_groups(result["modules"], model, coverage=coverage, max_groups=max_groups,
+                                        min_share=min_group_share)
+    if not result["groups"] and result["method"] == METHOD:
+        unavailable.append(f"per-layer precision groups: no parameter-owning blocks of >= {min_group_share:.0%} "
+                           "each that together carry half of the forward")
     return result
+
+
+def _module_stats(modules: dict[str, Any], att, flops: dict[str, int], out_bytes: dict[str, int]) -> list[ModuleStat]:
+    """One entry per module: attributed self/busy times; inclusive = its subtree's self times."""
+    base = att.plain_ms or 1.0
+    stats = []
+    for path, mod in modules.items():
+        calls, self_ms, busy_ms, events = att.modules.get(path, (0, 0.0, 0.0, 0))
+        prefix = path + "."
+        incl = sum(v[1] for p, v in att.modules.items() if p == path or not path or p.startswith(prefix))
+        stats.append(ModuleStat(path=path, type=type(mod).__name__, calls=round(calls), inclusive_ms=incl,
+                                self_ms=self_ms, inclusive_share=incl / base, self_share=self_ms / base,
+                                flops=flops.get(path, 0), param_bytes=_param_bytes(mod),
+                                activation_bytes=out_bytes.get(path, 0),
+                                has_params=any(True for _ in mod.parameters()), busy_ms=busy_ms,
+                                device_events=events))
+    return stats
+
+
+def _diagnosis(result: dict[str, Any], stats: list[ModuleStat], busy, events, device: str, nvml) -> dict[str, Any]:
+    """The stated diagnosis (see autotiacc.profiling.diagnosis) from this profile's figures."""
+    from .profiling.diagnosis import diagnose
+
+    if busy is None:
+        return {"kind": None, "reason": "not diagnosed: no per-operator attribution for this model "
+                                        "(TorchScript/export archives run inside their interpreter)", "figures": {}}
+    mods = {s.path: s for s in stats}
+    leaves = [s for s in stats if s.calls and s.path and not any(q.startswith(s.path + ".") for q in mods)]
+    # bytes moved, a lower bound: parameters read once, each leaf's output written once and read once
+    moved = result["memory"]["param_and_buffer_bytes"] + 2 * sum(s.activation_bytes for s in leaves)
+    peaks = None
+    if device.startswith("cuda"):
+        from .profiling.gpu import device_peaks
+
+        peaks = device_peaks(device, nvml)
+    # the profiled forward is never faster than the plain one but for noise: take the smaller
+    forward = min(result["forward_fast_mean_ms"], result["profiled_fast_mean_ms"])
+    return diagnose(device=device, forward_ms=forward, busy_ms=busy, device_events=events,
+                    flops=float(mods[""].flops if "" in mods else 0), bytes_moved=float(moved), peaks=peaks)
 
 
 def _type_name(model: Any) -> str:
@@ -257,119 +250,25 @@ def _param_bytes(module: Any) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-FAST_QUANTILE = 0.25
+def _flops_and_bytes(model, inputs, modules: dict[str, Any]) -> tuple[dict[str, int] | None, dict[str, int]]:
+    """FLOPs and output bytes per module. Fused kernels (the TransformerEncoderLayer fast path)
+    have no FLOP formula, so count on the unfused path, which does the same arithmetic: a
+    forward hook on every module makes PyTorch take it (and records the output's bytes)."""
+    out_bytes: dict[str, int] = {}
 
+    def record(path: str):
+        def hook(module, args, output) -> None:  # returns None: the output stays as it is
+            out_bytes.setdefault(path, _nbytes(output))
+        return hook
 
-def _fast_calls(values: list[float], q: float = FAST_QUANTILE) -> list[int]:
-    """Indices of the fastest `q` of the samples (at least 3): on a shared machine the slow
-    calls are the ones other processes preempted; both the plain and the hooked forward are
-    trimmed the same way, so their means stay comparable and module times stay additive."""
-    order = sorted(range(len(values)), key=values.__getitem__)
-    return order[:max(3, math.ceil(len(values) * q))]
-
-
-def _timed_profile(model, inputs, device, nvtx, target_s, warmup_s, plain):
-    """Time every module (wrapped forwards), interleaved with the plain forward.
-
-    Module times are means over the fastest quarter of the timed calls (by the model's own
-    time): means keep self times additive (they sum to the root's time), trimming keeps them
-    robust on a shared machine. The plain forward is summarised the same way and is what shares are relative to.
-    Returns (stats, plain timing, hooked timing, calls used, flops by path).
-    """
-    import torch
-
-    from .measure import Timing, measure_interleaved
-
-    clock = _Clock(device=device, nvtx=nvtx)
-    per_call: list[dict[str, list[float]]] = []
-    modules = dict(model.named_modules())
-    timers = _Timers(modules, clock)
-
-    def timed_forward() -> Any:
-        clock.call = {}
-        clock.stack.clear()
-        with torch.no_grad():
-            out = model(*inputs)
-        per_call.append(clock.call)
-        return out
-
+    handles = [m.register_forward_hook(record(p)) for p, m in modules.items()]
     try:
-        timers.install(True)
-
-        def plain_without_timers() -> Any:
-            timers.install(False)
-            try:
-                return plain()
-            finally:
-                timers.install(True)
-        timings = measure_interleaved({"plain": plain_without_timers, "timed": timed_forward}, device,
-                                      min_rounds=40, target_s=target_s, warmup_s=warmup_s)
-        calls = {p: c // max(len(per_call), 1) for p, c in clock.calls.items()}
-    finally:
-        timers.install(False)
-    flops = _flops_unfused(model, inputs, modules.values())
-    timed = per_call[-timings["timed"].n:]  # the timed calls, not the warm-up
-    keep = [timed[i] for i in _fast_calls([c.get("", [0.0])[0] for c in timed])]
-    plain_ms = timings["plain"].samples_ms
-    base = statistics.fmean(plain_ms[i] for i in _fast_calls(plain_ms))
-    stats = []
-    for path, mod in modules.items():
-        s = ModuleStat(path=path, type=type(mod).__name__, calls=calls.get(path, 0),
-                       param_bytes=_param_bytes(mod), activation_bytes=clock.out_bytes.get(path, 0),
-                       has_params=any(True for _ in mod.parameters()))
-        if calls.get(path):
-            s.inclusive_ms = sum(c[path][0] for c in keep if path in c) / len(keep)
-            s.self_ms = sum(c[path][1] for c in keep if path in c) / len(keep)
-            s.inclusive_share, s.self_share = s.inclusive_ms / base, s.self_ms / base
-        stats.append(s)
-    return stats, timings["plain"], timings["timed"], base, flops
-
-
-class _Timers:
-    """Installs or removes the timed `forward` of every module (an instance attribute, which
-    `nn.Module.__call__` picks up); the plain forward runs with them removed."""
-
-    def __init__(self, modules: dict[str, Any], clock: _Clock) -> None:
-        self.items = []
-        for path, mod in modules.items():
-            own = mod.__dict__.get("forward")  # a module may already carry its own forward
-            self.items.append((mod, own, clock.wrap(path, own if own is not None else mod.forward)))
-
-    def install(self, on: bool) -> None:
-        for mod, own, timed in self.items:
-            if on:
-                mod.__dict__["forward"] = timed
-            elif own is not None:
-                mod.__dict__["forward"] = own
-            else:
-                mod.__dict__.pop("forward", None)
-
-
-def _flops_unfused(model, inputs, modules) -> dict[str, int] | None:
-    """FLOPs per module. Fused kernels (the TransformerEncoderLayer fast path) have no FLOP
-    formula, so count on the unfused path, which does the same arithmetic: a no-op hook on
-    every module makes PyTorch take it."""
-    handles = [m.register_forward_hook(lambda *a: None) for m in modules]
-    try:
-        return _flops_by_path(model, inputs)
+        return _flops_by_path(model, inputs), out_bytes
     except Exception:  # noqa: BLE001 - decoration; reported as unavailable by the caller
-        return None
+        return None, out_bytes
     finally:
         for h in handles:
             h.remove()
-
-
-def _nvml_during(handle, fn, device: str, seconds: float = 1.0) -> dict[str, Any]:
-    """Sample pynvml while the forward runs repeatedly; median of each figure."""
-    from .measure import synchronize
-
-    samples = []
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        fn()
-        synchronize(device)
-        samples.append(_nvml_sample(handle))
-    return {k: statistics.median(s[k] for s in samples) for k in samples[0]} | {"samples": len(samples)}
 
 
 def _memory(model: Any, stats: list[ModuleStat], peak_activation: int, device: str) -> dict[str, Any]:
@@ -386,23 +285,47 @@ def _memory(model: Any, stats: list[ModuleStat], peak_activation: int, device: s
 
 
 def candidate_groups(modules: list[dict[str, Any]], model: Any, *, coverage: float = 0.9,
-                     max_groups: int = 8) -> list[dict[str, Any]]:
-    """Per-layer precision candidates: the deepest modules that ran and own parameters (a
-    fused TransformerEncoderLayer counts as one: its children never run), largest inclusive
-    time first, until they cover `coverage` of their total time or `max_groups` are taken."""
+                     max_groups: int = 8, min_share: float = MIN_GROUP_SHARE,
+                     min_total: float = 0.5) -> list[dict[str, Any]]:
+    """Per-layer precision candidates: modules that ran and own parameters, coarsened until
+    each carries at least `min_share` of the forward (a single 1.5 % convolution is not worth
+    a search parameter; its block is). From the deepest such modules (a fused
+    TransformerEncoderLayer counts as one: its children never run), each climbs to its
+    nearest ancestor that ran until it reaches `min_share`; modules under another chosen one
+    merge into it; those that cannot reach it are dropped. Largest first, until they cover
+    `coverage` of their total time or `max_groups` are taken. None when together they carry
+    less than `min_total` of the forward: per-layer precision would not pay there."""
     ran = {m["path"]: m for m in modules if m["calls"] > 0 and m["path"] and m["has_params"]}
-    leaves = [m for p, m in ran.items() if not any(q.startswith(p + ".") for q in ran)]
-    leaves.sort(key=lambda m: -m["inclusive_ms"])
-    total = sum(m["inclusive_ms"] for m in leaves) or 1.0
+    leaves = [p for p in ran if not any(q.startswith(p + ".") for q in ran)]
+    chosen = set()
+    for p in leaves:
+        while ran[p]["inclusive_share"] < min_share:
+            up = next((a for a in _ancestors(p) if a in ran), None)
+            if up is None:
+                break
+            p = up
+        if ran[p]["inclusive_share"] >= min_share:
+            chosen.add(p)
+    blocks = [ran[p] for p in chosen if not any(a in chosen for a in _ancestors(p))]
+    blocks.sort(key=lambda m: -m["inclusive_ms"])
+    if sum(m["inclusive_share"] for m in blocks) < min_total:
+        return []
+    total = sum(m["inclusive_ms"] for m in blocks) or 1.0
     linear_paths = _linear_paths(model)
     out, covered = [], 0.0
-    for m in leaves:
+    for m in blocks:
         if covered >= coverage * total or len(out) >= max_groups:
             break
         covered += m["inclusive_ms"]
         out.append({"path": m["path"], "type": m["type"], "inclusive_share": m["inclusive_share"],
                     "flops": m["flops"], "linear": m["path"] in linear_paths})
     return out
+
+
+def _ancestors(path: str) -> list[str]:
+    """'a.b.c' -> ['a.b', 'a'] (the model itself, '', excluded)."""
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
 
 
 def _linear_paths(model: Any) -> set[str]:
@@ -413,12 +336,20 @@ def _linear_paths(model: Any) -> set[str]:
     return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
+def model_to(model: Any, device: str) -> Any:
+    """The model on `device`: an nn.Module (or ScriptModule) is a pytree leaf, so mapping over
+    tensors would leave its parameters where they were."""
+    from .evaluate import _to
+
+    return model.to(device) if hasattr(model, "to") and device != "cpu" else _to(model, device)
+
+
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
     from .evaluate import _to
     from .hardware import fingerprint, fingerprint_id
 
-    model = _to(model if model is not None else workload.build_model(), device)
+    model = model_to(model if model is not None else workload.build_model(), device)
     inputs = _to(workload.example_inputs(), device)
     prof = profile_model(model, inputs, device=device, target_s=target_s)
     fp = fingerprint(device)
@@ -460,7 +391,7 @@ def opaque_root(prof: dict[str, Any]) -> bool:
     """True when the module breakdown says little (TorchScript, export, a flat forward): the
     model's own self time is most of the forward, so the operator table is the useful view."""
     root = next((m for m in prof.get("modules", []) if m["path"] == ""), None)
-    return prof.get("method") != "module_timers" or (root is not None and root["self_share"] > 0.5)
+    return prof.get("method") not in MODULE_METHODS or (root is not None and root["self_share"] > 0.5)
 
 
 def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
@@ -476,6 +407,9 @@ def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
         lines += [f"  {o['self_share']:6.1%}  {o['op']}  x{o['calls']}" for o in prof.get("ops", [])[:n]]
     if prof.get("groups"):
         lines.append("precision groups: " + ", ".join(g["path"] for g in prof["groups"]))
+    diag = prof.get("diagnosis")
+    if diag:
+        lines.append(f"diagnosis: {diag.get('kind') or 'not decided'}: {diag.get('reason', '')}")
     for what in prof.get("unavailable", []):
         lines.append(f"not available: {what}")
     return lines

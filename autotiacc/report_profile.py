@@ -13,10 +13,10 @@ from .plotting import figure
 
 
 def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
-    from .profile import top_modules
+    from .profile import MODULE_METHODS, top_modules
 
     prof = getattr(data, "profile", None)
-    if not prof or prof.get("method") != "module_timers":
+    if not prof or prof.get("method") not in MODULE_METHODS:
         return None
     mods = [m for m in top_modules(prof, n) if m["path"]][::-1]
     if not mods:
@@ -97,8 +97,10 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
         return []
     fwd = prof.get("forward", {})
     lines = [f"- method: `{prof.get('method')}`; forward {fwd.get('median_ms', math.nan):.4g} ms median "
-             f"(spread {fwd.get('spread', math.nan):.1%}, n={fwd.get('n')}), measured interleaved with the hooked forward",
+             f"(spread {fwd.get('spread', math.nan):.1%}, n={fwd.get('n')}), measured interleaved with the profiled forward",
              f"- module self-time shares add up to {prof.get('shares_sum', math.nan):.1%} of the measured forward"]
+    lines += _attribution_lines(prof)
+    lines += _diagnosis_lines(prof.get("diagnosis"))
     mem = prof.get("memory", {})
     if mem:
         lines.append(f"- parameters+buffers {mem.get('param_and_buffer_bytes', 0) / 2**20:.2f} MiB, activations "
@@ -133,6 +135,36 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
     if prof.get("unavailable"):
         out.append(("Not available in this profile", [f"- {u}" for u in prof["unavailable"]]))
     return out
+
+
+def _attribution_lines(prof: dict[str, Any]) -> list[str]:
+    """How the attributed times relate to the plain forward (profiler_attribution only)."""
+    if prof.get("method") != "profiler_attribution":
+        return []
+    cuda = str(prof.get("device", "")).startswith("cuda")
+    work = "kernels" if cuda else "operators"
+    return [f"- per-module time from torch.profiler: each {work[:-1]} attributed to the innermost module range "
+            f"(no per-module synchronisation{', NVTX range per module' if prof.get('nvtx') else ''}); "
+            f"{work} {prof.get('busy_ms', math.nan):.4g} ms of the forward; profiled forward / plain forward "
+            f"{1 + (prof.get('timer_overhead') or 0):.2f} (the profiler's overhead, or noise below 1); time between "
+            f"{work} scaled by {prof.get('idle_scale', math.nan):.2f} to the plain forward"]
+
+
+def _diagnosis_lines(diag: dict[str, Any] | None) -> list[str]:
+    """The stated diagnosis and the figures behind it."""
+    if not diag:
+        return []
+    fig = diag.get("figures") or {}
+    shown = {"forward_ms": ("forward", "{:.4g} ms"), "busy_ms": ("busy", "{:.4g} ms"),
+             "busy_share": ("busy share", "{:.0%}"), "kernels_per_forward": ("kernels/forward", "{:.0f}"),
+             "ops_per_forward": ("operators/forward", "{:.0f}"), "mean_kernel_us": ("mean kernel", "{:.3g} us"),
+             "achieved_flops": ("achieved", "{:.3g} FLOP/s"), "flops_of_peak": ("of peak FP32", "{:.1%}"),
+             "bytes_moved": ("bytes moved (lower bound)", "{:.3g} B"),
+             "bandwidth_of_peak": ("of peak bandwidth", "{:.1%}"),
+             "intensity_flop_per_byte": ("intensity", "{:.3g} FLOP/B")}
+    parts = [f"{label} {fmt.format(fig[k])}" for k, (label, fmt) in shown.items() if fig.get(k) is not None]
+    return [f"- **diagnosis: {diag.get('kind') or 'not decided'}**: {diag.get('reason', '')}",
+            "- figures: " + ", ".join(parts)]
 
 
 def _table(header, rows):

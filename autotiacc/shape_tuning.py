@@ -53,8 +53,8 @@ SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 class StaticShapes:
     """One input shape: the knobs alone are searched, and `evaluate.evaluate` times them."""
 
-    def __init__(self, strategy: Any = None) -> None:
-        self.final_measure_s = float(getattr(strategy, "final_measure_s", 6.0))
+    def __init__(self, strategy: Any = None, *, final_measure_s: float | None = None) -> None:
+        self.final_measure_s = final_measure_s or float(getattr(strategy, "final_measure_s", 6.0))
 
     def suggest(self, trial, values: dict[str, dict], ctx: SearchContext | None = None) -> dict[str, Any]:
         return values
@@ -75,7 +75,8 @@ class StaticShapes:
         return 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float, env: dict[str, str] | None, timeout: float, log_path: str | None = None):
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
         from .engine.fidelity import evaluate_alternating
 
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
@@ -244,7 +245,8 @@ class ShapeTuning:
         return 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float, env: dict[str, str] | None, timeout: float, log_path: str | None = None):
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
         from .engine.workers import run_isolated
 
         fn, kwargs = self.evaluator(final=True)
@@ -314,11 +316,12 @@ def values_from_plan(plan) -> dict[str, Any]:
     return {**values, "shapes": shapes}
 
 
-def shape_tuning_for_plan(plan, workload, *, rounds: int = 20) -> StaticShapes | ShapeTuning:
-    """The hooks that re-measure `plan` as it was tuned: over its recorded traffic mix."""
+def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int = 20) -> StaticShapes | ShapeTuning:
+    """The hooks that re-measure `plan` as it was tuned: `measure_s` of windows at one shape, or
+    `rounds` over its recorded traffic mix."""
     sh = plan.shapes
     if sh is None:
-        return StaticShapes()
+        return StaticShapes(final_measure_s=measure_s)
     traffic = parse_traffic(sh.traffic, origin="plan `shapes.traffic`") if sh.traffic else None
     if traffic is None:
         raise UserInputError("the plan's `shapes` has no `traffic`: it cannot be re-measured over its mix; "

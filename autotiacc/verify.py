@@ -1,10 +1,11 @@
 """`autotiacc verify`: re-measure a saved plan on the machine at hand and flag drift.
 
-Meant for CI of a serving image: the plan is rebuilt and timed interleaved with the eager fp32
-baseline in a fresh process (the same evaluator a trial runs, so the figure means the same
-thing as the recorded one: a plan tuned on traffic is timed over every shape of its mix), and
-compared with what the plan recorded: hardware/software fingerprint, accuracy, speed-up, and
-the artifact's hash when the plan names one.
+Meant for CI of a serving image: the plan is re-measured against the eager fp32 baseline by the
+method of the tune's final re-measurement, so the figure means the same thing as the recorded
+one (one shape: the plan and the baseline each alone in its own process, timed in windows taken
+in turns; a plan tuned on traffic: over every shape of its mix), and compared with what the plan
+recorded: hardware/software fingerprint, accuracy, speed-up, and the artifact's hash when the
+plan names one.
 
 Speed drift is judged with the noise, not against a bare number: the plan fails when its
 candidate is slower *beyond noise* (Mann-Whitney U) than the recorded speed-up, less the
@@ -32,7 +33,8 @@ class VerifyResult:
     measured: dict[str, Any] = field(default_factory=dict)
 
 
-def _workload_for(plan, model_file: str | Path):
+def _workload_for(plan, model_file: str | Path, timeout_s: float):
+    """The model file, checked by running it once in a child (its exits and hangs are errors)."""
     from .workload import load_workload
 
     wl = plan.workload or {}
@@ -40,7 +42,8 @@ def _workload_for(plan, model_file: str | Path):
     is_saved = Path(model_file).suffix != ".py"
     return load_workload(model_file, batch_size=wl.get("batch_size"),
                          input_shapes=shapes if is_saved else None,
-                         input_dtypes=wl.get("input_dtypes") if is_saved else None)
+                         input_dtypes=wl.get("input_dtypes") if is_saved else None,
+                         timeout=timeout_s, limit="verify's limit")
 
 
 def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | None]:
@@ -80,7 +83,6 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .engine.workers import run_isolated
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
     from .shape_tuning import shape_tuning_for_plan, values_from_plan
@@ -93,8 +95,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
     plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
-    workload = _workload_for(plan, model_file)
-    identity = workload.identity()
+    workload = _workload_for(plan, model_file, timeout_s)
+    identity = workload.facts.identity
     recorded_id = (plan.workload or {}).get("param_shapes_sha256")
     if recorded_id and recorded_id != identity["param_shapes_sha256"]:
         raise PlanMismatchError(f"`FILE` {model_file}: its model's parameter shapes differ from the model the plan "
@@ -111,9 +113,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
-    fn, kwargs = shape_tuning_for_plan(plan, workload).evaluator(final=False, measure_s=measure_s)
-    outcome = run_isolated(fn, workload, {"plan": values_from_plan(plan)}, timeout=timeout_s, device=plan.device,
-                           tolerance=tol, **kwargs)
+    outcome = shape_tuning_for_plan(plan, workload, measure_s=measure_s).final_measure(
+        workload, {"plan": values_from_plan(plan)}, device=plan.device, tolerance=tol, timeout=timeout_s)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")
@@ -128,11 +129,12 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     speedup = base.median / cand.median
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
                     baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
+    how = "each in its own process, in turns"
     if res.get("per_shape"):  # a traffic plan: the figures are traffic-weighted over these shapes
         measured["shapes"] = sorted(res["per_shape"])
-        lines.append(f"timed over the traffic mix: {len(res['per_shape'])} shapes, traffic-weighted")
+        how = f"traffic-weighted over {len(res['per_shape'])} shapes, interleaved in a fresh process"
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n} interleaved), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n}, {how}), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)

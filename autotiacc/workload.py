@@ -121,6 +121,7 @@ class Workload:
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
         self._user_module = None
         self.facts: ModelFacts | None = None
+        self.check_s = 0.0  # seconds the child of `check` took: spawn, import, build, one forward
         # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
         self.token = uuid.uuid4().hex
         if kind == "python" and self.batch_size is None:
@@ -297,7 +298,7 @@ class Workload:
             cls = getattr(errors, outcome.value["error"], WorkloadError)
             raise cls(outcome.value["message"])
         if outcome.ok:
-            self.facts = ModelFacts(**outcome.value)
+            self.facts, self.check_s = ModelFacts(**outcome.value), outcome.seconds
             return self.facts
         stage = "importing it, building the model and running it once on its example inputs"
         if outcome.status == "timeout":

@@ -239,10 +239,10 @@ def test_plan_with_buckets_round_trips_and_applies(tiny, tmp_path):
     again = load_plan(path)
     assert _json(again.to_dict()) == _json(plan.to_dict())
     model = tiny.build_model()
-    with pytest.raises(PlanError, match="pass pad_inputs= to apply"):  # nothing is imported from the plan
+    with pytest.raises(PlanError, match="pad_inputs=my_model.pad_inputs"):  # a plan never imports model.py
         again.apply(model)
     fast = again.apply(model, pad_inputs=tiny.user_hook("pad_inputs"))
-    assert isinstance(fast, BucketedModel)
+    assert isinstance(fast, BucketedModel) and fast.pad_inputs is not None
     x = tiny.example_inputs(3, seq_len=29)
     torch.testing.assert_close(fast(*x), _ref(model, x), rtol=1e-4, atol=1e-5)
 
@@ -580,4 +580,4 @@ def test_verify_times_a_traffic_plan_over_its_mix(tiny, tmp_path):
     res = verify_plan(tmp_path / "plan.json", tiny.path, tolerance=0.9)
     assert res.measured["shapes"] == sorted(s.key() for s in st.traffic), res.problems
     assert res.measured["n"] == 20  # every shape timed for the plan's rounds, one sample per round of the mix
-    assert any("timed over the traffic mix: 5 shapes" in line for line in res.lines)
+    assert any("traffic-weighted over 5 shapes" in line for line in res.lines)

@@ -38,9 +38,11 @@ def test_self_times_add_up_to_the_root_and_flops_bytes_are_exact():
     model, x = Shared().eval(), torch.randn(16, 64)
     prof = profile_model(model, (x,), target_s=0.3, warmup_s=0.2)
     mods = _by_path(prof)
-    assert prof["method"] == "module_timers"
+    assert prof["method"] == "profiler_attribution"
     root = mods[""]
     assert sum(m["self_ms"] for m in prof["modules"]) == pytest.approx(root["inclusive_ms"], rel=1e-9)
+    assert mods["fc"]["inclusive_ms"] == pytest.approx(mods["fc"]["self_ms"])  # a leaf
+    assert 0 < prof["busy_ms"] and prof["ops_per_forward"] > 0
     assert all(m["self_ms"] >= -1e-9 for m in prof["modules"])
     assert mods["fc"]["calls"] == 2 and mods["out"]["calls"] == 1
     assert mods["fc"]["flops"] == 2 * (2 * 16 * 64 * 64)  # two calls of a 64x64 matmul
@@ -84,10 +86,12 @@ def test_candidate_groups_take_the_deepest_modules_that_ran_until_coverage():
         {"path": "b.inner", "type": "Linear", "calls": 0, "has_params": True, "inclusive_ms": 0.0, "inclusive_share": 0, "flops": 0},
         {"path": "c", "type": "Linear", "calls": 1, "has_params": True, "inclusive_ms": 0.2, "inclusive_share": .02, "flops": 0},
     ]
-    groups = candidate_groups(mods, None, coverage=0.9)
+    groups = candidate_groups(mods, None, coverage=0.9, min_share=0.0)
     assert [g["path"] for g in groups] == ["a.x", "b"]  # 8.0 of 8.2 ms covered; c not needed
-    assert [g["path"] for g in candidate_groups(mods, None, coverage=1.0)] == ["a.x", "b", "c"]
-    assert len(candidate_groups(mods, None, coverage=1.0, max_groups=1)) == 1
+    assert [g["path"] for g in candidate_groups(mods, None, coverage=1.0, min_share=0.0)] == ["a.x", "b", "c"]
+    assert len(candidate_groups(mods, None, coverage=1.0, max_groups=1, min_share=0.0)) == 1
+    # at 5 % each, c (2 %, no ancestor but the model) is dropped, not searched
+    assert [g["path"] for g in candidate_groups(mods, None, coverage=1.0)] == ["a.x", "b"]
 
 
 def test_top_modules_orders_by_self_share():
@@ -135,3 +139,30 @@ def test_profile_of_in_memory_workload_records_workload_fields():
     w = workload_from_module(Shared(), torch.randn(4, 64), name="shared")
     prof = profile_workload(w, target_s=0.2)
     assert prof["workload"]["input_shapes"] == [[4, 64]] and prof["schema"] == "autotiacc.profile"
+
+
+def _mod(path, share, *, calls=1, params=True, typ="Conv2d"):
+    return {"path": path, "type": typ, "calls": calls, "has_params": params, "inclusive_ms": 10 * share,
+            "inclusive_share": share, "flops": 0}
+
+
+def test_groups_coarsen_small_convolutions_into_blocks_that_carry_the_time():
+    """resnet-like: 1.5 % convolutions merge into their block (>= 5 %), or further up into the
+    stage when the block is small too; a module container that never ran is skipped over."""
+    mods = [_mod("", 1.0, typ="Net")]
+    for b in range(3):  # layer1: three small blocks (3 % each) -> the stage itself (9 %)
+        mods += [_mod(f"layer1.{b}", 0.03, typ="Block")] + [_mod(f"layer1.{b}.conv{i}", 0.01) for i in range(3)]
+    mods.append(_mod("layer1", 0.09, typ="Stage"))
+    for b in range(4):  # layer2: blocks of 20 % each, convolutions of 1.5-9 %
+        mods += [_mod(f"layer2.{b}", 0.2, typ="Block"), _mod(f"layer2.{b}.conv1", 0.015),
+                 _mod(f"layer2.{b}.conv2", 0.09)]
+    mods.append(_mod("layer2", 0.8, typ="Stage"))
+    mods += [_mod("heads", 0.05, calls=0, typ="ModuleList"), _mod("heads.0", 0.05, typ="Linear"),
+             _mod("tiny", 0.01, typ="Linear")]
+    groups = candidate_groups(mods, None, coverage=1.0, max_groups=20)
+    paths = [g["path"] for g in groups]
+    assert set(paths) == {"layer1", "layer2.0", "layer2.1", "layer2.2", "layer2.3", "heads.0"}
+    assert all(g["inclusive_share"] >= 0.05 for g in groups)
+    assert paths[0].startswith("layer2.")  # largest first
+    # groups that together carry little of the forward are not searched at all
+    assert candidate_groups([_mod("", 1.0), _mod("a", 0.2), _mod("b", 0.1)], None) == []

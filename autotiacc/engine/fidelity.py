@@ -17,6 +17,7 @@ variant, built once (what a tune can afford at its end).
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 import time
@@ -30,11 +31,12 @@ from .workers import Outcome, WorkerPool, run_isolated
 SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
              "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
 BASELINE = "baseline"
+MIN_ROUNDS = 3  # the fewest windows per variant a comparison is made on
 
 
-def measured_env() -> dict[str, str]:
-    """The speed-relevant environment of this process, which workers inherit unchanged."""
-    return {k: os.environ[k] for k in SPEED_ENV if k in os.environ}
+def measured_env() -> dict[str, str | None]:
+    """The speed-relevant environment of this process (None: unset), which workers inherit unchanged."""
+    return {k: os.environ.get(k) for k in SPEED_ENV}
 
 
 @dataclass
@@ -42,8 +44,9 @@ class AlternatingResult:
     """Per-variant window medians (ms) and the comparison of each variant with the baseline."""
 
     windows: dict[str, list[float]] = field(default_factory=dict)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+    info: dict[str, dict] = field(default_factory=dict)  # accuracy, build_s of each candidate
     failures: dict[str, str] = field(default_factory=dict)
-    accuracy: dict[str, dict] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
 
@@ -81,9 +84,10 @@ _BUILT: dict[tuple, Any] = {}  # (workload token, variant, device) -> runner, in
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
                 tolerance: float) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) once in this process, then time one window.
+    """Build `values` (None: the eager fp32 baseline) once in this process and warm it up, then
+    time one window of `window_s` (none when 0: the build only).
 
-    Returns {"median_ms", "n", "accuracy" (first window of a candidate only)}.
+    Returns {"samples_ms", plus "accuracy" and "build_s" when this call built the variant}.
     """
     import torch
 
@@ -104,6 +108,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
 
             torch._dynamo.reset()
             cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+            info["build_s"] = cand.build_seconds
             acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
                                   metric=workload.metric, targets=[y for _, y in ref.test])
             info["accuracy"] = acc.to_dict()
@@ -112,8 +117,8 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
             runner = (lambda: cand(*ref.inputs))
         warm_up(runner, device, max_s=warmup_s)
         _BUILT[key] = runner
-    t = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0)
-    return {"median_ms": t.median, "n": t.n, **info}
+    samples = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
+    return {"samples_ms": samples, **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
@@ -124,35 +129,43 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round.
 
-    A variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
-    Stops after `rounds`, or at `deadline` (time.monotonic()) once 4 rounds are in.
+    With `fresh=False` every variant's process is started at once and builds its variant
+    before the first round, so no process starts or compiles while another is timed. A
+    variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
+    Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
     """
     t0 = time.perf_counter()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
-    result = AlternatingResult(windows={n: [] for n in variants})
+    result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants})
     pools = {} if fresh else {n: WorkerPool(env=env) for n in variants}
-    kwargs = {"device": device, "window_s": window_s, "warmup_s": warmup_s, "tolerance": tolerance}
+    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
     try:
+        for pool in pools.values():
+            pool.start()  # imports overlap; builds below run one at a time
+        for name, pool in pools.items():
+            _record(result, name, pool.call(time_window, workload, name, variants[name], timeout=timeout_s,
+                                            window_s=0, **kwargs))
         for r in range(rounds):
-            if deadline is not None and r >= 4 and time.monotonic() > deadline:
+            if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
+                                               and time.monotonic() > deadline):
                 break
             names = [n for n in variants if n not in result.failures]
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
                 if fresh:
                     out = run_isolated(time_window, workload, name, variants[name], timeout=timeout_s, env=env,
-                                       **kwargs)
+                                       window_s=window_s, **kwargs)
                 else:
-                    out = pools[name].call(time_window, workload, name, variants[name], timeout=timeout_s, **kwargs)
+                    out = pools[name].call(time_window, workload, name, variants[name], timeout=timeout_s,
+                                           window_s=window_s, **kwargs)
                 _record(result, name, out)
-            if BASELINE in result.failures:
-                break
             result.rounds = r + 1
     finally:
         for pool in pools.values():
             pool.close()
     for name in result.failures:
         result.windows.pop(name, None)
+        result.samples.pop(name, None)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -161,6 +174,39 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
     if not out.ok:
         result.failures[name] = out.reason()
         return
-    result.windows[name].append(out.value["median_ms"])
-    if "accuracy" in out.value:
-        result.accuracy[name] = out.value["accuracy"]
+    if out.value["samples_ms"]:
+        result.samples[name] += out.value["samples_ms"]
+        result.windows[name].append(statistics.median(out.value["samples_ms"]))
+    for k in ("accuracy", "build_s"):
+        if k in out.value:
+            result.info.setdefault(name, {})[k] = out.value[k]
+
+
+def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
+                         target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
+                         env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
+    """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
+    (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
+    windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
+    deadline = time.monotonic() + timeout
+    rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
+    res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
+                              warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
+                              deadline=deadline - 2 * window_s * (len(candidates) + 1))
+    if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
+        return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
+                       seconds=res.seconds)
+    from ..measure import Timing
+
+    out: dict[str, Any] = {}
+    for name, values in candidates.items():
+        r: dict[str, Any] = {"knobs": values, **res.info.get(name, {})}
+        if name in res.failures:
+            r.update(status="failed", reason=res.failures[name])
+        else:
+            ratio = 1 / res.speedup(name)
+            r.update(status="ok", ratio=ratio, speedup=1 / ratio, p_faster=res.p_faster(name),
+                     faster=ratio < 0.98 and res.p_faster(name) < 0.05, timing=Timing(res.samples[name]).to_dict())
+        out[name] = r
+    return Outcome("ok", value={"baseline": Timing(res.samples[BASELINE]).to_dict(), "candidates": out,
+                                "alternating": res.to_dict()}, seconds=res.seconds)

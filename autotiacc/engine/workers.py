@@ -243,11 +243,15 @@ class WorkerPool:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def start(self) -> None:
+        """Start the worker now (it imports torch while the caller does other work); optional."""
+        if self.worker is None or not self.worker.alive():
+            self._start()
+
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
              **kwargs: Any) -> Outcome:
         t0 = time.perf_counter()
-        if self.worker is None or not self.worker.alive():
-            self._start()
+        self.start()
         assert self.worker is not None
         out = run_in(self.worker, fn, args, kwargs, timeout=timeout, log_path=log_path, t0=t0)
         if not self.worker.alive() or out.status in ("timeout", "crash", "oom"):

@@ -1,5 +1,6 @@
 """Execution knob: eager, TorchScript (trace + freeze + optimize_for_inference), torch.compile
-(modes, Inductor freezing), ONNX Runtime (optional; the user still calls a PyTorch callable).
+(modes, Inductor freezing), ONNX Runtime (optional; the user still calls a PyTorch callable),
+and on CUDA a captured CUDA graph around the eager or TorchScript runner (`cuda_graphs`).
 
 This knob runs last: it turns the model prepared by the other knobs into `state.runner`.
 """
@@ -13,6 +14,7 @@ from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 BACKENDS = ("eager", "torchscript", "compile", "onnxruntime")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+GRAPHED_BACKENDS = ("eager", "torchscript")
 
 
 @dataclass(frozen=True)
@@ -21,12 +23,18 @@ class ExecutionConfig(KnobConfig):
     compile_mode: str = "default"
     freezing: bool = False
     dynamic: bool | None = None  # torch.compile(dynamic=...): None = automatic
+    # CUDA only: replay the eager/TorchScript runner as a captured CUDA graph (static shapes).
+    # torch.compile has its own (compile_mode reduce-overhead); the default keeps old plans valid.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` got {self.backend!r}: use one of {', '.join(BACKENDS)}.")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"`compile_mode` got {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}.")
+        if self.cuda_graphs and self.backend not in GRAPHED_BACKENDS:
+            raise ValueError(f"`cuda_graphs` wraps backend eager or torchscript, got backend {self.backend!r}: "
+                             "for torch.compile use compile_mode reduce-overhead instead.")
 
 
 def _stack(factories):
@@ -106,7 +114,13 @@ class ExecutionKnob(Knob):
     config_cls = ExecutionConfig
     order = 100
     choice_levels = {"compile_mode": {"max-autotune": 2, "max-autotune-no-cudagraphs": 2}}
-    cuda_only = {"compile_mode": {"reduce-overhead", "max-autotune"}}
+    # on CUDA autotuned Inductor kernels are a level-1 choice (they pay there); max-autotune,
+    # which adds CUDA graphs on top, stays at level 2
+    cuda_levels = {"compile_mode": {"max-autotune": 2, "max-autotune-no-cudagraphs": 1}}
+    cuda_only = {"compile_mode": {"reduce-overhead", "max-autotune"}, "cuda_graphs": {True}}
+
+    def levels(self, param, ctx):
+        return self.cuda_levels.get(param, {}) if ctx.cuda else super().levels(param, ctx)
 
     def choices(self, param, space, ctx):
         out = super().choices(param, space, ctx)
@@ -116,6 +130,8 @@ class ExecutionKnob(Knob):
 
     def suggest(self, trial, space, ctx: SearchContext) -> ExecutionConfig:
         backend = self.pick(trial, "backend", space, ctx)
+        if backend in GRAPHED_BACKENDS:
+            return ExecutionConfig(backend=backend, cuda_graphs=self.pick(trial, "cuda_graphs", space, ctx))
         if backend != "compile":
             return ExecutionConfig(backend=backend)
         return ExecutionConfig(backend=backend, compile_mode=self.pick(trial, "compile_mode", space, ctx),
@@ -133,3 +149,7 @@ class ExecutionKnob(Knob):
         elif config.backend == "onnxruntime":
             threads = state.notes.get("threads", 0)
             state.runner = _onnxruntime(state, threads)
+        if config.cuda_graphs:  # captured on the first call, inside the call contexts
+            from .cuda_graphs import CUDAGraphRunner
+
+            state.runner = CUDAGraphRunner(state.runner, state.device)

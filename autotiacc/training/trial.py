@@ -18,7 +18,7 @@ from datetime import timedelta
 from typing import Any, Callable, Iterator
 
 from ..measure import measure_interleaved
-from .config import MemoryConfig, PrecisionConfig, TrainConfig
+from .config import MemoryConfig, TrainConfig, TrainPrecisionConfig
 from .loop import apply
 
 GUARD_STEPS = 8
@@ -123,7 +123,7 @@ def resolve(config: TrainConfig, workload: Any, dataset: Any, batch_size: int, d
     model = workload.build_model().to(device)
     precision, memory = config.precision, config.memory
     if config.precision.mode != "fp32":
-        precision = PrecisionConfig(mode=precision.mode, fp32_modules=detect_overflow(model, workload.loss_fn, probe, precision.mode))
+        precision = TrainPrecisionConfig(mode=precision.mode, fp32_modules=detect_overflow(model, workload.loss_fn, probe, precision.mode))
     if config.memory.checkpoint_top:
         memory = MemoryConfig(checkpoint_top=memory.checkpoint_top,
                               checkpoint_modules=heaviest_blocks(model, workload.loss_fn, probe, memory.checkpoint_top))

@@ -1,0 +1,45 @@
+"""Alternating processes: each variant alone in its own process, windows taken in turns; the
+final re-measurement's result format; the noise test is scipy's Mann-Whitney U."""
+import pytest
+
+from autotiacc.engine.fidelity import BASELINE, AlternatingResult, evaluate_alternating, measure_alternating
+from autotiacc.workload import load_workload
+
+TS = {"execution": {"backend": "torchscript"}}
+
+
+@pytest.fixture
+def workload(models_dir):
+    return load_workload(models_dir / "tiny_mlp.py", batch_size=4)
+
+
+@pytest.mark.slow
+def test_warm_alternating_processes_and_the_tuner_result_format(workload):
+    res = measure_alternating(workload, {"ts": TS, "bad": {"precision": {"mode": "int8_nonsense"}}}, rounds=4,
+                              window_s=0.05, warmup_s=0.1)
+    assert res.rounds == 4 and set(res.windows) == {BASELINE, "ts"}
+    assert len(res.windows["ts"]) == len(res.windows[BASELINE]) == 4
+    assert "bad" in res.failures  # an invalid candidate is dropped with its reason, the rest goes on
+    assert res.speedup("ts") > 0 and 0 <= res.p_faster("ts") <= 1
+    lo, hi = res.speedup_range("ts")
+    assert lo <= hi
+    out = evaluate_alternating(workload, {"ts": TS}, target_s=0.2, window_s=0.05, warmup_s=0.1, timeout=120)
+    assert out.ok, out.error
+    cand = out.value["candidates"]["ts"]
+    assert cand["status"] == "ok" and cand["accuracy"]["ok"] and isinstance(cand["faster"], bool)
+    assert out.value["alternating"]["rounds"] >= 5 and out.value["baseline"]["n"] > 0
+
+
+@pytest.mark.slow
+def test_fresh_alternating_processes(workload):
+    res = measure_alternating(workload, {"ts": TS}, rounds=2, window_s=0.05, warmup_s=0.1, fresh=True)
+    assert res.rounds == 2 and len(res.windows["ts"]) == 2 and not res.failures
+
+
+def test_noise_test_is_scipys_mann_whitney():
+    from scipy.stats import mannwhitneyu
+
+    r = AlternatingResult(windows={BASELINE: [10.0, 10.5, 9.8, 10.2, 10.1], "x": [5.0, 5.2, 4.9, 5.1, 5.3]})
+    assert r.p_faster("x") == pytest.approx(mannwhitneyu(r.windows["x"], r.windows[BASELINE],
+                                                         alternative="less").pvalue)
+    assert r.p_faster("x") < 0.01 and r.speedup("x") == pytest.approx(10.1 / 5.1)
