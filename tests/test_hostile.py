@@ -309,17 +309,16 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
 
 
 def test_training_run_json_holds_no_storage_password(tmp_path):
-    from autotiacc.training.tuner import TrainingTuner, TrainTuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.training.tuner import TrainingTask, TrainTuneOptions
     from autotiacc.training.workload import TrainWorkload
 
     from ._training_targets import TINY_TRAIN
 
     wl = TrainWorkload(_write(tmp_path / "train.py", TINY_TRAIN))
     out = tmp_path / "run"
-    out.mkdir()
     url = "postgresql://bob:hunter2@db:5432/x"
-    tuner = TrainingTuner(wl, TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
-                                               command=f"autotiacc tune train.py --mode train --storage {url}"))
-    tuner._write_run_json({}, {"name": "train"})
-    run = (out / "run.json").read_text()
+    opts = TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
+                            command=f"autotiacc tune train.py --mode train --storage {url}")
+    run = json.dumps(Search(TrainingTask(wl, opts), opts, patience=1).run_record({}, {"name": "train"}))
     assert "hunter2" not in run and run.count("bob:***@db") == 2
