@@ -209,8 +209,7 @@ class TrainingTask(Task):
             plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {top.number}, the "
                          "best of the search, with its search-time figures.")
             return plan
-        _, cand, summary = decision.final.candidates[top.number] if kind != "all_failed" else \
-            next(iter(decision.final.candidates.values()))
+        _, cand, summary = decision.final.candidates[top.number]
         plan.extra["final"] = {k: v for k, v in summary.items() if k != "final_losses"}
         plan.extra["final_losses"] = summary.get("final_losses")
         if cand is not None and "samples_per_s" in summary:
