@@ -44,6 +44,9 @@ def compare_outputs(outputs: list[Any], references: list[Any], *, tolerance: flo
     rel_worst, abs_worst, cos_worst, worst = 0.0, 0.0, 1.0, -1
     for i, (out, ref) in enumerate(zip(outputs, references)):
         got, want = _leaves(out), _leaves(ref)
+        if not want:
+            return AccuracyReport(False, worst_batch=i, reason=f"batch {i}: the reference output holds no tensor "
+                                  f"(the model returned {type(ref).__name__}); there is nothing to compare")
         if len(got) != len(want):
             return AccuracyReport(False, reason=f"batch {i}: {len(got)} output tensors, reference has {len(want)}")
         for a, b in zip(got, want):

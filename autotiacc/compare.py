@@ -47,7 +47,10 @@ def _from_run(d: Path) -> tuple[list[dict], Any]:
 def _from_csv(path: Path) -> list[dict]:
     import pandas as pd
 
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (OSError, UnicodeDecodeError, ValueError) as exc:  # ParserError, EmptyDataError are ValueErrors
+        raise UserInputError(f"{path}: cannot be read as CSV ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}).") from None
     need = {"model", "variant", "median_ms"}
     if not need <= set(df.columns):
         raise UserInputError(f"{path}: not an experiment CSV (needs columns {sorted(need)}).")

@@ -47,3 +47,11 @@ def format_duration(seconds: float) -> str:
     m, s = divmod(rest, 60)
     out = (f"{h}h" if h else "") + (f"{m}m" if m else "") + (f"{s}s" if s or not (h or m) else "")
     return out
+
+
+def suggest_budget(*, setup_s: float, trial_s: float, final_s: float, trials: int = 6) -> str:
+    """A budget that measures the baseline and a few candidates, from what this run measured:
+    the set-up (model check, profile), one trial and the final re-measurement; whole minutes."""
+    import math
+
+    return format_duration(60 * math.ceil((setup_s + trials * trial_s + final_s) / 60))

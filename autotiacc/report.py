@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from .engine.budget import budget_section
 from .errors import UserInputError
 from .plotting import figure
 from .report_profile import PROFILE_PLOTS, profile_sections
@@ -50,22 +51,59 @@ def _importance(run_dir: Path, run: dict[str, Any]) -> dict[str, float]:
         return {}
 
 
-def read_run_dir(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any] | None, Any]:
-    """(folder, run.json, plan.json or None, trials.csv as a DataFrame, empty if none yet)."""
+_DAMAGED = "the run directory is damaged; restore the file from a copy, or re-run the tune into a new --out"
+
+
+def read_json_file(path: Path) -> dict[str, Any]:
+    """A JSON object from a run directory; unreadable or not an object is a `UserInputError`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise UserInputError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                             f"{_DAMAGED}.") from None
+    if not isinstance(data, dict):
+        raise UserInputError(f"{path}: holds a {type(data).__name__}, not a JSON object; {_DAMAGED}.")
+    return data
+
+
+def read_trials_csv(path: Path):
+    """trials.csv as a DataFrame (empty when missing or empty); unreadable is a `UserInputError`."""
     import pandas as pd
 
+    if not path.is_file():
+        return pd.DataFrame()
+    try:
+        df = pd.read_csv(path)
+    except pd.errors.EmptyDataError:  # created, never written: no trial finished yet
+        return pd.DataFrame()
+    except (OSError, UnicodeDecodeError, pd.errors.ParserError, ValueError) as exc:
+        raise UserInputError(f"{path}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                             f"{_DAMAGED}.") from None
+    if not df.empty and not {"number", "status"} <= set(df.columns):
+        raise UserInputError(f"{path}: has no `number` and `status` columns, so it is not a tune's trials.csv; "
+                             f"{_DAMAGED}.")
+    return df
+
+
+def read_run_dir(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, Any] | None, Any]:
+    """(folder, run.json, plan.json or None, trials.csv as a DataFrame, empty if none yet)."""
     d = Path(run_dir)
     if not (d / "run.json").is_file():
         raise UserInputError(f"{d}: not a run directory (no run.json); give the --out folder of a tune.")
-    run = json.loads((d / "run.json").read_text())
-    plan = json.loads((d / "plan.json").read_text()) if (d / "plan.json").is_file() else None
-    trials = pd.read_csv(d / "trials.csv") if (d / "trials.csv").is_file() else pd.DataFrame()
-    return d, run, plan, trials
+    run = read_json_file(d / "run.json")
+    for key, typ in (("workload", dict), ("fingerprint", dict), ("sessions", list)):
+        if key in run and not isinstance(run[key], typ):
+            raise UserInputError(f"{d / 'run.json'}: `{key}` holds a {type(run[key]).__name__}, not a "
+                                 f"{typ.__name__}; {_DAMAGED}.")
+    if not all(isinstance(x, dict) for x in run.get("sessions", [])):
+        raise UserInputError(f"{d / 'run.json'}: `sessions` must be a list of objects; {_DAMAGED}.")
+    plan = read_json_file(d / "plan.json") if (d / "plan.json").is_file() else None
+    return d, run, plan, read_trials_csv(d / "trials.csv")
 
 
 def gather(run_dir: str | Path) -> ReportData:
     d, run, plan, trials = read_run_dir(run_dir)
-    profile = json.loads((d / "profile.json").read_text()) if (d / "profile.json").is_file() else None
+    profile = read_json_file(d / "profile.json") if (d / "profile.json").is_file() else None
     return ReportData(d, run, plan, trials, _importance(d, run), profile)
 
 
@@ -190,10 +228,14 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
         lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
         out.append(("Result", lines))
     if not t.empty and "status" in t:
-        ok = t[t["status"] == "ok"].sort_values("speedup", ascending=False).head(10)
-        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"), r.get("build_s")]
-                for _, r in ok.iterrows()]
-        out.append(("Top trials", _table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s"], rows)))
+        ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
+        ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
+        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"),
+                 r.get("build_s"), r.get("peak_mem_mib")] for _, r in ok.iterrows()]
+        out.append(("Top trials", (_table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
+                                          "peak MiB"], rows) if rows else ["No trial was measured successfully."])
+                    + ["", "peak MiB: the candidate's peak memory above what its process held before building it "
+                           "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse)."]))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed, rejected, pruned or skipped trials",
@@ -205,6 +247,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
     out += shape_sections(data)
     out += profile_sections(data)
+    out += budget_section(run)
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
     return out

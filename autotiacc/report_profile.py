@@ -145,9 +145,9 @@ def _attribution_lines(prof: dict[str, Any]) -> list[str]:
     work = "kernels" if cuda else "operators"
     return [f"- per-module time from torch.profiler: each {work[:-1]} attributed to the innermost module range "
             f"(no per-module synchronisation{', NVTX range per module' if prof.get('nvtx') else ''}); "
-            f"{work} {prof.get('busy_ms', math.nan):.4g} ms of the forward; the profiler made the forward "
-            f"{prof.get('timer_overhead') or 0:.0%} slower, time between {work} scaled by "
-            f"{prof.get('idle_scale', math.nan):.2f} to the plain forward"]
+            f"{work} {prof.get('busy_ms', math.nan):.4g} ms of the forward; profiled forward / plain forward "
+            f"{1 + (prof.get('timer_overhead') or 0):.2f} (the profiler's overhead, or noise below 1); time between "
+            f"{work} scaled by {prof.get('idle_scale', math.nan):.2f} to the plain forward"]
 
 
 def _diagnosis_lines(diag: dict[str, Any] | None) -> list[str]:

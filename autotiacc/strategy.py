@@ -25,13 +25,15 @@ EXTRA_KEYS: dict[str, Any] = {"batch_sizes": list[int], "max_buckets": int, "tra
                               "final_traffic_rounds": int}
 # Strategy parameters that are not config fields: the modes offered per precision group.
 EXTRA_PARAMS = {"precision": ("group_modes",)}
-AUTO_PARAMS = {("runtime", "threads")}  # may be the string `auto` instead of a list
+AUTO_PARAMS = {("runtime", "threads"), ("data", "num_workers")}  # may be the string `auto` instead of a list
+TASKS = ("inference", "training")
 
 
 @dataclass
 class Strategy:
     name: str
     description: str = ""
+    task: str = "inference"  # or "training": which registered knobs it names
     objective: str = "latency"
     trial_timeout_s: float = 300.0
     measure_s: float = 2.0
@@ -40,6 +42,7 @@ class Strategy:
     patience: int = 30
     prune_factor: float = 2.0
     max_trial_share: float = 0.35  # no trial may run longer than this share of the budget
+    profile_share: float = 0.1  # the profile and sensitivity pass takes at most this share
     knobs: dict[str, dict[str, Any]] = field(default_factory=dict)
     enqueue: list[dict[str, dict[str, Any]]] = field(default_factory=list)
     # stage-1 starting points on CUDA (what pays on GPUs); `enqueue` is used where this is empty
@@ -63,6 +66,8 @@ _RANGES = {
     "patience": (lambda v: v >= 1, "a whole number >= 1 (trials without a new best before stopping)"),
     "prune_factor": (lambda v: v >= 1, "a number >= 1 (prune candidates this many times slower than the best)"),
     "max_trial_share": (lambda v: 0 < v <= 1, "a fraction of the budget in (0, 1]"),
+    "profile_share": (lambda v: 0 < v <= 1, "a fraction of the budget in (0, 1]"),
+    "task": (lambda v: v in TASKS, f"one of {', '.join(TASKS)}"),
     "objective": (lambda v: v in OBJECTIVES, f"one of {', '.join(OBJECTIVES)}"),
     "name": (lambda v: bool(v.strip()), "a non-empty name"),
     "batch_sizes": (lambda v: bool(v) and all(b >= 1 for b in v), "a list of positive batch sizes"),
@@ -92,7 +97,8 @@ def _read(name_or_path: str) -> tuple[str, str]:
     p = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or p.exists():
         if not p.is_file():
-            raise StrategyError(f"`--strategy` file {name_or_path!r} does not exist.")
+            raise StrategyError(f"`--strategy` file {name_or_path!r} " + ("is not a file." if p.exists() else
+                                                                          "does not exist."))
         try:
             return p.read_text(encoding="utf-8"), str(p)
         except (OSError, UnicodeDecodeError) as exc:
@@ -139,7 +145,10 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
         check, want = _RANGES.get(key, (lambda v: True, ""))
         if not check(value):
             raise StrategyError(f"strategy {origin}: `{key}` got {value!r}: use {want}.")
-    knobs = _check_knobs(data.get("knobs") or {}, origin)
+    task = data.get("task", "inference")
+    if task == "training":
+        from .training import config as _registers_training_knobs  # noqa: F401
+    knobs = _check_knobs(data.get("knobs") or {}, origin, task)
     seeds = {}
     for key in seed_keys:
         seeds[key] = data.get(key) or []
@@ -147,17 +156,17 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
             raise StrategyError(f"strategy {origin}: `{key}` must be a list of starting points, e.g. "
                                 "[{execution: {backend: torchscript}}].")
         for i, entry in enumerate(seeds[key]):
-            _check_entry(entry, origin, f"{key} entry {i + 1}")
+            _check_entry(entry, origin, f"{key} entry {i + 1}", task)
     kwargs = {k: (float(v) if hints[k] is float else v) for k, v in data.items() if k in scalars}
     extra = {k: v for k, v in data.items() if k in EXTRA_KEYS}
     return Strategy(knobs=knobs, enqueue=list(seeds["enqueue"]), enqueue_cuda=list(seeds["enqueue_cuda"]),
                     extra=extra, **kwargs)
 
 
-def _knob(name: Any, origin: str):
+def _knob(name: Any, origin: str, task: str):
     from .knobs import all_knobs
 
-    knobs = {k.name: k for k in all_knobs()}
+    knobs = {k.name: k for k in all_knobs(task)}
     if name not in knobs:
         raise _refuse(origin, "knob", name, knobs)
     return knobs[name]
@@ -180,12 +189,12 @@ def _params(knob) -> list[str]:
     return [f.name for f in dataclasses.fields(knob.config_cls)] + list(EXTRA_PARAMS.get(knob.name, ()))
 
 
-def _check_knobs(knobs: Any, origin: str) -> dict[str, dict[str, Any]]:
+def _check_knobs(knobs: Any, origin: str, task: str) -> dict[str, dict[str, Any]]:
     if not isinstance(knobs, dict):
         raise StrategyError(f"strategy {origin}: `knobs` must map knob names to their choices.")
     out: dict[str, dict[str, Any]] = {}
     for name, space in knobs.items():
-        knob = _knob(name, origin)
+        knob = _knob(name, origin, task)
         if space is None:
             space = {}
         if not isinstance(space, dict):
@@ -213,12 +222,12 @@ def _check_knobs(knobs: Any, origin: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _check_entry(entry: Any, origin: str, where: str) -> None:
+def _check_entry(entry: Any, origin: str, where: str, task: str) -> None:
     if not isinstance(entry, dict):
         raise StrategyError(f"strategy {origin}: {where} must map knob names to their values, e.g. "
                             "{execution: {backend: torchscript}}.")
     for name, values in entry.items():
-        knob = _knob(name, origin)
+        knob = _knob(name, origin, task)
         if not isinstance(values, dict):
             raise StrategyError(f"strategy {origin}: {where}: knob `{name}` must map parameters to one value each.")
         for param, value in values.items():

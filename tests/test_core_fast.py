@@ -238,9 +238,8 @@ def test_torchscript_and_export_files(tmp_path):
     torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
     for name in ("m.pt", "m.pt2"):
         w = load_workload(tmp_path / name, input_shapes=["2x6"])
-        m, out = w.validate()
-        assert out.shape == (2, 3)
-        assert torch.allclose(m(x), model(x), atol=1e-6)
+        assert w.validate().output == "Tensor[2, 3]"  # run once in a child
+        assert torch.allclose(w.build_model()(x), model(x), atol=1e-6)
 
 
 def test_in_memory_workload_is_picklable():

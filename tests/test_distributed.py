@@ -58,13 +58,13 @@ def _worker(file: Path, url: str, study: str, out: Path, budget: str) -> subproc
 def _load(url: str, study: str):
     import optuna
 
-    from autotiacc.distributed import open_storage
+    from autotiacc.engine.storage import open_storage
 
     return optuna.load_study(study_name=study, storage=open_storage(url))
 
 
 def test_concurrent_creators_exactly_one_creates(pg_url):
-    from autotiacc.distributed import create_or_load, open_storage
+    from autotiacc.engine.storage import create_or_load, open_storage
 
     name, created, errors = _study_name("create"), [], []
 
@@ -83,23 +83,25 @@ def test_concurrent_creators_exactly_one_creates(pg_url):
     assert sorted(created) == [False, False, False, True]
 
 
-def test_worker_on_other_hardware_is_refused(pg_url, tiny, tmp_path):
+def test_worker_on_other_hardware_or_batch_size_is_refused(pg_url, tiny, tmp_path):
+    from autotiacc.engine.study import StudySpec, check_same_setup, open_study, record_setup
     from autotiacc.errors import UserInputError
     from autotiacc.hardware import fingerprint
-    from autotiacc.tuner import TuneOptions, Tuner
     from autotiacc.workload import load_workload
 
-    wl = load_workload(tiny)
-    name = _study_name("fp")
-    identity = wl.identity()
-    first = Tuner(wl, TuneOptions(budget_s=60, out_dir=tmp_path / "a", storage=pg_url, study_name=name))
-    first._study(fingerprint("cpu"), identity)
+    identity = load_workload(tiny).identity()
+    spec = StudySpec(storage=pg_url, study_name=_study_name("fp"), direction="minimize")
+    first, created = open_study(spec, None, None)
+    assert created
+    record_setup(first, fingerprint("cpu"), identity)
+    second, created = open_study(spec, None, None)
+    assert not created
     other = dict(fingerprint("cpu"), torch="1.0.0", cpu_model="Some Other CPU")
-    second = Tuner(wl, TuneOptions(budget_s=60, out_dir=tmp_path / "b", storage=pg_url, study_name=name))
     with pytest.raises(UserInputError, match="torch: plan has .* this machine has '1.0.0'"):
-        second._study(other, identity)
-    # the same machine joins fine
-    second._study(fingerprint("cpu"), identity)
+        check_same_setup(second, other, identity)
+    with pytest.raises(UserInputError, match="batch size"):
+        check_same_setup(second, fingerprint("cpu"), {**identity, "batch_size": 64})
+    check_same_setup(second, fingerprint("cpu"), identity)  # the same machine and workload join fine
 
 
 def test_report_from_storage_unknown_study(pg_url, tmp_path):
@@ -148,7 +150,7 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
                 killed_trial = mine[0].number
                 os.killpg(b.pid, signal.SIGKILL)
         assert killed_trial is not None, "worker B never ran a trial: " + out_b.with_suffix(".log").read_text()[-2000:]
-        c = _worker(tiny, pg_url, name, out_c, "40s")  # a replacement joins the running study
+        c = _worker(tiny, pg_url, name, out_c, "60s")  # a replacement joins the running study
         assert a.wait(timeout=200) == 0, out_a.with_suffix(".log").read_text()[-3000:]
         assert c.wait(timeout=200) == 0, out_c.with_suffix(".log").read_text()[-3000:]
     finally:

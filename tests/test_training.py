@@ -12,14 +12,15 @@ import pytest
 import torch
 from torch import nn
 
+from autotiacc.device import parse_memory
 from autotiacc.errors import PlanError, UserInputError, WorkloadError
-from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConfig, PrecisionConfig, TrainConfig,
+from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConfig, TrainPrecisionConfig, TrainConfig,
                                 TrainingPlan, apply, load_training_plan)
 from autotiacc.training.cache import DecodedCache
 from autotiacc.training.launch import run_ranks
 from autotiacc.training.trial import detect_overflow, heaviest_blocks
 from autotiacc.training.report import write_training_report
-from autotiacc.training.tuner import TrainTuneOptions, parse_memory, tune_training
+from autotiacc.training.tuner import TrainTuneOptions, tune_training
 from autotiacc.training.workload import TrainWorkload
 
 from . import _training_targets as targets
@@ -54,7 +55,7 @@ def _loss(model, batch):
 def test_train_config_and_plan_round_trip_through_json(tmp_path):
     cfg = TrainConfig(data=DataConfig(num_workers=2, prefetch_factor=4, persistent_workers=True, cache="memory"),
                       compute=ComputeConfig(channels_last=True, optimizer_impl="foreach", micro_batches=2, threads=1),
-                      precision=PrecisionConfig(mode="fp16", fp32_modules=("3",)),
+                      precision=TrainPrecisionConfig(mode="fp16", fp32_modules=("3",)),
                       memory=MemoryConfig(checkpoint_top=1, checkpoint_modules=("0",)),
                       ddp=DDPConfig(bucket_cap_mb=5.0, static_graph=True, comm_hook="powersgd", powersgd_rank=2))
     assert TrainConfig.from_list(json.loads(json.dumps(cfg.to_list()))) == cfg
@@ -90,7 +91,7 @@ def test_apply_returns_tuned_loader_and_a_step_that_trains():
     model = _tiny()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     cfg = TrainConfig(data=DataConfig(num_workers=1, prefetch_factor=3, persistent_workers=True),
-                      compute=ComputeConfig(optimizer_impl="foreach"), precision=PrecisionConfig(mode="bf16"))
+                      compute=ComputeConfig(optimizer_impl="foreach"), precision=TrainPrecisionConfig(mode="bf16"))
     model2, opt2, loader, step = apply(cfg, model, opt, Pairs(), _loss, batch_size=8)
     assert model2 is model and opt2 is opt
     assert loader.num_workers == 1 and loader.prefetch_factor == 3 and loader.persistent_workers
@@ -146,7 +147,7 @@ def test_apply_rejects_what_it_cannot_use():
     with pytest.raises(UserInputError, match="batch_size"):
         apply(None, model, torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), _loss)
     with pytest.raises(UserInputError, match="fp32_modules"):
-        apply(TrainConfig(precision=PrecisionConfig(mode="bf16", fp32_modules=("nope",))), model,
+        apply(TrainConfig(precision=TrainPrecisionConfig(mode="bf16", fp32_modules=("nope",))), model,
               torch.optim.SGD(model.parameters(), lr=0.1), Pairs(), _loss, batch_size=8)
 
 
@@ -259,7 +260,7 @@ def test_overflowing_module_is_detected_and_kept_in_fp32():
     bad = detect_overflow(model, loss, batch, "fp16")
     assert "big" in bad and "inp" not in bad
     opt = torch.optim.SGD(model.parameters(), lr=1e-9)
-    cfg = TrainConfig(precision=PrecisionConfig(mode="fp16", fp32_modules=bad))
+    cfg = TrainConfig(precision=TrainPrecisionConfig(mode="fp16", fp32_modules=bad))
     ds = torch.utils.data.TensorDataset(*batch)
     _, _, loader, step = apply(cfg, model, opt, ds, loss, batch_size=8)
     assert torch.isfinite(step(next(iter(loader))))
@@ -367,3 +368,43 @@ def test_a_hung_rank_times_out_and_no_rank_is_left_running(tmp_path):
     assert ranks[1].ok
     hung = int((tmp_path / "pids").read_text().split()[0])
     assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+
+
+def test_plans_written_before_the_precision_rename_still_load():
+    plan = load_training_plan(ROOT / "experiments" / "results" / "train_jpeg_plan.json")
+    assert isinstance(plan.config.precision, TrainPrecisionConfig) and plan.config.precision.mode == "bf16"
+    assert "PrecisionConfig" in (ROOT / "experiments" / "results" / "train_jpeg_plan.json").read_text()
+    assert {e["_type"] for e in plan.to_dict()["knobs"]} >= {"TrainPrecisionConfig", "DataConfig"}
+
+
+def test_training_space_is_registered_knobs_and_the_training_strategy():
+    """Sampled like inference (knobs + YAML): DDP only with several processes, pin_memory only on
+    CUDA, channels_last only with convolutions; never among the inference knobs or plans."""
+    import optuna
+
+    from autotiacc.engine.space import sample, seeds
+    from autotiacc.knobs import all_knobs, config_from_dict, config_to_dict
+    from autotiacc.strategy import load_strategy
+    from autotiacc.training.config import train_context
+
+    strategy, knobs = load_strategy("training"), all_knobs("training")
+    assert [k.name for k in knobs] == ["data", "compute", "precision", "memory", "ddp"]
+    assert not {"data", "ddp", "memory", "compute"} & {k.name for k in all_knobs()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for nproc in (1, 2):
+        ctx = train_context(cores=4, nproc=nproc, device="cpu", has_conv=False, fused_ok=True, compile=True)
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(12):
+            trial = study.ask()
+            cfg = TrainConfig(**sample(trial, knobs, strategy, ctx))
+            study.tell(trial, 1.0)
+            assert not cfg.data.pin_memory and not cfg.compute.channels_last
+            assert cfg.data.num_workers <= 4 // nproc
+        names = set().union(*(t.params for t in study.trials))
+        assert any(n.startswith("ddp.") for n in names) == (nproc > 1)
+        assert "data.pin_memory" not in names and "compute.channels_last" not in names
+        first = seeds(strategy, knobs, ctx)
+        assert TrainConfig.from_flat({k: v for k, v in first[0].items()}) == TrainConfig()  # the baseline first
+        assert any(s.get("ddp.comm_hook") == "fp16" for s in first) == (nproc > 1)
+    with pytest.raises(PlanError, match="unknown _type 'DataConfig'"):
+        config_from_dict(config_to_dict(DataConfig()))  # an inference plan never loads a training knob

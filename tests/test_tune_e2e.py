@@ -75,26 +75,45 @@ def _finished(out) -> pd.DataFrame:
     return t[t["state"] == "COMPLETE"]
 
 
+def _running_trial(out) -> int | None:
+    """The number of the trial whose worker is running now (its log exists, no record yet)."""
+    done = set(_finished(out)["number"]) if not _finished(out).empty else set()
+    logs = sorted(int(p.stem) for p in (out / "trials").glob("[0-9]*.log")) if (out / "trials").exists() else []
+    return next((n for n in reversed(logs) if n not in done), None)
+
+
 def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
+    """kill -9 of the tuner mid-trial loses no finished trial; the run directory is locked while it
+    runs (a second tune is refused, naming the holder); --resume refuses another batch size and
+    measures the interrupted trial's configuration again."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(models_dir / "tiny_mlp.py"), "--budget", "3m",
-           "--out", str(out), "--quiet"]
+    model = str(models_dir / "tiny_mlp.py")
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, "--budget", "3m", "--out", str(out), "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and len(_finished(out)) < 3:
-        time.sleep(0.5)
+    while time.monotonic() < deadline and not (out / "run.json").exists():
+        time.sleep(0.2)
+    second = run_cli("tune", model, "--budget", "1m", "--out", str(out), "--resume", "--quiet", timeout=120)
+    assert second.returncode == 2 and f"pid {proc.pid} on " in second.stderr, second.stderr
+    assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
+    while time.monotonic() < deadline and (len(_finished(out)) < 3 or _running_trial(out) is None):
+        time.sleep(0.2)
+    in_flight = _running_trial(out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     before = _finished(out)
     assert len(before) >= 3, "the tune did not get 3 trials done before the kill"
+    assert in_flight is not None and in_flight not in set(before["number"])
     assert not (out / "plan.json").exists()
 
     res = run_cli("report", str(out))  # a partial run still renders
     assert res.returncode == 0 and "No plan yet" in (out / "report.md").read_text()
 
-    res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--budget", "40s", "--out", str(out), "--resume",
-                  "--quiet", timeout=300)
+    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--resume", "--batch-size", "7", "--quiet")
+    assert res.returncode == 2 and "batch size" in res.stderr and "Traceback" not in res.stderr
+
+    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--resume", "--quiet", timeout=300)
     assert res.returncode == 0, res.stderr
     after = pd.read_csv(out / "trials.csv")
     kept = after.set_index("number").loc[before["number"]]
@@ -102,10 +121,22 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     assert list(kept["value"]) == pytest.approx(list(before["value"]))
     assert len(after) > len(before)
     assert not (after["state"] == "RUNNING").any()  # the killed trial is marked, not left running
-    assert set(after.loc[after["status"] == "interrupted", "state"]) <= {"FAIL"}
+    killed = after.set_index("number").loc[in_flight]
+    assert killed["status"] == "interrupted" and killed["state"] == "FAIL"
+    # its configuration is queued again (after the stage-1 seeds not yet run), never taken for a
+    # duplicate of the interrupted record
+    import optuna
+
+    study = optuna.load_study(study_name="autotiacc", storage=f"sqlite:///{out / 'study.db'}")
+    again = [t for t in study.trials if t.user_attrs.get("retry_of") == in_flight]
+    assert len(again) == 1, "the interrupted configuration was not queued again"
+    assert again[0].params == study.trials[in_flight].params or again[0].state.name == "WAITING"
+    assert f"trial {in_flight}" not in str(again[0].user_attrs.get("reason", ""))
     assert (out / "plan.json").exists()
-    assert len(json.loads((out / "run.json").read_text())["sessions"]) == 2
-    res = run_cli("tune", str(models_dir / "tiny_mlp.py"), "--budget", "40s", "--out", str(out), "--quiet")
+    run = json.loads((out / "run.json").read_text())
+    assert len(run["sessions"]) == 2 and set(run["sessions"][-1]["budget"]) >= {"profile_s", "timing_s", "final_s"}
+    assert "Where the budget went" in (out / "report.md").read_text()
+    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--quiet")
     assert res.returncode == 2 and "--resume" in res.stderr  # never silently overwrites a tune
 
 

@@ -79,6 +79,7 @@ class Knob(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    task: ClassVar[str] = "inference"  # which task searches it: "inference" or "training"
     order: ClassVar[int] = 50
     # choice -> lowest --level at which it may be searched
     choice_levels: ClassVar[dict[str, dict[Any, int]]] = {}
@@ -100,6 +101,10 @@ class Knob(ABC):
         out = [c for c in wanted if levels.get(c, 0) <= ctx.level and (ctx.cuda or c not in cuda_only)]
         return out if default in out else [default, *out]
 
+    def param(self, field_name: str) -> str:
+        """The Optuna parameter of one config field (field names are unique among inference knobs)."""
+        return field_name
+
     def levels(self, param: str, ctx: SearchContext) -> dict[Any, int]:
         """choice -> lowest --level at which it is searched on `ctx`'s device (a knob may
         promote choices that pay on one device only, e.g. autotuned kernels on CUDA)."""
@@ -108,7 +113,7 @@ class Knob(ABC):
     def pick(self, trial, param: str, space: dict[str, list], ctx: SearchContext) -> Any:
         """`trial.suggest_categorical` when there is a choice; the only value otherwise."""
         options = self.choices(param, space, ctx)
-        return trial.suggest_categorical(param, options) if len(options) > 1 else options[0]
+        return trial.suggest_categorical(self.param(param), options) if len(options) > 1 else options[0]
 
     @abstractmethod
     def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> KnobConfig:
@@ -123,27 +128,36 @@ class Knob(ABC):
         return None
 
 
-_REGISTRY: dict[str, Knob] = {}
-_CONFIGS: dict[str, type] = {}
+_REGISTRY: dict[tuple[str, str], Knob] = {}  # (task, name) -> knob
+_CONFIGS: dict[str, type] = {}  # inference plans' allowlist
+_TASK_CONFIGS: dict[str, dict[str, type]] = {}
 
 
 def register(knob_cls: type[Knob]) -> type[Knob]:
-    """Class decorator: make a knob and its config known to the tuner and to plan loading."""
+    """Class decorator: make a knob and its config known to its task and to plan loading."""
     knob = knob_cls()
-    _REGISTRY[knob.name] = knob
-    _CONFIGS[knob.config_cls.__name__] = knob.config_cls
+    _REGISTRY[(knob.task, knob.name)] = knob
+    _TASK_CONFIGS.setdefault(knob.task, {})[knob.config_cls.__name__] = knob.config_cls
+    if knob.task == "inference":
+        _CONFIGS[knob.config_cls.__name__] = knob.config_cls
     return knob_cls
 
 
-def all_knobs() -> list[Knob]:
-    return sorted(_REGISTRY.values(), key=lambda k: k.order)
+def all_knobs(task: str = "inference") -> list[Knob]:
+    return sorted((k for (t, _), k in _REGISTRY.items() if t == task), key=lambda k: k.order)
 
 
-def get_knob(name: str) -> Knob:
+def task_configs(task: str) -> dict[str, type]:
+    """The config classes a plan of `task` may name (its allowlist)."""
+    return dict(_TASK_CONFIGS.get(task, {}))
+
+
+def get_knob(name: str, task: str = "inference") -> Knob:
     try:
-        return _REGISTRY[name]
+        return _REGISTRY[(task, name)]
     except KeyError:
-        raise UserInputError(f"unknown knob {name!r}; known: {', '.join(sorted(_REGISTRY))}.") from None
+        known = sorted(n for t, n in _REGISTRY if t == task)
+        raise UserInputError(f"unknown knob {name!r}; known: {', '.join(known)}.") from None
 
 
 def knob_for_config(cfg: KnobConfig) -> Knob:
@@ -247,7 +261,7 @@ def _short(value: Any, limit: int = 80) -> str:
 def configs_from_params(values: dict[str, dict[str, Any]]) -> dict[str, KnobConfig]:
     """{knob name: {field: value}} -> {knob name: config}; fills defaults for missing knobs."""
     out = {}
-    for knob in all_knobs():
+    for knob in all_knobs():  # inference knobs
         fields = values.get(knob.name, {})
         out[knob.name] = dataclasses.replace(knob.default(), **fields) if fields else knob.default()
     return out

@@ -20,8 +20,9 @@ torch.profiler, and the trace is attributed afterwards:
   CPU forward 0.37 ms. So a module's time in the *plain* forward is its busy time plus its
   idle time scaled by (plain forward - busy) / (profiled forward - busy): the idle time the
   plain forward really had, spread over modules as the trace spread it. `idle_scale` records
-  that factor; the shares add up to 100 % of the plain forward unless busy alone exceeds it,
-  and `profiled_ms` / `plain_ms` is the profiler's overhead.
+  that factor (at most 1); the shares add up to 100 % of the plain forward unless busy alone
+  exceeds it or noise made the plain forward slower than the profiled one, and
+  `profiled_ms` / `plain_ms` is the profiler's overhead.
 
 `attribute` works on plain `Span` records, so it is tested on crafted timelines too.
 """
@@ -103,6 +104,7 @@ def attribute(spans: list[Span], *, device: bool) -> list[Forward]:
     forwards: list[tuple[Span, Forward]] = []
     stack: list[tuple[Span, str, list[float]]] = []  # (range, path, [child range time])
     op_home: dict[int, tuple[int, str]] = {}  # op id -> (forward index, path)
+    top_end = -math.inf  # end of the last operator not nested in another one
     for it in items:
         while stack and stack[-1][0].end <= it.start:
             _close(stack.pop(), forwards, device)
@@ -119,7 +121,9 @@ def attribute(spans: list[Span], *, device: bool) -> list[Forward]:
         elif stack:
             fwd = forwards[-1][1]
             path = stack[-1][1]
-            fwd.ops += 1
+            if it.start >= top_end:  # count aten::conv2d, not the convolution calls inside it
+                fwd.ops += 1
+                top_end = it.end
             if not device:
                 own = it.self_us if it.self_us is not None else it.dur
                 fwd.add(path, busy_us=own)
@@ -249,7 +253,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
                      min_forwards: int = 12) -> Attribution:
     """Blocks of plain forwards (timed, no profiler) alternate with blocks of ranged forwards
     under torch.profiler, until `target_s`; both are trimmed to their fastest quarter. A block
-    is about a sixteenth of `target_s`, at most 32 forwards (stopping the profiler and parsing
+    is about a sixteenth of `target_s`, 2 to 32 forwards (stopping the profiler and parsing
     its trace cost far more than a small model's forward)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -266,18 +270,28 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warm_up(plain, device, max_s=warmup_s)
     # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
-    block = max(4, min(32, math.ceil(target_s / 16 / max(_time_once(plain, device) / 1e3, 1e-6))))
+    block = max(2, min(32, math.ceil(target_s / 16 / max(_time_once(plain, device) / 1e3, 1e-6))))
     with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
         plain()
     plain_ms: list[float] = []
     forwards: list[Forward] = []
-    end = time.perf_counter() + target_s
+    start = time.perf_counter()
+
+    def more() -> bool:
+        """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
+        machine) four profiled forwards are enough."""
+        spent = time.perf_counter() - start
+        if spent < target_s:
+            return True
+        if len(forwards) >= min_forwards:
+            return False
+        return spent < 3 * target_s or len(forwards) < 4
+
     try:
-        while len(forwards) < min_forwards or time.perf_counter() < end:
+        while more():
             plain_ms += [_time_once(plain, device) for _ in range(block)]
             ranges.install(True)
             try:
-                plain()  # a ranged warm-up call outside the trace
                 with profile(activities=acts) as prof:
                     for _ in range(block):
                         plain()
@@ -306,7 +320,9 @@ def summarise(keep: list[Forward], plain_ms: float, plain_samples: list[float] |
     profiled = statistics.fmean(f.wall_us for f in keep) / 1e3
     busy = statistics.fmean(f.busy_us for f in keep) / 1e3
     idle = profiled - busy
-    scale = max(0.0, plain_ms - busy) / idle if idle > 1e-9 else 1.0
+    # the profiler only adds time: a plain forward slower than the profiled one is noise (a
+    # loaded machine), so the idle time is never scaled up and the shares then fall short of 100 %
+    scale = min(1.0, max(0.0, plain_ms - busy) / idle) if idle > 1e-9 else 1.0
     mods: dict[str, list[float]] = {}
     for f in keep:
         for path, (calls, self_us, busy_us, events) in f.modules.items():

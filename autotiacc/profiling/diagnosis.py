@@ -9,8 +9,8 @@ On CUDA (from the attributed profile):
   read once, each module output written once and read once; a lower bound);
 - unknown peaks: the arithmetic intensity is given and the kind is not decided.
 On CPU: **overhead-bound** when operators take less than `OVERHEAD_BUSY` of the forward
-(Python and dispatch between them set the pace: TorchScript/compile remove it); otherwise not
-diagnosed, because autotiacc does not know a CPU's peak FLOP/s and bandwidth.
+(Python and dispatch between them set the pace: TorchScript, ONNX Runtime and compile remove
+it); otherwise not diagnosed, because autotiacc does not know a CPU's peak FLOP/s and bandwidth.
 
 `order_seeds` turns the kind into the order of the stage-1 starting points.
 """
@@ -42,7 +42,8 @@ def diagnose(*, device: str, forward_ms: float, busy_ms: float, device_events: f
                               "Python and dispatch between them take the rest"}
         return {"kind": None, "figures": fig,
                 "reason": f"not diagnosed on CPU: operators run {busy_share:.0%} of the forward, and compute- vs "
-                          "memory-bound needs this CPU's peak FLOP/s and memory bandwidth, which autotiacc does not know"}
+                          "memory-bound needs this CPU's peak FLOP/s and memory bandwidth, which autotiacc "
+                          "does not know"}
     fig["kernels_per_forward"] = device_events
     fig["mean_kernel_us"] = busy_ms * 1e3 / device_events if device_events else None
     if busy_share < LAUNCH_BUSY:
@@ -71,7 +72,7 @@ def _traits(entry: dict[str, dict[str, Any]]) -> dict[str, bool]:
             "reduced": str(prec.get("mode", "fp32")).startswith(("fp16", "bf16")),
             "autotuned": mode.startswith("max-autotune"),
             "layout": bool(entry.get("layout", {}).get("channels_last")),
-            "compiled": ex.get("backend") in ("torchscript", "compile")}
+            "compiled": ex.get("backend") in ("torchscript", "compile", "onnxruntime")}
 
 
 def _priority(kind: str | None, t: dict[str, bool]) -> int:

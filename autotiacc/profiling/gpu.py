@@ -30,7 +30,8 @@ def nvml_handle(device: str) -> tuple[Any, str | None]:
 
         return pynvml.nvmlDeviceGetHandleByIndex(torch.device(device).index or 0), None
     except Exception as exc:  # noqa: BLE001 - missing package, no driver, no permission
-        return None, f"pynvml GPU sampling ({type(exc).__name__}: {exc}; `pip install nvidia-ml-py`, extra autotiacc[gpu])"
+        return None, (f"pynvml GPU sampling ({type(exc).__name__}: {exc}; `pip install nvidia-ml-py`, "
+                      "extra autotiacc[gpu])")
 
 
 def nvml_sample(handle) -> dict[str, float]:
@@ -48,7 +49,7 @@ def nvml_during(handle, fn: Callable[[], Any], device: str, seconds: float = 1.0
     """Sample pynvml while `fn` runs back to back for `seconds` (synchronised every call, so a
     sample sees the forward's own load); the median of each figure and the sample count.
     NVML's utilisation is the share of its sampling period in which any kernel ran."""
-    from ..measure import synchronize
+    from ..device import synchronize
 
     samples = []
     end = time.perf_counter() + seconds

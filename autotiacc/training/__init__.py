@@ -14,17 +14,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 __all__ = ["apply", "DistributedDataParallel", "TrainingPlan", "TrainConfig", "DataConfig", "ComputeConfig",
-           "PrecisionConfig", "MemoryConfig", "DDPConfig", "load_training_plan", "tune_training",
+           "TrainPrecisionConfig", "MemoryConfig", "DDPConfig", "load_training_plan", "tune_training",
            "TrainTuneOptions", "load_train_workload"]
 
 _LAZY = {"apply": "loop", "DistributedDataParallel": "ddp", "TrainingPlan": "plan", "load_training_plan": "plan",
-         "TrainConfig": "config", "DataConfig": "config", "ComputeConfig": "config", "PrecisionConfig": "config",
+         "TrainConfig": "config", "DataConfig": "config", "ComputeConfig": "config", "TrainPrecisionConfig": "config",
          "MemoryConfig": "config", "DDPConfig": "config", "tune_training": "tuner", "TrainTuneOptions": "tuner",
          "load_train_workload": "workload"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .loop import apply
-    from .config import ComputeConfig, DataConfig, DDPConfig, MemoryConfig, PrecisionConfig, TrainConfig
+    from .config import ComputeConfig, DataConfig, DDPConfig, MemoryConfig, TrainConfig, TrainPrecisionConfig
     from .ddp import DistributedDataParallel
     from .plan import TrainingPlan, load_training_plan
     from .tuner import TrainTuneOptions, tune_training

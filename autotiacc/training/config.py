@@ -1,9 +1,11 @@
-"""Training knob configs, their search space, and JSON round trip.
+"""Training knobs: configs, their search (registered knobs of task "training", sampled from
+the `training` strategy YAML like inference's), and JSON round trip.
 
 Configs are frozen dataclasses with a `version`, validated with the fix in the message, and
 serialised with the core's `{"_type", "_version", "_data"}` format (`knobs.config_to_dict`).
-They live in their own allowlist, not in the inference knob registry: the inference tuner
-must never search a DataLoader knob.
+They are registered for the training task only: the inference tuner never searches a
+DataLoader knob, and an inference plan never loads one. Optuna parameters are named
+`section.field` (`data.num_workers`).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..errors import PlanError, UserInputError
-from ..knobs.base import KnobConfig, config_from_dict, config_to_dict
+from ..knobs.base import BuildState, Knob, KnobConfig, SearchContext, config_from_dict, config_to_dict, register
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
@@ -62,7 +64,7 @@ class ComputeConfig(KnobConfig):
 
 
 @dataclass(frozen=True)
-class PrecisionConfig(KnobConfig):
+class TrainPrecisionConfig(KnobConfig):
     """Autocast dtype (GradScaler with fp16) and the modules kept in fp32 because they overflowed."""
 
     mode: str = "fp32"
@@ -101,9 +103,10 @@ class DDPConfig(KnobConfig):
         _check("comm_hook", self.comm_hook, COMM_HOOKS)
 
 
-SECTIONS: dict[str, type] = {"data": DataConfig, "compute": ComputeConfig, "precision": PrecisionConfig,
+SECTIONS: dict[str, type] = {"data": DataConfig, "compute": ComputeConfig, "precision": TrainPrecisionConfig,
                              "memory": MemoryConfig, "ddp": DDPConfig}
-_BY_TYPE = {cls.__name__: cls for cls in SECTIONS.values()}
+# plans written before the rename name the precision section "PrecisionConfig"
+_BY_TYPE = {**{cls.__name__: cls for cls in SECTIONS.values()}, "PrecisionConfig": TrainPrecisionConfig}
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ class TrainConfig:
     version: ClassVar[int] = 1
     data: DataConfig = field(default_factory=DataConfig)
     compute: ComputeConfig = field(default_factory=ComputeConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    precision: TrainPrecisionConfig = field(default_factory=TrainPrecisionConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
     ddp: DDPConfig = field(default_factory=DDPConfig)
 
@@ -151,55 +154,91 @@ class TrainConfig:
         return ", ".join(diff) or "baseline (num_workers=0, fp32)"
 
 
-@dataclass
-class TrainSpace:
-    """What may be searched on this machine for this workload."""
-
-    cores: int = 1
-    nproc: int = 1
-    cuda: bool = False
-    has_conv: bool = False
-    fused_ok: bool = True
-    compile: bool = True
+def train_context(*, cores: int, nproc: int, device: str, has_conv: bool, fused_ok: bool,
+                  compile: bool) -> SearchContext:
+    """What training knobs look at: the core count per process, processes, CUDA, the model."""
+    return SearchContext(device=device, cores=cores, has_conv=has_conv,
+                         extras={"nproc": nproc, "fused_ok": fused_ok, "compile": compile})
 
 
-def suggest(trial, space: TrainSpace) -> TrainConfig:
-    """Sample one candidate with Optuna (ask/tell: it is measured in other processes)."""
-    cat = trial.suggest_categorical
-    workers_max = max(1, min(4, space.cores // max(1, space.nproc)))
-    nw = cat("data.num_workers", list(range(0, workers_max + 1)))
-    data = DataConfig(
-        num_workers=nw,
-        pin_memory=cat("data.pin_memory", [False, True]) if space.cuda else False,
-        prefetch_factor=cat("data.prefetch_factor", [2, 4]) if nw else 2,
-        persistent_workers=cat("data.persistent_workers", [True, False]) if nw else False,
-        cache=cat("data.cache", list(CACHES)))
-    impls = list(OPTIMIZER_IMPLS) if space.fused_ok else ["default", "foreach"]
-    compute = ComputeConfig(
-        compile=cat("compute.compile", [False, True]) if space.compile else False,
-        channels_last=cat("compute.channels_last", [False, True]) if space.has_conv else False,
-        optimizer_impl=cat("compute.optimizer_impl", impls),
-        micro_batches=cat("compute.micro_batches", [1, 2]),
-        threads=cat("compute.threads", [0, 1]) if space.cores // max(1, space.nproc) > 1 else 0)
-    precision = PrecisionConfig(mode=cat("precision.mode", list(PRECISIONS)))
-    memory = MemoryConfig(checkpoint_top=cat("memory.checkpoint_top", [0, 1]))
-    ddp = DDPConfig()
-    if space.nproc > 1:
-        hook = cat("ddp.comm_hook", list(COMM_HOOKS))
-        ddp = DDPConfig(bucket_cap_mb=cat("ddp.bucket_cap_mb", [1.0, 5.0, 25.0, 100.0]),
-                        gradient_as_bucket_view=cat("ddp.gradient_as_bucket_view", [False, True]),
-                        static_graph=cat("ddp.static_graph", [False, True]),
-                        broadcast_buffers=cat("ddp.broadcast_buffers", [True, False]),
-                        comm_hook=hook,
-                        powersgd_rank=cat("ddp.powersgd_rank", [1, 2]) if hook == "powersgd" else 1)
-    return TrainConfig(data=data, compute=compute, precision=precision, memory=memory, ddp=ddp)
+class TrainKnob(Knob):
+    """A training section. Sampled like every knob; applied as a whole `TrainConfig` by
+    `training.apply` in the user's loop, not one by one on a built model."""
+
+    task = "training"
+
+    def param(self, field_name: str) -> str:
+        return f"{self.name}.{field_name}"
+
+    def apply(self, state: BuildState, config: KnobConfig) -> None:
+        raise NotImplementedError("training knobs are applied together by autotiacc.training.apply")
+
+    @staticmethod
+    def per_proc_cores(ctx: SearchContext) -> int:
+        return ctx.cores // max(1, ctx.extras.get("nproc", 1))
 
 
-def seeds(space: TrainSpace) -> list[dict[str, Any]]:
-    """Candidates tried first (after the baseline): the usual big wins, so a short budget finds them."""
-    out: list[dict[str, Any]] = [{"data.cache": "memory"}, {"data.num_workers": min(space.cores, 2) // max(1, space.nproc) or 1},
-                                 {"data.cache": "memory", "precision.mode": "bf16"}]
-    if space.nproc > 1:
-        out += [{"data.cache": "memory", "ddp.comm_hook": "fp16", "ddp.gradient_as_bucket_view": True},
-                {"data.cache": "memory", "ddp.bucket_cap_mb": 5.0, "ddp.static_graph": True}]
-    return out
+@register
+class DataKnob(TrainKnob):
+    name, config_cls, order = "data", DataConfig, 10
+    cuda_only = {"pin_memory": {True}}
+
+    def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
+        if param == "num_workers" and space.get(param) == "auto":
+            return list(range(0, max(1, min(4, self.per_proc_cores(ctx))) + 1))
+        return super().choices(param, space, ctx)
+
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> DataConfig:
+        nw = self.pick(trial, "num_workers", space, ctx)
+        extra = {p: self.pick(trial, p, space, ctx) for p in ("prefetch_factor", "persistent_workers")} if nw else {}
+        return DataConfig(num_workers=nw, pin_memory=self.pick(trial, "pin_memory", space, ctx),
+                          cache=self.pick(trial, "cache", space, ctx), **extra)
+
+
+@register
+class ComputeKnob(TrainKnob):
+    name, config_cls, order = "compute", ComputeConfig, 20
+
+    def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
+        off = ((param == "compile" and not ctx.extras.get("compile", True))
+               or (param == "channels_last" and not ctx.has_conv)
+               or (param == "threads" and self.per_proc_cores(ctx) <= 1))
+        out = super().choices(param, {} if off else space, ctx)
+        return [c for c in out if not (param == "optimizer_impl" and c == "fused" and not ctx.extras.get("fused_ok"))]
+
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> ComputeConfig:
+        return ComputeConfig(**{p: self.pick(trial, p, space, ctx) for p in
+                                ("compile", "channels_last", "optimizer_impl", "micro_batches", "threads")})
+
+
+@register
+class TrainPrecisionKnob(TrainKnob):
+    name, config_cls, order = "precision", TrainPrecisionConfig, 30
+
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> TrainPrecisionConfig:
+        return TrainPrecisionConfig(mode=self.pick(trial, "mode", space, ctx))
+
+
+@register
+class MemoryKnob(TrainKnob):
+    name, config_cls, order = "memory", MemoryConfig, 40
+
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> MemoryConfig:
+        return MemoryConfig(checkpoint_top=self.pick(trial, "checkpoint_top", space, ctx))
+
+
+@register
+class DDPKnob(TrainKnob):
+    """Searched only with several processes (a process group runs)."""
+
+    name, config_cls, order = "ddp", DDPConfig, 50
+
+    def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
+        return super().choices(param, space if ctx.extras.get("nproc", 1) > 1 else {}, ctx)
+
+    def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> DDPConfig:
+        fields = {p: self.pick(trial, p, space, ctx) for p in
+                  ("bucket_cap_mb", "gradient_as_bucket_view", "static_graph", "broadcast_buffers", "comm_hook")}
+        if fields["comm_hook"] == "powersgd":
+            fields["powersgd_rank"] = self.pick(trial, "powersgd_rank", space, ctx)
+        return DDPConfig(**fields)

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from ..engine.budget import budget_section
 from ..plotting import figure
 from ..report import _f, _table, read_run_dir, render
 
@@ -116,6 +117,7 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed or rejected trials", _table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
+    out += budget_section(run)
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in run.get("fingerprint", {}).items()]))
     return out
 
@@ -139,8 +141,9 @@ def write_training_report(run_dir: str | Path) -> dict[str, Path]:
 def is_training_run(run_dir: str | Path) -> bool:
     p = Path(run_dir) / "run.json"
     try:
-        return p.is_file() and json.loads(p.read_text()).get("mode") == "train"
-    except (OSError, json.JSONDecodeError):
-        return False
+        data = json.loads(p.read_text()) if p.is_file() else {}
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False  # the report's reader names what is wrong with it
+    return isinstance(data, dict) and data.get("mode") == "train"
 
 

@@ -46,6 +46,9 @@ class TrainWorkload:
             return getattr(self._user, name)(*args)
         except Exception as exc:  # noqa: BLE001 - the user's bug, reported with where it happened
             raise ModelRaisedError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}") from exc
+        except SystemExit as exc:
+            raise WorkloadError(f"{self.path}: {name}() called sys.exit({exc.code!r}); a training file must return, "
+                                "not end the process.") from None
 
     def build_model(self, seed: int = 0):
         """A fresh model in train mode; seeded so every process and rank starts identical."""

@@ -6,13 +6,13 @@ trials of a dead one. What this module adds on top:
 - only the worker that *created* the study enqueues the seed trials (creation is atomic in the
   database: a unique study name), so two workers starting at once never enqueue them twice;
 - a trial's heartbeat runs while its isolated process runs; stale trials are failed with a
-  reason (`interrupted`) before each new trial, never a live worker's trial;
+  reason (`interrupted`) and measured again (`engine.study.recover_interrupted`), never a live
+  worker's trial;
 - each worker's session and the final plan are kept in the study, so `autotiacc report
   --storage URL --study NAME` renders the same report from any machine.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -20,9 +20,10 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from .errors import UserInputError
+from ..errors import UserInputError
+from . import optuna_compat as compat
 
 DEFAULT_HEARTBEAT_S = 10
 GRACE_FACTOR = 3  # a trial is stale after this many missed heartbeats
@@ -82,12 +83,12 @@ def _with_driver(url: str) -> str:
                          "pip install 'autotiacc[postgres]' (psycopg2-binary).")
 
 
-def create_or_load(storage, study_name: str, sampler) -> tuple[Any, bool]:
+def create_or_load(storage, study_name: str, sampler, direction: str = "minimize") -> tuple[Any, bool]:
     """(study, created): `created` is True for exactly one of several workers starting at once."""
     import optuna
 
     try:
-        study = optuna.create_study(study_name=study_name, storage=storage, direction="minimize",
+        study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
                                     sampler=sampler, load_if_exists=False)
         return study, True
     except optuna.exceptions.DuplicatedStudyError:
@@ -102,52 +103,10 @@ def wait_for_setup(study, timeout_s: float = 30.0) -> None:
         time.sleep(0.5)
 
 
-def heartbeat_enabled(study) -> bool:
-    from optuna.storages._heartbeat import is_heartbeat_enabled
-
-    return is_heartbeat_enabled(study._storage)
-
-
-def fail_stale_trials(study) -> list[int]:
-    """Fail the RUNNING trials whose worker stopped sending heartbeats, with a reason.
-
-    Optuna's `fail_stale_trials` cannot attach a reason (a finished trial's attrs are frozen),
-    so the reason is written first and the state flipped after; the state change is atomic,
-    so two workers doing this at once fail each trial once.
-    """
-    import optuna
-    from optuna.trial import TrialState
-
-    if not heartbeat_enabled(study):
-        return []
-    storage = study._storage
-    failed = []
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
-        try:
-            storage.set_trial_user_attr(trial_id, "status", "interrupted")
-            storage.set_trial_user_attr(trial_id, "reason", "its worker stopped sending heartbeats "
-                                        "(killed or lost) while this trial ran")
-            if storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
-                failed.append(trial_id)
-        except (optuna.exceptions.UpdateFinishedTrialError, RuntimeError):
-            pass  # another worker failed it first
-    return failed
-
-
 def claim(study, trial) -> None:
     """Record a first heartbeat and the worker that took `trial`, right after `ask()`."""
-    if heartbeat_enabled(study):
-        study._storage.record_heartbeat(trial._trial_id)
+    compat.record_heartbeat(study, trial)
     trial.set_user_attr("worker", worker_id())
-
-
-@contextlib.contextmanager
-def heartbeat(study, trial) -> Iterator[None]:
-    """Keep `trial` alive in the storage while the block runs (Optuna's heartbeat thread)."""
-    from optuna.storages._heartbeat import get_heartbeat_thread
-
-    with get_heartbeat_thread(trial._trial_id, study._storage):
-        yield
 
 
 def record_session(study, **fields: Any) -> None:
@@ -175,7 +134,7 @@ def materialize_run_dir(storage_url: str, study_name: str, out_dir: str | Path) 
     report renders from the storage alone (any worker, any machine, same result)."""
     import optuna
 
-    from .tuner import write_trials_csv
+    from .rundir import write_trials_csv
 
     out = Path(out_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
