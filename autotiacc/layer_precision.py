@@ -141,15 +141,14 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     import torch
 
     from .accuracy import compare_outputs
-    from .evaluate import _to
-    from .profile import model_to
+    from .device import to_device
 
-    model = model_to(workload.build_model(), device)
-    test = [(_to(x, device), y) for x, y in workload.test_data()]
+    model = to_device(workload.build_model(), device)
+    test = to_device(list(workload.test_data()), device)
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
     out = []
-    inputs = _to(workload.example_inputs(), device)
+    inputs = to_device(workload.example_inputs(), device)
     deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
     for group in groups:
         entry = dict(group, sensitivity={}, allowed=[])
@@ -267,6 +266,9 @@ def profile_for_search(workload, *, device: str = "cpu", modes: list[str], toler
     return prof
 
 
+MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
+
+
 def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
                    timeout: float, resume: bool = False) -> dict[str, Any]:
     """The tune's profiling step: profile and sensitivity analysis in one isolated process,
@@ -287,15 +289,17 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
         modes = default_group_modes(strategy, level)
         # the analysis stops early enough (half the timeout; spawning and profiling take the rest)
         # that a slow model still gets its profile and the groups analysed so far
-        outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
-                               time_limit_s=timeout * 0.5, timeout=timeout,
-                               log_path=str(Path(run_dir) / "profile.log"))
-        if outcome.ok:
+        # a short budget goes to the baseline and candidates: a profile that would be cut off is skipped
+        outcome = (run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
+                                time_limit_s=timeout * 0.5, timeout=timeout, log_path=str(Path(run_dir) / "profile.log"))
+                   if timeout >= MIN_PROFILE_S else None)
+        if outcome is not None and outcome.ok:
             prof = outcome.value
         else:
+            why = outcome.reason() if outcome is not None else f"skipped: {timeout:.0f} s of the budget for it"
             prof = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device, "modules": [],
                     "groups": [], "sensitivity": [], "search_groups": [],
-                    "unavailable": [f"the profile ({outcome.reason()}); per-layer precision not searched"]}
+                    "unavailable": [f"the profile ({why}); per-layer precision not searched"]}
         if not modes:
             prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
         save_profile(prof, path)

@@ -91,6 +91,12 @@ def read_run_dir(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
     if not (d / "run.json").is_file():
         raise UserInputError(f"{d}: not a run directory (no run.json); give the --out folder of a tune.")
     run = read_json_file(d / "run.json")
+    for key, typ in (("workload", dict), ("fingerprint", dict), ("sessions", list)):
+        if key in run and not isinstance(run[key], typ):
+            raise UserInputError(f"{d / 'run.json'}: `{key}` holds a {type(run[key]).__name__}, not a "
+                                 f"{typ.__name__}; {_DAMAGED}.")
+    if not all(isinstance(x, dict) for x in run.get("sessions", [])):
+        raise UserInputError(f"{d / 'run.json'}: `sessions` must be a list of objects; {_DAMAGED}.")
     plan = read_json_file(d / "plan.json") if (d / "plan.json").is_file() else None
     return d, run, plan, read_trials_csv(d / "trials.csv")
 
@@ -224,9 +230,12 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     if not t.empty and "status" in t:
         ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
-        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"), r.get("build_s")]
-                for _, r in ok.iterrows()]
-        out.append(("Top trials", _table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s"], rows)))
+        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"),
+                 r.get("build_s"), r.get("peak_mem_mib")] for _, r in ok.iterrows()]
+        out.append(("Top trials", (_table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
+                                          "peak MiB"], rows) if rows else ["No trial was measured successfully."])
+                    + ["", "peak MiB: the candidate's peak memory above what its process held before building it "
+                           "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse)."]))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed, rejected, pruned or skipped trials",

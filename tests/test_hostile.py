@@ -93,6 +93,7 @@ EXITS = {
     "os._exit(0) in forward": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                                + "class M(torch.nn.Module):\n    def forward(self, x):\n        import os; os._exit(0)\n",
                                "the process ended while importing it"),
+    "sys.exit(0) in traffic()": (GOOD + "def traffic():\n    import sys; sys.exit(0)\n", "traffic() called sys.exit(0)"),
     "forward returns None": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                              + "class M(torch.nn.Module):\n    def forward(self, x):\n        return None\n",
                              "returned NoneType with no tensor in it"),
@@ -182,6 +183,7 @@ def test_report_renders_when_no_trial_succeeded(tmp_path):
     ("run.json", "[1, 2]", "run.json: holds a list"),
     ("trials.csv", b"\xff\xfe\x00garbage\x81", "trials.csv: cannot be read (UnicodeDecodeError"),
     ("trials.csv", "a,b\n1,2\n", "trials.csv: has no `number` and `status` columns"),
+    ("run.json", '{"sessions": "yesterday"}', "run.json: `sessions` holds a str"),
 ])
 def test_report_on_a_damaged_run_dir_is_one_line(tmp_path, name, content, expected):
     d = _run_dir(tmp_path)
@@ -197,6 +199,19 @@ def test_resume_with_a_damaged_study_db(tmp_path):
                   "--quiet", timeout=120)
     _one_line(res, "study.db is not a readable SQLite database")
     assert sorted(p.name for p in d.iterdir()) == ["run.json", "study.db", "trials.csv"]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("run.json", b"{half", "run.json: cannot be read (JSONDecodeError"),
+    ("profile.json", b"\x00\xff not json", "profile.json: cannot be read"),
+])
+def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
+    d = _run_dir(tmp_path)
+    (d / name).write_bytes(content)
+    res = run_cli("tune", str(_write(tmp_path / "m.py", GOOD)), "--budget", "1m", "--out", str(d), "--resume",
+                  "--quiet", timeout=180)
+    _one_line(res, expected)
+    assert (d / name).read_bytes() == content  # left as it was, for the user to restore
 
 
 # -- 10. a plan never imports the model.py it records ----------------------------------------------------
@@ -269,16 +284,17 @@ def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
 def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
-    from autotiacc.tuner import Tuner, TuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.tuner import InferenceTask, TuneOptions
     from autotiacc.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",
                        command="autotiacc tune m.py --storage postgresql://alice:s3cret@db/x")
-    tuner = Tuner(wl, opts)
-    tuner.strategy.prune_factor, tuner.strategy.patience, tuner.strategy.enqueue = 0.01, 1, [{}]
+    task = InferenceTask(wl, opts)
+    task.strategy.prune_factor, task.strategy.enqueue = 0.01, [{}]
     try:
-        result = tuner.run()
+        result = Search(task, opts, patience=1).run()
     except Exception as exc:  # noqa: BLE001 - a loaded machine may cut the search short; the baseline is what counts
         print("tune ended:", exc)
         result = None
@@ -309,17 +325,16 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
 
 
 def test_training_run_json_holds_no_storage_password(tmp_path):
-    from autotiacc.training.tuner import TrainingTuner, TrainTuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.training.tuner import TrainingTask, TrainTuneOptions
     from autotiacc.training.workload import TrainWorkload
 
     from ._training_targets import TINY_TRAIN
 
     wl = TrainWorkload(_write(tmp_path / "train.py", TINY_TRAIN))
     out = tmp_path / "run"
-    out.mkdir()
     url = "postgresql://bob:hunter2@db:5432/x"
-    tuner = TrainingTuner(wl, TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
-                                               command=f"autotiacc tune train.py --mode train --storage {url}"))
-    tuner._write_run_json({}, {"name": "train"})
-    run = (out / "run.json").read_text()
+    opts = TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
+                            command=f"autotiacc tune train.py --mode train --storage {url}")
+    run = json.dumps(Search(TrainingTask(wl, opts), opts, patience=1).run_record({}, {"name": "train"}))
     assert "hunter2" not in run and run.count("bob:***@db") == 2
