@@ -380,9 +380,10 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         p = p / PROFILE_FILE
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"`profile` {p}: cannot be read ({exc}); give a profile.json written by autotiacc.") from None
-    if data.get("schema") != SCHEMA:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserInputError(f"`profile` {p}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                             "give a profile.json written by autotiacc.") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UserInputError(f"`profile` {p}: not an autotiacc profile (missing \"schema\": \"{SCHEMA}\").")
     return data
 
