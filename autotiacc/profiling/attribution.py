@@ -260,7 +260,9 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
 
     from ..measure import _time_once, warm_up
 
-    cuda = str(device).startswith("cuda")
+    from ..device import is_cuda
+
+    cuda = is_cuda(device)
     ranges = ModuleRanges(dict(model.named_modules()), nvtx=cuda)
 
     def plain() -> Any:
