@@ -308,7 +308,7 @@ def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     assert result is None or result.plan is not None
 
 
-# -- training: the same loader rules; its run.json holds no password -------------------------------------
+# -- training: the same loader rules ----------------------------------------------------------------
 @pytest.mark.parametrize("where, expected", [("import", "importing it called sys.exit(0)"),
                                              ("build_model", "build_model() called sys.exit(0)")])
 def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
@@ -321,20 +321,3 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
                   str(out), "--quiet", timeout=120)
     _one_line(res, expected)
     assert not (out / "run.json").exists()
-
-
-def test_training_run_json_holds_no_storage_password(tmp_path):
-    from autotiacc.training.tuner import TrainingTuner, TrainTuneOptions
-    from autotiacc.training.workload import TrainWorkload
-
-    from ._training_targets import TINY_TRAIN
-
-    wl = TrainWorkload(_write(tmp_path / "train.py", TINY_TRAIN))
-    out = tmp_path / "run"
-    out.mkdir()
-    url = "postgresql://bob:hunter2@db:5432/x"
-    tuner = TrainingTuner(wl, TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
-                                               command=f"autotiacc tune train.py --mode train --storage {url}"))
-    tuner._write_run_json({}, {"name": "train"})
-    run = (out / "run.json").read_text()
-    assert "hunter2" not in run and run.count("bob:***@db") == 2
