@@ -284,16 +284,18 @@ def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
 def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
-    from autotiacc.tuner import Tuner, TuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.tuner import InferenceTask, TuneOptions
     from autotiacc.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",
                        command="autotiacc tune m.py --storage postgresql://alice:s3cret@db/x")
-    tuner = Tuner(wl, opts)
-    tuner.strategy.prune_factor, tuner.strategy.patience, tuner.strategy.enqueue = 0.01, 1, [{}]
+    task = InferenceTask(wl, opts)
+    # below 1x no YAML may ask for (the strategy check refuses it): every candidate would be pruned
+    task.strategy.prune_factor, task.strategy.enqueue = 0.01, [{}]
     try:
-        result = tuner.run()
+        result = Search(task, opts, patience=1).run()
     except Exception as exc:  # noqa: BLE001 - a loaded machine may cut the search short; the baseline is what counts
         print("tune ended:", exc)
         result = None
