@@ -141,15 +141,14 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     import torch
 
     from .accuracy import compare_outputs
-    from .evaluate import _to
-    from .profile import model_to
+    from .device import to_device
 
-    model = model_to(workload.build_model(), device)
-    test = [(_to(x, device), y) for x, y in workload.test_data()]
+    model = to_device(workload.build_model(), device)
+    test = to_device(list(workload.test_data()), device)
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
     out = []
-    inputs = _to(workload.example_inputs(), device)
+    inputs = to_device(workload.example_inputs(), device)
     deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
     for group in groups:
         entry = dict(group, sensitivity={}, allowed=[])
@@ -328,15 +327,14 @@ def best_full_precision(top: list, trials: list) -> list:
     """The fastest measured trial that lowers nothing (global fp32, no groups), when `top`
     lacks one: re-measured beside the others at the end, so a plan that lowers layers is
     chosen only if it beats the best all-fp32 configuration side by side."""
-    def full(t) -> bool:
-        prec = (t.user_attrs.get("knobs") or {}).get("precision", {})
-        return prec.get("mode") == "fp32" and not prec.get("groups")
-
-    from .knobs import configs_from_params, describe
+    def full(t) -> bool:  # the trial's precision, and that of each shape bucket with its own
+        values = t.user_attrs.get("knobs") or {}
+        buckets = (values.get("shapes") or {}).get("knobs") or []
+        precs = [values.get("precision", {})] + [k.get("precision", {}) for k in buckets]
+        return all(p.get("mode", "fp32") == "fp32" and not p.get("groups") for p in precs)
 
     if not top or any(full(t) for t in top):
         return []
-    baseline = describe(configs_from_params({}))
     ok = [t for t in trials if t.user_attrs.get("status") == "ok" and t.value is not None and full(t)
-          and t.user_attrs.get("label") != baseline]
+          and not t.user_attrs.get("baseline")]
     return [min(ok, key=lambda t: t.value)] if ok else []

@@ -310,7 +310,7 @@ def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     assert result is None or result.plan is not None
 
 
-# -- training: the same loader rules ----------------------------------------------------------------
+# -- training: the same loader rules; its run.json holds no password -------------------------------------
 @pytest.mark.parametrize("where, expected", [("import", "importing it called sys.exit(0)"),
                                              ("build_model", "build_model() called sys.exit(0)")])
 def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
@@ -323,3 +323,19 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
                   str(out), "--quiet", timeout=120)
     _one_line(res, expected)
     assert not (out / "run.json").exists()
+
+
+def test_training_run_json_holds_no_storage_password(tmp_path):
+    from autotiacc.engine.loop import Search
+    from autotiacc.training.tuner import TrainingTask, TrainTuneOptions
+    from autotiacc.training.workload import TrainWorkload
+
+    from ._training_targets import TINY_TRAIN
+
+    wl = TrainWorkload(_write(tmp_path / "train.py", TINY_TRAIN))
+    out = tmp_path / "run"
+    url = "postgresql://bob:hunter2@db:5432/x"
+    opts = TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
+                            command=f"autotiacc tune train.py --mode train --storage {url}")
+    run = json.dumps(Search(TrainingTask(wl, opts), opts, patience=1).run_record({}, {"name": "train"}))
+    assert "hunter2" not in run and run.count("bob:***@db") == 2
