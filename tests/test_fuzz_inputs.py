@@ -15,6 +15,7 @@ import autotiacc.verify  # noqa: F401
 import autotiacc.workload  # noqa: F401
 import autotiacc.evaluate  # noqa: F401
 import autotiacc.engine.workers  # noqa: F401
+from autotiacc.buckets import BucketSpec, ShapePlan
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
 from autotiacc.knobs import configs_from_params
@@ -38,8 +39,10 @@ def _good_plan() -> dict:
                           "batch_size": 1, "param_shapes_sha256": "ab"},
                 speedup=1.5, level=1, tolerance=0.02,
                 extra={"measured_env": {"OMP_WAIT_POLICY": "PASSIVE"},
-                       "artifact": {"file": "artifact.pt2", "format": "export", "sha256": "00"},
-                       "shapes": {"edges": {"batch_size": [1, 2]}, "axes": {"batch_size": [[0, 0]]}, "padded": []}})
+                       "artifact": {"file": "artifact.pt2", "format": "export", "sha256": "00"}},
+                shapes=ShapePlan(BucketSpec(edges={"batch_size": [1, 2]}, axes={"batch_size": [(0, 0)]}),
+                                 traffic=[{"batch_size": 1, "weight": 1.0}], serve_batch=2, p99_budget_ms=5.0,
+                                 measured={"p99_mix_ms": 1.0}))
     return plan.to_dict()
 
 
@@ -125,6 +128,8 @@ def test_malformed_plans_raise_only_plan_error(fuzz_dir, text):
         fingerprint_differences(plan.fingerprint, {})
         fingerprint_id(plan.fingerprint)
         _ = plan.label, plan.to_dict()
+        if plan.shapes is not None:  # what apply and the report read of the buckets
+            _ = plan.shapes.spec.buckets(), plan.shapes.spec.label(), plan.shapes.to_dict()
 
     _assert_only_error(tmp, text, load_and_read)
 
@@ -168,6 +173,7 @@ def test_malformed_training_plans_raise_only_plan_error(fuzz_dir, text):
     (lambda d: d["knobs"][0].update(_type="os.system"), "unknown _type 'os.system'"),
     (lambda d: d["extra"]["artifact"].update(file="../../x.so"), "not a path"),
     (lambda d: d["workload"].update(input_dtypes=["float99"]), "`workload.input_dtypes` got 'float99'"),
+    (lambda d: d["shapes"].update(serve_batch="8"), "`serve_batch` got '8'"),
 ])
 def test_plan_field_errors_name_the_file_and_the_field(tmp_path, edit, expected):
     d = _good_plan()
