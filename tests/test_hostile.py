@@ -51,10 +51,11 @@ def test_hanging_forward_ends_within_the_budget(tmp_path):
     model = _write(tmp_path / "m.py", HANG.format(pid=str(pid)))
     out = tmp_path / "run"
     t0 = time.monotonic()
-    res = run_cli("tune", str(model), "--budget", "10s", "--out", str(out), "--quiet", timeout=120)
+    res = run_cli("tune", str(model), "--budget", "20s", "--out", str(out), "--quiet", timeout=120)
     wall = time.monotonic() - t0
-    _one_line(res, "did not finish within 10 s (the 10 s --budget)")
-    assert wall < 10 + 45, wall  # the budget + process start-up on a loaded 2-core machine
+    line = _one_line(res, "(the 20 s --budget) and was stopped")
+    assert "did not finish within" in line
+    assert wall < 20 + 30, wall  # the budget counts from the command's start; the rest is killing and exiting
     assert not out.exists()
     assert pid.is_file() and not _alive(int(pid.read_text()))
 
