@@ -216,10 +216,11 @@ def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
 
 
 # -- 10. a plan never imports the model.py it records ----------------------------------------------------
-def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path, version):
     import torch
 
-    from autotiacc.buckets import BucketSpec
+    from autotiacc.buckets import BucketSpec, ShapePlan
     from autotiacc.errors import PlanError
     from autotiacc.knobs import configs_from_params
     from autotiacc.plan import Plan, load_plan
@@ -228,10 +229,15 @@ def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
                   "def pad_inputs(inputs, **dims):\n    return inputs\n")
     spec = BucketSpec(edges={"batch_size": [2], "seq_len": [16]}, axes={"batch_size": [(0, 0)], "seq_len": [(0, 1)]})
-    plan = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, extra={"shapes": spec.to_dict()})
-    path = plan.save(tmp_path / "plan.json")
+    d = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec)).to_dict()
+    if version == 1:  # version 1 kept the buckets among the extras
+        d["schema_version"], d["extra"]["shapes"] = 1, d.pop("shapes")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    plan = load_plan(path)
+    assert plan.shapes is not None
     with pytest.raises(PlanError, match=r"pad_inputs=my_model.pad_inputs"):
-        load_plan(path).apply(torch.nn.Linear(16, 2))
+        plan.apply(torch.nn.Linear(16, 2))
     assert not marker.exists()
 
 
