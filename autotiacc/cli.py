@@ -14,7 +14,7 @@ from .errors import AutotiaccError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
-_STATE: dict[str, Any] = {"debug": False, "run_dir": None}
+_STATE: dict[str, Any] = {"debug": False, "run_dir": None, "started": None}
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -141,7 +141,7 @@ def tune(
     from .tuner import tune as run_tune
     from .workload import load_workload
 
-    started = time.monotonic()
+    started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
     budget_s = parse_duration(budget)
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
@@ -154,8 +154,9 @@ def tune(
 
         open_storage(storage, heartbeat_s=heartbeat)
     # the user's code runs first in a child killed at the end of the budget (a hanging forward)
+    left = max(budget_s, MIN_BUDGET_S) - (time.monotonic() - started)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=max(budget_s, MIN_BUDGET_S), limit=f"the {budget_s:.0f} s --budget")
+                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget")
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _STATE["run_dir"] = out
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
@@ -376,6 +377,7 @@ def profile_cmd(
 
 
 def main() -> None:
+    _STATE["started"] = time.monotonic()  # imports (torch, optuna) on a loaded machine count too
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:torch.onnx")
     app()
 

@@ -99,6 +99,9 @@ class Plan:
             raise PlanError(f"{origin}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - data only: whatever is wrong in it is a malformed plan
             raise PlanError(f"{origin}: `shapes` is malformed ({type(exc).__name__}: {exc}).") from None
+        if shapes is not None:  # the serving figures apply reads, typed like the rest
+            check_fields(ShapePlan, {k: getattr(shapes, k) for k in ("serve_batch", "p99_budget_ms")
+                                     if getattr(shapes, k) is not None}, origin)
         return cls(knobs=by_name, extra=extra, shapes=shapes, **fields)
 
     def save(self, path: str | Path) -> Path:

@@ -51,10 +51,11 @@ def test_hanging_forward_ends_within_the_budget(tmp_path):
     model = _write(tmp_path / "m.py", HANG.format(pid=str(pid)))
     out = tmp_path / "run"
     t0 = time.monotonic()
-    res = run_cli("tune", str(model), "--budget", "10s", "--out", str(out), "--quiet", timeout=120)
+    res = run_cli("tune", str(model), "--budget", "20s", "--out", str(out), "--quiet", timeout=120)
     wall = time.monotonic() - t0
-    _one_line(res, "did not finish within 10 s (the 10 s --budget)")
-    assert wall < 10 + 45, wall  # the budget + process start-up on a loaded 2-core machine
+    line = _one_line(res, "(the 20 s --budget) and was stopped")
+    assert "did not finish within" in line
+    assert wall < 20 + 30, wall  # the budget counts from the command's start; the rest is killing and exiting
     assert not out.exists()
     assert pid.is_file() and not _alive(int(pid.read_text()))
 
@@ -215,7 +216,8 @@ def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
 
 
 # -- 10. a plan never imports the model.py it records ----------------------------------------------------
-def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path, version):
     import torch
 
     from autotiacc.buckets import BucketSpec, ShapePlan
@@ -227,10 +229,15 @@ def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
                   "def pad_inputs(inputs, **dims):\n    return inputs\n")
     spec = BucketSpec(edges={"batch_size": [2], "seq_len": [16]}, axes={"batch_size": [(0, 0)], "seq_len": [(0, 1)]})
-    plan = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec))
-    path = plan.save(tmp_path / "plan.json")
+    d = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec)).to_dict()
+    if version == 1:  # version 1 kept the buckets among the extras
+        d["schema_version"], d["extra"]["shapes"] = 1, d.pop("shapes")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    plan = load_plan(path)
+    assert plan.shapes is not None
     with pytest.raises(PlanError, match=r"pad_inputs=my_model.pad_inputs"):
-        load_plan(path).apply(torch.nn.Linear(16, 2))
+        plan.apply(torch.nn.Linear(16, 2))
     assert not marker.exists()
 
 
@@ -292,6 +299,7 @@ def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",
                        command="autotiacc tune m.py --storage postgresql://alice:s3cret@db/x")
     task = InferenceTask(wl, opts)
+    # below 1x no YAML may ask for (the strategy check refuses it): every candidate would be pruned
     task.strategy.prune_factor, task.strategy.enqueue = 0.01, [{}]
     try:
         result = Search(task, opts, patience=1).run()
