@@ -233,7 +233,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
                                               "(default runs/<study>-report)")) -> None:
     """Re-render report.md, report.html and plots from a run directory alone (or a shared storage)."""
     from .report import write_report
-    from .training.report import is_training_run, write_training_report
+    from .report import is_training_run, write_training_report
 
     if storage is not None:
         from .engine.storage import materialize_run_dir
@@ -267,7 +267,7 @@ def compare(
     out: Path = typer.Option(Path("comparison"), "--out", "-o", help="folder for compare.md/.html/.csv + plots"),
 ) -> None:
     """Table and plots across tuning runs and experiment CSVs."""
-    from .compare import write_comparison
+    from .report import write_comparison
 
     for path in write_comparison(runs, out).values():
         typer.echo(str(path))

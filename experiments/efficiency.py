@@ -175,7 +175,7 @@ def _has(mod: str) -> bool:
 
 
 def _plot(rows: list[dict], path: Path, head_to_head: dict[str, float]) -> None:
-    from autotiacc.plotting import figure
+    from autotiacc.report.plotting import figure
 
     ok = sorted((r for r in rows if r["status"] == "ok" and r.get("speedup")), key=lambda r: r["speedup"])
     with figure(path, title="Stage-1 sweep vs the tuned plan", xlabel="speed-up over eager fp32",

@@ -90,7 +90,7 @@ def checkout(rev: str) -> Path:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from autotiacc.plotting import figure
+    from autotiacc.report.plotting import figure
 
     with figure(path, title="autotiacc tune examples/convnet.py --batch-size 8 (same budget)",
                 xlabel="measured trials per minute of budget", size=(8, 3.5)) as ax:

@@ -288,7 +288,7 @@ def test_profile_forwards_leaves_the_model_as_it_was():
 def test_report_states_the_diagnosis_and_the_attribution():
     from types import SimpleNamespace
 
-    from autotiacc.report_profile import profile_sections
+    from autotiacc.report.profile import profile_sections
 
     prof = {"method": "profiler_attribution", "device": "cuda", "nvtx": True, "shares_sum": 1.0, "busy_ms": 0.95,
             "timer_overhead": 0.4, "idle_scale": 0.6, "forward": {"median_ms": 3.5, "spread": 0.01, "n": 50},

@@ -1,11 +1,13 @@
 """Report parts for plans tuned on traffic: per-bucket table, traffic histogram with bucket
 edges, latency vs shape. Everything is read from `plan.extra["shapes"]` (gathered once by
-`report.gather`); these functions only draw and format.
+`report.inference.gather`); these functions only draw and format.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from .format import fmt, table
 
 
 def _shapes(data) -> dict[str, Any] | None:
@@ -80,22 +82,20 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
     sh = _shapes(data)
     if not sh:
         return []
-    from .report import _f, _table
-
     lines = [f"- buckets: {sh.get('label')}",
-             f"- p99 over the traffic mix: {_f(sh.get('p99_mix_ms'))} ms; padding waste (share of input elements "
-             f"fed that were padding, counted on the real padded tensors): {_f(sh.get('padding_waste'))}",
+             f"- p99 over the traffic mix: {fmt(sh.get('p99_mix_ms'))} ms; padding waste (share of input elements "
+             f"fed that were padding, counted on the real padded tensors): {fmt(sh.get('padding_waste'))}",
              f"- traffic: {len(sh.get('traffic') or [])} shapes; requests beyond the largest edges run the "
              "unoptimized model with a one-time warning."]
     if sh.get("serve_batch"):
-        lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {_f(sh.get('samples_per_s'))} "
-                     f"samples/s; p99 budget {_f(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
+        lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {fmt(sh.get('samples_per_s'))} "
+                     f"samples/s; p99 budget {fmt(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
     lines.append("")
     rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", len(b["shape_keys"]),
              b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
             for b in sh.get("buckets") or []]
     if rows:
-        lines += _table(["bucket", "graph", "traffic shapes", "traffic share", "eager ms (weighted)",
+        lines += table(["bucket", "graph", "traffic shapes", "traffic share", "eager ms (weighted)",
                          "plan ms (weighted)", "build s"], rows)
     return [("Dynamic shapes: buckets", lines)]
 
