@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (AutotiaccError, BudgetError, HardwareMismatchWarning, ModelRaisedError, PlanError,
                      PlanMismatchError, TrialError, UserInputError, WorkloadError)
 
-from ._version import __version__
+from .version import __version__
 
 __all__ = [
     "optimize", "load_plan", "Plan", "tune", "AutotiaccError", "BudgetError", "HardwareMismatchWarning",

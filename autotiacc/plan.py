@@ -47,7 +47,7 @@ class Plan:
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from ._version import __version__
+        from .version import __version__
 
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,

@@ -99,7 +99,7 @@ class InferenceTask(Task):
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
         budget; reused across runs of the same workload and machine); extras for the precision knob."""
-        from ._version import __version__
+        from .version import __version__
         from .layer_precision import plan_summary, prepare_search
         from .profile import SCHEMA_VERSION
 

@@ -11,7 +11,7 @@ import contextlib
 from typing import Any, Callable
 
 from ..errors import UserInputError
-from ..knobs.runtime import _threads
+from ..knobs.runtime import thread_scope
 from .config import DataConfig, TrainConfig
 
 
@@ -157,7 +157,7 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
 
     def step(batch: Any) -> Any:
         if config.compute.threads:  # set per step and restored: torch's thread count is process-wide
-            with _threads(config.compute.threads):
+            with thread_scope(config.compute.threads):
                 return run_step(batch)
         return run_step(batch)
 

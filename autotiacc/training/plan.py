@@ -36,7 +36,7 @@ class TrainingPlan:
         return self.config.label()
 
     def to_dict(self) -> dict[str, Any]:
-        from .._version import __version__
+        from ..version import __version__
 
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
                 "created": self.created, "device": self.device, "nproc": self.nproc, "batch_size": self.batch_size,
