@@ -21,9 +21,9 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
     The run directory (plan.json, report, trials) is `out_dir`, else a temporary folder;
     the returned callable has `.plan` and `.run_dir` attributes.
     """
+    from .inference.task import TuneOptions, tune
+    from .inference.workload import workload_from_module
     from .report import write_report
-    from .tuner import TuneOptions, tune
-    from .workload import workload_from_module
 
     workload = workload_from_module(model, example_inputs, test_data=test_data, metric=metric)
     _check_sendable(workload)

@@ -133,11 +133,11 @@ def tune(
                        strategy="training" if strategy == "inference-latency" else strategy)
         return
     from .durations import parse_duration
-    from .report import write_report
     from .engine.space import strategy_for
-    from .tuner import MIN_BUDGET_S, TuneOptions
-    from .tuner import tune as run_tune
-    from .workload import load_workload
+    from .inference.task import MIN_BUDGET_S, TuneOptions
+    from .inference.task import tune as run_tune
+    from .inference.workload import load_workload
+    from .report import write_report
 
     started = time.monotonic()
     budget_s = parse_duration(budget)
@@ -288,7 +288,7 @@ def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
 
 def _export_hook(run_dir: Path, workload) -> bool:
     """After the plan is written: export its artifact; a failure is reported, the tune kept."""
-    from .artifacts import export_for_plan
+    from .inference.artifacts import export_for_plan
 
     try:
         entry = export_for_plan(run_dir / "plan.json", workload)
@@ -310,7 +310,7 @@ def verify(
     measure_s: float = typer.Option(3.0, "--measure-s", help="seconds of interleaved timing"),
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
-    from .verify import verify_plan
+    from .inference.verify import verify_plan
 
     result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s)
     for line in result.lines:
@@ -338,9 +338,9 @@ def profile_cmd(
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
     from .engine.workers import run_isolated
-    from .layer_precision import LOWERED_MODES, profile_for_search
+    from .inference.layer_precision import LOWERED_MODES, profile_for_search
+    from .inference.workload import CHECK_TIMEOUT_S, load_workload
     from .profile import PROFILE_FILE, save_profile, summary_lines
-    from .workload import CHECK_TIMEOUT_S, load_workload
 
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")

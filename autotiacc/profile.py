@@ -339,18 +339,18 @@ def _linear_paths(model: Any) -> set[str]:
 def model_to(model: Any, device: str) -> Any:
     """The model on `device`: an nn.Module (or ScriptModule) is a pytree leaf, so mapping over
     tensors would leave its parameters where they were."""
-    from .evaluate import _to
+    from .inference.evaluate import to_device
 
-    return model.to(device) if hasattr(model, "to") and device != "cpu" else _to(model, device)
+    return model.to(device) if hasattr(model, "to") and device != "cpu" else to_device(model, device)
 
 
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
-    from .evaluate import _to
     from .hardware import fingerprint, fingerprint_id
+    from .inference.evaluate import to_device
 
     model = model_to(model if model is not None else workload.build_model(), device)
-    inputs = _to(workload.example_inputs(), device)
+    inputs = to_device(workload.example_inputs(), device)
     prof = profile_model(model, inputs, device=device, target_s=target_s)
     fp = fingerprint(device)
     prof["workload"] = {"name": workload.name, "kind": workload.kind, "batch_size": workload.batch_size,

@@ -58,7 +58,7 @@ def summarise(run_dir: Path, *, variant: str, rev: str, budget_s: float, wall_s:
 
 def _label(plan: dict) -> str:
     try:
-        from autotiacc.plan import Plan
+        from autotiacc.inference.plan import Plan
 
         return Plan.from_dict(plan).label
     except Exception:  # noqa: BLE001 - an older plan schema: the note still says what it is

@@ -8,14 +8,14 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, infer_axes, quantile_edges)
 from autotiacc.errors import PlanError, UserInputError
+from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, infer_axes, quantile_edges)
+from autotiacc.inference.plan import Plan, load_plan
+from autotiacc.inference.shape_tuning import shape_tuning_for
+from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
+from autotiacc.inference.traffic_eval import evaluate_traffic, mixture_quantile
+from autotiacc.inference.workload import load_workload
 from autotiacc.knobs import configs_from_params
-from autotiacc.plan import Plan, load_plan
-from autotiacc.shape_tuning import shape_tuning_for
-from autotiacc.traffic import histogram, load_traffic_file, parse_traffic
-from autotiacc.traffic_eval import evaluate_traffic, mixture_quantile
-from autotiacc.workload import load_workload
 
 from .conftest import ROOT, run_cli
 

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
-import autotiacc.layer_precision  # noqa: F401
+import autotiacc.inference.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
+import autotiacc.inference.layer_precision  # noqa: F401
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
+from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.knobs import configs_from_params
-from autotiacc.plan import Plan, load_plan
 from autotiacc.strategy import load_strategy
 from autotiacc.training.config import TrainConfig
 from autotiacc.training.plan import TrainingPlan, load_training_plan

@@ -110,8 +110,8 @@ def test_user_file_exiting_is_one_clear_line(tmp_path, case):
 
 
 def _plan_for(tmp_path, **fields):
+    from autotiacc.inference.plan import Plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
 
     d = Plan(knobs=configs_from_params({}), workload={"name": "m", "kind": "python", "batch_size": 1}).to_dict()
     d.update(fields)
@@ -203,10 +203,10 @@ def test_resume_with_a_damaged_study_db(tmp_path):
 def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
     import torch
 
-    from autotiacc.buckets import BucketSpec
     from autotiacc.errors import PlanError
+    from autotiacc.inference.buckets import BucketSpec
+    from autotiacc.inference.plan import Plan, load_plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan, load_plan
 
     marker = tmp_path / "imported"
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
@@ -250,7 +250,7 @@ def test_truncated_pt2_prints_one_line(tmp_path):
 def test_accuracy_check_fails_an_output_with_no_tensor():
     import torch
 
-    from autotiacc.accuracy import compare_outputs
+    from autotiacc.inference.accuracy import compare_outputs
 
     rep = compare_outputs([None], [None], tolerance=1e-3)
     assert not rep.ok and "holds no tensor" in rep.reason
@@ -269,8 +269,8 @@ def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
 def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
-    from autotiacc.tuner import Tuner, TuneOptions
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.task import Tuner, TuneOptions
+    from autotiacc.inference.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",

@@ -90,7 +90,7 @@ def _cell(s: dict[str, Any] | None) -> str:
 
 def profile_sections(data) -> list[tuple[str, list[str]]]:
     """Markdown sections: the profile summary, the groups table, what was not available."""
-    from ..layer_precision import LOWERED_MODES
+    from ..inference.layer_precision import LOWERED_MODES
     from ..profile import opaque_root, top_modules
 
     prof = getattr(data, "profile", None)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from ..plan import check_fields, check_plan_details, check_plan_header, read_plan_json
+from ..inference.plan import check_fields, check_plan_details, check_plan_header, read_plan_json
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelRaisedError, WorkloadError
-from ..workload import load_module
+from ..inference.workload import load_module
 
 REQUIRED = ("build_model", "train_dataset", "loss_fn")
 DEFAULT_BATCH_SIZE = 32

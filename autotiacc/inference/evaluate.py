@@ -12,16 +12,17 @@ import time
 import traceback
 from typing import Any
 
+from ..knobs import configs_from_params
+from ..measure import Timing, measure_interleaved, warm_up
 from .accuracy import compare_outputs
 from .candidate import OptimizedModel, compile_stats
-from .knobs import configs_from_params
-from .measure import Timing, measure_interleaved, warm_up
 
 BASELINE = "baseline"
 WARM_BASELINE_S = 0.3  # a baseline already warmed in this worker only needs its caches refilled
 
 
-def _to(obj: Any, device: str) -> Any:
+def to_device(obj: Any, device: str) -> Any:
+    """Move every tensor inside `obj` (any nesting of lists, tuples, dicts) to `device`."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -36,9 +37,9 @@ class _Reference:
     def __init__(self, workload, device: str) -> None:
         import torch
 
-        self.model = _to(workload.build_model(), device)
-        self.inputs = _to(workload.example_inputs(), device)
-        self.test = [(_to(x, device), y) for x, y in workload.test_data()]
+        self.model = to_device(workload.build_model(), device)
+        self.inputs = to_device(workload.example_inputs(), device)
+        self.test = [(to_device(x, device), y) for x, y in workload.test_data()]
         with torch.no_grad():
             self.refs = [self.model(*x) for x, _ in self.test]
         self.warmed = False

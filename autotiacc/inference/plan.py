@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
-from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
-from .knobs.base import field_type_errors, matches_type, type_name
+from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
+from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
+from ..knobs.base import field_type_errors, matches_type, type_name
 
 SCHEMA = "autotiacc.plan"
 SCHEMA_VERSION = 1
@@ -47,7 +47,7 @@ class Plan:
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from .version import __version__
+        from ..version import __version__
 
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
@@ -102,7 +102,7 @@ class Plan:
     # -- use -----------------------------------------------------------------------------
     def check_fingerprint(self, *, strict: bool = False, device: str | None = None) -> list[str]:
         """Compare the recorded fingerprint with this machine; warn, or raise when strict."""
-        from .hardware import fingerprint, fingerprint_differences
+        from ..hardware import fingerprint, fingerprint_differences
 
         if not self.fingerprint:
             return []

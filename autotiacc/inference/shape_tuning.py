@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import UserInputError
 from .buckets import ALIGN, BATCH, BucketSpec, infer_axes, quantile_edges
-from .errors import UserInputError
 from .traffic import Shape, dim_names, histogram, traffic_to_rows, workload_traffic
 
 # Bucket counts Optuna may pick per dim; capped by the distinct sizes seen and `max_buckets`.
@@ -105,7 +105,7 @@ class ShapeTuning:
     def label(values: dict[str, Any]) -> str:
         """Label suffix naming the buckets; none for the baseline itself (eager, unpadded), so the
         tuner still recognises it as the baseline."""
-        from .knobs import configs_from_params, describe
+        from ..knobs import configs_from_params, describe
 
         shapes = values.get("shapes")
         if not shapes:

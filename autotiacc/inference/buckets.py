@@ -20,8 +20,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .errors import PlanError, UserInputError
-from .knobs import KnobConfig
+from ..errors import PlanError, UserInputError
+from ..knobs import KnobConfig
 
 BATCH = "batch_size"
 # Padded sizes of non-batch dims are rounded up to a multiple of this (vector-friendly shapes),

@@ -15,7 +15,7 @@ import copy
 import math
 from typing import Any, Iterable
 
-from .knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
+from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
 
 SEARCHED_GROUPS = 6  # at most this many groups get an Optuna parameter each
 
@@ -47,16 +47,16 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
 
     import torch
 
+    from ..profile import model_to
     from .accuracy import compare_outputs
-    from .evaluate import _to
-    from .profile import model_to
+    from .evaluate import to_device
 
     model = model_to(workload.build_model(), device)
-    test = [(_to(x, device), y) for x, y in workload.test_data()]
+    test = [(to_device(x, device), y) for x, y in workload.test_data()]
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
     out = []
-    inputs = _to(workload.example_inputs(), device)
+    inputs = to_device(workload.example_inputs(), device)
     deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
     for group in groups:
         entry = dict(group, sensitivity={}, allowed=[])
@@ -81,7 +81,7 @@ def _quick_speedup(model, lowered, inputs, device: str) -> float:
     a hint for where to start the search, never a figure in the plan."""
     import torch
 
-    from .measure import measure_interleaved
+    from ..measure import measure_interleaved
 
     with torch.no_grad():
         t = measure_interleaved({"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}, device,
@@ -161,7 +161,7 @@ def profile_for_search(workload, *, device: str = "cpu", modes: list[str], toler
     an isolated process, so it is timed in the same environment as the trials."""
     import time
 
-    from .profile import profile_workload
+    from ..profile import profile_workload
 
     t0 = time.monotonic()
     prof = profile_workload(workload, device=device, target_s=target_s)
@@ -184,8 +184,8 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     """
     from pathlib import Path
 
-    from .engine.workers import run_isolated
-    from .profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
+    from ..engine.workers import run_isolated
+    from ..profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
 
     path = Path(run_dir) / PROFILE_FILE
     if resume and path.is_file():
@@ -215,7 +215,7 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
 
 def plan_summary(run_dir) -> list[dict[str, Any]]:
     """What a plan records about the groups: share, allowed modes, why others were excluded."""
-    from .profile import load_profile
+    from ..profile import load_profile
 
     try:
         prof = load_profile(run_dir)
@@ -234,7 +234,7 @@ def best_full_precision(top: list, trials: list) -> list:
         prec = (t.user_attrs.get("knobs") or {}).get("precision", {})
         return prec.get("mode") == "fp32" and not prec.get("groups")
 
-    from .knobs import configs_from_params, describe
+    from ..knobs import configs_from_params, describe
 
     if not top or any(full(t) for t in top):
         return []

@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import errors
-from .errors import AutotiaccError, ModelRaisedError, WorkloadError
+from .. import errors
+from ..errors import AutotiaccError, ModelRaisedError, WorkloadError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
@@ -286,7 +286,7 @@ class Workload:
         import os
         import tempfile
 
-        from .engine.workers import run_isolated
+        from ..engine.workers import run_isolated
 
         where = self.path or self.name
         fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")

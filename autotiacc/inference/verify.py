@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanMismatchError, UserInputError
+from ..errors import PlanMismatchError, UserInputError
 
 DEFAULT_SPEED_TOLERANCE = 0.25  # relative drop of the recorded speed-up tolerated before "drift"
 DEFAULT_MEASURE_S = 3.0
@@ -81,9 +81,9 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
-    from .engine.fidelity import evaluate_alternating
-    from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .measure import Timing, faster_beyond_noise
+    from ..engine.fidelity import evaluate_alternating
+    from ..hardware import fingerprint, fingerprint_differences, fingerprint_id
+    from ..measure import Timing, faster_beyond_noise
     from .plan import load_plan
 
     if not 0 <= tolerance < 1:
