@@ -173,12 +173,12 @@ def tune(
     p = result.plan
     typer.echo(f"plan: {p.label}")
     typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
-    if p.extra.get("shapes"):
-        sh = p.extra["shapes"]
+    if p.shapes is not None:
+        sh = p.shapes.measured
         p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
-        typer.echo(f"dynamic shapes: {sh['label']}; the speed-up is over the traffic mix, p99 over the mix {p99}")
+        typer.echo(f"dynamic shapes: {p.shapes.label}; the speed-up is over the traffic mix, p99 over the mix {p99}")
         if sh.get("samples_per_s"):
-            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {sh['serve_batch']}")
+            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {p.shapes.serve_batch}")
     typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
     typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
     if exported is False:
@@ -199,6 +199,10 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
         raise _bad("`--resume` needs `--out DIR`, the run directory of the tune to continue.")
     if resume and not (Path(out) / "run.json").exists():
         raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
+    if resume:  # what a resume reads back must be readable: one line now, not a traceback later
+        from .report.inference import read_json_file
+
+        read_json_file(Path(out) / "run.json")
     if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
         raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
                    "from a copy, or start a new tune with another --out.")

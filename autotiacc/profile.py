@@ -288,35 +288,41 @@ def candidate_groups(modules: list[dict[str, Any]], model: Any, *, coverage: flo
                      max_groups: int = 8, min_share: float = MIN_GROUP_SHARE,
                      min_total: float = 0.5) -> list[dict[str, Any]]:
     """Per-layer precision candidates: modules that ran and own parameters, coarsened until
-    each carries at least `min_share` of the forward (a single 1.5 % convolution is not worth
-    a search parameter; its block is). From the deepest such modules (a fused
+    each carries at least `min_share` of the forward's time or FLOPs (a 1.5 % convolution is
+    not worth a search parameter; its block is). From the deepest such modules (a fused
     TransformerEncoderLayer counts as one: its children never run), each climbs to its
     nearest ancestor that ran until it reaches `min_share`; modules under another chosen one
-    merge into it; those that cannot reach it are dropped. Largest first, until they cover
-    `coverage` of their total time or `max_groups` are taken. None when together they carry
+    merge into it; those that cannot reach it are dropped. Largest share first, until they
+    cover `coverage` of their total or `max_groups` are taken. None when together they carry
     less than `min_total` of the forward: per-layer precision would not pay there."""
     ran = {m["path"]: m for m in modules if m["calls"] > 0 and m["path"] and m["has_params"]}
+    root_flops = next((m["flops"] for m in modules if m["path"] == ""), 0) or 0
+
+    def share(m: dict[str, Any]) -> float:
+        # time, or arithmetic where a noisy clock (a loaded machine) hides it: lower precision speeds both
+        return max(m["inclusive_share"], m["flops"] / root_flops if root_flops else 0.0)
+
     leaves = [p for p in ran if not any(q.startswith(p + ".") for q in ran)]
     chosen = set()
     for p in leaves:
-        while ran[p]["inclusive_share"] < min_share:
+        while share(ran[p]) < min_share:
             up = next((a for a in _ancestors(p) if a in ran), None)
             if up is None:
                 break
             p = up
-        if ran[p]["inclusive_share"] >= min_share:
+        if share(ran[p]) >= min_share:
             chosen.add(p)
     blocks = [ran[p] for p in chosen if not any(a in chosen for a in _ancestors(p))]
-    blocks.sort(key=lambda m: -m["inclusive_ms"])
-    if sum(m["inclusive_share"] for m in blocks) < min_total:
+    blocks.sort(key=lambda m: -share(m))
+    total = sum(share(m) for m in blocks)
+    if total < min_total:
         return []
-    total = sum(m["inclusive_ms"] for m in blocks) or 1.0
     linear_paths = _linear_paths(model)
     out, covered = [], 0.0
     for m in blocks:
         if covered >= coverage * total or len(out) >= max_groups:
             break
-        covered += m["inclusive_ms"]
+        covered += share(m)
         out.append({"path": m["path"], "type": m["type"], "inclusive_share": m["inclusive_share"],
                     "flops": m["flops"], "linear": m["path"] in linear_paths})
     return out
@@ -374,9 +380,10 @@ def load_profile(path: str | Path) -> dict[str, Any]:
         p = p / PROFILE_FILE
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise UserInputError(f"`profile` {p}: cannot be read ({exc}); give a profile.json written by autotiacc.") from None
-    if data.get("schema") != SCHEMA:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserInputError(f"`profile` {p}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
+                             "give a profile.json written by autotiacc.") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise UserInputError(f"`profile` {p}: not an autotiacc profile (missing \"schema\": \"{SCHEMA}\").")
     return data
 

@@ -97,7 +97,8 @@ def _read(name_or_path: str) -> tuple[str, str]:
     p = Path(name_or_path)
     if name_or_path.endswith((".yaml", ".yml")) or p.exists():
         if not p.is_file():
-            raise StrategyError(f"`--strategy` file {name_or_path!r} does not exist.")
+            raise StrategyError(f"`--strategy` file {name_or_path!r} " + ("is not a file." if p.exists() else
+                                                                          "does not exist."))
         try:
             return p.read_text(encoding="utf-8"), str(p)
         except (OSError, UnicodeDecodeError) as exc:

@@ -19,10 +19,7 @@ import warnings
 
 import torch
 
-from autotiacc.inference.plan import load_plan
-from autotiacc.inference.traffic import workload_traffic
-from autotiacc.inference.traffic_eval import mixture_quantile
-from autotiacc.inference.workload import load_workload
+from autotiacc.inference.buckets import bucket_key, own_label
 from autotiacc.measure import measure_interleaved
 
 
@@ -44,7 +41,7 @@ def main() -> None:
     tol = args.tolerance or plan.tolerance or 2e-2
     model = w.build_model()
     t0 = time.perf_counter()
-    fast = plan.apply(model)
+    fast = plan.apply(model, pad_inputs=w.user_hook("pad_inputs"))
     if hasattr(fast, "prepare"):
         fast.prepare(lambda b, **d: w.example_inputs(b, **d))
     build_s = time.perf_counter() - t0
@@ -78,13 +75,16 @@ def main() -> None:
         per_shape[s.key()] = measure_interleaved({"eager": eager, "plan": lambda x=x: fast(*x)},
                                                  min_rounds=args.rounds, max_rounds=args.rounds, warmup_s=0.5)
     weights = {s.key(): s.weight for s in traffic}
+    spec = plan.shapes.spec if plan.shapes else None
     mix = {n: [sum(weights[k] * t[n].samples_ms[r] for k, t in per_shape.items()) for r in range(args.rounds)]
            for n in ("eager", "plan")}
     med = {n: statistics.median(v) for n, v in mix.items()}
     p99 = {n: mixture_quantile({k: t[n].samples_ms for k, t in per_shape.items()}, weights, 0.99)
            for n in ("eager", "plan")}
     result = {
-        "plan": plan.label + (f"; {plan.extra['shapes']['label']}" if plan.extra.get("shapes") else ""),
+        "plan": plan.label,
+        "buckets": [{"bucket": bucket_key(edge), "padded": p, "knobs": own_label(own) or "plan's"}
+                    for edge, p, own in zip(spec.buckets(), spec.padded, spec.knobs)] if spec else None,
         "build_s": round(build_s, 2), "traffic_shapes": len(traffic),
         "weighted_latency_ms": {n: round(v, 3) for n, v in med.items()},
         "speedup_traffic_weighted": round(med["eager"] / med["plan"], 3),

@@ -1,5 +1,6 @@
 """Dynamic input shapes: traffic parsing, bucket edges, the bucketed dispatcher (padding,
-un-padding, out-of-range fallback, bounded graphs), the traffic evaluation, plan round trip."""
+un-padding, out-of-range fallback, bounded graphs, per-bucket backend and precision), the
+traffic evaluation, plan schema 2 round trip and version-1 plans, verify over the mix."""
 import json
 import subprocess
 import sys
@@ -8,14 +9,16 @@ import warnings
 import pytest
 import torch
 
+from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
+                               quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
-from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, infer_axes, quantile_edges)
+from autotiacc.inference.evaluate import evaluate
+from autotiacc.knobs import SearchContext, configs_from_params
 from autotiacc.inference.plan import Plan, load_plan
-from autotiacc.inference.shape_tuning import shape_tuning_for
+from autotiacc.inference.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
 from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
 from autotiacc.inference.traffic_eval import evaluate_traffic, mixture_quantile
 from autotiacc.inference.workload import load_workload
-from autotiacc.knobs import configs_from_params
 
 from .conftest import ROOT, run_cli
 
@@ -179,8 +182,17 @@ def test_shape_tuning_samples_buckets_and_records_them(tiny, tmp_path):
 
 
 def test_no_traffic_means_static_tuning(models_dir):
+    """One shape: the same hooks, which leave the knobs alone and time them with `evaluate`."""
     w = load_workload(models_dir / "tiny_mlp.py")
-    assert shape_tuning_for(w) is None
+    st = shape_tuning_for(w)
+    assert isinstance(st, StaticShapes)
+    values = {"execution": {"backend": "torchscript"}}
+    assert st.suggest(None, values) is values and st.label(values) == ""
+    assert st.evaluator(measure_s=1.5, prune_above=2.0) == (evaluate, {"target_s": 1.5, "prune_above": 2.0})
+    assert st.evaluator(final=True)[1] == {"target_s": 6.0}
+    plan = Plan(knobs=configs_from_params({}))
+    st.record(plan, values)
+    assert plan.shapes is None and values_from_plan(plan) == {k: vars(c) for k, c in plan.knobs.items()}
     with pytest.raises(UserInputError, match="`--p99-ms` needs a traffic mix"):
         shape_tuning_for(w, p99_ms=10)
 
@@ -222,11 +234,10 @@ def test_evaluate_traffic_rejects_padding_that_changes_outputs(tiny, monkeypatch
 
 def test_plan_with_buckets_round_trips_and_applies(tiny, tmp_path):
     spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 48]}, axes=AXES, padded=[True, False, True, True])
-    plan = Plan(knobs=configs_from_params({}), workload={"file": str(tiny.path)},
-                extra={"shapes": {**spec.to_dict(), "label": spec.label()}})
+    plan = Plan(knobs=configs_from_params({}), workload={"file": str(tiny.path)}, shapes=ShapePlan(spec))
     path = plan.save(tmp_path / "plan.json")
     again = load_plan(path)
-    assert again.to_dict()["extra"] == json.loads(json.dumps(plan.to_dict()["extra"]))
+    assert _json(again.to_dict()) == _json(plan.to_dict())
     model = tiny.build_model()
     with pytest.raises(PlanError, match="pad_inputs=my_model.pad_inputs"):  # a plan never imports model.py
         again.apply(model)
@@ -279,7 +290,7 @@ def test_saved_bucketed_plan_serves_in_a_fresh_process(tiny, models_dir, tmp_pat
     """No tuning in the serving process: the plan file alone rebuilds the dispatcher."""
     spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 40]}, axes=AXES, padded=[True, True, False, True])
     plan = Plan(knobs=configs_from_params({"execution": {"backend": "torchscript"}}), workload={"file": str(tiny.path)},
-                extra={"shapes": {**spec.to_dict(), "label": spec.label()}})
+                shapes=ShapePlan(spec))
     plan.save(tmp_path / "plan.json")
     assert _serve_in_fresh_process(models_dir, tmp_path / "plan.json").split()[-3:] == ["served", "BucketedModel", "1"]
 
@@ -297,10 +308,12 @@ def test_tune_with_traffic_end_to_end(tmp_path, models_dir):
     trials = __import__("pandas").read_csv(out / "trials.csv")
     measured = trials[trials["status"] == "ok"]
     assert len(measured) >= 2 and measured["p99_mix_ms"].notna().all() and measured["param_seq_len_buckets"].notna().any()
+    assert measured["baseline"].sum() == 1  # flagged, not recognised by its label
+    assert plan["schema_version"] == 2 and "shapes" not in plan["extra"]
     if plan["fell_back"]:  # the tiny model may gain nothing: then the plan is eager, and says why
-        assert "shapes" not in plan["extra"] and plan["note"]
+        assert plan["shapes"] is None and plan["note"]
     else:
-        shapes = plan["extra"]["shapes"]
+        shapes = plan["shapes"]
         assert shapes["edges"]["seq_len"][-1] == 40 and shapes["edges"]["batch_size"][-1] == 4
         assert "Dynamic shapes: buckets" in (out / "report.md").read_text()
     assert "served" in _serve_in_fresh_process(models_dir, out / "plan.json")
@@ -390,6 +403,181 @@ def test_resumed_study_must_tune_the_same_traffic(tiny, tmp_path):
     assert "shapes" in again.suggest(optuna.load_study(study_name="s", storage=storage).ask(), {})
 
 
+def _json(d):
+    return json.loads(json.dumps(d))
+
+
 def _write(path, text):
     path.write_text(text)
     return path
+
+
+# -- per-bucket configs, plan schema 2, version-1 plans, verify over the mix ----------------------
+PER_BUCKET = {"edges": {"batch_size": [3], "seq_len": [16, 40]}, "padded": [False, True],
+              "knobs": [{"execution": {"backend": "torchscript"}}, {"precision": {"mode": "bf16_weights"}}]}
+
+
+def _ort_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_per_bucket_backend_and_precision_are_searched(tiny):
+    """With a search context, Optuna picks a backend and precision for the buckets of large
+    requests; an ONNX Runtime bucket is always padded (fixed shapes), an eager one never; while
+    stage-1 seeds are queued, every bucket runs the trial's own knobs."""
+    import math
+
+    import optuna
+
+    from autotiacc.strategy import load_strategy
+
+    st = shape_tuning_for(tiny, strategy=load_strategy("inference-latency"))
+    ctx = SearchContext(level=1, onnxruntime=True)
+    assert set(st.bucket_choices(ctx)) == {"eager", "torchscript", "compile", "onnxruntime"}
+    assert "bf16_autocast" not in st.bucket_choices(ctx)["onnxruntime"]  # incompatible, as the knob says
+    assert st.bucket_choices(ctx)["eager"] == ["fp32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights"]
+    assert st.bucket_choices(SearchContext(level=0)) != {}  # backends still differ at level 0
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    knobs = {"execution": {"backend": "torchscript"}, "precision": {"mode": "fp32"}}
+    study.enqueue_trial({"seq_len_buckets": 3})
+    study.enqueue_trial({"seq_len_buckets": 3})
+    seed = study.ask()
+    assert not any(st.suggest(seed, knobs, ctx)["shapes"]["knobs"]) and "bucket_knobs" not in seed.params
+    study.tell(seed, 1.0)
+    own_backends, own_modes, splits = set(), set(), 0
+    for _ in range(30):
+        trial = study.ask()
+        values = st.suggest(trial, knobs, ctx)
+        study.tell(trial, 1.0)
+        sh = values["shapes"]
+        spec = spec_from_values(sh, st.axes)
+        assert len(sh["knobs"]) == len(sh["padded"]) == len(spec.buckets())
+        sizes = [math.prod(b.values()) for b in spec.buckets()]
+        own = [i for i, k in enumerate(sh["knobs"]) if k]
+        assert all(sizes[i] > sizes[j] for i in own for j in range(len(sizes)) if j not in own)  # the large ones
+        splits += bool(own)
+        for idx, k in enumerate(sh["knobs"]):
+            backend = spec.configs(idx, configs_from_params(values))["execution"].backend
+            own_backends.add(k.get("execution", {}).get("backend"))
+            own_modes.add(k.get("precision", {}).get("mode"))
+            assert sh["padded"][idx] if backend == "onnxruntime" else True
+            assert not sh["padded"][idx] if backend == "eager" else True
+    assert splits >= 5 and {"onnxruntime", "eager"} <= own_backends and "bf16_weights" in own_modes
+
+
+def test_per_bucket_configs_are_evaluated_and_recorded_in_the_plan(tiny, tmp_path):
+    st = shape_tuning_for(tiny)
+    _, kw = st.evaluator(final=True)
+    kw["rounds"] = 3
+    values = {"shapes": {**PER_BUCKET, "label": "2 buckets"}}
+    res = evaluate_traffic(tiny, {"mixed": values}, **kw)["candidates"]["mixed"]
+    assert res["status"] == "ok", res.get("reason")
+    assert [b["knobs"] for b in res["buckets"]] == ["backend=torchscript", "mode=bf16_weights"]
+    assert own_label({"execution": configs_from_params({})["execution"]}) == "backend=eager"
+    assert 1e-4 < res["accuracy"]["rel_l2"] < 5e-2  # bf16 on the long bucket: not bit-exact, within tolerance
+    plan = Plan(knobs=configs_from_params({}))
+    st.record(plan, values, res)
+    assert [{n: c.__class__.__name__ for n, c in k.items()} for k in plan.shapes.spec.knobs] == [
+        {"execution": "ExecutionConfig"}, {"precision": "PrecisionConfig"}]
+    assert plan.shapes.measured["per_shape"] == res["per_shape"]
+    assert values_from_plan(plan)["shapes"]["knobs"][1]["precision"]["mode"] == "bf16_weights"
+
+
+def test_plan_schema_2_carries_buckets_and_their_configs(tiny, tmp_path):
+    spec = spec_from_values(PER_BUCKET, AXES)
+    plan = Plan(knobs=configs_from_params({}), shapes=ShapePlan(spec, traffic=[{"batch_size": 1, "seq_len": 5,
+                                                                                "weight": 1.0}], label="mixed"))
+    path = plan.save(tmp_path / "plan.json")
+    raw = json.loads(path.read_text())
+    assert raw["schema_version"] == 2 and "shapes" not in raw["extra"]
+    assert [b["edge"] for b in raw["shapes"]["buckets"]] == [{"batch_size": 3, "seq_len": 16},
+                                                            {"batch_size": 3, "seq_len": 40}]
+    assert raw["shapes"]["buckets"][1]["knobs"] == [{"_type": "PrecisionConfig", "_version": 1,
+                                                     "_data": {"mode": "bf16_weights", "groups": []}}]
+    again = load_plan(path)
+    assert again.shapes.spec.knobs == spec.knobs and _json(again.to_dict()) == raw
+    model = tiny.build_model()
+    fast = again.apply(model, pad_inputs=tiny.user_hook("pad_inputs"))
+    for b, s in ((1, 5), (3, 40), (2, 33)):
+        x = tiny.example_inputs(b, seed=s, seq_len=s)
+        torch.testing.assert_close(fast(*x), _ref(model, x), rtol=5e-2, atol=5e-2)
+    # a hostile or hand-edited plan: knob types resolve only from the registry; fixed shapes stay padded
+    raw["shapes"]["buckets"][0]["knobs"] = [{"_type": "os.system", "_version": 1, "_data": {}}]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="unknown _type 'os.system'"):
+        load_plan(path)
+    raw["shapes"]["buckets"][0]["knobs"] = [{"_type": "ExecutionConfig", "_version": 1,
+                                             "_data": {"backend": "onnxruntime"}}]
+    path.write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="onnxruntime.*must be padded"):
+        load_plan(path).apply(model, pad_inputs=tiny.user_hook("pad_inputs"))
+    raw["shapes"]["buckets"][0]["edge"] = {"batch_size": 9, "seq_len": 16}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match="`edge` of each bucket"):
+        load_plan(path)
+
+
+def test_version_1_plans_still_load_and_apply(tiny, tmp_path):
+    """Version 1 kept the buckets and their figures in `extra.shapes`; without it, a static plan."""
+    v1 = {"schema": "autotiacc.plan", "schema_version": 1, "device": "cpu", "fingerprint": {}, "workload": {},
+          "knobs": [{"_type": "ExecutionConfig", "_version": 1, "_data": {"backend": "torchscript"}}],
+          "speedup": 1.2, "fell_back": False, "extra": {"strategy": "inference-latency", "shapes": {
+              "edges": {"batch_size": [2, 4], "seq_len": [16, 40]}, "padded": [True, True, False, True],
+              "axes": {"batch_size": [[0, 0], [1, 0]], "seq_len": [[0, 1], [1, 1]]}, "label": "4 buckets",
+              "traffic": [{"batch_size": 1, "seq_len": 5, "weight": 1.0}], "p99_budget_ms": None,
+              "serve_batch": None, "p99_mix_ms": 1.5, "padding_waste": 0.1, "per_shape": {"b1xseq_len5": {}}}}}
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    plan = load_plan(tmp_path / "v1.json")
+    assert plan.extra == {"strategy": "inference-latency"} and plan.shapes.label == "4 buckets"
+    assert plan.shapes.spec.padded == [True, True, False, True] and plan.shapes.spec.knobs == [{}] * 4
+    assert plan.shapes.measured == {"p99_mix_ms": 1.5, "padding_waste": 0.1, "per_shape": {"b1xseq_len5": {}}}
+    model = tiny.build_model()
+    fast = plan.apply(model, pad_inputs=tiny.user_hook("pad_inputs"))
+    x = tiny.example_inputs(3, seq_len=23)
+    torch.testing.assert_close(fast(*x), _ref(model, x), rtol=1e-4, atol=1e-4)
+    assert plan.to_dict()["schema_version"] == 2 and plan.to_dict()["shapes"]["measured"]["p99_mix_ms"] == 1.5
+    del v1["extra"]["shapes"]
+    (tmp_path / "v1.json").write_text(json.dumps(v1))
+    static = load_plan(tmp_path / "v1.json")
+    assert static.shapes is None and not isinstance(static.apply(model), BucketedModel)
+
+
+@pytest.mark.skipif(not _ort_available(), reason="onnxruntime is not installed")
+def test_a_bucket_runs_a_static_shape_onnxruntime_session(tiny):
+    """The encoder's fused fast path has no ONNX export; each padded bucket gets its own
+    session, exported at exactly its shape (no dynamic axes), beside a TorchScript bucket."""
+    spec = spec_from_values({"edges": {"batch_size": [2, 4], "seq_len": [16, 40]}, "padded": [True, False, True, True],
+                             "knobs": [{"execution": {"backend": "onnxruntime"}}, {},
+                                       {"execution": {"backend": "onnxruntime"}}, {"precision": {"mode": "bf16_weights"}}]},
+                            AXES)
+    model = tiny.build_model()
+    fast = BucketedModel(model, configs_from_params({"execution": {"backend": "torchscript"}}), spec,
+                         pad_inputs=tiny.user_hook("pad_inputs"))
+    build = fast.prepare(lambda b, **d: tiny.example_inputs(b, **d))
+    assert set(build) == {"b2xseq_len16", "b2xseq_len40", "b4xseq_len16", "b4xseq_len40"}
+    for b, s in ((1, 5), (2, 16), (1, 33), (4, 9), (3, 40)):
+        x = tiny.example_inputs(b, seed=s, seq_len=s)
+        torch.testing.assert_close(fast(*x), _ref(model, x), rtol=3e-2, atol=3e-2)
+    sessions = [r for r in fast.runners if hasattr(r._state.runner, "onnx_bytes")]
+    assert len(sessions) == 2 and fast.runners[0] is not fast.runners[2]
+
+
+def test_verify_times_a_traffic_plan_over_its_mix(tiny, tmp_path):
+    from autotiacc.hardware import fingerprint
+    from autotiacc.inference.verify import verify_plan
+
+    st = shape_tuning_for(tiny)
+    values = {"execution": {"backend": "torchscript"}, "shapes": {
+        "edges": {"batch_size": [3], "seq_len": [16, 40]}, "padded": [True, False], "knobs": [{}, {}], "label": "2"}}
+    plan = Plan(knobs=configs_from_params(values), fingerprint=fingerprint("cpu"), speedup=1.0, tolerance=2e-2,
+                workload=tiny.identity())
+    st.record(plan, values)
+    plan.save(tmp_path / "plan.json")
+    res = verify_plan(tmp_path / "plan.json", tiny.path, tolerance=0.9)
+    assert res.measured["shapes"] == sorted(s.key() for s in st.traffic), res.problems
+    assert res.measured["n"] == 20  # every shape timed for the plan's rounds, one sample per round of the mix
+    assert any("traffic-weighted over 5 shapes" in line for line in res.lines)

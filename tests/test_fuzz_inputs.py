@@ -11,6 +11,10 @@ from hypothesis import strategies as st
 
 import autotiacc.inference.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
 import autotiacc.inference.layer_precision  # noqa: F401
+import autotiacc.inference.verify  # noqa: F401
+import autotiacc.inference.workload  # noqa: F401
+import autotiacc.inference.evaluate  # noqa: F401
+import autotiacc.engine.workers  # noqa: F401
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
 from autotiacc.inference.plan import Plan, load_plan
@@ -100,7 +104,7 @@ def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
 
 
-FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 pytestmark = pytest.mark.filterwarnings("ignore:.*was saved as version")
 
 
@@ -119,7 +123,26 @@ def test_malformed_plans_raise_only_plan_error(fuzz_dir, text):
     _assert_only_error(tmp, text, load_and_read)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@given(text=malformed(_good_plan()))
+def test_verify_refuses_malformed_plans_before_touching_the_model(fuzz_dir, text):
+    """`verify` reads the whole plan before the model file: a malformed plan is a PlanError; a
+    plan that loads goes on to the model file (here missing: a WorkloadError, nothing run)."""
+    from autotiacc.errors import WorkloadError
+    from autotiacc.inference.verify import verify_plan
+
+    missing = fuzz_dir / "no-such-model.py"
+
+    def verify(path):
+        try:
+            verify_plan(path, missing)
+        except WorkloadError as exc:
+            assert "no such file" in str(exc)
+
+    _assert_only_error(fuzz_dir, text, verify)
+
+
+@settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(text=malformed(_good_training_plan()))
 def test_malformed_training_plans_raise_only_plan_error(fuzz_dir, text):
     tmp = fuzz_dir
@@ -138,6 +161,7 @@ def test_malformed_training_plans_raise_only_plan_error(fuzz_dir, text):
     (lambda d: d["knobs"][0]["_data"].update(threads=10**9), "`threads` got 1000000000"),
     (lambda d: d["knobs"][0].update(_type="os.system"), "unknown _type 'os.system'"),
     (lambda d: d["extra"]["artifact"].update(file="../../x.so"), "not a path"),
+    (lambda d: d["workload"].update(input_dtypes=["float99"]), "`workload.input_dtypes` got 'float99'"),
 ])
 def test_plan_field_errors_name_the_file_and_the_field(tmp_path, edit, expected):
     d = _good_plan()
@@ -166,7 +190,7 @@ GOOD_STRATEGY = {
 }
 
 
-@settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=1000, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(text=malformed(GOOD_STRATEGY))
 def test_malformed_strategies_raise_only_strategy_error(fuzz_dir, text):
     import yaml

@@ -93,6 +93,7 @@ EXITS = {
     "os._exit(0) in forward": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                                + "class M(torch.nn.Module):\n    def forward(self, x):\n        import os; os._exit(0)\n",
                                "the process ended while importing it"),
+    "sys.exit(0) in traffic()": (GOOD + "def traffic():\n    import sys; sys.exit(0)\n", "traffic() called sys.exit(0)"),
     "forward returns None": (GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()")
                              + "class M(torch.nn.Module):\n    def forward(self, x):\n        return None\n",
                              "returned NoneType with no tensor in it"),
@@ -182,6 +183,7 @@ def test_report_renders_when_no_trial_succeeded(tmp_path):
     ("run.json", "[1, 2]", "run.json: holds a list"),
     ("trials.csv", b"\xff\xfe\x00garbage\x81", "trials.csv: cannot be read (UnicodeDecodeError"),
     ("trials.csv", "a,b\n1,2\n", "trials.csv: has no `number` and `status` columns"),
+    ("run.json", '{"sessions": "yesterday"}', "run.json: `sessions` holds a str"),
 ])
 def test_report_on_a_damaged_run_dir_is_one_line(tmp_path, name, content, expected):
     d = _run_dir(tmp_path)
@@ -197,6 +199,19 @@ def test_resume_with_a_damaged_study_db(tmp_path):
                   "--quiet", timeout=120)
     _one_line(res, "study.db is not a readable SQLite database")
     assert sorted(p.name for p in d.iterdir()) == ["run.json", "study.db", "trials.csv"]
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("run.json", b"{half", "run.json: cannot be read (JSONDecodeError"),
+    ("profile.json", b"\x00\xff not json", "profile.json: cannot be read"),
+])
+def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
+    d = _run_dir(tmp_path)
+    (d / name).write_bytes(content)
+    res = run_cli("tune", str(_write(tmp_path / "m.py", GOOD)), "--budget", "1m", "--out", str(d), "--resume",
+                  "--quiet", timeout=180)
+    _one_line(res, expected)
+    assert (d / name).read_bytes() == content  # left as it was, for the user to restore
 
 
 # -- 10. a plan never imports the model.py it records ----------------------------------------------------

@@ -7,8 +7,16 @@ the batch is padded by repeating the last real row (rows are independent in eval
 repeated row never makes an all-padding row that could produce NaN), other dims by the user's
 `pad_inputs(inputs, **dims)`. An *unpadded* bucket runs the request's exact shape on one shared
 runner (`torch.compile(dynamic=True)` when the backend compiles). So the number of compiled
-graphs is bounded by the number of buckets, plus the shared dynamic graph.
-Requests beyond the largest edge run the unoptimized model, with a one-time warning.
+graphs is bounded by the number of buckets, plus one shared dynamic graph per distinct
+configuration of the unpadded buckets. Each bucket may have its own knob configs (backend,
+precision) on top of the plan's: e.g. an ONNX Runtime session with fixed shapes for a padded
+bucket, bf16 weights for the long ones. Requests beyond the largest edge run the unoptimized
+model, with a one-time warning.
+
+`ShapePlan` is the plan's `shapes` section (plan schema version 2): the bucket set, each
+bucket's configuration (knob configs serialised with `config_to_dict`, so they resolve only
+from the knob registry), the traffic and the figures measured on it. Version 1 plans kept the
+same data, without per-bucket configs, in `extra["shapes"]`: `ShapePlan.from_v1` reads them.
 """
 from __future__ import annotations
 
@@ -18,15 +26,17 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from ..errors import PlanError, UserInputError
-from ..knobs import KnobConfig
+from ..knobs import KnobConfig, config_from_dict, config_to_dict, configs_from_params
+from ..knobs.base import knob_for_config
 
 BATCH = "batch_size"
 # Padded sizes of non-batch dims are rounded up to a multiple of this (vector-friendly shapes),
 # never beyond the largest size seen in the traffic.
 ALIGN = 8
+MAX_PLAN_BUCKETS = 256  # far above what a tune picks (12 by default): a bound for plans read from files
 
 Axes = dict[str, list[tuple[int, int]]]  # dim name -> [(input index, axis), ...]
 
@@ -35,13 +45,18 @@ class OutOfRangeWarning(UserWarning):
     """A request larger than every bucket ran on the unoptimized model."""
 
 
+Overrides = dict[str, KnobConfig]  # knob name -> config, on top of the plan's knobs
+
+
 @dataclass
 class BucketSpec:
-    """Bucket edges per dim, which buckets pad, and where each dim lives in the inputs."""
+    """Bucket edges per dim, where each dim lives in the inputs, and per bucket (in `buckets()`
+    order) whether it pads and which knob configs override the plan's (`{}`: none)."""
 
     edges: dict[str, list[int]]
     axes: Axes
-    padded: list[bool] = field(default_factory=list)  # one per bucket, in `buckets()` order
+    padded: list[bool] = field(default_factory=list)
+    knobs: list[Overrides] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         for name, e in self.edges.items():
@@ -49,11 +64,17 @@ class BucketSpec:
                 raise UserInputError(f"bucket edges for `{name}` got {e!r}; use increasing positive sizes.")
         self.edges = {n: [int(x) for x in e] for n, e in self.edges.items()}
         self.axes = {n: [tuple(a) for a in v] for n, v in self.axes.items()}
-        n = len(self.buckets())
+        n = math.prod(len(e) for e in self.edges.values())
+        if n > MAX_PLAN_BUCKETS:  # each bucket may build its own graph: a plan never asks for thousands
+            raise UserInputError(f"{n} buckets ({' x '.join(str(len(e)) for e in self.edges.values())} edges); "
+                                 f"use at most {MAX_PLAN_BUCKETS}.")
         if not self.padded:
             self.padded = [True] * n
-        if len(self.padded) != n:
-            raise UserInputError(f"`padded` has {len(self.padded)} entries for {n} buckets; give one per bucket.")
+        if not self.knobs:
+            self.knobs = [{} for _ in range(n)]
+        for what, got in (("padded", self.padded), ("knobs", self.knobs)):
+            if len(got) != n:
+                raise UserInputError(f"`{what}` has {len(got)} entries for {n} buckets; give one per bucket.")
 
     @property
     def names(self) -> list[str]:
@@ -76,22 +97,107 @@ class BucketSpec:
             idx = idx * len(self.edges[name]) + i
         return idx
 
+    def configs(self, idx: int, base: dict[str, KnobConfig]) -> dict[str, KnobConfig]:
+        """The knob configs bucket `idx` runs: the plan's, with the bucket's own on top."""
+        return {**base, **self.knobs[idx]}
+
     def label(self) -> str:
         parts = [f"{n}≤{'/'.join(map(str, e))}" for n, e in self.edges.items()]
-        return f"{len(self.buckets())} buckets ({', '.join(parts)}; {sum(self.padded)} padded)"
+        own = sum(1 for k in self.knobs if k)
+        return (f"{len(self.buckets())} buckets ({', '.join(parts)}; {sum(self.padded)} padded"
+                + (f"; {own} with own knobs" if own else "") + ")")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"edges": self.edges, "padded": self.padded,
-                "axes": {n: [list(a) for a in v] for n, v in self.axes.items()}}
+        """Schema-2 JSON: one entry per bucket with its edge, padding and own knob configs."""
+        return {"axes": {n: [list(a) for a in v] for n, v in self.axes.items()}, "edges": self.edges,
+                "buckets": [{"edge": edge, "padded": p, "knobs": [config_to_dict(c) for c in k.values()]}
+                            for edge, p, k in zip(self.buckets(), self.padded, self.knobs)]}
 
     @classmethod
-    def from_dict(cls, d: Any) -> "BucketSpec":
+    def from_dict(cls, d: Any, *, where: str = "plan `shapes`") -> "BucketSpec":
+        """Read `to_dict`'s JSON, or a version-1 entry ({edges, axes, padded}, no knobs)."""
         if not isinstance(d, dict) or not {"edges", "axes"} <= set(d):
-            raise PlanError(f"plan `extra.shapes` must hold `edges` and `axes`; got {d!r:.200}.")
+            raise PlanError(f"{where} must hold `edges` and `axes`; got {d!r:.200}.")
+        buckets = d.get("buckets")
+        if not (isinstance(d["edges"], dict) and isinstance(d["axes"], dict) and isinstance(buckets, (list, type(None)))):
+            raise PlanError(f"{where}: `edges` and `axes` must be mappings and `buckets` a list.")
+        padded, knobs = list(d.get("padded") or []), []
+        if buckets is not None:
+            if not all(isinstance(b, dict) and isinstance(b.get("knobs", []), list) for b in buckets):
+                raise PlanError(f"{where}: each of `buckets` must be {{edge, padded, knobs: [knob entries]}}.")
+            padded = [b.get("padded") is True for b in buckets]
+            for b in buckets:
+                own = {knob_for_config(c).name: c for c in map(config_from_dict, b.get("knobs", []))}
+                if len(own) != len(b.get("knobs", [])):
+                    raise PlanError(f"{where}: bucket {b.get('edge')!r:.80} lists a knob twice; one entry per knob.")
+                knobs.append(own)
         try:
-            return cls(edges=dict(d["edges"]), axes=dict(d["axes"]), padded=list(d.get("padded") or []))
-        except UserInputError as exc:
-            raise PlanError(f"plan `extra.shapes`: {exc}") from None
+            spec = cls(edges=dict(d["edges"]), axes=dict(d["axes"]), padded=padded, knobs=knobs)
+        except (UserInputError, TypeError, ValueError) as exc:
+            raise PlanError(f"{where}: {exc}") from None
+        if buckets is not None and [b.get("edge") for b in buckets] != spec.buckets():
+            raise PlanError(f"{where}: the `edge` of each bucket must follow `edges` in order "
+                            f"({spec.buckets()!r:.200}); re-run the tune rather than editing buckets by hand.")
+        return spec
+
+
+def own_label(own: Overrides) -> str:
+    """A bucket's own knob configs, short: the fields that differ from each knob's default, or its
+    first field when none does (`backend=eager` on a TorchScript plan must still show)."""
+    parts = []
+    for cfg in own.values():
+        default = knob_for_config(cfg).default()
+        fields = dataclasses.fields(cfg)
+        changed = [f for f in fields if getattr(cfg, f.name) != getattr(default, f.name)] or fields[:1]
+        parts += [f"{f.name}={getattr(cfg, f.name)}" for f in changed]
+    return ", ".join(parts)
+
+
+def spec_from_values(shapes: dict[str, Any], axes: Axes) -> BucketSpec:
+    """The bucket set a trial's `values["shapes"]` describes ({edges, padded, knobs, ...}; `knobs`
+    holds one {knob: {field: value}} override per bucket, as JSON-friendly trial values)."""
+    own = shapes.get("knobs") or [{} for _ in shapes["padded"]]
+    configs = [configs_from_params(o) for o in own]
+    return BucketSpec(edges=shapes["edges"], axes=axes, padded=list(shapes["padded"]),
+                      knobs=[{name: full[name] for name in o} for o, full in zip(own, configs)])
+
+
+@dataclass
+class ShapePlan:
+    """The `shapes` section of a plan: the buckets and what they were tuned and measured on."""
+
+    spec: BucketSpec
+    traffic: list[dict[str, Any]] = field(default_factory=list)
+    serve_batch: int | None = None  # throughput objective: the serving batch size
+    p99_budget_ms: float | None = None
+    label: str = ""
+    measured: dict[str, Any] = field(default_factory=dict)  # p99_mix_ms, padding_waste, per_shape, buckets...
+
+    FIGURES: ClassVar[tuple[str, ...]] = ("p99_mix_ms", "padding_waste", "buckets", "per_shape", "samples_per_s")
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.spec.label()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.spec.to_dict(), "traffic": self.traffic, "serve_batch": self.serve_batch,
+                "p99_budget_ms": self.p99_budget_ms, "label": self.label, "measured": self.measured}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ShapePlan":
+        spec = BucketSpec.from_dict(d)
+        measured = d.get("measured") or {}
+        if not isinstance(measured, dict) or not isinstance(d.get("traffic") or [], list):
+            raise PlanError("plan `shapes`: `measured` must be a mapping and `traffic` a list of rows.")
+        return cls(spec, traffic=list(d.get("traffic") or []), serve_batch=d.get("serve_batch"),
+                   p99_budget_ms=d.get("p99_budget_ms"), label=str(d.get("label") or ""), measured=measured)
+
+    @classmethod
+    def from_v1(cls, d: Any) -> "ShapePlan":
+        """A version-1 plan's `extra["shapes"]`: the figures sat beside the buckets."""
+        spec = BucketSpec.from_dict(d, where="plan `extra.shapes`")
+        return cls(spec, traffic=list(d.get("traffic") or []), serve_batch=d.get("serve_batch"),
+                   p99_budget_ms=d.get("p99_budget_ms"), label=str(d.get("label") or ""),
+                   measured={k: d[k] for k in cls.FIGURES if k in d})
 
 
 # -- choosing edges from the traffic ------------------------------------------------------------
@@ -177,15 +283,15 @@ def _raise_recompile_limit(n: int) -> None:
 class BucketedModel:
     """Serve any in-range shape through per-bucket optimized callables; call it like the model.
 
-    `configs` are the plan's knob configs; `pad_inputs(inputs, **dims)` pads non-batch dims
-    (needed only when a padded bucket has non-batch dims); `unpad_outputs(outputs, **dims)`
-    optionally cuts non-batch padding off the outputs (batch padding is always sliced off).
+    `configs` are the plan's knob configs (each bucket may override some: `spec.knobs`);
+    `pad_inputs(inputs, **dims)` pads non-batch dims (needed only when a padded bucket has
+    non-batch dims); `unpad_outputs(outputs, **dims)` optionally cuts non-batch padding off the
+    outputs (batch padding is always sliced off). Unpadded buckets with the same configs share
+    one runner; each padded bucket has its own, built for exactly its shape.
     """
 
     def __init__(self, model: Any, configs: dict[str, KnobConfig], spec: BucketSpec, *, device: str = "cpu",
                  pad_inputs: Callable | None = None, unpad_outputs: Callable | None = None) -> None:
-        from .candidate import OptimizedModel
-
         self.original, self.configs, self.spec, self.device = model, configs, spec, device
         self.pad_inputs, self.unpad_outputs = pad_inputs, unpad_outputs
         dims = [n for n in spec.names if n != BATCH]
@@ -196,17 +302,34 @@ class BucketedModel:
         for name in spec.names:
             if name not in spec.axes:
                 raise PlanError(f"bucket dim `{name}` has no recorded input axes; re-run the tune.")
-        execution = configs.get("execution")
-        compiles = getattr(execution, "backend", "eager") == "compile"
-        static = dict(configs, execution=dataclasses.replace(execution, dynamic=False)) if compiles else configs
-        shared = dict(configs, execution=dataclasses.replace(execution, dynamic=True)) if compiles else configs
-        self.runners: list[Any] = [OptimizedModel(model, static, device=device) if p else None for p in spec.padded]
-        self.shared = OptimizedModel(model, shared, device=device) if not all(spec.padded) else None
+        shared: dict[str, Any] = {}
+        self.runners: list[Any] = []
+        compiles = 0
+        for idx, padded in enumerate(spec.padded):
+            cfg = spec.configs(idx, configs)
+            execution = cfg.get("execution")
+            backend = getattr(execution, "backend", "eager")
+            if backend == "onnxruntime" and not padded:
+                raise PlanError(f"bucket {bucket_key(spec.buckets()[idx])} runs onnxruntime, whose session has "
+                                "fixed shapes: it must be padded (`padded: true`); re-run the tune.")
+            if backend == "compile":  # one graph per padded bucket, one dynamic graph per shared runner
+                compiles += 1
+                cfg = dict(cfg, execution=dataclasses.replace(execution, dynamic=not padded))
+            if padded:
+                self.runners.append(self._runner(cfg))
+            else:
+                key = repr(sorted(cfg.items()))
+                self.runners.append(shared.get(key) or shared.setdefault(key, self._runner(cfg)))
         if compiles:
-            _raise_recompile_limit(len(spec.padded) + 8)
+            _raise_recompile_limit(compiles + 8)
         self._warned = False
         self.calls_out_of_range = 0
         self.padding = {"real": 0, "fed": 0}  # input elements, counted on the tensors actually fed
+
+    def _runner(self, configs: dict[str, KnobConfig]) -> Any:
+        from .candidate import OptimizedModel
+
+        return OptimizedModel(self.original, configs, device=self.device)
 
     def sizes(self, inputs: tuple) -> dict[str, int]:
         out = {}
@@ -220,11 +343,12 @@ class BucketedModel:
         idx = self.spec.index(sizes)
         if idx is None:
             return self._fallback(inputs, sizes)
+        runner = self.runners[idx]
         if not self.spec.padded[idx]:
-            if self.shared._state is None:
-                self._build_shared(inputs)
+            if runner._state is None:
+                self._build_shared(runner, inputs)
             self._count(inputs, inputs)
-            return self.shared(*inputs)
+            return runner(*inputs)
         edge = self.spec.buckets()[idx]
         padded = inputs
         dims = {n: edge[n] for n in self.spec.names if n != BATCH}
@@ -233,7 +357,7 @@ class BucketedModel:
         if BATCH in edge and sizes[BATCH] != edge[BATCH]:
             padded = _pad_batch(padded, self.spec.axes[BATCH], edge[BATCH])
         self._count(inputs, padded)
-        out = self.runners[idx](*padded)
+        out = runner(*padded)
         if BATCH in edge and sizes[BATCH] != edge[BATCH]:
             out = _slice_batch(out, edge[BATCH], sizes[BATCH])
         if self.unpad_outputs is not None:
@@ -259,7 +383,7 @@ class BucketedModel:
         with torch.inference_mode():
             return self.original(*inputs)
 
-    def _build_shared(self, inputs: tuple) -> None:
+    def _build_shared(self, runner: Any, inputs: tuple) -> None:
         """Build the shared runner on the request padded to the largest bucket (batch >= 2, so a
         dynamic graph does not specialise on size 1): the same shape whatever comes first."""
         edge = self.spec.buckets()[-1]
@@ -267,21 +391,21 @@ class BucketedModel:
         x = tuple(self.pad_inputs(inputs, **dims)) if dims and self.pad_inputs is not None else inputs
         if BATCH in self.spec.axes:
             x = _pad_batch(x, self.spec.axes[BATCH], max(2, edge.get(BATCH, 2)))
-        self.shared.build(x)
+        runner.build(x)
 
     def prepare(self, make_inputs: Callable[..., tuple]) -> dict[str, float]:
         """Build every bucket now (compile time up front, not on the first request), exactly as
         serving would: one call per bucket with its smallest shape, padded by the dispatcher.
-        `make_inputs(batch_size, **dims)` gives inputs of a shape; returns build seconds per bucket."""
+        `make_inputs(batch_size, **dims)` gives inputs of a shape; returns build seconds per bucket
+        key (a shared runner's build counts for the first bucket that uses it)."""
         out = {}
         for idx, edge in enumerate(self.spec.buckets()):
-            runner = self.runners[idx] if self.spec.padded[idx] else self.shared
-            if runner._state is not None:
+            if self.runners[idx]._state is not None:
                 continue
             low = {n: (self.edges_below(n, v) + 1) for n, v in edge.items()}
             t0 = time.perf_counter()
             self(*make_inputs(low.get(BATCH, 1), **{n: v for n, v in low.items() if n != BATCH}))
-            out[bucket_key(edge) if self.spec.padded[idx] else "shared"] = time.perf_counter() - t0
+            out[bucket_key(edge)] = time.perf_counter() - t0
         return out
 
     def edges_below(self, name: str, edge: int) -> int:
@@ -302,7 +426,7 @@ def bucket_key(edge: dict[str, int]) -> str:
 def bucketed_from_plan(plan, model: Any, *, device: str = "cpu", pad_inputs: Callable | None = None,
                        unpad_outputs: Callable | None = None) -> BucketedModel:
     """Rebuild the dispatcher a plan recorded; bucket graphs compile on their first request
-    (or all at once with `.prepare(make_inputs)`). The caller passes `pad_inputs`: a plan file
-    never makes autotiacc import the model.py whose path it records."""
-    spec = BucketSpec.from_dict(plan.extra["shapes"])
-    return BucketedModel(model, plan.knobs, spec, device=device, pad_inputs=pad_inputs, unpad_outputs=unpad_outputs)
+    (or all at once with `.prepare(make_inputs)`). Nothing is imported from the plan: the
+    caller passes `pad_inputs` (and `unpad_outputs`) from its own code."""
+    return BucketedModel(model, plan.knobs, plan.shapes.spec, device=device, pad_inputs=pad_inputs,
+                         unpad_outputs=unpad_outputs)

@@ -174,6 +174,9 @@ def profile_for_search(workload, *, device: str = "cpu", modes: list[str], toler
     return prof
 
 
+MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
+
+
 def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
                    timeout: float, resume: bool = False) -> dict[str, Any]:
     """The tune's profiling step: profile and sensitivity analysis in one isolated process,
@@ -194,15 +197,17 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
         modes = default_group_modes(strategy, level)
         # the analysis stops early enough (half the timeout; spawning and profiling take the rest)
         # that a slow model still gets its profile and the groups analysed so far
-        outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
-                               time_limit_s=timeout * 0.5, timeout=timeout,
-                               log_path=str(Path(run_dir) / "profile.log"))
-        if outcome.ok:
+        # a short budget goes to the baseline and candidates: a profile that would be cut off is skipped
+        outcome = (run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
+                                time_limit_s=timeout * 0.5, timeout=timeout, log_path=str(Path(run_dir) / "profile.log"))
+                   if timeout >= MIN_PROFILE_S else None)
+        if outcome is not None and outcome.ok:
             prof = outcome.value
         else:
+            why = outcome.reason() if outcome is not None else f"skipped: {timeout:.0f} s of the budget for it"
             prof = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device, "modules": [],
                     "groups": [], "sensitivity": [], "search_groups": [],
-                    "unavailable": [f"the profile ({outcome.reason()}); per-layer precision not searched"]}
+                    "unavailable": [f"the profile ({why}); per-layer precision not searched"]}
         if not modes:
             prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
         save_profile(prof, path)
@@ -230,15 +235,14 @@ def best_full_precision(top: list, trials: list) -> list:
     """The fastest measured trial that lowers nothing (global fp32, no groups), when `top`
     lacks one: re-measured beside the others at the end, so a plan that lowers layers is
     chosen only if it beats the best all-fp32 configuration side by side."""
-    def full(t) -> bool:
-        prec = (t.user_attrs.get("knobs") or {}).get("precision", {})
-        return prec.get("mode") == "fp32" and not prec.get("groups")
-
-    from ..knobs import configs_from_params, describe
+    def full(t) -> bool:  # the trial's precision, and that of each shape bucket with its own
+        values = t.user_attrs.get("knobs") or {}
+        buckets = (values.get("shapes") or {}).get("knobs") or []
+        precs = [values.get("precision", {})] + [k.get("precision", {}) for k in buckets]
+        return all(p.get("mode", "fp32") == "fp32" and not p.get("groups") for p in precs)
 
     if not top or any(full(t) for t in top):
         return []
-    baseline = describe(configs_from_params({}))
     ok = [t for t in trials if t.user_attrs.get("status") == "ok" and t.value is not None and full(t)
-          and t.user_attrs.get("label") != baseline]
+          and not t.user_attrs.get("baseline")]
     return [min(ok, key=lambda t: t.value)] if ok else []

@@ -3,6 +3,10 @@
 A plan is a recipe: `apply(model)` rebuilds the optimized callable from the knob configs
 (tracing/compiling again on the first call). Nothing in a plan is unpickled, and knob
 types resolve only from the registry.
+
+Schema version 2 adds `shapes` (a plan tuned on a traffic mix: the bucket set and each
+bucket's own knob configs, see `buckets.ShapePlan`). Version 1 plans are still read; their
+`extra["shapes"]`, where version 1 kept the buckets, moves to `shapes` on reading.
 """
 from __future__ import annotations
 
@@ -18,9 +22,11 @@ from typing import Any
 from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
 from ..knobs.base import field_type_errors, matches_type, type_name
+from .buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READS_VERSIONS = (1, 2)
 
 
 @dataclass
@@ -40,10 +46,11 @@ class Plan:
     level: int | None = None
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     extra: dict[str, Any] = field(default_factory=dict)
+    shapes: ShapePlan | None = None  # tuned on traffic: buckets, each with its own configs
 
     @property
     def label(self) -> str:
-        return describe(self.knobs)
+        return describe(self.knobs) + (f"; {self.shapes.label}" if self.shapes else "")
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -56,13 +63,14 @@ class Plan:
             "label": self.label, "baseline": self.baseline, "best": self.best, "speedup": self.speedup,
             "accuracy": self.accuracy, "compile_s": self.compile_s, "fell_back": self.fell_back,
             "note": self.note, "tolerance": self.tolerance, "level": self.level, "extra": self.extra,
+            "shapes": self.shapes.to_dict() if self.shapes else None,
         }
 
     @classmethod
     def from_dict(cls, d: Any, *, origin: str = "plan") -> "Plan":
         """Check every field a plan is read for, then build it; anything else is a `PlanError`
         naming `origin` (nothing in the file is imported, run or unpickled)."""
-        check_plan_header(d, SCHEMA, SCHEMA_VERSION, origin, what="plan", retune="autotiacc tune")
+        check_plan_header(d, SCHEMA, READS_VERSIONS, origin, what="plan", retune="autotiacc tune")
         if not isinstance(d.get("knobs"), list):
             raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
         keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
@@ -81,16 +89,17 @@ class Plan:
                 raise PlanError(f"{origin}: `knobs` lists {knob.config_cls.__name__} {len(match)} times; a plan has one "
                                 "entry per knob.")
             by_name[knob.name] = match[0] if match else knob.default()
-        if fields.get("extra", {}).get("shapes") is not None:
-            from .buckets import BucketSpec
-
-            try:
-                BucketSpec.from_dict(fields["extra"]["shapes"])
-            except PlanError as exc:
-                raise PlanError(f"{origin}: {exc}") from None
-            except Exception as exc:  # noqa: BLE001 - data only: whatever is wrong in it is a malformed plan
-                raise PlanError(f"{origin}: `extra.shapes` is malformed ({type(exc).__name__}: {exc}).") from None
-        return cls(knobs=by_name, **fields)
+        extra = dict(fields.pop("extra", {}))
+        try:
+            if d["schema_version"] == 1:  # version 1 kept the buckets among the free-form extras
+                shapes = ShapePlan.from_v1(extra.pop("shapes")) if extra.get("shapes") is not None else None
+            else:
+                shapes = ShapePlan.from_dict(d["shapes"]) if d.get("shapes") is not None else None
+        except PlanError as exc:
+            raise PlanError(f"{origin}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - data only: whatever is wrong in it is a malformed plan
+            raise PlanError(f"{origin}: `shapes` is malformed ({type(exc).__name__}: {exc}).") from None
+        return cls(knobs=by_name, extra=extra, shapes=shapes, **fields)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -135,7 +144,7 @@ class Plan:
         self.check_fingerprint(strict=strict, device=device)
         if hasattr(model, "eval"):
             model.eval()
-        if self.extra.get("shapes"):
+        if self.shapes is not None:
             from .buckets import bucketed_from_plan
 
             return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs,
@@ -161,13 +170,17 @@ _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "in
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 
-def check_plan_header(d: Any, schema: str, version: int, origin: str, *, what: str, retune: str) -> None:
-    """The schema name and version, shared by inference and training plans."""
+def check_plan_header(d: Any, schema: str, version: int | tuple[int, ...], origin: str, *, what: str,
+                      retune: str) -> None:
+    """The schema name and version (or the versions read), shared by inference and training plans."""
+    versions = (version,) if isinstance(version, int) else tuple(version)
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
-    if d.get("schema_version") != version:
-        raise PlanError(f"{origin}: {what} schema version {repr(d.get('schema_version'))[:40]} is not supported by "
-                        f"this autotiacc (reads version {version}); re-run `{retune}`.")
+    got = d.get("schema_version")
+    if got not in versions or isinstance(got, bool):
+        shown = got if isinstance(got, int) else repr(str(got)[:40])
+        raise PlanError(f"{origin}: {what} schema version {shown} is not supported by this autotiacc "
+                        f"(reads version {' or '.join(map(str, versions))}); re-run `{retune}`.")
 
 
 def check_fields(cls: type, fields: dict[str, Any], origin: str) -> None:
@@ -197,6 +210,11 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     wl = fields.get("workload") or {}
     if any(n <= 0 for n in [wl.get("batch_size") or 1, *(d for s in wl.get("input_shapes") or [] for d in s)]):
         raise PlanError(f"{origin}: `workload` batch size and input shapes must be positive sizes.")
+    from .workload import INPUT_DTYPES
+
+    bad = [d for d in wl.get("input_dtypes") or [] if d not in INPUT_DTYPES]
+    if bad:
+        raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
     _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
                   "extra", origin)

@@ -1,32 +1,98 @@
-"""The tuner's hook for dynamic shapes: when a workload has traffic, Optuna also samples the
-bucket set (edges per dim from the traffic histogram) and, per bucket, a specialised padded
-graph vs one shared dynamic graph; trials run `traffic_eval.evaluate_traffic`; the chosen
-buckets are recorded in the plan (`plan.extra["shapes"]`), which `Plan.apply` turns back into
-a `BucketedModel`.
+"""The shape dimension of the inference task: one input shape, or a traffic mix with buckets.
+
+`shape_tuning_for(...)` gives the search loop an object with five hooks; `StaticShapes` when the
+workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or model.py
+`traffic()`). The loop calls them in this order:
+
+- `suggest(trial, values, ctx=None)` once per trial, in the tuner's process, after the knobs
+  sampled `values` ({knob: {field: value}}); returns the values to evaluate. With traffic, Optuna
+  also samples the bucket set (edges per dim from the traffic histogram), which buckets pad to a
+  specialised graph, and, given the `SearchContext`, the buckets of large requests' own backend
+  and precision (an ONNX Runtime bucket is always padded: its session has fixed shapes). These land in
+  `values["shapes"]`. The search's baseline (eager fp32, no buckets) comes back unchanged, so
+  `values == baseline values` identifies it; no label is compared.
+- `label(values)`: a suffix for the trial's label ("" when there is nothing to add).
+- `evaluator(final=..., measure_s=..., prune_above=...)`: the function a trial worker runs and
+  its own keyword arguments (picklable); the loop adds device, tolerance and warmup_s.
+- `final_reserve(tops)`: seconds the final re-measurement of the trials `tops` needs, beyond
+  starting its process.
+- `final_measure(workload, candidates, *, device, tolerance, warmup_s, env, timeout, log_path)`:
+  the final re-measurement of the top candidates against the baseline, in `evaluate`'s result
+  format: one shape, each variant alone in its own process, in turns (`evaluate_alternating`);
+  a traffic mix, all of them over every shape in one fresh process (`evaluator(final=True)`).
+- `record(plan, values, result)`: write the chosen configuration into the plan (`plan.shapes`).
+
+`values_from_plan(plan)` inverts `record`, so `verify` re-measures a plan with the same
+`evaluator` the tune used: a traffic plan over its whole mix.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import UserInputError
-from .buckets import ALIGN, BATCH, BucketSpec, infer_axes, quantile_edges
-from .traffic import Shape, dim_names, histogram, traffic_to_rows, workload_traffic
+from ..knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
+from ..knobs.base import knob_for_config
+from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
+from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
 
 # Bucket counts Optuna may pick per dim; capped by the distinct sizes seen and `max_buckets`.
 BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
+FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-measurement
+# Buckets above this traffic quantile of the request size may run their own backend/precision.
+SPLIT_QUANTILES = (0.5, 0.75, 0.9)
+
+
+class StaticShapes:
+    """One input shape: the knobs alone are searched, and `evaluate.evaluate` times them."""
+
+    def __init__(self, strategy: Any = None, *, final_measure_s: float | None = None) -> None:
+        self.final_measure_s = final_measure_s or float(getattr(strategy, "final_measure_s", 6.0))
+
+    def suggest(self, trial, values: dict[str, dict], ctx: SearchContext | None = None) -> dict[str, Any]:
+        return values
+
+    def label(self, values: dict[str, Any]) -> str:
+        return ""
+
+    def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
+                  prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:
+        from .evaluate import evaluate
+
+        if final:
+            return evaluate, {"target_s": self.final_measure_s}
+        return evaluate, {"target_s": measure_s, "prune_above": prune_above}
+
+    def final_reserve(self, tops: list) -> float:
+        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        return 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
+        from ..engine.fidelity import evaluate_alternating
+
+        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
+
+    def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
+        plan.shapes = None
 
 
 class ShapeTuning:
-    """Everything the tuner needs to tune for a traffic mix instead of one shape."""
+    """Tune for a traffic mix instead of one shape; see the module doc for the hooks."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
                  max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20,
-                 serve_batches: list[int] | None = None) -> None:
-        self.workload, self.traffic, self.p99_ms = workload, traffic, p99_ms
+                 serve_batches: list[int] | None = None, strategy: Any = None) -> None:
+        self.workload, self.traffic, self.p99_ms, self.strategy = workload, traffic, p99_ms, strategy
         # Throughput objective: the serving batch sizes searched (None: latency objective).
         self.serve_batches = serve_batches
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
@@ -35,15 +101,12 @@ class ShapeTuning:
         self.axes = infer_axes(workload, self.names, probe)
         self.hist = {n: histogram(traffic, n) for n in self.names}
         # Without pad_inputs only the batch can be padded, and a graph specialised on the batch
-        # would still see every size of the other dims: such workloads get the shared runner only.
+        # would still see every size of the other dims: such workloads get shared runners only.
         self.can_pad = len(self.names) == 1 or workload.user_hook("pad_inputs") is not None
         self._checked = False
 
     # -- search ---------------------------------------------------------------------------------
     def traffic_id(self) -> str:
-        import hashlib
-        import json
-
         rows = traffic_to_rows(self.traffic)
         return hashlib.sha256(json.dumps([rows, self.serve_batches], sort_keys=True).encode()).hexdigest()[:16]
 
@@ -56,16 +119,9 @@ class ShapeTuning:
             raise UserInputError("this study was tuned for another traffic mix (traffic() or --traffic changed); "
                                  "its trials are not comparable: use another --out or --study.")
 
-    def suggest(self, trial, values: dict[str, dict]) -> dict[str, Any]:
-        """Add `shapes` ({edges, padded, label}) to a trial's knob values."""
-        if not self._checked:
-            self._check_study(trial.study)
-            self._checked = True
+    def _edges(self, trial, serve_batch: int | None) -> dict[str, list[int]]:
         edges: dict[str, list[int]] = {}
         budget = self.max_buckets
-        serve_batch = None
-        if self.serve_batches:
-            serve_batch = trial.suggest_categorical("serve_batch", self.serve_batches)
         for name in self.names:
             if name == BATCH and serve_batch:  # full batches of `serve_batch`; smaller ones are padded
                 edges[name] = [serve_batch]
@@ -77,54 +133,130 @@ class ShapeTuning:
             n = min(n, budget)
             edges[name] = quantile_edges(self.hist[name], n, align=1 if name == BATCH else ALIGN)
             budget = max(1, budget // len(edges[name]))
-        n_buckets = 1
-        for e in edges.values():
-            n_buckets *= len(e)
-        backend = values.get("execution", {}).get("backend", "eager")
-        if backend == "eager" or not self.can_pad:
-            padded = [False] * n_buckets  # eager runs any shape as is: padding would only add work
-        elif backend == "onnxruntime":
-            padded = [True] * n_buckets  # an exported graph has fixed shapes
-        else:
-            mode = trial.suggest_categorical("bucket_graphs", ["specialised", "dynamic", "per_bucket"])
-            if mode == "per_bucket":
-                padded = [trial.suggest_categorical(f"bucket_{i}_specialised", [True, False])
-                          for i in range(n_buckets)]
+        return edges
+
+    def bucket_choices(self, ctx: SearchContext | None) -> dict[str, list[str]]:
+        """Per-bucket choices: backend -> the precision modes that work with it, from the
+        strategy's space at this level and device. Empty when there is nothing to choose."""
+        if ctx is None:
+            return {}
+        execution, precision = get_knob("execution"), get_knob("precision")
+        space = getattr(self.strategy, "space", lambda name: {})
+        backends = [b for b in execution.choices("backend", space("execution"), ctx)
+                    if self.can_pad or b != "onnxruntime"]  # a fixed-shape session needs padding
+        out = {}
+        for b in backends:
+            modes = [m for m in precision.choices("mode", space("precision"), ctx)
+                     if precision.incompatible(configs_from_params({"execution": {"backend": b},
+                                                                    "precision": {"mode": m}}), ctx) is None]
+            out[b] = modes
+        return out if sum(len(m) for m in out.values()) > 1 else {}
+
+    def _size_quantile(self, q: float) -> int:
+        """Input elements per request (product of the dims) at the traffic-weighted quantile q."""
+        sizes = sorted((_elements({BATCH: t.batch_size, **t.dim_dict}), t.weight) for t in self.traffic)
+        acc = 0.0
+        for size, w in sizes:
+            acc += w
+            if acc >= q - 1e-12:
+                return size
+        return sizes[-1][0]
+
+    def _bucket_knobs(self, trial, values: dict[str, dict], buckets: list[dict[str, int]],
+                      ctx: SearchContext | None) -> list[dict]:
+        """Each bucket's own backend and precision (overrides of `values`; {} when the same).
+
+        Sampled as a split by request size, which a short budget can search (2 x buckets
+        independent choices could not): buckets holding requests larger than the traffic's
+        `split_at` quantile run `split_backend` with `split_precision`; the others the trial's
+        knobs. Not while stage-1 seeds are still queued: a seed measures one whole-model config."""
+        from optuna.trial import TrialState
+
+        choices = self.bucket_choices(ctx)
+        none = [{} for _ in buckets]
+        if not choices or trial.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            return none
+        if trial.suggest_categorical("bucket_knobs", ["same", "split"]) == "same":
+            return none
+        backend = trial.suggest_categorical("split_backend", list(choices))
+        modes = choices[backend]
+        # One parameter per backend: Optuna needs the same choices under a name in every trial.
+        mode = trial.suggest_categorical(f"split_{backend}_precision", modes) if len(modes) > 1 else modes[0]
+        threshold = self._size_quantile(trial.suggest_categorical("split_at", SPLIT_QUANTILES))
+        own = {}
+        if backend != values.get("execution", {}).get("backend", "eager"):
+            own["execution"] = dataclasses.asdict(get_knob("execution").config_cls(backend=backend))
+        if mode != values.get("precision", {}).get("mode", "fp32"):
+            own["precision"] = dataclasses.asdict(get_knob("precision").config_cls(mode=mode))
+        return [dict(own) if _elements(edge) > threshold else {} for edge in buckets]
+
+    def _padded(self, trial, backends: list[str]) -> list[bool]:
+        """Which buckets pad to a specialised graph: eager never (padding would only add work),
+        ONNX Runtime always (fixed shapes), a compiling backend as Optuna picks."""
+        if not self.can_pad:
+            return [False] * len(backends)
+        if all(b in ("eager", "onnxruntime") for b in backends):
+            return [b == "onnxruntime" for b in backends]
+        mode = trial.suggest_categorical("bucket_graphs", ["specialised", "dynamic", "per_bucket"])
+        out = []
+        for i, b in enumerate(backends):
+            if b in ("eager", "onnxruntime"):
+                out.append(b == "onnxruntime")
+            elif mode == "per_bucket":
+                out.append(trial.suggest_categorical(f"bucket_{i}_specialised", [True, False]))
             else:
-                padded = [mode == "specialised"] * n_buckets
-        if not any(padded):  # one shared runner serves every shape: the edges only bound the range
+                out.append(mode == "specialised")
+        return out
+
+    def suggest(self, trial, values: dict[str, dict], ctx: SearchContext | None = None) -> dict[str, Any]:
+        """Add `shapes` ({edges, padded, knobs, label[, serve_batch]}) to a trial's knob values;
+        the baseline (eager fp32 on every shape as it comes) is returned unchanged."""
+        if not self._checked:
+            self._check_study(trial.study)
+            self._checked = True
+        serve_batch = trial.suggest_categorical("serve_batch", self.serve_batches) if self.serve_batches else None
+        edges = self._edges(trial, serve_batch)
+        own = self._bucket_knobs(trial, values, BucketSpec(edges=edges, axes=self.axes).buckets(), ctx)
+        backend = values.get("execution", {}).get("backend", "eager")
+        padded = self._padded(trial, [o.get("execution", {}).get("backend", backend) for o in own])
+        if not any(padded) and not any(own):  # one shared runner serves every shape: edges only bound the range
             edges = {n: [serve_batch if n == BATCH and serve_batch else max(self.hist[n])] for n in self.names}
-            padded = [False]
-        spec = BucketSpec(edges=edges, axes=self.axes, padded=padded)
-        shapes = {"edges": edges, "padded": padded, "label": spec.label()}
+            padded, own = [False], [{}]
+            if not serve_batch and values == _values(configs_from_params({})):
+                return values  # that is the baseline itself
+        shapes = {"edges": edges, "padded": padded, "knobs": own}
+        spec = spec_from_values(shapes, self.axes)
+        shapes["label"] = spec.label()
         if serve_batch:
             shapes.update(serve_batch=serve_batch, label=f"serve batch {serve_batch}, {spec.label()}")
         return {**values, "shapes": shapes}
 
-    @staticmethod
-    def label(values: dict[str, Any]) -> str:
-        """Label suffix naming the buckets; none for the baseline itself (eager, unpadded), so the
-        tuner still recognises it as the baseline."""
-        from ..knobs import configs_from_params, describe
-
+    def label(self, values: dict[str, Any]) -> str:
         shapes = values.get("shapes")
-        if not shapes:
-            return ""
-        if (not any(shapes["padded"]) and not shapes.get("serve_batch")
-                and describe(configs_from_params(values)) == describe(configs_from_params({}))):
-            return ""
-        return f"; {shapes['label']}"
+        return f"; {shapes['label']}" if shapes else ""
 
     def final_reserve(self, tops: list) -> float:
         """Seconds the final re-measurement needs: it times baseline + the top candidates for
-        `final_rounds` on every shape; scaled from what the trials' measurements took."""
+        `final_rounds` on every shape; scaled from what the trials' measurements took, with a
+        third more for the noise of a shared machine."""
         measured = [float(t.user_attrs.get("measure_s", 0.0)) for t in tops]
         per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds
+        return 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
 
-    def evaluator(self, *, final: bool = False) -> tuple[Callable, dict[str, Any]]:
-        """The trial function and its keyword arguments (all picklable)."""
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
+        from ..engine.workers import run_isolated
+
+        fn, kwargs = self.evaluator(final=True)
+        return run_isolated(fn, workload, candidates, timeout=timeout, env=env, log_path=log_path, device=device,
+                            tolerance=tolerance, warmup_s=warmup_s, **kwargs)
+
+    def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
+                  prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:
+        """`evaluate_traffic` and its arguments. Every shape gets the same number of rounds (a
+        round of the mix is one sample), so neither a time window nor a quick-look pruning applies."""
         from .traffic_eval import evaluate_traffic
 
         return evaluate_traffic, {"traffic": traffic_to_rows(self.traffic), "axes": self.spec_axes(),
@@ -151,23 +283,57 @@ class ShapeTuning:
 
     # -- the plan -------------------------------------------------------------------------------
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
-        """Store the chosen buckets and the traffic figures in `plan.extra["shapes"]`."""
+        """Store the chosen buckets, their configs and the traffic figures in `plan.shapes`
+        (None when the plan keeps the baseline: eager serves every shape as it comes)."""
         if not values or "shapes" not in values:
+            plan.shapes = None
             return
-        shapes = {"edges": values["shapes"]["edges"], "padded": values["shapes"]["padded"],
-                  "axes": self.spec_axes(), "label": values["shapes"]["label"],
-                  "traffic": traffic_to_rows(self.traffic), "p99_budget_ms": self.p99_ms,
-                  "serve_batch": values["shapes"].get("serve_batch")}
-        if result:
-            for k in ("p99_mix_ms", "padding_waste", "buckets", "per_shape", "samples_per_s"):
-                if k in result:
-                    shapes[k] = result[k]
-        plan.extra["shapes"] = shapes
+        sh = values["shapes"]
+        spec = spec_from_values(sh, self.axes)
+        measured = {k: result[k] for k in ShapePlan.FIGURES if result and k in result}
+        plan.shapes = ShapePlan(spec, traffic=traffic_to_rows(self.traffic), serve_batch=sh.get("serve_batch"),
+                                p99_budget_ms=self.p99_ms, label=sh["label"], measured=measured)
+
+
+def _elements(sizes: dict[str, int]) -> int:
+    return math.prod(sizes.values())
+
+
+def _values(configs) -> dict[str, dict]:
+    return {name: dataclasses.asdict(cfg) for name, cfg in configs.items()}
+
+
+def values_from_plan(plan) -> dict[str, Any]:
+    """The trial values that `record` turned into `plan`: what `verify` evaluates again."""
+    values = _values(plan.knobs)
+    sh = plan.shapes
+    if sh is None:
+        return values
+    own = [{knob_for_config(c).name: dataclasses.asdict(c) for c in k.values()} for k in sh.spec.knobs]
+    shapes = {"edges": sh.spec.edges, "padded": sh.spec.padded, "knobs": own, "label": sh.label}
+    if sh.serve_batch:
+        shapes["serve_batch"] = sh.serve_batch
+    return {**values, "shapes": shapes}
+
+
+def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int = 20) -> StaticShapes | ShapeTuning:
+    """The hooks that re-measure `plan` as it was tuned: `measure_s` of windows at one shape, or
+    `rounds` over its recorded traffic mix."""
+    sh = plan.shapes
+    if sh is None:
+        return StaticShapes(final_measure_s=measure_s)
+    traffic = parse_traffic(sh.traffic, origin="plan `shapes.traffic`") if sh.traffic else None
+    if traffic is None:
+        raise UserInputError("the plan's `shapes` has no `traffic`: it cannot be re-measured over its mix; "
+                             "re-run `autotiacc tune` with the traffic.")
+    return ShapeTuning(workload, traffic, p99_ms=sh.p99_budget_ms, rounds=rounds, final_rounds=rounds,
+                       serve_batches=[sh.serve_batch] if sh.serve_batch else None)
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
-                     strategy: Any = None, device: str = "cpu") -> ShapeTuning | None:
-    """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else None."""
+                     strategy: Any = None, device: str = "cpu") -> StaticShapes | ShapeTuning:
+    """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else
+    StaticShapes: the hooks of the search loop either way (see the module doc)."""
     if p99_ms is not None and not p99_ms > 0:
         raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
     traffic = workload_traffic(workload, traffic_file)
@@ -178,7 +344,7 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
     if traffic is None:
         if p99_ms is not None:
             raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
-        return None
+        return StaticShapes(strategy)
     if (device or "cpu") != "cpu":
         raise UserInputError(f"`--device` got {device!r}: traffic tuning is measured on CPU in this version; "
                              "use --device cpu, or drop the traffic to tune one shape on the GPU.")
@@ -192,4 +358,4 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
             raise UserInputError(f"strategy `batch_sizes` got {serve!r}: use a list of positive batch sizes.")
     return ShapeTuning(workload, traffic, p99_ms=p99_ms, max_buckets=int(extra.get("max_buckets", MAX_BUCKETS)),
                        rounds=int(extra.get("traffic_rounds", 10)), final_rounds=int(extra.get("final_traffic_rounds", 20)),
-                       serve_batches=serve)
+                       serve_batches=serve, strategy=strategy)

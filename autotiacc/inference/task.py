@@ -9,25 +9,35 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..engine.fidelity import evaluate_alternating, measured_env
+from ..engine.fidelity import measured_env
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.profile_cache import cached_profile
 from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, run_isolated, worker_env
+from ..engine.workers import WorkerPool, worker_env
+from ..errors import BudgetError, UserInputError
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
+from ..hardware import fingerprint as machine_fingerprint
+from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..measure import Timing
+from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
-from .evaluate import evaluate
 from .plan import Plan
+from .shape_tuning import FINAL_WARMUP_S, shape_tuning_for
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
 STUDY_NAME = "autotiacc"
-FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in the final re-measurement
 Progress = Callable[[dict[str, Any]], None]
 TuneResult = SearchResult
 
@@ -79,11 +89,10 @@ class InferenceTask(Task):
         self.strategy = strategy_for("inference", options.strategy)
         self.strategy_name = self.strategy.name
         self.final_top_k = self.strategy.final_top_k
-        self.baseline_label = describe(configs_from_params({}))
+        self.baseline_label = describe(configs_from_params({}))  # studies from before the `baseline` flag
+        self.baseline_values = as_values(configs_from_params({}))
         self.plan_extra: dict[str, Any] = {}
-        from .shape_tuning import shape_tuning_for
-
-        # None unless the workload has traffic; then trials tune buckets over the traffic mix.
+        # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
                                              strategy=self.strategy, device=options.device)
 
@@ -145,13 +154,10 @@ class InferenceTask(Task):
     # -- one trial ---------------------------------------------------------------------------
     def propose(self, trial) -> Candidate:
         configs = configs_from_params(as_values(sample(trial, self.knobs, self.strategy, self.ctx)))
-        values = as_values(configs)
-        label = describe(configs)
-        if self.shape_tuning is not None:
-            values = self.shape_tuning.suggest(trial, values)
-            label += self.shape_tuning.label(values)
+        values = self.shape_tuning.suggest(trial, as_values(configs), self.ctx)
+        label = describe(configs) + self.shape_tuning.label(values)
         reason = next((r for k in self.knobs if (r := k.incompatible(configs, self.ctx))), None)
-        return Candidate(values=values, label=label, key=config_key(values), is_baseline=label == self.baseline_label,
+        return Candidate(values=values, label=label, key=config_key(values), is_baseline=values == self.baseline_values,
                          skip=reason)
 
     def trial_timeout(self, left_s: float, budget_s: float, candidate: Candidate) -> float:
@@ -186,13 +192,14 @@ class InferenceTask(Task):
             self.pool = None
 
     def evaluate(self, trial, candidate: Candidate, *, timeout: float, best_gain: float) -> TrialResult:
-        fn, extra = self._evaluator(final=False)
+        # the baseline is never pruned: a quick look at a tiny model is noise, not "0.47x of itself"
+        fn, extra = self.shape_tuning.evaluator(
+            measure_s=self.strategy.measure_s,
+            prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain)
         outcome = self.pool.call(
             fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
             log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
-            tolerance=self.options.effective_tolerance, target_s=self.strategy.measure_s,
-            # the baseline is never pruned: a quick look at a tiny model is noise, not "0.47x of itself"
-            prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain, **extra)
+            tolerance=self.options.effective_tolerance, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
             attrs.update(status=outcome.status, reason=outcome.error)
@@ -217,21 +224,13 @@ class InferenceTask(Task):
             raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {wall:.0f}s without "
                                               "finishing)", trial_s=wall * 1.5))
 
-    def _evaluator(self, *, final: bool) -> tuple[Callable, dict[str, Any]]:
-        """The function a trial process runs, and its extra keyword arguments."""
-        return (evaluate, {}) if self.shape_tuning is None else self.shape_tuning.evaluator(final=final)
-
     # -- the end -----------------------------------------------------------------------------
     def final_reserve(self, tops: list) -> float:
         """Time kept for the final re-measurement: a fresh process, rebuilding the top candidates,
         warming up every runner (baseline included), the timing window, and the plan/report."""
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        if self.shape_tuning is not None:  # timing every traffic shape costs more than one window
-            return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) * 1.3 + 5.0
-        warmup = (len(tops) + 1) * FINAL_WARMUP_S
-        return SPAWN_OVERHEAD_S + 1.5 * build + warmup + self.strategy.final_measure_s + 5.0
+        return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) + 5.0
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision
@@ -240,18 +239,11 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        env = worker_env(self.run_dir.path)
-        if self.shape_tuning is None:  # each variant alone in its own process, in the tune's environment
-            outcome = evaluate_alternating(self.workload, cands, device=self.options.device,
-                                           tolerance=self.options.effective_tolerance,
-                                           target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S,
-                                           env=env, timeout=timeout)
-        else:
-            fn, extra = self._evaluator(final=True)
-            outcome = run_isolated(fn, self.workload, cands, timeout=timeout, env=env,
-                                   log_path=self.run_dir.trial_log("final"), device=self.options.device,
-                                   tolerance=self.options.effective_tolerance,
-                                   target_s=self.strategy.final_measure_s, warmup_s=FINAL_WARMUP_S, **extra)
+        # in the tune's environment; how (alternating processes, or one over a traffic mix) is the shape hook's
+        outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
+                                                  tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
+                                                  env=worker_env(self.run_dir.path), timeout=timeout,
+                                                  log_path=self.run_dir.trial_log("final"))
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
@@ -266,7 +258,7 @@ class InferenceTask(Task):
                     device=self.options.device, tolerance=self.options.effective_tolerance, level=self.options.level,
                     extra={"strategy": self.strategy.name, "trials": len(trials), "measured_env": measured_env(),
                            **self.plan_extra})
-        base_trial = next((t for t in trials if t.user_attrs.get("label") == self.baseline_label
+        base_trial = next((t for t in trials if t.user_attrs.get("baseline")
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
@@ -275,12 +267,12 @@ class InferenceTask(Task):
             counts: dict[str, int] = {}
             for x in trials:  # say what stopped them: the accuracy guard is one reason of several
                 status = x.user_attrs.get("status")
-                if status not in ("ok", "duplicate", "skipped", None) and x.user_attrs.get("label") != self.baseline_label:
+                if status not in ("ok", "duplicate", "skipped", None) and not x.user_attrs.get("baseline"):
                     counts[status] = counts.get(status, 0) + 1
-            if any(x.user_attrs.get("status") == "ok" and x.user_attrs.get("label") != self.baseline_label
+            if any(x.user_attrs.get("status") == "ok" and not x.user_attrs.get("baseline")
                    for x in trials):
                 counts["not faster"] = sum(1 for x in trials if x.user_attrs.get("status") == "ok"
-                                           and x.user_attrs.get("label") != self.baseline_label)
+                                           and not x.user_attrs.get("baseline"))
             why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
             plan.fell_back, plan.speedup = True, 1.0
             plan.note = f"no candidate beat the baseline ({why}); keeping the baseline. " + failure_note(trials)
@@ -291,7 +283,7 @@ class InferenceTask(Task):
             plan.baseline = {"median_ms": a.get("baseline_ms"), "source": "search"}
             plan.best = {"median_ms": a.get("latency_ms"), "p90_ms": a.get("p90_ms"), "spread": a.get("spread"),
                          "source": "search"}
-            self._record_shapes(plan, a["knobs"], a)
+            self.shape_tuning.record(plan, a["knobs"], a)
             plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {t.number}, "
                          "the best of the search, with its search-time figures.")
             return plan
@@ -317,16 +309,13 @@ class InferenceTask(Task):
         plan.knobs = configs_from_params(res["knobs"])
         plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
         plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
-        self._record_shapes(plan, res["knobs"], res)
+        self.shape_tuning.record(plan, res["knobs"], res)
         how = ("each alone in its own process, measured in turns" if getattr(self, "final_alternating", None)
                else "interleaved in a fresh process")
         plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
                      f"re-measured {how}, in the environment of the tune.")
         return plan
 
-    def _record_shapes(self, plan: Plan, values: dict, result: dict | None = None) -> None:
-        if self.shape_tuning is not None:
-            self.shape_tuning.record(plan, values, result)
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:

@@ -17,7 +17,7 @@ from typing import Any
 from ..knobs import configs_from_params
 from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
-from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key
+from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
 from .evaluate import BASELINE
 from .traffic import Shape, parse_traffic
@@ -41,14 +41,21 @@ def _shape_inputs(workload, shape: Shape, seed: int = 0) -> tuple:
     return workload.example_inputs(shape.batch_size, seed=seed, **shape.dim_dict)
 
 
+def _whole_range(shapes: list[Shape]) -> dict[str, Any]:
+    """One unpadded bucket up to the largest size of each dim: every shape as it comes."""
+    edges = {BATCH: [max(s.batch_size for s in shapes)]}
+    edges.update({n: [max(s.dim_dict[n] for s in shapes)] for n, _ in shapes[0].dims})
+    return {"edges": edges, "padded": [False]}
+
+
 def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic: list[dict], axes: dict,
                      device: str = "cpu", tolerance: float = 2e-2, rounds: int = 10, warmup_s: float = 0.5,
-                     p99_ms: float | None = None, check_shapes: list[dict] | None = None,
-                     target_s: float | None = None, prune_above: float | None = None) -> dict[str, Any]:
+                     p99_ms: float | None = None, check_shapes: list[dict] | None = None) -> dict[str, Any]:
     """Like `evaluate.evaluate`, over a traffic mix. Each candidate's values hold the knobs and
-    `shapes` ({"edges", "padded"}). `check_shapes` are extra (unseen) shapes checked for accuracy
-    only. `target_s`/`prune_above` are accepted for signature parity and unused: every shape gets
-    `rounds` rounds, the same for all, or the per-round mix would not be one sample."""
+    `shapes` ({"edges", "padded", "knobs"}: see `buckets.spec_from_values`; without it, the
+    knobs serve every shape as it comes). Every shape gets `rounds` rounds, the same for all, so
+    that a round of the mix is one sample. `check_shapes` are extra (unseen) shapes checked for
+    accuracy only."""
     import torch
 
     if device != "cpu":
@@ -70,7 +77,7 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
         res: dict[str, Any] = {"knobs": values}
         try:
             torch._dynamo.utils.counters.clear()
-            spec = BucketSpec(edges=values["shapes"]["edges"], axes=axes, padded=values["shapes"]["padded"])
+            spec = spec_from_values(values.get("shapes") or _whole_range(shapes), axes)
             cand = BucketedModel(model, configs_from_params(values), spec, device=device, pad_inputs=pad,
                                  unpad_outputs=unpad)
             t0 = time.perf_counter()
@@ -100,7 +107,7 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     waste = {n: 0.0 for n in built}
     # Throughput objective: a candidate with `serve_batch` B serves full batches of B requests;
     # figures become ms per sample (the baseline serves the traffic's own batch sizes).
-    serve = {n: candidates[n]["shapes"].get("serve_batch") for n in built}
+    serve = {n: (candidates[n].get("shapes") or {}).get("serve_batch") for n in built}
     per_sample = any(serve.values())
     for s in shapes:
         x = inputs[s.key()]
@@ -140,7 +147,7 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             share = sum(weights[k] for k in covered)
             row["latency_ms"] = (sum(weights[k] * per_shape[n][k].median for k in covered) / share) if share else None
             row["baseline_ms"] = (sum(weights[k] * per_shape[BASELINE][k].median for k in covered) / share) if share else None
-        res["trial_attrs"] = {"p99_mix_ms": p99[n], "padding_waste": waste[n], "bucket_set": res["knobs"]["shapes"]["label"],
+        res["trial_attrs"] = {"p99_mix_ms": p99[n], "padding_waste": waste[n], "bucket_set": (res["knobs"].get("shapes") or {}).get("label", "one shared runner"),
                               "measure_s": time.perf_counter() - t0}
         if p99_ms is not None and p99[n] > p99_ms:
             res.update(status="rejected", reason=f"p99 over the traffic mix {p99[n]:.2f} ms exceeds --p99-ms {p99_ms:g}")
@@ -150,11 +157,13 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
 
 
 def _bucket_rows(spec: BucketSpec, shapes: list[Shape], build: dict[str, float]) -> list[dict[str, Any]]:
-    """Per-bucket table rows: which traffic shapes it serves, their share, its build time."""
+    """Per-bucket table rows: which traffic shapes it serves, their share, its own knobs, its
+    build time (a shared runner's counts for the first bucket that used it)."""
     rows = []
     for idx, edge in enumerate(spec.buckets()):
         keys = [s.key() for s in shapes if spec.index({BATCH: s.batch_size, **s.dim_dict}) == idx]
-        rows.append({"bucket": bucket_key(edge), "padded": spec.padded[idx], "shape_keys": keys,
+        own = own_label(spec.knobs[idx])
+        rows.append({"bucket": bucket_key(edge), "padded": spec.padded[idx], "shape_keys": keys, "knobs": own,
                      "traffic_share": sum(s.weight for s in shapes if s.key() in keys),
-                     "build_s": build.get(bucket_key(edge)) if spec.padded[idx] else build.get("shared")})
+                     "build_s": build.get(bucket_key(edge))})
     return rows

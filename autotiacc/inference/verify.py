@@ -1,9 +1,11 @@
 """`autotiacc verify`: re-measure a saved plan on the machine at hand and flag drift.
 
-Meant for CI of a serving image: the plan and the eager fp32 baseline are rebuilt, each alone in
-its own process, and timed in windows taken in turns (the method of the tune's final
-re-measurement, so the figure means the same thing as the recorded one), and compared with what the plan recorded: hardware/software
-fingerprint, accuracy, speed-up, and the artifact's hash when the plan names one.
+Meant for CI of a serving image: the plan is re-measured against the eager fp32 baseline by the
+method of the tune's final re-measurement, so the figure means the same thing as the recorded
+one (one shape: the plan and the baseline each alone in its own process, timed in windows taken
+in turns; a plan tuned on traffic: over every shape of its mix), and compared with what the plan
+recorded: hardware/software fingerprint, accuracy, speed-up, and the artifact's hash when the
+plan names one.
 
 Speed drift is judged with the noise, not against a bare number: the plan fails when its
 candidate is slower *beyond noise* (Mann-Whitney U) than the recorded speed-up, less the
@@ -11,7 +13,6 @@ allowed `tolerance`, predicts from the baseline measured side by side.
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -81,10 +82,10 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
-    from ..engine.fidelity import evaluate_alternating
     from ..hardware import fingerprint, fingerprint_differences, fingerprint_id
     from ..measure import Timing, faster_beyond_noise
     from .plan import load_plan
+    from .shape_tuning import shape_tuning_for_plan, values_from_plan
 
     if not 0 <= tolerance < 1:
         raise UserInputError(f"`--tolerance` got {tolerance!r}: use a fraction in [0, 1), e.g. 0.25 "
@@ -111,10 +112,9 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              + (f", rel. error {rec_acc:.2e}" if rec_acc is not None else "")
              + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
-    values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
-    outcome = evaluate_alternating(workload, {"plan": values}, device=plan.device, tolerance=tol,
-                                   target_s=measure_s, timeout=timeout_s)
+    outcome = shape_tuning_for_plan(plan, workload, measure_s=measure_s).final_measure(
+        workload, {"plan": values_from_plan(plan)}, device=plan.device, tolerance=tol, timeout=timeout_s)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")
@@ -129,8 +129,12 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     speedup = base.median / cand.median
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
                     baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
+    how = "each in its own process, in turns"
+    if res.get("per_shape"):  # a traffic plan: the figures are traffic-weighted over these shapes
+        measured["shapes"] = sorted(res["per_shape"])
+        how = f"traffic-weighted over {len(res['per_shape'])} shapes, interleaved in a fresh process"
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n}, each in its own process, in turns), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n}, {how}), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)

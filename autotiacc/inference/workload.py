@@ -28,7 +28,7 @@ from ..errors import AutotiaccError, ModelRaisedError, WorkloadError
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
 DEFAULT_TEST_BATCHES = 4
-_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
+INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 def parse_shape(text: str) -> list[int]:
@@ -346,10 +346,21 @@ def _probe(workload: Workload) -> dict[str, Any]:
             has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
         leaves = _tensor_leaves(out)
         output = ", ".join(f"Tensor{list(t.shape)}" for t in leaves[:4]) + (" ..." if len(leaves) > 4 else "")
-        return asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
-                                 output=output))
+        facts = asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
+                                  output=output))
+        stage = "traffic()"  # the tuner calls it in its own process: prove here that it returns
+        traffic = workload.user_hook("traffic")
+        if traffic is not None:
+            try:
+                traffic()
+            except Exception:  # noqa: BLE001 - its errors are reported with the traffic checks' messages
+                pass
+        return facts
     except AutotiaccError as exc:
         return {"error": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - anything else of the user's code, with where it happened
+        return {"error": "WorkloadError", "message": f"{workload.path or workload.name}: {stage} raised "
+                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
     except SystemExit as exc:
         return {"error": "WorkloadError",
                 "message": f"{workload.path or workload.name}: {stage} called sys.exit({exc.code!r}); {_NO_EXIT}"}
@@ -375,9 +386,9 @@ def load_workload(path: str | Path, *, batch_size: int | None = None, input_shap
     if not p.is_file():
         raise WorkloadError(f"{p}: is not a file.")
     if input_dtypes:
-        bad = [d for d in input_dtypes if d not in _DTYPES]
+        bad = [d for d in input_dtypes if d not in INPUT_DTYPES]
         if bad:
-            raise WorkloadError(f"`--input-dtype` got {bad[0]!r}: use one of {', '.join(_DTYPES)}.")
+            raise WorkloadError(f"`--input-dtype` got {bad[0]!r}: use one of {', '.join(INPUT_DTYPES)}.")
     name = p.stem
     if p.suffix == ".py":
         w = Workload(kind="python", name=name, path=p.resolve(), batch_size=batch_size)

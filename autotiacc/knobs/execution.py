@@ -79,9 +79,16 @@ def _onnxruntime(state: BuildState, threads: int):
     _, out_spec = pytree.tree_flatten(ref)
     buf = io.BytesIO()
     names = [f"input_{i}" for i in range(len(inputs))]
-    with torch.no_grad():
-        torch.onnx.export(state.model, inputs, buf, dynamo=False, input_names=names,
-                          opset_version=17, do_constant_folding=True)
+    # nn.TransformerEncoder's fused fast path (`_transformer_encoder_layer_fwd`) has no ONNX
+    # export: trace the equivalent composite ops instead; the session fuses them itself.
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(state.model, inputs, buf, dynamo=False, input_names=names,
+                              opset_version=17, do_constant_folding=True)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Spinning intra-op threads slowed interleaved torch candidates 2x here; turn it off.

@@ -91,6 +91,12 @@ def read_run_dir(run_dir: str | Path) -> tuple[Path, dict[str, Any], dict[str, A
     if not (d / "run.json").is_file():
         raise UserInputError(f"{d}: not a run directory (no run.json); give the --out folder of a tune.")
     run = read_json_file(d / "run.json")
+    for key, typ in (("workload", dict), ("fingerprint", dict), ("sessions", list)):
+        if key in run and not isinstance(run[key], typ):
+            raise UserInputError(f"{d / 'run.json'}: `{key}` holds a {type(run[key]).__name__}, not a "
+                                 f"{typ.__name__}; {_DAMAGED}.")
+    if not all(isinstance(x, dict) for x in run.get("sessions", [])):
+        raise UserInputError(f"{d / 'run.json'}: `sessions` must be a list of objects; {_DAMAGED}.")
     plan = read_json_file(d / "plan.json") if (d / "plan.json").is_file() else None
     return d, run, plan, read_trials_csv(d / "trials.csv")
 

@@ -1,6 +1,7 @@
 """Report parts for plans tuned on traffic: per-bucket table, traffic histogram with bucket
-edges, latency vs shape. Everything is read from `plan.extra["shapes"]` (gathered once by
-`report.inference.gather`); these functions only draw and format.
+edges, latency vs shape. Everything is read from the plan's `shapes` (schema version 2) or
+`extra["shapes"]` (version 1), gathered once by `report.inference.gather`; these functions only draw
+and format.
 """
 from __future__ import annotations
 
@@ -11,8 +12,14 @@ from .format import fmt, table
 
 
 def _shapes(data) -> dict[str, Any] | None:
+    """The plan's shapes section as one flat mapping: the bucket set and the figures measured
+    on it (version 2 keeps them apart under `measured`; version 1 side by side)."""
     p = data.plan or {}
-    return (p.get("extra") or {}).get("shapes")
+    sh = p.get("shapes") if p.get("schema_version") != 1 else (p.get("extra") or {}).get("shapes")
+    if not isinstance(sh, dict):
+        return None
+    figures = sh.get("measured") if isinstance(sh.get("measured"), dict) else sh
+    return {**sh, **figures, "bucket_rows": figures.get("buckets") if isinstance(figures.get("buckets"), list) else []}
 
 
 def _histogram_plot(data, path: Path, pick) -> Path | None:
@@ -91,11 +98,11 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
         lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {fmt(sh.get('samples_per_s'))} "
                      f"samples/s; p99 budget {fmt(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
     lines.append("")
-    rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", len(b["shape_keys"]),
-             b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
-            for b in sh.get("buckets") or []]
+    rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", b.get("knobs") or "plan's",
+             len(b["shape_keys"]), b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
+            for b in sh["bucket_rows"]]
     if rows:
-        lines += table(["bucket", "graph", "traffic shapes", "traffic share", "eager ms (weighted)",
+        lines += table(["bucket", "graph", "knobs", "traffic shapes", "traffic share", "eager ms (weighted)",
                          "plan ms (weighted)", "build s"], rows)
     return [("Dynamic shapes: buckets", lines)]
 
