@@ -342,20 +342,13 @@ def _linear_paths(model: Any) -> set[str]:
     return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-def model_to(model: Any, device: str) -> Any:
-    """The model on `device`: an nn.Module (or ScriptModule) is a pytree leaf, so mapping over
-    tensors would leave its parameters where they were."""
-    from .inference.evaluate import to_device
-
-    return model.to(device) if hasattr(model, "to") and device != "cpu" else to_device(model, device)
-
-
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
+    from .device import to_device, use_device
     from .hardware import fingerprint, fingerprint_id
-    from .inference.evaluate import to_device
 
-    model = model_to(model if model is not None else workload.build_model(), device)
+    use_device(device)
+    model = to_device(model if model is not None else workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
     prof = profile_model(model, inputs, device=device, target_s=target_s)
     fp = fingerprint(device)

@@ -348,9 +348,9 @@ def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
 
 def test_profile_and_sensitivity_put_the_model_on_the_device():
     """The model is a pytree leaf: mapping `.to` over tensors left it on the CPU on CUDA."""
-    from autotiacc.profile import model_to
+    from autotiacc.device import to_device
 
-    moved = model_to(TinyConvNet(), "meta")
+    moved = to_device(TinyConvNet(), "meta")
     assert {p.device.type for p in moved.parameters()} == {"meta"}
     scripted = torch.jit.script(nn.Linear(2, 2))
-    assert next(model_to(scripted, "meta").parameters()).device.type == "meta"
+    assert next(to_device(scripted, "meta").parameters()).device.type == "meta"

@@ -284,16 +284,17 @@ def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
 def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
-    from autotiacc.inference.task import Tuner, TuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.inference.task import InferenceTask, TuneOptions
     from autotiacc.inference.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",
                        command="autotiacc tune m.py --storage postgresql://alice:s3cret@db/x")
-    tuner = Tuner(wl, opts)
-    tuner.strategy.prune_factor, tuner.strategy.patience, tuner.strategy.enqueue = 0.01, 1, [{}]
+    task = InferenceTask(wl, opts)
+    task.strategy.prune_factor, task.strategy.enqueue = 0.01, [{}]
     try:
-        result = tuner.run()
+        result = Search(task, opts, patience=1).run()
     except Exception as exc:  # noqa: BLE001 - a loaded machine may cut the search short; the baseline is what counts
         print("tune ended:", exc)
         result = None
@@ -324,17 +325,16 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
 
 
 def test_training_run_json_holds_no_storage_password(tmp_path):
-    from autotiacc.training.tuner import TrainingTuner, TrainTuneOptions
+    from autotiacc.engine.loop import Search
+    from autotiacc.training.tuner import TrainingTask, TrainTuneOptions
     from autotiacc.training.workload import TrainWorkload
 
     from ._training_targets import TINY_TRAIN
 
     wl = TrainWorkload(_write(tmp_path / "train.py", TINY_TRAIN))
     out = tmp_path / "run"
-    out.mkdir()
     url = "postgresql://bob:hunter2@db:5432/x"
-    tuner = TrainingTuner(wl, TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
-                                               command=f"autotiacc tune train.py --mode train --storage {url}"))
-    tuner._write_run_json({}, {"name": "train"})
-    run = (out / "run.json").read_text()
+    opts = TrainTuneOptions(budget_s=60, out_dir=out, storage=url,
+                            command=f"autotiacc tune train.py --mode train --storage {url}")
+    run = json.dumps(Search(TrainingTask(wl, opts), opts, patience=1).run_record({}, {"name": "train"}))
     assert "hunter2" not in run and run.count("bob:***@db") == 2

@@ -233,12 +233,17 @@ class Search:
         return plan
 
     # -- durable records ---------------------------------------------------------------------
-    def _start_session(self, fp: dict, identity: dict) -> None:
+    def run_record(self, fp: dict, identity: dict) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(run.json's fields, this session's record); a storage password never lands in them."""
         session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
                    "command": redact_command(self.options.command)}
         data = {"mode": self.task.mode, "workload": identity, "fingerprint": fp, **self.task.run_record(),
                 "device": self.options.device, "storage": redact(self.options.storage) if self.spec.shared
                 else "sqlite:///study.db", "study_name": self.options.study_name, **self.options.extra}
+        return data, session
+
+    def _start_session(self, fp: dict, identity: dict) -> None:
+        data, session = self.run_record(fp, identity)
         self.run_dir.start_session(data, session)
         if self.spec.shared:
             publish_run(self.study, data)
@@ -261,7 +266,7 @@ def choose(final, tops: list) -> Decision:
                      if status == "ok" and timing is not None),
                     key=lambda x: x[2].get("ratio", x[1].median / final.baseline.median))
     if not ranked:
-        return Decision("all_failed", final=final)
+        return Decision("all_failed", trial=tops[0], final=final)
     number, timing, res = ranked[0]
     faster = res.get("faster")
     faster = faster_beyond_noise(timing, final.baseline) if faster is None else bool(faster)

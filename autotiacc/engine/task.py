@@ -51,7 +51,8 @@ class Decision:
     kind: `winner` (trial beat the baseline beyond noise in the final re-measurement),
     `not_faster` (best candidate within noise: keep the baseline), `final_failed` (the final
     re-measurement failed: keep the search's best, `trial`, with its search figures),
-    `all_failed` (every re-measured candidate failed) or `nothing` (no candidate to re-measure).
+    `all_failed` (every re-measured candidate failed; `trial` is the search's best) or
+    `nothing` (no candidate faster than the baseline to re-measure).
     """
 
     kind: str

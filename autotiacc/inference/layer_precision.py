@@ -47,12 +47,11 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
 
     import torch
 
-    from ..profile import model_to
+    from ..device import to_device
     from .accuracy import compare_outputs
-    from .evaluate import to_device
 
-    model = model_to(workload.build_model(), device)
-    test = [(to_device(x, device), y) for x, y in workload.test_data()]
+    model = to_device(workload.build_model(), device)
+    test = to_device(list(workload.test_data()), device)
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
     out = []

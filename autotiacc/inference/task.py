@@ -32,7 +32,7 @@ from ..measure import Timing
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
-from .shape_tuning import FINAL_WARMUP_S, shape_tuning_for
+from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -51,6 +51,7 @@ class TuneOptions(RunOptions):
     tolerance: float | None = None
     traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
     p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
+    max_memory_mib: float | None = None  # a candidate peaking above it (MiB) is rejected with the figure
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -95,6 +96,9 @@ class InferenceTask(Task):
         # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
                                              strategy=self.strategy, device=options.device)
+        if options.max_memory_mib is not None and isinstance(self.shape_tuning, ShapeTuning):
+            raise UserInputError("`--max-memory` is measured per candidate at one input shape; drop it, or tune "
+                                 "without a traffic mix.")
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
@@ -196,6 +200,8 @@ class InferenceTask(Task):
         fn, extra = self.shape_tuning.evaluator(
             measure_s=self.strategy.measure_s,
             prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain)
+        if self.options.max_memory_mib is not None:  # one shape only (checked in __init__)
+            extra["max_memory_mib"] = self.options.max_memory_mib
         outcome = self.pool.call(
             fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
             log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
