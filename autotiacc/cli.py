@@ -354,7 +354,7 @@ def profile_cmd(
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
                              timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
-    # in a spawned process with the trials' environment (passive OpenMP waits), as in a tune
+    # in a worker process, in the environment of this command, as in a tune
     outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
     if not outcome.ok:

@@ -313,7 +313,7 @@ def candidate_groups(modules: list[dict[str, Any]], model: Any, *, coverage: flo
         if share(ran[p]) >= min_share:
             chosen.add(p)
     blocks = [ran[p] for p in chosen if not any(a in chosen for a in _ancestors(p))]
-    blocks.sort(key=lambda m: -share(m))
+    blocks.sort(key=lambda m: (-share(m), m["path"]))  # ties in path order: the same groups every run
     total = sum(share(m) for m in blocks)
     if total < min_total:
         return []

@@ -161,7 +161,9 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                                  timing=timings[name].to_dict())
             return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
         target_s = max(target_s - quick_s, 0.0)
-    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0)
+    # at least 10 rounds in all, counting the quick look's
+    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0,
+                               min_rounds=max(10 - (timings[BASELINE].n if timings else 0), 1))
     if timings is not None:  # the quick look was measured the same way: keep its samples
         more = {n: Timing(timings[n].samples_ms + t.samples_ms) for n, t in more.items()}
     for name, t in more.items():

@@ -176,7 +176,7 @@ class InferenceTask(Task):
         self.pool = WorkerPool(env=worker_env(self.run_dir.path), log_dir=self.run_dir.path / "trials")
 
     def end_search(self, study) -> None:
-        self.close()
+        # the worker stays: it holds the built, warm baseline, which it times in the final re-measurement
         if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
 
@@ -249,7 +249,7 @@ class InferenceTask(Task):
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"))
+                                                  log_path=self.run_dir.trial_log("final"), baseline_pool=self.pool)
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
