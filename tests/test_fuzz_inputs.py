@@ -9,17 +9,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
-import autotiacc.layer_precision  # noqa: F401
-import autotiacc.verify  # noqa: F401
-import autotiacc.workload  # noqa: F401
-import autotiacc.evaluate  # noqa: F401
+import autotiacc.inference.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
+import autotiacc.inference.layer_precision  # noqa: F401
+import autotiacc.inference.verify  # noqa: F401
+import autotiacc.inference.workload  # noqa: F401
+import autotiacc.inference.evaluate  # noqa: F401
 import autotiacc.engine.workers  # noqa: F401
-from autotiacc.buckets import ShapePlan, spec_from_values
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
+from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.knobs import configs_from_params
-from autotiacc.plan import Plan, load_plan
 from autotiacc.strategy import load_strategy
 from autotiacc.training.config import TrainConfig
 from autotiacc.training.plan import TrainingPlan, load_training_plan
@@ -142,7 +142,7 @@ def test_verify_refuses_malformed_plans_before_touching_the_model(fuzz_dir, text
     """`verify` reads the whole plan before the model file: a malformed plan is a PlanError; a
     plan that loads goes on to the model file (here missing: a WorkloadError, nothing run)."""
     from autotiacc.errors import WorkloadError
-    from autotiacc.verify import verify_plan
+    from autotiacc.inference.verify import verify_plan
 
     missing = fuzz_dir / "no-such-model.py"
 

@@ -112,8 +112,8 @@ def test_user_file_exiting_is_one_clear_line(tmp_path, case):
 
 
 def _plan_for(tmp_path, **fields):
+    from autotiacc.inference.plan import Plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
 
     d = Plan(knobs=configs_from_params({}), workload={"name": "m", "kind": "python", "batch_size": 1}).to_dict()
     d.update(fields)
@@ -220,10 +220,9 @@ def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
 def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path, version):
     import torch
 
-    from autotiacc.buckets import BucketSpec, ShapePlan
     from autotiacc.errors import PlanError
+    from autotiacc.inference.buckets import BucketSpec, ShapePlan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan, load_plan
 
     marker = tmp_path / "imported"
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
@@ -272,7 +271,7 @@ def test_truncated_pt2_prints_one_line(tmp_path):
 def test_accuracy_check_fails_an_output_with_no_tensor():
     import torch
 
-    from autotiacc.accuracy import compare_outputs
+    from autotiacc.inference.accuracy import compare_outputs
 
     rep = compare_outputs([None], [None], tolerance=1e-3)
     assert not rep.ok and "holds no tensor" in rep.reason
@@ -292,8 +291,8 @@ def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
     from autotiacc.engine.loop import Search
-    from autotiacc.tuner import InferenceTask, TuneOptions
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.task import InferenceTask, TuneOptions
+    from autotiacc.inference.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
+from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
+from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
-from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
-from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
-from .knobs.base import field_type_errors, matches_type, type_name
 
 SCHEMA = "autotiacc.plan"
 SCHEMA_VERSION = 2
@@ -54,7 +54,7 @@ class Plan:
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from ..version import __version__
 
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
@@ -114,7 +114,7 @@ class Plan:
     # -- use -----------------------------------------------------------------------------
     def check_fingerprint(self, *, strict: bool = False, device: str | None = None) -> list[str]:
         """Compare the recorded fingerprint with this machine; warn, or raise when strict."""
-        from .hardware import fingerprint, fingerprint_differences
+        from ..hardware import fingerprint, fingerprint_differences
 
         if not self.fingerprint:
             return []
@@ -145,8 +145,8 @@ class Plan:
 
         The model (and `example_inputs`) are moved to `device`, by default the plan's; a plan made
         for CUDA raises `PlanError` in a process without it unless `device="cpu"` is given."""
+        from ..device import to_device
         from .candidate import OptimizedModel
-        from .device import to_device
 
         device = self.target_device(device)
         self.check_fingerprint(strict=strict, device=device)
@@ -164,8 +164,8 @@ class Plan:
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
-        from .device import resolve_device
-        from .errors import UserInputError
+        from ..device import resolve_device
+        from ..errors import UserInputError
 
         if device is not None:
             return resolve_device(device, name="device")

@@ -10,7 +10,7 @@ import copy
 import time
 from typing import Any
 
-from .knobs import BuildState, KnobConfig, all_knobs
+from ..knobs import BuildState, KnobConfig, all_knobs
 
 
 def _restore(out: Any, like: Any) -> Any:

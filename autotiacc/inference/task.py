@@ -8,18 +8,29 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..engine.fidelity import evaluate_alternating, measured_env
+from ..engine.fidelity import measured_env
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
+from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.profile_cache import cached_profile
+from ..engine.profile_cache import cached_profile
+from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
+from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
+from ..engine.workers import WorkerPool, run_isolated, worker_env
+from ..engine.workers import WorkerPool, worker_env
+from ..errors import BudgetError, UserInputError
+from ..errors import BudgetError, UserInputError
+from ..hardware import fingerprint as machine_fingerprint
+from ..hardware import fingerprint as machine_fingerprint
+from ..knobs import SearchContext, all_knobs, configs_from_params, describe
+from ..knobs import SearchContext, all_knobs, configs_from_params, describe
+from ..measure import Timing
+from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
-from .engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from .engine.options import MIN_BUDGET_S, RunOptions
-from .engine.profile_cache import cached_profile
-from .engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
-from .engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
-from .errors import BudgetError, UserInputError
-from .engine.fidelity import measured_env
-from .engine.workers import WorkerPool, worker_env
-from .hardware import fingerprint as machine_fingerprint
-from .knobs import SearchContext, all_knobs, configs_from_params, describe
-from .measure import Timing
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .workload import ModelFacts, Workload
@@ -55,7 +66,7 @@ class TuneOptions(RunOptions):
 
 
 def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
-    from .hardware import usable_cores
+    from ..hardware import usable_cores
 
     try:
         import onnxruntime  # noqa: F401
@@ -101,9 +112,9 @@ class InferenceTask(Task):
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
         budget; reused across runs of the same workload and machine); extras for the precision knob."""
-        from . import __version__
+        from ..profile import SCHEMA_VERSION
+        from ..version import __version__
         from .layer_precision import plan_summary, prepare_search
-        from .profile import SCHEMA_VERSION
 
         self.run_dir = run_dir
         t0 = time.monotonic()
@@ -134,7 +145,7 @@ class InferenceTask(Task):
                 "tolerance": self.options.effective_tolerance}
 
     def seeds(self) -> list[dict[str, Any]]:
-        from .profiling.diagnosis import order_seeds
+        from ..profiling.diagnosis import order_seeds
 
         # the profile's diagnosis puts the seeds that pay for this model first; strategy entries
         # pin every per-layer group to fp32; then the per-layer starting points
@@ -170,7 +181,7 @@ class InferenceTask(Task):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
 
     def _too_short(self, what: str, trial_s: float | None = None) -> str:
-        from .durations import suggest_budget
+        from ..durations import suggest_budget
 
         setup = time.monotonic() - self.t_start
         trial_s = trial_s or (self.workload.check_s + FINAL_WARMUP_S + 2 * self.strategy.measure_s)
