@@ -11,7 +11,7 @@ from .durations import parse_duration
 
 def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | float = "5m",
              test_data: Iterable | None = None, metric: Any = None, strategy: str = "inference-latency",
-             tolerance: float | None = None, out_dir: str | Path | None = None, device: str = "cpu",
+             tolerance: float | None = None, out_dir: str | Path | None = None, device: str = "auto",
              seed: int = 0, quiet: bool = True):
     """Tune `model` on this machine and return an optimized callable used exactly like it.
 
@@ -19,12 +19,15 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
     to them with cloudpickle (a class defined in a script, `python -` or a notebook travels by
     value), so this works from a script without a `__main__` guard, a notebook, or a module.
     The run directory (plan.json, report, trials) is `out_dir`, else a temporary folder;
-    the returned callable has `.plan` and `.run_dir` attributes.
+    the returned callable has `.plan` and `.run_dir` attributes. `device` (auto: CUDA when
+    available, else CPU) is where it is tuned and where `model` is moved to run.
     """
+    from .device import resolve_device
     from .report import write_report
     from .tuner import TuneOptions, tune
     from .workload import workload_from_module
 
+    device = resolve_device(device, allow_meta=False, name="device")
     workload = workload_from_module(model, example_inputs, test_data=test_data, metric=metric)
     _check_sendable(workload)
     run_dir = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix=f"autotiacc-{workload.name}-"))

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .device import to_device
 from .errors import PlanError
 
 FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts",
@@ -89,12 +90,9 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     fmt = artifact_format(plan.knobs["execution"].backend)
     path = run_dir / FORMATS[fmt]
-    device = plan.device
-    model = workload.build_model()
-    inputs = workload.example_inputs()
-    if device != "cpu":
-        model = model.to(device)
-        inputs = tuple(t.to(device) for t in inputs)
+    device = plan.target_device()  # a CUDA plan exported where there is no CUDA: PlanError, says why
+    model = to_device(workload.build_model(), device)
+    inputs = to_device(workload.example_inputs(), device)
     t0 = time.perf_counter()
     wrapper = _deployable(model, plan.knobs, inputs, device)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix

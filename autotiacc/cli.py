@@ -107,14 +107,15 @@ def tune(
     seed: int = typer.Option(0, "--seed"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224 (repeatable)"),
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu or cuda[:N]"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bar"),
     traffic: Optional[Path] = typer.Option(None, "--traffic", help="shape mix CSV/JSON (batch_size, dims, weight): "
                                            "tune buckets for it"),
     p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="p99 latency budget over the traffic mix (ms)"),
     mode: str = typer.Option("infer", "--mode", help="infer (model.py, latency) or train (train.py, samples/s)"),
     nproc: int = typer.Option(1, "--nproc", help="--mode train: processes (real torch.distributed ranks, gloo on CPU)"),
-    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="--mode train: peak memory limit, e.g. 4GiB"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="peak memory limit of a candidate (device "
+                                             "memory on CUDA, RSS on CPU), e.g. 4GiB"),
     export: bool = typer.Option(False, "--export", help="also save a deployable artifact (AOTInductor, "
                                 "torch.export or TorchScript) named in the plan with its sha256"),
     heartbeat: int = typer.Option(10, "--heartbeat", help="with --storage: seconds between trial heartbeats; "
@@ -132,6 +133,7 @@ def tune(
                        quiet=quiet, heartbeat=heartbeat,
                        strategy="training" if strategy == "inference-latency" else strategy)
         return
+    from .device import parse_memory, resolve_device
     from .durations import parse_duration
     from .report import write_report
     from .engine.space import strategy_for
@@ -144,11 +146,8 @@ def tune(
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
     _check_out(out, resume)
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
+    max_memory_mib = parse_memory(max_memory) if max_memory else None
+    device = resolve_device(device, allow_meta=False)
     strategy_for("inference", strategy)  # a bad strategy is refused before any work
     if budget_s >= MIN_BUDGET_S and storage is not None:  # a bad URL is refused before profiling
         from .engine.storage import open_storage
@@ -162,7 +161,7 @@ def tune(
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
                           command=_command(), traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms,
-                          heartbeat_s=heartbeat, started=started)
+                          heartbeat_s=heartbeat, started=started, max_memory_mib=max_memory_mib)
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)
@@ -254,14 +253,13 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
 
 @app.command()
 @guarded
-def env(device: str = typer.Option("cpu", "--device")) -> None:
-    """Print the hardware/software fingerprint a plan records."""
-    from .hardware import fingerprint, fingerprint_id
+def env(device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]")) -> None:
+    """Print the hardware/software fingerprint a plan records, and the GPU (or that there is none)."""
+    from .device import resolve_device
+    from .hardware import env_lines
 
-    fp = fingerprint(device)
-    typer.echo(f"- fingerprint_id: {fingerprint_id(fp)}")
-    for k, v in fp.items():
-        typer.echo(f"- {k}: {v}")
+    for line in env_lines(resolve_device(device, allow_meta=False)):
+        typer.echo(line)
 
 
 @app.command()
@@ -312,11 +310,13 @@ def verify(
     tolerance: float = typer.Option(0.25, "--tolerance", help="fraction of the recorded speed-up that may be "
                                     "lost before it counts as drift"),
     measure_s: float = typer.Option(3.0, "--measure-s", help="seconds of interleaved timing"),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:N]; default: the device the plan "
+                                         "was made for (an error if this machine has none)"),
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
     from .verify import verify_plan
 
-    result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s)
+    result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s, device=device)
     for line in result.lines:
         typer.echo(line)
     if result.ok:
@@ -335,12 +335,13 @@ def profile_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="directory for profile.json, or a .json file"),
     input_shape: Optional[list[str]] = typer.Option(None, "--input-shape", help="e.g. 1x3x224x224 (repeatable)"),
     input_dtype: Optional[list[str]] = typer.Option(None, "--input-dtype", help="dtype per input (default float32)"),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]"),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu or cuda[:N]"),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="also lower each group alone and measure its error"),
     tolerance: float = typer.Option(2e-2, "--tolerance", help="relative L2 error a lowered group may add"),
     top: int = typer.Option(10, "--top", help="modules to list"),
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
+    from .device import resolve_device
     from .engine.workers import run_isolated
     from .layer_precision import LOWERED_MODES, profile_for_search
     from .profile import PROFILE_FILE, save_profile, summary_lines
@@ -350,14 +351,10 @@ def profile_cmd(
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
     if not tolerance > 0:
         raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
-    if device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise _bad(f"`--device` got {device!r} but CUDA is not available here; use --device cpu.")
+    device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
                              timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
-    # in a spawned process with the trials' environment (passive OpenMP waits), as in a tune
+    # in a worker process, in the environment of this command, as in a tune
     outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
     if not outcome.ok:

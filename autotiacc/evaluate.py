@@ -14,20 +14,12 @@ from typing import Any
 
 from .accuracy import compare_outputs
 from .candidate import OptimizedModel, compile_stats
+from .device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
 from .knobs import configs_from_params
 from .measure import Timing, measure_interleaved, warm_up
 
 BASELINE = "baseline"
 WARM_BASELINE_S = 0.3  # a baseline already warmed in this worker only needs its caches refilled
-
-
-def _to(obj: Any, device: str) -> Any:
-    import torch
-    import torch.utils._pytree as pytree
-
-    if device == "cpu":
-        return obj
-    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, obj)
 
 
 class _Reference:
@@ -36,11 +28,13 @@ class _Reference:
     def __init__(self, workload, device: str) -> None:
         import torch
 
-        self.model = _to(workload.build_model(), device)
-        self.inputs = _to(workload.example_inputs(), device)
-        self.test = [(_to(x, device), y) for x, y in workload.test_data()]
-        with torch.no_grad():
-            self.refs = [self.model(*x) for x, _ in self.test]
+        # a module is a pytree leaf: to_device moves it too (a tensor-only map left it on the CPU)
+        with PeakMemory(device) as self.memory:
+            self.model = to_device(workload.build_model(), device)
+            self.inputs = to_device(workload.example_inputs(), device)
+            self.test = to_device(list(workload.test_data()), device)  # targets too, for the user's metric
+            with torch.no_grad():
+                self.refs = [self.model(*x) for x, _ in self.test]
         self.warmed = False
 
     def baseline(self) -> Any:
@@ -56,6 +50,7 @@ _CACHE: list = [None, None]
 
 
 def reference_for(workload, device: str) -> _Reference:
+    use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
     key = (getattr(workload, "token", None) or id(workload), device)
     if _CACHE[0] != key:
         _CACHE[:] = [None, None]  # free the old model before building the new one
@@ -67,9 +62,7 @@ def _flags() -> dict[str, Any]:
     """Process-wide torch settings a knob may change while building; restored after each evaluation."""
     import torch
 
-    return {"threads": torch.get_num_threads(), "matmul": torch.get_float32_matmul_precision(),
-            "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_tf32": torch.backends.cudnn.allow_tf32,
-            "cuda_tf32": torch.backends.cuda.matmul.allow_tf32}
+    return {"threads": torch.get_num_threads(), **read_flags()}
 
 
 def _restore_flags(flags: dict[str, Any]) -> None:
@@ -77,23 +70,24 @@ def _restore_flags(flags: dict[str, Any]) -> None:
 
     if torch.get_num_threads() != flags["threads"]:
         torch.set_num_threads(flags["threads"])
-    torch.set_float32_matmul_precision(flags["matmul"])
-    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
-    torch.backends.cudnn.allow_tf32 = flags["cudnn_tf32"]
-    torch.backends.cuda.matmul.allow_tf32 = flags["cuda_tf32"]
+    set_flags({k: v for k, v in flags.items() if k != "threads"})
 
 
 _PRISTINE: dict[str, Any] = {}  # the worker's flags before its first evaluation
 
 
 def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = "cpu", tolerance: float = 2e-2,
-             target_s: float = 2.0, warmup_s: float = 3.0, prune_above: float | None = None) -> dict[str, Any]:
+             target_s: float = 2.0, warmup_s: float = 3.0, prune_above: float | None = None,
+             max_memory_mib: float | None = None) -> dict[str, Any]:
     """Evaluate each candidate ({name: {knob: {field: value}}}) against the baseline.
 
     Returns {"baseline": timing, "candidates": {name: result}}; a result's status is `ok`,
-    `rejected` (accuracy), `failed` (raised while building or running) or `pruned` (a quick
-    look said it is more than `prune_above` x the baseline's latency). The quick look's
-    samples count towards the full measurement when the candidate is not pruned.
+    `rejected` (accuracy, or peak memory over `max_memory_mib`), `failed` (raised while
+    building or running) or `pruned` (a quick look said it is more than `prune_above` x the
+    baseline's latency). The quick look's samples count towards the full measurement when the
+    candidate is not pruned. Model, inputs and test data (targets too) go to `device`; each
+    result's `trial_attrs` carry its peak memory (see `PeakMemory`). On `meta` it is a
+    shape-only dry run: placement and shapes are checked, accuracy is not, timings mean nothing.
     """
     import torch
 
@@ -105,13 +99,14 @@ def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = 
     try:
         ref = reference_for(workload, device)
         return _evaluate(ref, workload, candidates, device=device, tolerance=tolerance, target_s=target_s,
-                         warmup_s=warmup_s, prune_above=prune_above)
+                         warmup_s=warmup_s, prune_above=prune_above, max_memory_mib=max_memory_mib)
     finally:
         _restore_flags(_PRISTINE)
 
 
 def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]], *, device: str, tolerance: float,
-              target_s: float, warmup_s: float, prune_above: float | None) -> dict[str, Any]:
+              target_s: float, warmup_s: float, prune_above: float | None,
+              max_memory_mib: float | None = None) -> dict[str, Any]:
     import torch
 
     results: dict[str, Any] = {}
@@ -120,15 +115,26 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
         res: dict[str, Any] = {"knobs": values}
         try:
             torch._dynamo.utils.counters.clear()
-            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
-            res["build_s"] = cand.build_seconds
-            outs = [cand(*x) for x, _ in ref.test]
+            with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
+                cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs,
+                                      device=device)
+                res["build_s"] = cand.build_seconds
+                outs = [cand(*x) for x, _ in ref.test]
             res["compile"] = compile_stats()
+            res["trial_attrs"] = memory_attrs(mem, ref.memory)
+            if is_meta(device):
+                res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
+                runners[name] = (lambda c=cand: c(*ref.inputs))
+                results[name] = res
+                continue
             acc = compare_outputs(outs, ref.refs, tolerance=tolerance, metric=workload.metric,
                                   targets=[y for _, y in ref.test])
             res["accuracy"] = acc.to_dict()
+            over = memory_over(mem, max_memory_mib, device)
             if not acc.ok:
                 res.update(status="rejected", reason=acc.reason)
+            elif over:
+                res.update(status="rejected", reason=over)
             else:
                 res["status"] = "ok"
                 runners[name] = (lambda c=cand: c(*ref.inputs))
@@ -155,7 +161,9 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                                  timing=timings[name].to_dict())
             return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
         target_s = max(target_s - quick_s, 0.0)
-    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0)
+    # at least 10 rounds in all, counting the quick look's
+    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0,
+                               min_rounds=max(10 - (timings[BASELINE].n if timings else 0), 1))
     if timings is not None:  # the quick look was measured the same way: keep its samples
         more = {n: Timing(timings[n].samples_ms + t.samples_ms) for n, t in more.items()}
     for name, t in more.items():
@@ -165,3 +173,18 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
         results[name].update(timing=t.to_dict(), ratio=r, speedup=1 / r)
     return {"baseline": more[BASELINE].to_dict(), "candidates": results,
             "measure_s": time.perf_counter() - t0}
+
+
+def memory_attrs(mem: PeakMemory, base_mem: PeakMemory) -> dict[str, Any]:
+    """trials.csv columns: the candidate's peak memory above what the process held before it
+    was built (its weights, activations, workspace), the baseline's the same way, and the source."""
+    return {"peak_mem_mib": round(mem.delta_mib, 2), "baseline_peak_mem_mib": round(base_mem.delta_mib, 2),
+            "process_peak_mem_mib": round(mem.peak_mib, 2), "mem_source": mem.source}
+
+
+def memory_over(mem: PeakMemory, max_memory_mib: float | None, device: str) -> str | None:
+    """The reason a candidate breaks `--max-memory`, or None."""
+    if max_memory_mib is None or mem.delta_mib <= max_memory_mib:
+        return None
+    return (f"peak memory {mem.delta_mib:.4g} MiB on {device} ({mem.source}) is over --max-memory "
+            f"{max_memory_mib:.4g} MiB")

@@ -62,11 +62,9 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
     }
     if fp["device"] == "cuda" and torch.cuda.is_available():
-        idx = torch.device(device).index or 0
-        props = torch.cuda.get_device_properties(idx)
-        fp["device_name"] = props.name
-        fp["capability"] = f"{props.major}.{props.minor}"
-        fp["gpu_memory_gb"] = round(props.total_memory / 2**30, 1)
+        gpu = gpu_info(torch.device(device).index or 0)
+        fp["device_name"] = gpu["name"]
+        fp.update({k: gpu[k] for k in ("capability", "gpu_memory_gb", "driver")})
     try:
         import onnxruntime  # noqa: F401  (version only; optional backend)
 
@@ -74,6 +72,52 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
     except ImportError:
         fp["onnxruntime"] = None
     return fp
+
+
+def gpu_info(index: int) -> dict[str, Any]:
+    """Name, compute capability, memory and driver of one visible CUDA device (CUDA must be available)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(index)
+    return {"index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "gpu_memory_gb": round(props.total_memory / 2**30, 1), "driver": _driver_version(),
+            "cuda_runtime": torch.version.cuda}
+
+
+def _driver_version() -> str | None:
+    """The NVIDIA driver (pynvml, optional), else the CUDA version the driver supports."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        v = pynvml.nvmlSystemGetDriverVersion()
+        return v.decode() if isinstance(v, bytes) else str(v)
+    except Exception:  # noqa: BLE001 - optional: pynvml missing or NVML not loadable
+        pass
+    try:
+        import torch
+
+        v = int(torch._C._cuda_getDriverVersion())
+        return f"supports CUDA {v // 1000}.{v % 1000 // 10}"
+    except Exception:  # noqa: BLE001 - private API; the fingerprint does without it
+        return None
+
+
+def env_lines(device: str) -> list[str]:
+    """`autotiacc env`: the fingerprint a plan made on `device` records, then every visible GPU,
+    or a line saying there is none."""
+    import torch
+
+    fp = fingerprint(device)
+    lines = [f"- fingerprint_id: {fingerprint_id(fp)}"] + [f"- {k}: {v}" for k, v in fp.items()]
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        return lines + [f"- gpu: no CUDA device (torch {torch.__version__} is {build})"]
+    for i in range(torch.cuda.device_count()):
+        g = gpu_info(i)
+        lines.append(f"- gpu{i}: {g['name']}, capability {g['capability']}, {g['gpu_memory_gb']} GiB, "
+                     f"driver {g['driver']}, CUDA runtime {g['cuda_runtime']}")
+    return lines
 
 
 def fp_cuda_ok(device: str) -> bool:

@@ -141,15 +141,14 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     import torch
 
     from .accuracy import compare_outputs
-    from .evaluate import _to
-    from .profile import model_to
+    from .device import to_device
 
-    model = model_to(workload.build_model(), device)
-    test = [(_to(x, device), y) for x, y in workload.test_data()]
+    model = to_device(workload.build_model(), device)
+    test = to_device(list(workload.test_data()), device)
     with torch.no_grad():
         refs = [model(*x) for x, _ in test]
     out = []
-    inputs = _to(workload.example_inputs(), device)
+    inputs = to_device(workload.example_inputs(), device)
     deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
     for group in groups:
         entry = dict(group, sensitivity={}, allowed=[])

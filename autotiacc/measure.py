@@ -12,6 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from .device import is_cuda
+
 Runner = Callable[[], Any]
 
 
@@ -73,16 +75,9 @@ class Timing:
         return cls(samples_ms=[float(x) for x in d.get("samples_ms", [])])
 
 
-def synchronize(device: str) -> None:
-    if str(device).startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
-
-
 def _time_once(fn: Runner, device: str) -> float:
     """Wall time of one call in ms, bracketed by device syncs (CUDA events on GPU)."""
-    if str(device).startswith("cuda"):
+    if is_cuda(device):
         import torch
 
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

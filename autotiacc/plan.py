@@ -138,18 +138,40 @@ class Plan:
 
         A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
         other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
-        a plan never imports the model.py it records."""
-        from .candidate import OptimizedModel
+        a plan never imports the model.py it records.
 
+        The model (and `example_inputs`) are moved to `device`, by default the plan's; a plan made
+        for CUDA raises `PlanError` in a process without it unless `device="cpu"` is given."""
+        from .candidate import OptimizedModel
+        from .device import to_device
+
+        device = self.target_device(device)
         self.check_fingerprint(strict=strict, device=device)
+        model = to_device(model, device)
+        if example_inputs is not None:
+            example_inputs = to_device(tuple(example_inputs), device)
         if hasattr(model, "eval"):
             model.eval()
         if self.shapes is not None:
             from .buckets import bucketed_from_plan
 
-            return bucketed_from_plan(self, model, device=device or self.device, pad_inputs=pad_inputs,
+            return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device or self.device)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device)
+
+    def target_device(self, device: str | None = None) -> str:
+        """`device` (checked), else the device the plan was made for, if this process has it."""
+        from .device import resolve_device
+        from .errors import UserInputError
+
+        if device is not None:
+            return resolve_device(device, name="device")
+        try:
+            return resolve_device(self.device, name="device")
+        except UserInputError:
+            raise PlanError(f"the plan was made for `{self.device}` and this process has no such device; pass "
+                            "device='cpu' to apply it on the CPU (its figures were measured on the GPU), or "
+                            "re-tune here.") from None
 
 
 def _jsonable(x: Any) -> Any:

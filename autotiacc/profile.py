@@ -313,7 +313,7 @@ def candidate_groups(modules: list[dict[str, Any]], model: Any, *, coverage: flo
         if share(ran[p]) >= min_share:
             chosen.add(p)
     blocks = [ran[p] for p in chosen if not any(a in chosen for a in _ancestors(p))]
-    blocks.sort(key=lambda m: -share(m))
+    blocks.sort(key=lambda m: (-share(m), m["path"]))  # ties in path order: the same groups every run
     total = sum(share(m) for m in blocks)
     if total < min_total:
         return []
@@ -342,21 +342,14 @@ def _linear_paths(model: Any) -> set[str]:
     return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-def model_to(model: Any, device: str) -> Any:
-    """The model on `device`: an nn.Module (or ScriptModule) is a pytree leaf, so mapping over
-    tensors would leave its parameters where they were."""
-    from .evaluate import _to
-
-    return model.to(device) if hasattr(model, "to") and device != "cpu" else _to(model, device)
-
-
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
-    from .evaluate import _to
+    from .device import to_device, use_device
     from .hardware import fingerprint, fingerprint_id
 
-    model = model_to(model if model is not None else workload.build_model(), device)
-    inputs = _to(workload.example_inputs(), device)
+    use_device(device)
+    model = to_device(model if model is not None else workload.build_model(), device)
+    inputs = to_device(workload.example_inputs(), device)
     prof = profile_model(model, inputs, device=device, target_s=target_s)
     fp = fingerprint(device)
     prof["workload"] = {"name": workload.name, "kind": workload.kind, "batch_size": workload.batch_size,

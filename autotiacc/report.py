@@ -230,9 +230,12 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     if not t.empty and "status" in t:
         ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
-        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"), r.get("build_s")]
-                for _, r in ok.iterrows()]
-        out.append(("Top trials", _table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s"], rows)))
+        rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"),
+                 r.get("build_s"), r.get("peak_mem_mib")] for _, r in ok.iterrows()]
+        out.append(("Top trials", (_table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
+                                          "peak MiB"], rows) if rows else ["No trial was measured successfully."])
+                    + ["", "peak MiB: the candidate's peak memory above what its process held before building it "
+                           "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse)."]))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed, rejected, pruned or skipped trials",

@@ -1,15 +1,15 @@
 """The shape dimension of the inference task: one input shape, or a traffic mix with buckets.
 
-`shape_tuning_for(...)` gives the search loop an object with five hooks; `StaticShapes` when the
-workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or model.py
-`traffic()`). The loop calls them in this order:
+`shape_tuning_for(...)` gives the inference task an object with six hooks; `StaticShapes` when
+the workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or model.py
+`traffic()`). The task calls them in this order, never asking which of the two it holds:
 
 - `suggest(trial, values, ctx=None)` once per trial, in the tuner's process, after the knobs
   sampled `values` ({knob: {field: value}}); returns the values to evaluate. With traffic, Optuna
   also samples the bucket set (edges per dim from the traffic histogram), which buckets pad to a
   specialised graph, and, given the `SearchContext`, the buckets of large requests' own backend
-  and precision (an ONNX Runtime bucket is always padded: its session has fixed shapes). These land in
-  `values["shapes"]`. The search's baseline (eager fp32, no buckets) comes back unchanged, so
+  and precision (an ONNX Runtime bucket is always padded: its session has fixed shapes). These
+  land in `values["shapes"]`. The search's baseline (eager fp32, no buckets) comes back unchanged, so
   `values == baseline values` identifies it; no label is compared.
 - `label(values)`: a suffix for the trial's label ("" when there is nothing to add).
 - `evaluator(final=..., measure_s=..., prune_above=...)`: the function a trial worker runs and
@@ -22,8 +22,8 @@ workload has one input shape, `ShapeTuning` when it has traffic (`--traffic` or 
   a traffic mix, all of them over every shape in one fresh process (`evaluator(final=True)`).
 - `record(plan, values, result)`: write the chosen configuration into the plan (`plan.shapes`).
 
-`values_from_plan(plan)` inverts `record`, so `verify` re-measures a plan with the same
-`evaluator` the tune used: a traffic plan over its whole mix.
+`values_from_plan(plan)` inverts `record`, and `shape_tuning_for_plan(plan, ...)` gives the hooks
+back, so `verify` re-measures a plan with the tune's `final_measure`: a traffic plan over its mix.
 """
 from __future__ import annotations
 
@@ -76,11 +76,13 @@ class StaticShapes:
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
+                      log_path: str | None = None, baseline_pool=None):
         from .engine.fidelity import evaluate_alternating
 
+        # baseline_pool: the trial worker, which already holds the built, warm baseline
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
-                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
+                                    baseline_pool=baseline_pool)
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
@@ -246,7 +248,7 @@ class ShapeTuning:
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
+                      log_path: str | None = None, baseline_pool=None):
         from .engine.workers import run_isolated
 
         fn, kwargs = self.evaluator(final=True)

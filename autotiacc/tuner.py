@@ -21,7 +21,7 @@ from .hardware import fingerprint as machine_fingerprint
 from .knobs import SearchContext, all_knobs, configs_from_params, describe
 from .measure import Timing
 from .plan import Plan
-from .shape_tuning import FINAL_WARMUP_S, shape_tuning_for
+from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -40,6 +40,7 @@ class TuneOptions(RunOptions):
     tolerance: float | None = None
     traffic_file: str | None = None  # dynamic shapes: CSV/JSON traffic mix (else model.py traffic())
     p99_ms: float | None = None  # dynamic shapes: p99 latency budget over the traffic mix
+    max_memory_mib: float | None = None  # a candidate peaking above it (MiB) is rejected with the figure
 
     def __post_init__(self) -> None:
         if self.level not in (0, 1, 2):
@@ -84,6 +85,9 @@ class InferenceTask(Task):
         # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
                                              strategy=self.strategy, device=options.device)
+        if options.max_memory_mib is not None and isinstance(self.shape_tuning, ShapeTuning):
+            raise UserInputError("`--max-memory` is measured per candidate at one input shape; drop it, or tune "
+                                 "without a traffic mix.")
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
@@ -161,7 +165,7 @@ class InferenceTask(Task):
         self.pool = WorkerPool(env=worker_env(self.run_dir.path), log_dir=self.run_dir.path / "trials")
 
     def end_search(self, study) -> None:
-        self.close()
+        # the worker stays: it holds the built, warm baseline, which it times in the final re-measurement
         if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
 
@@ -185,6 +189,8 @@ class InferenceTask(Task):
         fn, extra = self.shape_tuning.evaluator(
             measure_s=self.strategy.measure_s,
             prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain)
+        if self.options.max_memory_mib is not None:  # one shape only (checked in __init__)
+            extra["max_memory_mib"] = self.options.max_memory_mib
         outcome = self.pool.call(
             fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
             log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
@@ -233,7 +239,7 @@ class InferenceTask(Task):
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"))
+                                                  log_path=self.run_dir.trial_log("final"), baseline_pool=self.pool)
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")

@@ -80,8 +80,10 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
 
 
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
-                measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0) -> VerifyResult:
-    """Re-measure the plan at `plan_path` for the model in `model_file` here; see the module doc."""
+                measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0,
+                device: str | None = None) -> VerifyResult:
+    """Re-measure the plan at `plan_path` for the model in `model_file` here, on `device` (by
+    default the plan's own; a CUDA plan in a process without CUDA is a `PlanError`); see the module doc."""
     from .hardware import fingerprint, fingerprint_differences, fingerprint_id
     from .measure import Timing, faster_beyond_noise
     from .plan import load_plan
@@ -94,6 +96,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         raise UserInputError(f"`--measure-s` got {measure_s!r}: use a positive number of seconds, e.g. 3.")
     plan_path = Path(plan_path)
     plan = load_plan(plan_path)
+    device = plan.target_device(device)  # before any work: a CUDA plan here without CUDA says so
     plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
     workload = _workload_for(plan, model_file, timeout_s)
     identity = workload.facts.identity
@@ -102,7 +105,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         raise PlanMismatchError(f"`FILE` {model_file}: its model's parameter shapes differ from the model the plan "
                                 f"was tuned for ({(plan.workload or {}).get('name')!r}); give the same model file.")
     problems: list[str] = []
-    here = fingerprint(plan.device)
+    here = fingerprint(device)
     problems += [f"different hardware/software: {d}" for d in fingerprint_differences(plan.fingerprint, here)]
     artifact_problems, artifact_line = _check_artifact(plan, plan_dir, workload)
     problems += artifact_problems
@@ -114,7 +117,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
     outcome = shape_tuning_for_plan(plan, workload, measure_s=measure_s).final_measure(
-        workload, {"plan": values_from_plan(plan)}, device=plan.device, tolerance=tol, timeout=timeout_s)
+        workload, {"plan": values_from_plan(plan)}, device=device, tolerance=tol, timeout=timeout_s)
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")

@@ -84,9 +84,11 @@ def make_optimizer(params):
 
 
 def eval_fn(model: nn.Module) -> float:
-    """Accuracy on 64 held-out images (optional hook; higher is better)."""
+    """Accuracy on 64 held-out images (optional hook; higher is better). The model comes on the
+    device being tuned: the data goes where its weights are."""
+    device = next(model.parameters()).device
     ds = JpegDataset(n=64, seed=1)
-    images = torch.stack([ds[i][0] for i in range(len(ds))])
-    labels = torch.tensor([ds.items[i][1] for i in range(len(ds))])
+    images = torch.stack([ds[i][0] for i in range(len(ds))]).to(device)
+    labels = torch.tensor([ds.items[i][1] for i in range(len(ds))]).to(device)
     return float((model(images).argmax(1) == labels).float().mean())
 

@@ -1,6 +1,6 @@
 """Do recorded speed-ups hold in production? (issue #12, "Fidelity")
 
-For every inference plan under experiments/ (files named `plan.json` or `*.plan.json`) and every
+For every inference plan under experiments/ (files named `*plan.json`) and every
 run directory or plan file given, re-measure the plan against eager fp32 the way production
 runs it: each variant in a fresh process of its own, in the default environment of this
 command, alternating A B A B ... (`autotiacc.engine.fidelity.measure_alternating`, fresh=True).
@@ -30,7 +30,7 @@ SEARCH = (ROOT / "examples", HERE / "models")
 
 
 def find_plans(extra: list[str]) -> list[Path]:
-    found = sorted({*HERE.rglob("plan.json"), *HERE.rglob("*.plan.json")})
+    found = sorted(HERE.rglob("*plan.json"))
     for p in extra:
         path = Path(p)
         found.append(path / "plan.json" if path.is_dir() else path)

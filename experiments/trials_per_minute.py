@@ -11,6 +11,7 @@ differently (before: interleaved under OMP_WAIT_POLICY=PASSIVE; after: per-varia
 
     python experiments/trials_per_minute.py --rev 88bab40
     python experiments/trials_per_minute.py --rev 88bab40 --also-run-dir /tmp/before-run:before-idle
+    python experiments/trials_per_minute.py --rev 88bab40 --passive-too --skip-default-env --concurrent
 """
 from __future__ import annotations
 
@@ -65,20 +66,16 @@ def _label(plan: dict) -> str:
         return str(plan.get("note", ""))[:60]
 
 
-def tune(tree: Path, model: str, out: Path, *, budget: str, batch_size: int, env: dict[str, str]) -> float:
-    """Run the tune with `tree`'s code, `env` added to this environment; returns its wall time."""
+def start_tune(tree: Path, model: str, out: Path, *, budget: str, batch_size: int,
+               env: dict[str, str]) -> tuple[subprocess.Popen, float]:
+    """Start the tune with `tree`'s code, `env` added to this environment (output to OUT.log)."""
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, **env, "PYTHONPATH": str(tree)}
     cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, "--batch-size", str(batch_size), "--budget", budget,
            "--out", str(out)]
-    t0 = time.monotonic()
-    res = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    (out.parent / f"{out.name}.log").write_text(res.stdout + res.stderr)
-    if res.returncode != 0:
-        print(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr[-500:]}", file=sys.stderr)
-    return wall
+    log = open(out.parent / f"{out.name}.log", "w")  # noqa: SIM115 - the child writes it
+    return subprocess.Popen(cmd, cwd=tree, env=env, stdout=log, stderr=subprocess.STDOUT), time.monotonic()
 
 
 def checkout(rev: str) -> Path:
@@ -101,6 +98,36 @@ def plot(rows: list[dict], path: Path) -> None:
                     va="center", fontsize=8)
 
 
+def per_trial_ab(model: str, batch_size: int, rounds: int, out: Path) -> list[dict]:
+    """Wall time of one trial (torchscript candidate vs baseline, as a tune's trial runs it) in a
+    fresh process per trial (how trials ran before) against a warm worker, alternating A B A B so
+    both see the same load. Both run the working tree's `evaluate`; the fresh arm pays the process
+    start, torch import and model/baseline build every time, which is what the warm worker saves."""
+    from autotiacc.engine.workers import WorkerPool, run_isolated
+    from autotiacc.evaluate import evaluate
+    from autotiacc.workload import load_workload
+
+    workload = load_workload(ROOT / model, batch_size=batch_size)
+    cand = {"candidate": {"execution": {"backend": "torchscript"}}}
+    kw = {"target_s": 2.0, "prune_above": 2.0, "timeout": 300}
+    rows = []
+    with WorkerPool() as pool:
+        pool.call(evaluate, workload, cand, **kw)  # the tune's first trial starts the worker: not counted
+        for r in range(rounds):
+            for arm in (("fresh", "warm") if r % 2 == 0 else ("warm", "fresh")):
+                load = os.getloadavg()[0]
+                t0 = time.monotonic()
+                res = (run_isolated if arm == "fresh" else pool.call)(evaluate, workload, cand, **kw)
+                rows.append({"round": r, "arm": arm, "trial_s": round(time.monotonic() - t0, 2), "ok": res.ok,
+                             "load": round(load, 2)})
+                print(rows[-1], flush=True)
+    with open(out / "per_trial.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rev", default="88bab40", help="the 'before' git revision")
@@ -112,8 +139,22 @@ def main() -> None:
                     help="add an existing run directory as a row (e.g. one measured on an idle machine)")
     ap.add_argument("--passive-too", action="store_true",
                     help="also run the working tree with OMP_WAIT_POLICY=PASSIVE set (separates workers from env)")
+    ap.add_argument("--concurrent", action="store_true", help="run the variants at the same time (same load)")
+    ap.add_argument("--skip-default-env", action="store_true", help="leave out the working tree in the default env")
+    ap.add_argument("--per-trial", type=int, default=0, metavar="ROUNDS",
+                    help="instead: time single trials, fresh process vs warm worker, alternating, ROUNDS each")
     args = ap.parse_args()
     from autotiacc.durations import parse_duration
+
+    if args.per_trial:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        rows = per_trial_ab(args.model, args.batch_size, args.per_trial, Path(args.out))
+        import statistics
+
+        med = {a: statistics.median(r["trial_s"] for r in rows if r["arm"] == a) for a in ("fresh", "warm")}
+        print(f"median trial: fresh process {med['fresh']:.2f} s, warm worker {med['warm']:.2f} s "
+              f"-> {med['fresh'] / med['warm']:.2f}x the trials per minute")
+        return
 
     budget_s = parse_duration(args.budget, name="budget")
     out = Path(args.out)
@@ -124,19 +165,28 @@ def main() -> None:
         rows.append(summarise(Path(d), variant=name or Path(d).name, rev="?", budget_s=budget_s, wall_s=None,
                               load=None))
         shutil.copy(Path(d) / "plan.json", out / f"{name or Path(d).name}.plan.json")
-    variants = [(f"before ({args.rev})", "before", checkout(args.rev), {}), ("after (working tree)", "after", ROOT, {})]
+    variants = [(f"before ({args.rev})", "before", checkout(args.rev), {})]
+    if not args.skip_default_env:
+        variants.append(("after (working tree)", "after", ROOT, {}))
     if args.passive_too:  # the same wait policy the 'before' trials imposed, now set by the user: workers alone
         variants.append(("after, tune run with OMP_WAIT_POLICY=PASSIVE", "after-passive", ROOT,
                          {"OMP_WAIT_POLICY": "PASSIVE"}))
-    for variant, short, tree, env in variants:
-        run_dir = Path("/tmp") / f"tpm-{short}"
+    # --concurrent: all variants at once, so they share the machine's load alike (a shared machine's
+    # load swings by 2x within minutes); else one after the other, each alone.
+    groups = [variants] if args.concurrent else [[v] for v in variants]
+    for group in groups:
         load0 = os.getloadavg()[0]
-        wall = tune(tree, args.model, run_dir, budget=args.budget, batch_size=args.batch_size, env=env)
-        rows.append(summarise(run_dir, variant=variant, rev=args.rev if tree != ROOT else "worktree",
-                              budget_s=budget_s, wall_s=wall, load=(round(load0, 2), round(os.getloadavg()[0], 2))))
-        shutil.copy(run_dir.parent / f"{run_dir.name}.log", out / f"{short}.log")
-        if (run_dir / "plan.json").exists():
-            shutil.copy(run_dir / "plan.json", out / f"{short}.plan.json")
+        started = [(v, *start_tune(v[2], args.model, Path("/tmp") / f"tpm-{v[1]}", budget=args.budget,
+                                   batch_size=args.batch_size, env=v[3])) for v in group]
+        for (variant, short, tree, _), proc, t0 in started:
+            proc.wait()
+            run_dir = Path("/tmp") / f"tpm-{short}"
+            rows.append(summarise(run_dir, variant=variant + (" [concurrent]" if args.concurrent else ""),
+                                  rev=args.rev if tree != ROOT else "worktree", budget_s=budget_s,
+                                  wall_s=time.monotonic() - t0, load=(round(load0, 2), round(os.getloadavg()[0], 2))))
+            shutil.copy(run_dir.parent / f"{run_dir.name}.log", out / f"{short}.log")
+            if (run_dir / "plan.json").exists():
+                shutil.copy(run_dir / "plan.json", out / f"{short}.plan.json")
     with open(out / "trials_per_minute.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()

@@ -15,6 +15,7 @@ import autotiacc.verify  # noqa: F401
 import autotiacc.workload  # noqa: F401
 import autotiacc.evaluate  # noqa: F401
 import autotiacc.engine.workers  # noqa: F401
+from autotiacc.buckets import ShapePlan, spec_from_values
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
 from autotiacc.knobs import configs_from_params
@@ -38,8 +39,11 @@ def _good_plan() -> dict:
                           "batch_size": 1, "param_shapes_sha256": "ab"},
                 speedup=1.5, level=1, tolerance=0.02,
                 extra={"measured_env": {"OMP_WAIT_POLICY": "PASSIVE"},
-                       "artifact": {"file": "artifact.pt2", "format": "export", "sha256": "00"},
-                       "shapes": {"edges": {"batch_size": [1, 2]}, "axes": {"batch_size": [[0, 0]]}, "padded": []}})
+                       "artifact": {"file": "artifact.pt2", "format": "export", "sha256": "00"}},
+                shapes=ShapePlan(spec_from_values({"edges": {"batch_size": [1, 2]}, "padded": [True, False],
+                                                   "knobs": [{"execution": {"backend": "onnxruntime"}}, {}]},
+                                                  {"batch_size": [(0, 0)]}),
+                                 traffic=[{"batch_size": 1, "weight": 1.0}], measured={"p99_mix_ms": 1.0}))
     return plan.to_dict()
 
 

@@ -348,9 +348,27 @@ def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
 
 def test_profile_and_sensitivity_put_the_model_on_the_device():
     """The model is a pytree leaf: mapping `.to` over tensors left it on the CPU on CUDA."""
-    from autotiacc.profile import model_to
+    from autotiacc.device import to_device
 
-    moved = model_to(TinyConvNet(), "meta")
+    moved = to_device(TinyConvNet(), "meta")
     assert {p.device.type for p in moved.parameters()} == {"meta"}
     scripted = torch.jit.script(nn.Linear(2, 2))
-    assert next(model_to(scripted, "meta").parameters()).device.type == "meta"
+    assert next(to_device(scripted, "meta").parameters()).device.type == "meta"
+
+
+def test_the_tunes_stage_one_on_cuda_starts_with_what_the_diagnosis_names():
+    """The Optuna params the tune enqueues (engine.space.seeds over the ordered entries): on a
+    launch-bound CUDA model the first after the baseline replay CUDA graphs in fp16 with
+    channels_last; on CPU the same strategy enqueues its CPU entries, none CUDA-only."""
+    from autotiacc.engine.space import seeds
+    from autotiacc.knobs import all_knobs
+
+    s = load_strategy("inference-latency")
+    launch = {"kind": "launch-bound"}
+    on_cuda = seeds(s, all_knobs(), _cuda(1), entries=order_seeds(s.seeds(cuda=True), launch))
+    assert on_cuda[0]["backend"] == "eager" and not on_cuda[0]["cuda_graphs"] and on_cuda[0]["mode"] == "fp32"
+    first = on_cuda[1]
+    assert (first["cuda_graphs"] or first["compile_mode"] == "reduce-overhead") and first["mode"] == "fp16_weights"
+    assert first["channels_last"] and not any(p["compile_mode"] == "max-autotune" for p in on_cuda)  # level 2 only
+    on_cpu = seeds(s, all_knobs(), _cpu(1), entries=order_seeds(s.seeds(cuda=False), launch))
+    assert len(on_cpu) >= 5 and not any(p["cuda_graphs"] or p["cudnn_benchmark"] or p["mode"] == "tf32" for p in on_cpu)

@@ -218,7 +218,7 @@ def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
 def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
     import torch
 
-    from autotiacc.buckets import BucketSpec
+    from autotiacc.buckets import BucketSpec, ShapePlan
     from autotiacc.errors import PlanError
     from autotiacc.knobs import configs_from_params
     from autotiacc.plan import Plan, load_plan
@@ -227,7 +227,7 @@ def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
                   "def pad_inputs(inputs, **dims):\n    return inputs\n")
     spec = BucketSpec(edges={"batch_size": [2], "seq_len": [16]}, axes={"batch_size": [(0, 0)], "seq_len": [(0, 1)]})
-    plan = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, extra={"shapes": spec.to_dict()})
+    plan = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec))
     path = plan.save(tmp_path / "plan.json")
     with pytest.raises(PlanError, match=r"pad_inputs=my_model.pad_inputs"):
         load_plan(path).apply(torch.nn.Linear(16, 2))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from autotiacc.device import parse_memory
 from autotiacc.errors import PlanError, UserInputError, WorkloadError
 from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConfig, TrainPrecisionConfig, TrainConfig,
                                 TrainingPlan, apply, load_training_plan)
@@ -19,7 +20,7 @@ from autotiacc.training.cache import DecodedCache
 from autotiacc.training.launch import run_ranks
 from autotiacc.training.trial import detect_overflow, heaviest_blocks
 from autotiacc.training.report import write_training_report
-from autotiacc.training.tuner import TrainTuneOptions, parse_memory, tune_training
+from autotiacc.training.tuner import TrainTuneOptions, tune_training
 from autotiacc.training.workload import TrainWorkload
 
 from . import _training_targets as targets

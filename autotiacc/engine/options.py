@@ -18,14 +18,17 @@ class RunOptions:
     study_name: str = "autotiacc"
     resume: bool = False
     seed: int = 0
-    device: str = "cpu"
+    device: str = "cpu"  # auto, cpu, cuda or cuda:N
     command: str = ""  # recorded in run.json (the storage password redacted)
     heartbeat_s: int = 10  # shared storage only: a dead worker's trials fail after 3 missed beats
     started: float | None = None  # time.monotonic() when the budget started (the CLI checks the model first)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from ..device import resolve_device
+
         self.out_dir = Path(self.out_dir)
+        self.device = resolve_device(self.device, allow_meta=False, name="--device")  # `auto` too
         if self.budget_s < MIN_BUDGET_S:
             raise BudgetError(f"`--budget` of {self.budget_s:.0f}s is too small to measure even the baseline; "
                               f"use at least {MIN_BUDGET_S:.0f}s (2m or more is sensible).")

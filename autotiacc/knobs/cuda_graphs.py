@@ -31,10 +31,12 @@ def require_cuda(device: str) -> None:
     """Raise a clear error unless `device` is a CUDA device that is available."""
     import torch
 
-    if not str(device).startswith("cuda"):
+    from ..device import cuda_available, is_cuda
+
+    if not is_cuda(device):
         raise UserInputError(f"`cuda_graphs` needs a CUDA device, got device {device!r}: set cuda_graphs=false "
                              "or tune with --device cuda.")
-    if not torch.cuda.is_available():
+    if not cuda_available():
         raise UserInputError(f"`cuda_graphs` needs CUDA, and torch {torch.__version__} sees no CUDA device here: "
                              "set cuda_graphs=false or run on a machine with a GPU.")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights")
@@ -75,8 +76,11 @@ class PrecisionKnob(Knob):
 
             apply_group_precision(state.model, config.groups, state.device)
         if config.mode == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+            # per candidate, not process-wide: set while it builds and runs, restored after, so
+            # neither the baseline timed beside it nor the user's process inherits TF32
+            tf32 = lambda: process_flags(cuda_matmul_tf32=True, cudnn_tf32=True)  # noqa: E731
+            state.build_contexts.append(tf32)
+            state.call_contexts.append(tf32)
             return
         name = config.dtype_name
         if name is None:

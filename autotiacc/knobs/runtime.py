@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 MAX_THREADS = 4096  # beyond any machine: a larger count is a typo or a corrupt plan
@@ -64,5 +65,7 @@ class RuntimeKnob(Knob):
             state.call_contexts.append(torch.inference_mode)
         else:
             state.call_contexts.append(torch.no_grad)
-        if config.cudnn_benchmark:
-            torch.backends.cudnn.benchmark = True
+        if config.cudnn_benchmark:  # scoped like TF32 (see the precision knob): never left on for others
+            bench = lambda: process_flags(cudnn_benchmark=True)  # noqa: E731
+            state.build_contexts.append(bench)
+            state.call_contexts.append(bench)

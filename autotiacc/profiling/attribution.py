@@ -260,7 +260,9 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
 
     from ..measure import _time_once, warm_up
 
-    cuda = str(device).startswith("cuda")
+    from ..device import is_cuda
+
+    cuda = is_cuda(device)
     ranges = ModuleRanges(dict(model.named_modules()), nvtx=cuda)
 
     def plain() -> Any:
@@ -270,7 +272,8 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warm_up(plain, device, max_s=warmup_s)
     # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
-    block = max(2, min(32, math.ceil(target_s / 16 / max(_time_once(plain, device) / 1e3, 1e-6))))
+    one_s = min(_time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
+    block = max(2, min(32, math.ceil(target_s / 16 / max(one_s, 1e-6))))
     with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
         plain()
     plain_ms: list[float] = []

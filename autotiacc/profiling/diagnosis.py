@@ -26,7 +26,9 @@ KINDS = ("launch-bound", "compute-bound", "memory-bound", "overhead-bound")
 def diagnose(*, device: str, forward_ms: float, busy_ms: float, device_events: float, flops: float,
              bytes_moved: float, peaks: dict[str, Any] | None = None) -> dict[str, Any]:
     """{"kind" (one of KINDS or None), "reason", "figures"}: a pure function of the figures."""
-    cuda = str(device).startswith("cuda")
+    from ..device import is_cuda
+
+    cuda = is_cuda(device)
     busy_share = busy_ms / forward_ms if forward_ms > 0 else 0.0
     fig: dict[str, Any] = {"forward_ms": forward_ms, "busy_ms": busy_ms, "busy_share": busy_share,
                            "flops": flops, "bytes_moved": bytes_moved,

@@ -49,7 +49,7 @@ def nvml_during(handle, fn: Callable[[], Any], device: str, seconds: float = 1.0
     """Sample pynvml while `fn` runs back to back for `seconds` (synchronised every call, so a
     sample sees the forward's own load); the median of each figure and the sample count.
     NVML's utilisation is the share of its sampling period in which any kernel ran."""
-    from ..measure import synchronize
+    from ..device import synchronize
 
     samples = []
     end = time.perf_counter() + seconds

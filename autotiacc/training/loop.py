@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from typing import Any, Callable
 
+from ..device import module_device, move_training, to_device
 from ..errors import UserInputError
 from ..knobs.runtime import _threads
 from .config import DataConfig, TrainConfig
@@ -93,13 +94,6 @@ def set_optimizer_impl(optimizer: Any, impl: str) -> None:
         group["fused"] = impl == "fused"
 
 
-def _device_of(model: Any) -> Any:
-    import torch
-
-    p = next(iter(model.parameters()), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # -- the loader ------------------------------------------------------------------------------
 def make_loader(dataset: Any, data: DataConfig, *, batch_size: int, collate_fn: Callable | None = None,
                 shuffle: bool = True, seed: int = 0, cuda: bool = False) -> tuple[Any, dict[str, Any]]:
@@ -140,19 +134,17 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
     """One optimizer step per call: micro-batches with accumulation, autocast, GradScaler (fp16)."""
     import torch
 
-    device = _device_of(model)
+    device = module_device(model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision.mode)
     scaler = torch.amp.GradScaler(device.type) if config.precision.mode == "fp16" else None
     run_model = train_model if train_model is not None else model
     parts = config.compute.micro_batches
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     channels_last = config.compute.channels_last
-    non_blocking = config.data.pin_memory and device.type == "cuda"
 
     def prepare(t: Any) -> Any:
         if not isinstance(t, torch.Tensor):
             return t
-        t = t.to(device, non_blocking=non_blocking)
         return t.contiguous(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
 
     def step(batch: Any) -> Any:
@@ -162,7 +154,7 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
         return run_step(batch)
 
     def run_step(batch: Any) -> Any:
-        batch = _tree_map(prepare, batch)
+        batch = _tree_map(prepare, to_device(batch, device))  # non_blocking from pinned memory
         optimizer.zero_grad(set_to_none=True)
         micro = split_batch(batch, parts)
         total_n = batch_size_of(batch)
@@ -190,10 +182,12 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
 
 def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable, *,
           batch_size: int | None = None, collate_fn: Callable | None = None, shuffle: bool = True,
-          seed: int = 0) -> tuple[Any, Any, Any, Callable[[Any], Any]]:
+          seed: int = 0, device: Any = None) -> tuple[Any, Any, Any, Callable[[Any], Any]]:
     """Apply a training plan (TrainingPlan, TrainConfig, a plan.json path, or None = baseline).
 
-    `model` must already be on its device and `optimizer` built over its parameters. When a
+    `model` is moved to `device` when one is given (else it stays where it is) and the optimizer's
+    existing state follows it; `optimizer` must be built over the model's parameters. Batches
+    move to the model's device in `step` (non-blocking when pinned). When a
     torch.distributed process group with more than one rank is running, the model is wrapped
     in `autotiacc.training.DistributedDataParallel` and the loader shards with a
     DistributedSampler. Returns `(model, optimizer, loader, step)`.
@@ -213,7 +207,8 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     bs = batch_size or plan_batch_size(plan)
     if not bs or bs <= 0:
         raise UserInputError(f"`batch_size` got {bs!r}: pass batch_size=N (the global batch per process).")
-    device = _device_of(model)
+    move_training(model, optimizer, device if device is not None else module_device(model))
+    device = module_device(model)
     model.train()
     if config.compute.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -17,6 +17,8 @@ import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterator
 
+from ..device import (PeakMemory, dist_backend, module_device, rank_device, synchronize, to_device,
+                      use_device)
 from ..measure import measure_interleaved
 from .config import MemoryConfig, TrainConfig, TrainPrecisionConfig
 from .loop import apply
@@ -119,8 +121,8 @@ def resolve(config: TrainConfig, workload: Any, dataset: Any, batch_size: int, d
     if not needs:
         return config
     probe = next(iter(DataLoader(dataset, batch_size=batch_size, collate_fn=workload.collate_fn)))
-    probe = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, probe)
-    model = workload.build_model().to(device)
+    probe = to_device(probe, device)
+    model = to_device(workload.build_model(), device)
     precision, memory = config.precision, config.memory
     if config.precision.mode != "fp32":
         precision = TrainPrecisionConfig(mode=precision.mode, fp32_modules=detect_overflow(model, workload.loss_fn, probe, precision.mode))
@@ -141,7 +143,7 @@ class _Run:
 
     def __init__(self, workload: Any, config: TrainConfig, dataset: Any, batch_size: int, seed: int,
                  device: str = "cpu") -> None:
-        model = workload.build_model(seed).to(device)
+        model = to_device(workload.build_model(seed), device)  # before the optimizer: its state follows
         opt = workload.make_optimizer(model.parameters())
         self.model, self.opt, self.loader, self.step = apply(config, model, opt, dataset, workload.loss_fn,
                                                             batch_size=batch_size, collate_fn=workload.collate_fn,
@@ -164,7 +166,7 @@ class _Run:
             self.drain()
             for _ in range(steps):
                 loss = self.step(next(self.batches))
-            float(loss)  # sync, and surface a failure inside the timed call
+            synchronize(loss.device)  # the window's GPU work, and any failure in it, inside the timed call
         return run
 
 
@@ -183,28 +185,33 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    if world > 1:  # one GPU per rank: `cuda` means cuda:LOCAL_RANK, as torchrun does it
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+    use_device(device)
     if threads:
         torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo", timeout=timedelta(seconds=gloo_timeout_s))
+        dist.init_process_group(dist_backend(device), timeout=timedelta(seconds=gloo_timeout_s))
     config = TrainConfig.from_list(config_list)
     dataset = workload.train_dataset()
     bs = workload.batch_size
     config = resolve(config, workload, dataset, bs, device)
-    out: dict[str, Any] = {"rank": rank, "world": world, "config": config.to_list(), "label": config.label()}
+    out: dict[str, Any] = {"rank": rank, "world": world, "config": config.to_list(), "label": config.label(),
+                           "device": device}
 
-    cand = _Run(workload, config, dataset, bs, seed, device)
-    out["notes"] = dict(getattr(cand.step, "notes", {}))
-    losses = [float(cand.step(next(cand.batches))) for _ in range(guard_steps)]
-    out["losses"] = losses
+    with PeakMemory(device) as mem:  # the candidate alone: built, and its guard steps
+        cand = _Run(workload, config, dataset, bs, seed, device)
+        out["notes"] = dict(getattr(cand.step, "notes", {}))
+        losses = [float(cand.step(next(cand.batches))) for _ in range(guard_steps)]
+    out.update(losses=losses, peak_mem_mib=round(mem.peak_mib, 2), mem_source=mem.source)
     if not all(_finite(x) for x in losses):
         return {**out, "status": "rejected", "reason": f"loss became non-finite on rank {rank}: {losses}"}
+    if max_memory_mib is not None and mem.peak_mib > max_memory_mib:
+        return {**out, "status": "rejected", "peak_rss_mib": _peak_rss_mib(),
+                "reason": f"peak memory {mem.peak_mib:.0f} MiB ({mem.source}) over --max-memory "
+                          f"{max_memory_mib:.0f} MiB on rank {rank}"}
     if workload.eval_fn is not None and rank == 0:  # the user's metric after the guard steps, for the report
-        module = getattr(cand.model, "module", cand.model)
-        module.eval()
-        with torch.no_grad():
-            out["eval_metric"] = float(workload.eval_fn(module))
-        module.train()
+        out.update(run_eval(workload.eval_fn, cand.model))
     if reference_losses:
         tail = max(1, len(losses) // 4)
         mine, ref = sum(losses[-tail:]) / tail, sum(reference_losses[rank][-tail:]) / tail
@@ -220,27 +227,38 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     if compare_baseline:
         base = _Run(workload, TrainConfig(), dataset, bs, seed, device)
         runners["baseline"] = base.window(steps)
-    timing = measure_interleaved(runners, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
+    timing = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
     per_s = {name: steps * bs / (t.median / 1e3) for name, t in timing.items()}
     out.update(status="ok", window_steps=steps, samples_per_s=per_s["candidate"],
                timing={n: t.to_dict() for n, t in timing.items()})
     if compare_baseline:
         out.update(baseline_samples_per_s=per_s["baseline"], speedup=per_s["candidate"] / per_s["baseline"])
-    out.update(split_figures(cand, steps, rounds))
+    out.update(split_figures(cand, steps, rounds, device))
     out["peak_rss_mib"] = _peak_rss_mib()
-    if torch.cuda.is_available():
-        out["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    peak = out.get("peak_cuda_mib", out["peak_rss_mib"])
-    if max_memory_mib is not None and peak > max_memory_mib:
-        return {**out, "status": "rejected",
-                "reason": f"peak memory {peak:.0f} MiB over --max-memory {max_memory_mib:.0f} MiB on rank {rank}"}
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return out
 
 
-def split_figures(run: _Run, steps: int, rounds: int) -> dict[str, Any]:
+def run_eval(eval_fn: Callable, model: Any) -> dict[str, Any]:
+    """The user's `eval_fn(model)` in eval mode, for the report. It only decorates the report, so
+    a failure (typically data built on the CPU for a model on the GPU) is recorded, not fatal."""
+    import torch
+
+    module = getattr(model, "module", model)
+    module.eval()
+    try:
+        with torch.no_grad():
+            return {"eval_metric": float(eval_fn(module))}
+    except Exception as exc:  # noqa: BLE001 - the user's hook; the trial's figures stand without it
+        return {"eval_error": f"eval_fn raised {type(exc).__name__}: {str(exc).strip()[:300]} (the model is on "
+                              f"{module_device(module)}; put eval data on next(model.parameters()).device)"}
+    finally:
+        module.train()
+
+
+def split_figures(run: _Run, steps: int, rounds: int, device: str = "cpu") -> dict[str, Any]:
     """Loader-only and compute-only throughput (and, under DDP, the communication share)."""
     import torch
 
@@ -257,7 +275,7 @@ def split_figures(run: _Run, steps: int, rounds: int) -> dict[str, Any]:
     def compute_only() -> None:
         for b in held:
             loss = run.step(b)
-        float(loss)
+        synchronize(loss.device)
 
     fns = {"loader_only": load_only, "compute_only": compute_only}
     ddp = isinstance(run.model, torch.nn.parallel.DistributedDataParallel)
@@ -266,9 +284,9 @@ def split_figures(run: _Run, steps: int, rounds: int) -> dict[str, Any]:
             with run.model.no_sync():
                 for b in held:
                     loss = run.step(b)
-                float(loss)
+                synchronize(loss.device)
         fns["compute_no_comm"] = no_comm
-    t = measure_interleaved(fns, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
+    t = measure_interleaved(fns, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
     loader_s = steps * bs / (t["loader_only"].median / 1e3)
     compute_s = steps * bs / (t["compute_only"].median / 1e3)
     out = {"loader_samples_per_s": loader_s, "compute_samples_per_s": compute_s,

@@ -6,12 +6,12 @@ before it becomes a plan. The search loop itself is `engine.loop.Search`.
 from __future__ import annotations
 
 import math
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..device import parse_memory
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import RunOptions
 from ..engine.space import config_key, sample, seeds, strategy_for
@@ -28,17 +28,6 @@ from .workload import TrainWorkload
 
 STUDY_NAME = "autotiacc-train"
 Progress = Callable[[dict[str, Any]], None]
-_UNITS = {"": 1 / 2**20, "b": 1 / 2**20, "k": 1 / 1024, "kb": 1 / 1024, "kib": 1 / 1024, "m": 1, "mb": 1, "mib": 1,
-          "g": 1024, "gb": 1024, "gib": 1024, "t": 2**20, "tb": 2**20, "tib": 2**20}
-
-
-def parse_memory(text: str | float | int, *, name: str = "--max-memory") -> float:
-    """'4GiB', '512M', '2g' -> MiB. A bare number is bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS or float(m.group(1)) <= 0:
-        raise UserInputError(f"`{name}` got {text!r}: use a positive size such as 512MiB, 4GiB or 2G.")
-    return float(m.group(1)) * _UNITS[m.group(2).lower()]
-
 
 @dataclass
 class TrainTuneOptions(RunOptions):
@@ -60,10 +49,14 @@ class TrainTuneOptions(RunOptions):
             raise UserInputError(f"`--nproc` got {self.nproc}: use 1 or more processes.")
         if not self.tolerance > 0:
             raise UserInputError(f"`--tolerance` got {self.tolerance!r}: use a positive number, e.g. 0.05.")
-        if self.device != "cpu" and self.nproc > 1:
-            raise UserInputError(f"`--nproc` {self.nproc} with `--device` {self.device}: multi-process tuning runs "
-                                 "on CPU with gloo here; use --device cpu.")
-        super().__post_init__()
+        super().__post_init__()  # resolves --device (auto too)
+        if self.device.startswith("cuda") and self.nproc > 1:
+            import torch
+
+            if self.device != "cuda" or torch.cuda.device_count() < self.nproc:
+                raise UserInputError(f"`--nproc` {self.nproc} with `--device` {self.device}: each rank takes its own "
+                                     f"GPU (cuda:RANK, NCCL) and {torch.cuda.device_count()} are visible; use --device "
+                                     f"cuda with --nproc {torch.cuda.device_count()} or fewer, or --device cpu (gloo).")
 
 
 TrainTuneResult = SearchResult
@@ -248,6 +241,7 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
         return out
     total = sum(r["samples_per_s"] for r in ranks)
     out.update(samples_per_s=total, peak_rss_mib=max(r["peak_rss_mib"] for r in ranks),
+               peak_mem_mib=max(r.get("peak_mem_mib", 0.0) for r in ranks),
                bound=ranks[0]["bound"], loader_samples_per_s=ranks[0]["loader_samples_per_s"],
                compute_samples_per_s=ranks[0]["compute_samples_per_s"],
                spread=Timing.from_dict(ranks[0]["timing"]["candidate"]).iqr_rel,
