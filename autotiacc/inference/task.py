@@ -217,7 +217,8 @@ class InferenceTask(Task):
         base = Timing.from_dict(outcome.value["baseline"])
         attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
                      measure_s=outcome.value.get("measure_s"), baseline_ms=base.median, compile=res.get("compile"),
-                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"), **res.get("trial_attrs", {}))
+                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+        attrs.update(res.get("trial_attrs", {}))  # the shape hook's figures (traffic p99, its timing seconds)
         if "timing" in res:
             cand = Timing.from_dict(res["timing"])
             attrs.update(latency_ms=cand.median, p90_ms=cand.p90, spread=cand.iqr_rel, speedup=res["speedup"])
