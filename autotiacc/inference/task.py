@@ -8,27 +8,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..engine.fidelity import evaluate_alternating, measured_env
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from ..engine.options import MIN_BUDGET_S, RunOptions
 from ..engine.options import MIN_BUDGET_S, RunOptions
 from ..engine.profile_cache import cached_profile
-from ..engine.profile_cache import cached_profile
-from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
 from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
-from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
-from ..engine.workers import WorkerPool, run_isolated, worker_env
 from ..engine.workers import WorkerPool, worker_env
 from ..errors import BudgetError, UserInputError
-from ..errors import BudgetError, UserInputError
-from ..hardware import fingerprint as machine_fingerprint
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
-from ..knobs import SearchContext, all_knobs, configs_from_params, describe
-from ..measure import Timing
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
