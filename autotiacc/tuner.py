@@ -115,11 +115,11 @@ class InferenceTask(Task):
         t0 = time.monotonic()
         budget = self.options.budget_s
         share = self.strategy.profile_share * budget
+        timeout = min(max(1.0, share, min(FIRST_PROFILE_S, 0.2 * budget)), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
                             key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance,
                                        SCHEMA_VERSION, __version__],
-                            resume=self.options.resume) as reuse:
-            timeout = min(max(1.0, share, min(FIRST_PROFILE_S, 0.2 * budget)), max(1.0, left_s))
+                            resume=self.options.resume, timeout_s=timeout) as reuse:
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=reuse)
