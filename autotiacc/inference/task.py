@@ -27,6 +27,7 @@ from .workload import ModelFacts, Workload
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
 STUDY_NAME = "autotiacc"
+FIRST_PROFILE_S = 24.0  # the first profile of a workload on a machine (then cached) may take this long
 Progress = Callable[[dict[str, Any]], None]
 TuneResult = SearchResult
 
@@ -99,19 +100,26 @@ class InferenceTask(Task):
         self.pool: WorkerPool | None = None
 
     def prepare(self, run_dir, left_s: float) -> float:
-        """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
-        budget; reused across runs of the same workload and machine); extras for the precision knob."""
+        """Profile + per-layer sensitivity into profile.json, reused across runs of the same
+        workload and machine (cached); extras for the precision knob.
+
+        It takes `profile_share` of the budget (10 %), except the first profile of a workload on a
+        machine, which may take up to FIRST_PROFILE_S (at most a fifth of the budget): a profile
+        cut short is never cached, so on a slow machine a 10 % share would be paid on every run
+        and never finish; once cached, later runs spend nothing on it."""
         from ..profile import SCHEMA_VERSION
         from ..version import __version__
         from .layer_precision import plan_summary, prepare_search
 
         self.run_dir = run_dir
         t0 = time.monotonic()
-        timeout = min(max(1.0, self.strategy.profile_share * self.options.budget_s), max(1.0, left_s))
+        budget = self.options.budget_s
+        share = self.strategy.profile_share * budget
+        timeout = min(max(1.0, share, min(FIRST_PROFILE_S, 0.2 * budget)), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
                             key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance,
                                        SCHEMA_VERSION, __version__],
-                            resume=self.options.resume) as reuse:
+                            resume=self.options.resume, timeout_s=timeout) as reuse:
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=reuse)
