@@ -91,7 +91,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
     """
     import torch
 
-    from ..evaluate import reference_for
+    from ..inference.evaluate import reference_for
     from ..measure import measure, warm_up
 
     key = (getattr(workload, "token", None), name, device)
@@ -102,8 +102,8 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
         if values is None:
             runner = ref.baseline
         else:
-            from ..accuracy import compare_outputs
-            from ..candidate import OptimizedModel
+            from ..inference.accuracy import compare_outputs
+            from ..inference.candidate import OptimizedModel
             from ..knobs import configs_from_params
 
             torch._dynamo.reset()

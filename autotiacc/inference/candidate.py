@@ -11,7 +11,7 @@ import time
 import warnings
 from typing import Any
 
-from .knobs import BuildState, KnobConfig, all_knobs
+from ..knobs import BuildState, KnobConfig, all_knobs
 
 
 def _restore(out: Any, like: Any) -> Any:
