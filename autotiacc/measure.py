@@ -155,8 +155,10 @@ def faster_beyond_noise(candidate: Timing, baseline: Timing, *, min_gain: float 
 def mann_whitney_p_less(a: Sequence[float], b: Sequence[float]) -> float:
     """One-sided p-value that samples `a` are stochastically smaller than `b`
     (Mann-Whitney U, scipy: exact for small tie-free samples, tie-corrected otherwise)."""
-    from scipy.stats import mannwhitneyu
+    import warnings
 
+    with warnings.catch_warnings():  # importing scipy installs warning filters: the caller's stay theirs
+        from scipy.stats import mannwhitneyu
     if not a or not b:
         return 1.0
     return float(mannwhitneyu(a, b, alternative="less").pvalue)
