@@ -14,7 +14,7 @@ the workload has one input shape, `ShapeTuning` when it has traffic (`--traffic`
 - `label(values)`: a suffix for the trial's label ("" when there is nothing to add).
 - `evaluator(final=..., measure_s=..., prune_above=...)`: the function a trial worker runs and
   its own keyword arguments (picklable); the loop adds device, tolerance and warmup_s.
-- `final_reserve(tops)`: seconds the final re-measurement of the trials `tops` needs, beyond
+- `final_reserve(tops, process_s=)`: seconds the final re-measurement of the trials `tops` needs (`process_s`: one process start, paid per candidate where each gets its own), beyond
   starting its process.
 - `final_measure(workload, candidates, *, device, tolerance, warmup_s, env, timeout, log_path)`:
   the final re-measurement of the top candidates against the baseline, in `evaluate`'s result
@@ -70,9 +70,11 @@ class StaticShapes:
             return evaluate, {"target_s": self.final_measure_s}
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
-    def final_reserve(self, tops: list) -> float:
+    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
+        # each candidate is re-measured in a process of its own: it pays `process_s` to start
+        # (spawn, import, build the reference) before its own build and warm-up
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        return len(tops) * process_s + 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
@@ -237,7 +239,7 @@ class ShapeTuning:
         shapes = values.get("shapes")
         return f"; {shapes['label']}" if shapes else ""
 
-    def final_reserve(self, tops: list) -> float:
+    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:  # one process: no starts
         """Seconds the final re-measurement needs: it times baseline + the top candidates for
         `final_rounds` on every shape; scaled from what the trials' measurements took, with a
         third more for the noise of a shared machine."""

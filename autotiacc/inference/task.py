@@ -234,7 +234,8 @@ class InferenceTask(Task):
         warming up every runner (baseline included), the timing window, and the plan/report."""
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops) + 5.0
+        process_s = max(SPAWN_OVERHEAD_S, self.workload.check_s)  # the model check measured one process start
+        return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision
