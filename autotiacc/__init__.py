@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import (AutotiaccError, BudgetError, HardwareMismatchWarning, ModelRaisedError, PlanError,
                      PlanMismatchError, TrialError, UserInputError, WorkloadError)
 
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "optimize", "load_plan", "Plan", "tune", "AutotiaccError", "BudgetError", "HardwareMismatchWarning",
@@ -17,18 +17,18 @@ __all__ = [
     "__version__", "BucketedModel", "parse_traffic",
 ]
 
-_LAZY = {"optimize": "api", "load_plan": "plan", "Plan": "plan", "tune": "tuner"}
-_LAZY.update({"BucketedModel": "buckets", "parse_traffic": "traffic"})  # dynamic shapes
+_LAZY = {"optimize": "api", "load_plan": "inference.plan", "Plan": "inference.plan", "tune": "inference.task"}
+_LAZY.update({"BucketedModel": "inference.buckets", "parse_traffic": "inference.traffic"})  # dynamic shapes
 # production reuse (issue 8)
 __all__ += ["load_artifact", "verify_plan"]
-_LAZY.update({"load_artifact": "artifacts", "verify_plan": "verify"})
+_LAZY.update({"load_artifact": "inference.artifacts", "verify_plan": "inference.verify"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import optimize
-    from .artifacts import load_artifact
-    from .plan import Plan, load_plan
-    from .tuner import tune
-    from .verify import verify_plan
+    from .inference.artifacts import load_artifact
+    from .inference.plan import Plan, load_plan
+    from .inference.task import tune
+    from .inference.verify import verify_plan
 
 
 def __getattr__(name: str) -> Any:

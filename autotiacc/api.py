@@ -23,9 +23,9 @@ def optimize(model: Any, example_inputs: Any, *, level: int = 1, budget: str | f
     available, else CPU) is where it is tuned and where `model` is moved to run.
     """
     from .device import resolve_device
+    from .inference.task import TuneOptions, tune
+    from .inference.workload import workload_from_module
     from .report import write_report
-    from .tuner import TuneOptions, tune
-    from .workload import workload_from_module
 
     device = resolve_device(device, allow_meta=False, name="device")
     workload = workload_from_module(model, example_inputs, test_data=test_data, metric=metric)

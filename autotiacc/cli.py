@@ -14,7 +14,7 @@ from .errors import AutotiaccError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
-_STATE: dict[str, Any] = {"debug": False, "run_dir": None}
+_STATE: dict[str, Any] = {"debug": False, "run_dir": None, "started": None}
 
 
 def _fail(msg: str, code: int = 2) -> None:
@@ -135,13 +135,13 @@ def tune(
         return
     from .device import parse_memory, resolve_device
     from .durations import parse_duration
-    from .report import write_report
     from .engine.space import strategy_for
-    from .tuner import MIN_BUDGET_S, TuneOptions
-    from .tuner import tune as run_tune
-    from .workload import load_workload
+    from .inference.task import MIN_BUDGET_S, TuneOptions
+    from .inference.task import tune as run_tune
+    from .inference.workload import load_workload
+    from .report import write_report
 
-    started = time.monotonic()
+    started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
     budget_s = parse_duration(budget)
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
@@ -154,8 +154,9 @@ def tune(
 
         open_storage(storage, heartbeat_s=heartbeat)
     # the user's code runs first in a child killed at the end of the budget (a hanging forward)
+    left = max(budget_s, MIN_BUDGET_S) - (time.monotonic() - started)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=max(budget_s, MIN_BUDGET_S), limit=f"the {budget_s:.0f} s --budget")
+                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget")
     out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     _STATE["run_dir"] = out
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
@@ -199,7 +200,7 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
     if resume and not (Path(out) / "run.json").exists():
         raise _bad(f"`--resume`: {out} holds no tune to continue (no run.json); drop --resume to start one.")
     if resume:  # what a resume reads back must be readable: one line now, not a traceback later
-        from .report import read_json_file
+        from .report.inference import read_json_file
 
         read_json_file(Path(out) / "run.json")
     if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
@@ -236,7 +237,7 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
                                               "(default runs/<study>-report)")) -> None:
     """Re-render report.md, report.html and plots from a run directory alone (or a shared storage)."""
     from .report import write_report
-    from .training.report import is_training_run, write_training_report
+    from .report import is_training_run, write_training_report
 
     if storage is not None:
         from .engine.storage import materialize_run_dir
@@ -269,7 +270,7 @@ def compare(
     out: Path = typer.Option(Path("comparison"), "--out", "-o", help="folder for compare.md/.html/.csv + plots"),
 ) -> None:
     """Table and plots across tuning runs and experiment CSVs."""
-    from .compare import write_comparison
+    from .report import write_comparison
 
     for path in write_comparison(runs, out).values():
         typer.echo(str(path))
@@ -290,7 +291,7 @@ def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
 
 def _export_hook(run_dir: Path, workload) -> bool:
     """After the plan is written: export its artifact; a failure is reported, the tune kept."""
-    from .artifacts import export_for_plan
+    from .inference.artifacts import export_for_plan
 
     try:
         entry = export_for_plan(run_dir / "plan.json", workload)
@@ -314,7 +315,7 @@ def verify(
                                          "was made for (an error if this machine has none)"),
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
-    from .verify import verify_plan
+    from .inference.verify import verify_plan
 
     result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s, device=device)
     for line in result.lines:
@@ -343,9 +344,9 @@ def profile_cmd(
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
     from .device import resolve_device
     from .engine.workers import run_isolated
-    from .layer_precision import LOWERED_MODES, profile_for_search
+    from .inference.layer_precision import LOWERED_MODES, profile_for_search
+    from .inference.workload import CHECK_TIMEOUT_S, load_workload
     from .profile import PROFILE_FILE, save_profile, summary_lines
-    from .workload import CHECK_TIMEOUT_S, load_workload
 
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
@@ -376,6 +377,7 @@ def profile_cmd(
 
 
 def main() -> None:
+    _STATE["started"] = time.monotonic()  # imports (torch, optuna) on a loaded machine count too
     os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:torch.onnx")
     app()
 

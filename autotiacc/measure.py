@@ -75,7 +75,7 @@ class Timing:
         return cls(samples_ms=[float(x) for x in d.get("samples_ms", [])])
 
 
-def _time_once(fn: Runner, device: str) -> float:
+def time_once(fn: Runner, device: str) -> float:
     """Wall time of one call in ms, bracketed by device syncs (CUDA events on GPU)."""
     if is_cuda(device):
         import torch
@@ -101,7 +101,7 @@ def warm_up(fn: Runner, device: str = "cpu", *, max_s: float = 5.0, min_iters: i
     deadline = time.perf_counter() + max_s
     times: list[float] = []
     while True:
-        times.append(_time_once(fn, device))
+        times.append(time_once(fn, device))
         if len(times) >= max(min_iters, 6):
             prev, last = statistics.median(times[-6:-3]), statistics.median(times[-3:])
             if abs(last - prev) <= tol * max(prev, 1e-9):
@@ -136,7 +136,7 @@ def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_roun
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             for _ in range(block):
-                out[name].samples_ms.append(_time_once(fns[name], device))
+                out[name].samples_ms.append(time_once(fns[name], device))
         rounds += 1
     return out
 
@@ -155,8 +155,10 @@ def faster_beyond_noise(candidate: Timing, baseline: Timing, *, min_gain: float 
 def mann_whitney_p_less(a: Sequence[float], b: Sequence[float]) -> float:
     """One-sided p-value that samples `a` are stochastically smaller than `b`
     (Mann-Whitney U, scipy: exact for small tie-free samples, tie-corrected otherwise)."""
-    from scipy.stats import mannwhitneyu
+    import warnings
 
+    with warnings.catch_warnings():  # importing scipy installs warning filters: the caller's stay theirs
+        from scipy.stats import mannwhitneyu
     if not a or not b:
         return 1.0
     return float(mannwhitneyu(a, b, alternative="less").pvalue)

@@ -211,7 +211,7 @@ def _check_knobs(knobs: Any, origin: str, task: str) -> dict[str, dict[str, Any]
                 raise StrategyError(f"strategy {origin}: `{name}.{param}` lists no choice; give at least one.")
             for c in choices:
                 if param == "group_modes":
-                    from .layer_precision import LOWERED_MODES
+                    from .inference.layer_precision import LOWERED_MODES
 
                     if c not in LOWERED_MODES:
                         raise StrategyError(f"strategy {origin}: `{name}.group_modes` got {_show(c)}: use "

@@ -2,7 +2,7 @@
 
 For one model file, in ONE process on ONE machine: for each backend a plan can choose, build the
 plan's candidate (`OptimizedModel`, what `plan.apply` returns), export its artifact
-(`autotiacc.artifacts`), load it back with `autotiacc.load_artifact` (sha256 checked), and time
+(`autotiacc.inference.artifacts`), load it back with `autotiacc.load_artifact` (sha256 checked), and time
 eager fp32, every candidate and every artifact interleaved (measure.measure_interleaved).
 Writes a CSV row per variant and prints a table. Run with OMP_WAIT_POLICY=PASSIVE (as trial
 processes do) so torch and ONNX Runtime threads do not fight in one process.
@@ -24,13 +24,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import autotiacc  # noqa: E402
-from autotiacc.artifacts import export_for_plan  # noqa: E402
-from autotiacc.candidate import OptimizedModel  # noqa: E402
 from autotiacc.hardware import fingerprint, fingerprint_id  # noqa: E402
+from autotiacc.inference.artifacts import export_for_plan  # noqa: E402
+from autotiacc.inference.candidate import OptimizedModel  # noqa: E402
+from autotiacc.inference.plan import Plan  # noqa: E402
+from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import configs_from_params  # noqa: E402
 from autotiacc.measure import measure_interleaved  # noqa: E402
-from autotiacc.plan import Plan  # noqa: E402
-from autotiacc.workload import load_workload  # noqa: E402
 
 BACKENDS = {"torchscript": {"execution": {"backend": "torchscript"}},
             "compile": {"execution": {"backend": "compile", "freezing": True}},

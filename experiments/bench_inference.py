@@ -37,13 +37,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from autotiacc.accuracy import compare_outputs  # noqa: E402
-from autotiacc.candidate import OptimizedModel  # noqa: E402
 from autotiacc.hardware import fingerprint, fingerprint_id  # noqa: E402
+from autotiacc.inference.accuracy import compare_outputs  # noqa: E402
+from autotiacc.inference.candidate import OptimizedModel  # noqa: E402
+from autotiacc.inference.plan import load_plan  # noqa: E402
+from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import configs_from_params  # noqa: E402
 from autotiacc.measure import measure_interleaved  # noqa: E402
-from autotiacc.plan import load_plan  # noqa: E402
-from autotiacc.workload import load_workload  # noqa: E402
 
 MODEL_FILES = {
     "convnet": ROOT / "examples" / "convnet.py",

@@ -19,12 +19,12 @@ import warnings
 
 import torch
 
-from autotiacc.buckets import bucket_key, own_label
+from autotiacc.inference.buckets import bucket_key, own_label
+from autotiacc.inference.plan import load_plan
+from autotiacc.inference.traffic import workload_traffic
+from autotiacc.inference.traffic_eval import mixture_quantile
+from autotiacc.inference.workload import load_workload
 from autotiacc.measure import measure_interleaved
-from autotiacc.plan import load_plan
-from autotiacc.traffic import workload_traffic
-from autotiacc.traffic_eval import mixture_quantile
-from autotiacc.workload import load_workload
 
 
 def main() -> None:

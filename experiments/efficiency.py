@@ -35,12 +35,12 @@ sys.path.insert(0, str(ROOT))
 
 from autotiacc.engine.fidelity import measure_alternating  # noqa: E402
 from autotiacc.engine.workers import WorkerPool  # noqa: E402
-from autotiacc.evaluate import evaluate  # noqa: E402
 from autotiacc.hardware import fingerprint, fingerprint_id  # noqa: E402
+from autotiacc.inference.evaluate import evaluate  # noqa: E402
+from autotiacc.inference.plan import load_plan  # noqa: E402
+from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import SearchContext, configs_from_params, describe, get_knob  # noqa: E402
-from autotiacc.plan import load_plan  # noqa: E402
 from autotiacc.strategy import load_strategy  # noqa: E402
-from autotiacc.workload import load_workload  # noqa: E402
 
 
 def stage1_space(strategy_name: str, ctx: SearchContext) -> list[dict[str, dict]]:
@@ -102,8 +102,8 @@ def main() -> None:
 
     import torch
 
-    from autotiacc.accuracy import DEFAULT_TOLERANCE
     from autotiacc.hardware import usable_cores
+    from autotiacc.inference.accuracy import DEFAULT_TOLERANCE
 
     tolerance = DEFAULT_TOLERANCE[args.level]
     workload = load_workload(args.model, batch_size=args.batch_size)
@@ -175,7 +175,7 @@ def _has(mod: str) -> bool:
 
 
 def _plot(rows: list[dict], path: Path, head_to_head: dict[str, float]) -> None:
-    from autotiacc.plotting import figure
+    from autotiacc.report.plotting import figure
 
     ok = sorted((r for r in rows if r["status"] == "ok" and r.get("speedup")), key=lambda r: r["speedup"])
     with figure(path, title="Stage-1 sweep vs the tuned plan", xlabel="speed-up over eager fp32",

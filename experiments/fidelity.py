@@ -53,8 +53,8 @@ def model_file(plan) -> Path | None:
 def check(path: Path, *, rounds: int, window_s: float) -> dict:
     from autotiacc.engine.fidelity import measure_alternating
     from autotiacc.errors import AutotiaccError
-    from autotiacc.plan import load_plan
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.plan import load_plan
+    from autotiacc.inference.workload import load_workload
 
     row: dict = {"plan": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
     data = json.loads(path.read_text())

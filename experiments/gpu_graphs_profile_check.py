@@ -20,11 +20,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from autotiacc.candidate import OptimizedModel  # noqa: E402
+from autotiacc.inference.candidate import OptimizedModel  # noqa: E402
+from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import configs_from_params  # noqa: E402
 from autotiacc.measure import measure_interleaved  # noqa: E402
 from autotiacc.profile import profile_model  # noqa: E402
-from autotiacc.workload import load_workload  # noqa: E402
 
 
 def main() -> None:

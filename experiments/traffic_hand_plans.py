@@ -15,13 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from autotiacc.buckets import ShapePlan, spec_from_values
 from autotiacc.hardware import fingerprint
+from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.plan import Plan
+from autotiacc.inference.shape_tuning import shape_tuning_for
+from autotiacc.inference.traffic import traffic_to_rows
+from autotiacc.inference.workload import load_workload
 from autotiacc.knobs import configs_from_params
-from autotiacc.plan import Plan
-from autotiacc.shape_tuning import shape_tuning_for
-from autotiacc.traffic import traffic_to_rows
-from autotiacc.workload import load_workload
 
 TS = {"execution": {"backend": "torchscript"}}
 BF16 = {"execution": {"backend": "eager"}, "precision": {"mode": "bf16_weights"}}

@@ -59,7 +59,7 @@ def summarise(run_dir: Path, *, variant: str, rev: str, budget_s: float, wall_s:
 
 def _label(plan: dict) -> str:
     try:
-        from autotiacc.plan import Plan
+        from autotiacc.inference.plan import Plan
 
         return Plan.from_dict(plan).label
     except Exception:  # noqa: BLE001 - an older plan schema: the note still says what it is
@@ -87,7 +87,7 @@ def checkout(rev: str) -> Path:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    from autotiacc.plotting import figure
+    from autotiacc.report.plotting import figure
 
     with figure(path, title="autotiacc tune examples/convnet.py --batch-size 8 (same budget)",
                 xlabel="measured trials per minute of budget", size=(8, 3.5)) as ax:
@@ -104,8 +104,8 @@ def per_trial_ab(model: str, batch_size: int, rounds: int, out: Path) -> list[di
     both see the same load. Both run the working tree's `evaluate`; the fresh arm pays the process
     start, torch import and model/baseline build every time, which is what the warm worker saves."""
     from autotiacc.engine.workers import WorkerPool, run_isolated
-    from autotiacc.evaluate import evaluate
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.evaluate import evaluate
+    from autotiacc.inference.workload import load_workload
 
     workload = load_workload(ROOT / model, batch_size=batch_size)
     cand = {"candidate": {"execution": {"backend": "torchscript"}}}

@@ -6,15 +6,15 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.accuracy import compare_outputs
 from autotiacc.durations import format_duration, parse_duration
 from autotiacc.errors import BudgetError, PlanError, PlanMismatchError, UserInputError, WorkloadError, ModelRaisedError
+from autotiacc.inference.accuracy import compare_outputs
+from autotiacc.inference.plan import Plan, load_plan
+from autotiacc.inference.workload import load_workload, workload_from_module
 from autotiacc.knobs import all_knobs, config_from_dict, config_to_dict, configs_from_params, describe
 from autotiacc.knobs.execution import ExecutionConfig
 from autotiacc.measure import Timing, faster_beyond_noise, mann_whitney_p_less, measure_interleaved
-from autotiacc.plan import Plan, load_plan
 from autotiacc.strategy import builtin_strategies, load_strategy
-from autotiacc.workload import load_workload, workload_from_module
 
 
 @pytest.mark.parametrize("text,seconds", [("90s", 90), ("10m", 600), ("1h", 3600), ("1h30m", 5400), ("45", 45),
@@ -182,7 +182,7 @@ def test_accuracy_guard_with_user_metric():
 
 def test_traced_graph_wrong_on_other_branch_is_rejected(models_dir):
     """Data-dependent control flow: tracing bakes in one branch; the guard must catch it."""
-    from autotiacc.evaluate import evaluate
+    from autotiacc.inference.evaluate import evaluate
 
     w = load_workload(models_dir / "branchy.py")
     res = evaluate(w, {"ts": {"execution": {"backend": "torchscript"}},

@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from autotiacc.candidate import OptimizedModel
+from autotiacc.inference.candidate import OptimizedModel
 from autotiacc.device import (PeakMemory, dist_backend, parse_memory, process_flags, rank_device, read_flags,
                               resolve_device, to_device)
 from autotiacc.errors import PlanError, UserInputError
-from autotiacc.evaluate import evaluate
+from autotiacc.inference.evaluate import evaluate
 from autotiacc.knobs import BuildState, PrecisionConfig, RuntimeConfig, configs_from_params, get_knob
-from autotiacc.workload import load_workload, workload_from_module
+from autotiacc.inference.workload import load_workload, workload_from_module
 
 from .conftest import MODELS, run_cli
 
@@ -92,7 +92,7 @@ def test_evaluate_moves_targets_with_outputs_for_the_users_metric():
 
 
 def test_plan_apply_puts_the_model_on_the_plans_device_or_says_why_not(tmp_path):
-    from autotiacc.plan import Plan
+    from autotiacc.inference.plan import Plan
 
     model = nn.Sequential(nn.Linear(4, 3))
     fast = Plan(knobs=configs_from_params({}), device="cpu").apply(model, device="meta")
@@ -100,7 +100,7 @@ def test_plan_apply_puts_the_model_on_the_plans_device_or_says_why_not(tmp_path)
     if not torch.cuda.is_available():
         with pytest.raises(PlanError, match="made for `cuda` and this process has no such device.*device='cpu'"):
             Plan(knobs=configs_from_params({}), device="cuda").apply(nn.Linear(4, 3))
-        from autotiacc.verify import verify_plan
+        from autotiacc.inference.verify import verify_plan
 
         cuda_plan = Plan(knobs=configs_from_params({}), device="cuda").save(tmp_path / "plan.json")
         with pytest.raises(PlanError, match="made for `cuda`"):  # verify says why before measuring anything

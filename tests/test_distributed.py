@@ -87,7 +87,7 @@ def test_worker_on_other_hardware_or_batch_size_is_refused(pg_url, tiny, tmp_pat
     from autotiacc.engine.study import StudySpec, check_same_setup, open_study, record_setup
     from autotiacc.errors import UserInputError
     from autotiacc.hardware import fingerprint
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.workload import load_workload
 
     identity = load_workload(tiny).identity()
     spec = StudySpec(storage=pg_url, study_name=_study_name("fp"), direction="minimize")

@@ -9,16 +9,16 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
+from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
                                quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
-from autotiacc.evaluate import evaluate
+from autotiacc.inference.evaluate import evaluate
 from autotiacc.knobs import SearchContext, configs_from_params
-from autotiacc.plan import Plan, load_plan
-from autotiacc.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
-from autotiacc.traffic import histogram, load_traffic_file, parse_traffic
-from autotiacc.traffic_eval import evaluate_traffic, mixture_quantile
-from autotiacc.workload import load_workload
+from autotiacc.inference.plan import Plan, load_plan
+from autotiacc.inference.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
+from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
+from autotiacc.inference.traffic_eval import evaluate_traffic, mixture_quantile
+from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli
 
@@ -568,7 +568,7 @@ def test_a_bucket_runs_a_static_shape_onnxruntime_session(tiny):
 
 def test_verify_times_a_traffic_plan_over_its_mix(tiny, tmp_path):
     from autotiacc.hardware import fingerprint
-    from autotiacc.verify import verify_plan
+    from autotiacc.inference.verify import verify_plan
 
     st = shape_tuning_for(tiny)
     values = {"execution": {"backend": "torchscript"}, "shapes": {

@@ -366,19 +366,25 @@ def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path
     fp = {"cpu_model": "Fake CPU", "torch": "0.0", "device_name": "fake"}
     good = {"modules": [{"path": "fc"}], "sensitivity": [], "unavailable": []}
 
-    def run(name, identity=ident, fingerprint=fp, profile=good, resume=False):
+    def run(name, identity=ident, fingerprint=fp, profile=good, resume=False, timeout_s=10.0):
         d = tmp_path / name
         d.mkdir(exist_ok=True)
-        with cached_profile(d, identity, fingerprint, key_extra=[1], resume=resume) as reuse:
+        with cached_profile(d, identity, fingerprint, key_extra=[1], resume=resume, timeout_s=timeout_s) as reuse:
             if not reuse:
                 (d / "profile.json").write_text(json.dumps(profile))
         return reuse, json.loads((d / "profile.json").read_text())
 
     assert run("a") == (False, good)  # profiled, then cached
-    assert run("b") == (True, good)  # the same workload and machine: reused
+    reused, prof = run("b")
+    assert reused and prof["modules"] == good["modules"]  # the same workload and machine: reused
     assert run("c", identity={**ident, "batch_size": 16})[0] is False  # another input: profiled again
     assert run("d", fingerprint={**fp, "torch": "9.9"})[0] is False  # another machine/software
     failed = {**good, "unavailable": ["the profile (timeout: no result); per-layer precision not searched"]}
     assert run("e", identity={**ident, "kind": "x"}, profile=failed)[0] is False
     assert run("f", identity={**ident, "kind": "x"})[0] is False  # a failed profile was not kept
     assert run("a", resume=True)[0] is True  # --resume keeps the run's own profile
+    cut = {**good, "sensitivity": [{"path": "fc", "skipped": "not analysed: the 0 s for the analysis ran out"}]}
+    partial = {**ident, "kind": "p"}
+    assert run("g", identity=partial, profile=cut, timeout_s=12)[0] is False  # cut short, kept with its 12 s
+    assert run("h", identity=partial, timeout_s=12)[0] is True  # a run with no more time reuses it
+    assert run("i", identity=partial, timeout_s=60)[0] is False  # a longer tune analyses again

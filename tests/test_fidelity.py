@@ -3,7 +3,7 @@ final re-measurement's result format; the noise test is scipy's Mann-Whitney U."
 import pytest
 
 from autotiacc.engine.fidelity import BASELINE, AlternatingResult, evaluate_alternating, measure_alternating
-from autotiacc.workload import load_workload
+from autotiacc.inference.workload import load_workload
 
 TS = {"execution": {"backend": "torchscript"}}
 

@@ -9,17 +9,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
-import autotiacc.layer_precision  # noqa: F401
-import autotiacc.verify  # noqa: F401
-import autotiacc.workload  # noqa: F401
-import autotiacc.evaluate  # noqa: F401
+import autotiacc.inference.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
+import autotiacc.inference.layer_precision  # noqa: F401
+import autotiacc.inference.verify  # noqa: F401
+import autotiacc.inference.workload  # noqa: F401
+import autotiacc.inference.evaluate  # noqa: F401
 import autotiacc.engine.workers  # noqa: F401
-from autotiacc.buckets import ShapePlan, spec_from_values
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
+from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.knobs import configs_from_params
-from autotiacc.plan import Plan, load_plan
 from autotiacc.strategy import load_strategy
 from autotiacc.training.config import TrainConfig
 from autotiacc.training.plan import TrainingPlan, load_training_plan
@@ -43,7 +43,8 @@ def _good_plan() -> dict:
                 shapes=ShapePlan(spec_from_values({"edges": {"batch_size": [1, 2]}, "padded": [True, False],
                                                    "knobs": [{"execution": {"backend": "onnxruntime"}}, {}]},
                                                   {"batch_size": [(0, 0)]}),
-                                 traffic=[{"batch_size": 1, "weight": 1.0}], measured={"p99_mix_ms": 1.0}))
+                                 traffic=[{"batch_size": 1, "weight": 1.0}], serve_batch=2, p99_budget_ms=5.0,
+                                 measured={"p99_mix_ms": 1.0}))
     return plan.to_dict()
 
 
@@ -90,6 +91,12 @@ def malformed(draw, base):
     return json.dumps(d, allow_nan=True)
 
 
+def _assert_nothing_imported(before: set) -> None:
+    """Only autotiacc's own modules may load lazily; nothing a file names, no user file."""
+    new = set(sys.modules) - before
+    assert all(m.startswith("autotiacc.") for m in new), new
+
+
 def _assert_only_error(tmp_path, text, load, error=PlanError):
     path = tmp_path / "plan.json"
     path.write_text(text)
@@ -99,7 +106,7 @@ def _assert_only_error(tmp_path, text, load, error=PlanError):
     except error as exc:
         assert str(path) in str(exc), str(exc)
         assert "\n" not in str(exc)
-    assert set(sys.modules) == before_modules, set(sys.modules) ^ before_modules
+    _assert_nothing_imported(before_modules)
     assert sorted(p.name for p in tmp_path.iterdir()) == before_files
 
 
@@ -123,6 +130,8 @@ def test_malformed_plans_raise_only_plan_error(fuzz_dir, text):
         fingerprint_differences(plan.fingerprint, {})
         fingerprint_id(plan.fingerprint)
         _ = plan.label, plan.to_dict()
+        if plan.shapes is not None:  # what apply and the report read of the buckets
+            _ = plan.shapes.spec.buckets(), plan.shapes.spec.label(), plan.shapes.to_dict()
 
     _assert_only_error(tmp, text, load_and_read)
 
@@ -133,7 +142,7 @@ def test_verify_refuses_malformed_plans_before_touching_the_model(fuzz_dir, text
     """`verify` reads the whole plan before the model file: a malformed plan is a PlanError; a
     plan that loads goes on to the model file (here missing: a WorkloadError, nothing run)."""
     from autotiacc.errors import WorkloadError
-    from autotiacc.verify import verify_plan
+    from autotiacc.inference.verify import verify_plan
 
     missing = fuzz_dir / "no-such-model.py"
 
@@ -166,6 +175,7 @@ def test_malformed_training_plans_raise_only_plan_error(fuzz_dir, text):
     (lambda d: d["knobs"][0].update(_type="os.system"), "unknown _type 'os.system'"),
     (lambda d: d["extra"]["artifact"].update(file="../../x.so"), "not a path"),
     (lambda d: d["workload"].update(input_dtypes=["float99"]), "`workload.input_dtypes` got 'float99'"),
+    (lambda d: d["shapes"].update(serve_batch="8"), "`serve_batch` got '8'"),
 ])
 def test_plan_field_errors_name_the_file_and_the_field(tmp_path, edit, expected):
     d = _good_plan()
@@ -221,7 +231,7 @@ def test_malformed_strategies_raise_only_strategy_error(fuzz_dir, text):
                     k.choices(f, s.space(k.name), ctx)
         for entry in s.enqueue:
             configs_from_params(entry)
-    assert set(sys.modules) == before_modules, set(sys.modules) ^ before_modules
+    _assert_nothing_imported(before_modules)
     assert sorted(p.name for p in tmp.iterdir()) == before_files
 
 

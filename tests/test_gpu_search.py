@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
+from autotiacc.engine.space import seed_allowed
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.knobs import ExecutionConfig, SearchContext, config_from_dict, config_to_dict, get_knob
+from autotiacc.knobs import all_knobs
 from autotiacc.profiling.attribution import Span, attribute, profile_forwards, range_name, summarise
 from autotiacc.profiling.diagnosis import diagnose, order_seeds
 from autotiacc.profiling.gpu import peak_from_name, peak_from_specs
 from autotiacc.strategy import load_strategy
-from autotiacc.engine.space import seed_allowed
-from autotiacc.knobs import all_knobs
 
 
 def _allowed(entry, strategy, ctx) -> bool:
@@ -103,7 +103,7 @@ def test_cuda_graphs_round_trips_and_old_plans_still_load():
 
 
 def test_cuda_graph_runner_refuses_without_cuda_with_the_fix():
-    from autotiacc.candidate import OptimizedModel
+    from autotiacc.inference.candidate import OptimizedModel
     from autotiacc.knobs import configs_from_params
 
     model, x = nn.Linear(4, 2).eval(), torch.randn(3, 4)
@@ -288,7 +288,7 @@ def test_profile_forwards_leaves_the_model_as_it_was():
 def test_report_states_the_diagnosis_and_the_attribution():
     from types import SimpleNamespace
 
-    from autotiacc.report_profile import profile_sections
+    from autotiacc.report.profile import profile_sections
 
     prof = {"method": "profiler_attribution", "device": "cuda", "nvtx": True, "shares_sum": 1.0, "busy_ms": 0.95,
             "timer_overhead": 0.4, "idle_scale": 0.6, "forward": {"median_ms": 3.5, "spread": 0.01, "n": 50},

@@ -51,10 +51,11 @@ def test_hanging_forward_ends_within_the_budget(tmp_path):
     model = _write(tmp_path / "m.py", HANG.format(pid=str(pid)))
     out = tmp_path / "run"
     t0 = time.monotonic()
-    res = run_cli("tune", str(model), "--budget", "10s", "--out", str(out), "--quiet", timeout=120)
+    res = run_cli("tune", str(model), "--budget", "20s", "--out", str(out), "--quiet", timeout=120)
     wall = time.monotonic() - t0
-    _one_line(res, "did not finish within 10 s (the 10 s --budget)")
-    assert wall < 10 + 45, wall  # the budget + process start-up on a loaded 2-core machine
+    line = _one_line(res, "(the 20 s --budget) and was stopped")
+    assert "did not finish within" in line
+    assert wall < 20 + 30, wall  # the budget counts from the command's start; the rest is killing and exiting
     assert not out.exists()
     assert pid.is_file() and not _alive(int(pid.read_text()))
 
@@ -111,8 +112,8 @@ def test_user_file_exiting_is_one_clear_line(tmp_path, case):
 
 
 def _plan_for(tmp_path, **fields):
+    from autotiacc.inference.plan import Plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
 
     d = Plan(knobs=configs_from_params({}), workload={"name": "m", "kind": "python", "batch_size": 1}).to_dict()
     d.update(fields)
@@ -215,22 +216,28 @@ def test_resume_with_a_damaged_state_file(tmp_path, name, content, expected):
 
 
 # -- 10. a plan never imports the model.py it records ----------------------------------------------------
-def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path, version):
     import torch
 
-    from autotiacc.buckets import BucketSpec, ShapePlan
     from autotiacc.errors import PlanError
+    from autotiacc.inference.buckets import BucketSpec, ShapePlan
+    from autotiacc.inference.plan import Plan, load_plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan, load_plan
 
     marker = tmp_path / "imported"
     evil = _write(tmp_path / "model.py", f"open({str(marker)!r}, 'w').write('ran')\n"
                   "def pad_inputs(inputs, **dims):\n    return inputs\n")
     spec = BucketSpec(edges={"batch_size": [2], "seq_len": [16]}, axes={"batch_size": [(0, 0)], "seq_len": [(0, 1)]})
-    plan = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec))
-    path = plan.save(tmp_path / "plan.json")
+    d = Plan(knobs=configs_from_params({}), workload={"file": str(evil)}, shapes=ShapePlan(spec)).to_dict()
+    if version == 1:  # version 1 kept the buckets among the extras
+        d["schema_version"], d["extra"]["shapes"] = 1, d.pop("shapes")
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(d))
+    plan = load_plan(path)
+    assert plan.shapes is not None
     with pytest.raises(PlanError, match=r"pad_inputs=my_model.pad_inputs"):
-        load_plan(path).apply(torch.nn.Linear(16, 2))
+        plan.apply(torch.nn.Linear(16, 2))
     assert not marker.exists()
 
 
@@ -265,7 +272,7 @@ def test_truncated_pt2_prints_one_line(tmp_path):
 def test_accuracy_check_fails_an_output_with_no_tensor():
     import torch
 
-    from autotiacc.accuracy import compare_outputs
+    from autotiacc.inference.accuracy import compare_outputs
 
     rep = compare_outputs([None], [None], tolerance=1e-3)
     assert not rep.ok and "holds no tensor" in rep.reason
@@ -285,13 +292,14 @@ def test_baseline_is_never_pruned_and_run_json_holds_no_password(tmp_path):
     """A prune threshold below 1x would prune the baseline against itself; it is exempt. The
     command recorded in run.json has its storage password redacted."""
     from autotiacc.engine.loop import Search
-    from autotiacc.tuner import InferenceTask, TuneOptions
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.task import InferenceTask, TuneOptions
+    from autotiacc.inference.workload import load_workload
 
     wl = load_workload(_write(tmp_path / "m.py", GOOD))
     opts = TuneOptions(budget_s=40, out_dir=tmp_path / "run", strategy="quick",
                        command="autotiacc tune m.py --storage postgresql://alice:s3cret@db/x")
     task = InferenceTask(wl, opts)
+    # below 1x no YAML may ask for (the strategy check refuses it): every candidate would be pruned
     task.strategy.prune_factor, task.strategy.enqueue = 0.01, [{}]
     try:
         result = Search(task, opts, patience=1).run()

@@ -11,10 +11,10 @@ import torch
 from autotiacc.errors import PlanError
 from autotiacc.knobs import SearchContext, config_from_dict, config_to_dict, configs_from_params, get_knob
 from autotiacc.knobs.precision import PrecisionConfig
-from autotiacc.layer_precision import (analyse_sensitivity, apply_group_precision, enqueue_params, param_name,
+from autotiacc.inference.layer_precision import (analyse_sensitivity, apply_group_precision, enqueue_params, param_name,
                                        search_groups)
-from autotiacc.plan import Plan, load_plan
-from autotiacc.workload import load_workload
+from autotiacc.inference.plan import Plan, load_plan
+from autotiacc.inference.workload import load_workload
 
 MODELS = Path(__file__).resolve().parent / "models"
 OVERFLOW = MODELS / "fp16_overflow.py"
@@ -114,8 +114,8 @@ def test_precision_knob_samples_one_parameter_per_group_only_under_fp32():
 def test_tune_keeps_the_overflowing_layer_wide_and_output_finite(tmp_path):
     """Done-means on this CPU: fp16 is the only lowered type offered; the tune must finish,
     never put `big` (or the whole model) in fp16, and its plan must give finite outputs."""
+    from autotiacc.inference.task import TuneOptions, tune
     from autotiacc.report import write_report
-    from autotiacc.tuner import TuneOptions, tune
 
     w = load_workload(OVERFLOW)
     opts = TuneOptions(budget_s=60, out_dir=tmp_path / "run", strategy=str(MODELS / "fp16_layer_strategy.yaml"))
@@ -148,7 +148,7 @@ def test_tune_keeps_the_overflowing_layer_wide_and_output_finite(tmp_path):
 
 @pytest.mark.slow
 def test_prepare_search_writes_profile_json_and_reuses_it_on_resume(tmp_path):
-    from autotiacc.layer_precision import prepare_search
+    from autotiacc.inference.layer_precision import prepare_search
     from autotiacc.profile import save_profile
     from autotiacc.strategy import load_strategy
 

@@ -79,3 +79,15 @@ def test_optimize_a_model_from_an_imported_module(tmp_path):
     script = tmp_path / "use.py"
     script.write_text(textwrap.dedent("from usermodels import Tiny\n") + f"OUT = {str(out)!r}\n" + CALL)
     _check(_run([str(script)], tmp_path), out)
+
+
+@pytest.mark.slow
+def test_building_a_compiled_plan_keeps_the_callers_warning_filters(tmp_path):
+    """Inductor imports sympy, which installs a warning filter at import: the build restores them."""
+    code = (MODEL + "import warnings\nfrom autotiacc.candidate import OptimizedModel\n"
+            "from autotiacc.knobs import configs_from_params\nbefore = list(warnings.filters)\n"
+            "m = Tiny().eval()\nx = torch.randn(2, 16)\n"
+            "f = OptimizedModel(m, configs_from_params({'execution': {'backend': 'compile'}}), example_inputs=(x,))\n"
+            "f(x)\nprint('SAME', list(warnings.filters) == before)\n")
+    res = _run(["-"], tmp_path, input=code)
+    assert "SAME True" in res.stdout, res.stdout + res.stderr[-2000:]

@@ -10,8 +10,8 @@ from torch import nn
 from typer.testing import CliRunner
 
 from autotiacc.cli import app
+from autotiacc.inference.workload import workload_from_module
 from autotiacc.profile import candidate_groups, profile_model, top_modules
-from autotiacc.workload import workload_from_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,8 +62,8 @@ def test_shares_add_up_to_the_measured_forward():
     profiled as a tune does it (spawned process, passive OpenMP waits). The CPU is shared,
     so take the best of three attempts and allow 15 %."""
     from autotiacc.engine.workers import run_isolated
-    from autotiacc.layer_precision import profile_for_search
-    from autotiacc.workload import load_workload
+    from autotiacc.inference.layer_precision import profile_for_search
+    from autotiacc.inference.workload import load_workload
 
     w = load_workload(ROOT / "examples" / "convnet.py", batch_size=4)
     sums = []

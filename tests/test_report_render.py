@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from autotiacc.measure import Timing, faster_beyond_noise, mann_whitney_p_less
-from autotiacc.report import _html
+from autotiacc.report.inference import _html
 
 
 def test_html_lists_tables_and_escaping():

@@ -19,7 +19,7 @@ from autotiacc.training import (ComputeConfig, DataConfig, DDPConfig, MemoryConf
 from autotiacc.training.cache import DecodedCache
 from autotiacc.training.launch import run_ranks
 from autotiacc.training.trial import detect_overflow, heaviest_blocks
-from autotiacc.training.report import write_training_report
+from autotiacc.report import write_training_report
 from autotiacc.training.tuner import TrainTuneOptions, tune_training
 from autotiacc.training.workload import TrainWorkload
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import autotiacc
-from autotiacc.workload import load_workload
+from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli
 

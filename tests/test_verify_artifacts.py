@@ -64,11 +64,11 @@ def test_artifact_round_trip_and_tamper(tiny, tmp_path, values, fmt):
     import torch
 
     import autotiacc
-    from autotiacc.artifacts import export_for_plan
     from autotiacc.errors import PlanError
+    from autotiacc.inference.artifacts import export_for_plan
+    from autotiacc.inference.plan import Plan
+    from autotiacc.inference.workload import load_workload
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
-    from autotiacc.workload import load_workload
 
     wl = load_workload(tiny)
     Plan(knobs=configs_from_params(values)).save(tmp_path / "plan.json")
@@ -92,8 +92,8 @@ def test_artifact_round_trip_and_tamper(tiny, tmp_path, values, fmt):
 def test_load_artifact_needs_a_recorded_hash(tiny, tmp_path):
     import autotiacc
     from autotiacc.errors import PlanError
+    from autotiacc.inference.plan import Plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
 
     loose = tmp_path / "artifact.ts"
     loose.write_bytes(b"not a model")
@@ -108,10 +108,10 @@ def test_load_artifact_needs_a_recorded_hash(tiny, tmp_path):
 
 def test_failed_export_is_recorded_in_the_plan(tmp_path):
     """torch.export refuses data-dependent control flow instead of baking in one branch."""
-    from autotiacc.artifacts import export_for_plan
+    from autotiacc.inference.artifacts import export_for_plan
+    from autotiacc.inference.plan import Plan, load_plan
+    from autotiacc.inference.workload import load_workload
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan, load_plan
-    from autotiacc.workload import load_workload
 
     Plan(knobs=configs_from_params({})).save(tmp_path / "plan.json")
     with pytest.raises(Exception):
@@ -126,10 +126,10 @@ def test_aoti_package_runs(tiny, tmp_path):
     import torch
 
     import autotiacc
-    from autotiacc.artifacts import export_for_plan
+    from autotiacc.inference.artifacts import export_for_plan
+    from autotiacc.inference.plan import Plan
+    from autotiacc.inference.workload import load_workload
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
-    from autotiacc.workload import load_workload
 
     wl = load_workload(tiny)
     Plan(knobs=configs_from_params({"execution": {"backend": "compile", "freezing": True}})).save(tmp_path / "plan.json")
@@ -142,7 +142,7 @@ def test_aoti_package_runs(tiny, tmp_path):
 # -- verify ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_verify_passes_where_it_was_tuned(tuned, tiny):
-    from autotiacc.verify import verify_plan
+    from autotiacc.inference.verify import verify_plan
 
     # A wider tolerance than the default: CI machines are shared and a tiny model's ratio moves.
     result = verify_plan(tuned / "plan.json", tiny, tolerance=0.4)
@@ -168,7 +168,7 @@ def test_verify_flags_doctored_figures(tuned, tiny, tmp_path):
 
 @pytest.mark.slow
 def test_verify_flags_other_hardware_and_tampered_artifact(tuned, tiny, tmp_path):
-    from autotiacc.verify import verify_plan
+    from autotiacc.inference.verify import verify_plan
 
     plan = _plan_copy(tuned, tmp_path / "other", fingerprint={"torch": "2.0.0", "cpu_model": "Other CPU 9000"})
     art = next(p for p in plan.parent.iterdir() if p.name.startswith("artifact."))
@@ -183,8 +183,8 @@ def test_verify_flags_other_hardware_and_tampered_artifact(tuned, tiny, tmp_path
 def test_verify_rejects_bad_input(tiny, tmp_path):
     proc = _cli("verify", str(tmp_path / "missing.json"), str(tiny))
     assert proc.returncode == 2 and "no such plan file" in proc.stderr
+    from autotiacc.inference.plan import Plan
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
 
     Plan(knobs=configs_from_params({}), workload={"param_shapes_sha256": "0" * 16, "name": "other"}).save(
         tmp_path / "plan.json")
@@ -199,11 +199,11 @@ def test_export_archive_with_pickled_payload_is_refused(tiny, tmp_path):
     import zipfile
 
     import autotiacc
-    from autotiacc.artifacts import export_for_plan, sha256_of
     from autotiacc.errors import PlanError
+    from autotiacc.inference.artifacts import export_for_plan, sha256_of
+    from autotiacc.inference.plan import Plan
+    from autotiacc.inference.workload import load_workload
     from autotiacc.knobs import configs_from_params
-    from autotiacc.plan import Plan
-    from autotiacc.workload import load_workload
 
     Plan(knobs=configs_from_params({})).save(tmp_path / "plan.json")
     entry = export_for_plan(tmp_path, load_workload(tiny))

@@ -58,9 +58,9 @@ class AlternatingResult:
 
     def p_faster(self, name: str) -> float:
         """One-sided Mann-Whitney U p-value that `name`'s windows are faster than the baseline's."""
-        from scipy.stats import mannwhitneyu
+        from ..measure import mann_whitney_p_less
 
-        return float(mannwhitneyu(self.windows[name], self.windows[BASELINE], alternative="less").pvalue)
+        return mann_whitney_p_less(self.windows[name], self.windows[BASELINE])
 
     def speedup_range(self, name: str) -> tuple[float, float]:
         """The lowest and highest speed-up of any pair of windows taken in the same round: the noise."""
@@ -91,7 +91,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
     """
     import torch
 
-    from ..evaluate import reference_for
+    from ..inference.evaluate import reference_for
     from ..measure import measure, warm_up
 
     key = (getattr(workload, "token", None), name, device)
@@ -102,8 +102,8 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
         if values is None:
             runner = ref.baseline
         else:
-            from ..accuracy import compare_outputs
-            from ..candidate import OptimizedModel
+            from ..inference.accuracy import compare_outputs
+            from ..inference.candidate import OptimizedModel
             from ..knobs import configs_from_params
 
             torch._dynamo.reset()

@@ -35,17 +35,22 @@ def profile_key(identity: dict[str, Any], fingerprint: dict[str, Any], extra: li
 
 @contextlib.contextmanager
 def cached_profile(run_dir: Path, identity: dict[str, Any], fingerprint: dict[str, Any], *, key_extra: list[Any],
-                   resume: bool) -> Iterator[bool]:
+                   resume: bool, timeout_s: float = 0.0) -> Iterator[bool]:
     """Yields True when `run_dir/profile.json` holds a profile to reuse (this run's own on
-    resume, else a cached one copied in); after a fresh profile, files it in the cache."""
+    resume, else a cached one copied in); after a fresh profile, files it in the cache.
+
+    A profile whose sensitivity analysis was cut short is reused only by runs that could not
+    give it more time (`timeout_s` no larger than the one it had); a complete one by every run."""
     here = Path(run_dir) / PROFILE_FILE
     cached = cache_dir() / f"{profile_key(identity, fingerprint, key_extra)}.json"
     reuse = resume and here.is_file()
     if not reuse and cached.is_file():
         try:
-            shutil.copyfile(cached, here)
-            reuse = True
-        except OSError:
+            prof = json.loads(cached.read_text())
+            if not _partial(prof) or float(prof.get("cache_timeout_s", 0)) >= timeout_s:
+                shutil.copyfile(cached, here)
+                reuse = True
+        except (OSError, ValueError):
             reuse = False
     yield reuse
     if reuse or not here.is_file():
@@ -54,11 +59,17 @@ def cached_profile(run_dir: Path, identity: dict[str, Any], fingerprint: dict[st
         prof = json.loads(here.read_text())
         if any(str(u).startswith("the profile (") for u in prof.get("unavailable", [])):
             return  # a failed or timed-out profile is not worth keeping
-        if any(g.get("skipped") for g in prof.get("sensitivity") or []):
-            return  # cut short by a small budget: a longer tune should analyse every group
+        old = json.loads(cached.read_text()) if cached.is_file() else None
+        if old is not None and not _partial(old) and _partial(prof):
+            return  # never replace a complete analysis by one cut short
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        shutil.copyfile(here, tmp)
+        tmp.write_text(json.dumps({**prof, "cache_timeout_s": timeout_s}))
         tmp.replace(cached)
     except (OSError, ValueError):
         pass  # the cache is an optimisation; a read-only home must not fail the tune
+
+
+def _partial(prof: dict[str, Any]) -> bool:
+    """The sensitivity analysis ran out of time before every group was analysed."""
+    return any(g.get("skipped") for g in prof.get("sensitivity") or [])

@@ -1,5 +1,5 @@
 """Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, and
-per-layer precision: `groups` lowers chosen submodules only (see autotiacc.layer_precision).
+per-layer precision: `groups` lowers chosen submodules only (see autotiacc.knobs.precision_groups).
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
+from .precision_groups import GROUP_MODES, apply_group_precision, param_name
 
 MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights")
 
@@ -22,8 +23,6 @@ class PrecisionConfig(KnobConfig):
     groups: tuple = ()
 
     def __post_init__(self) -> None:
-        from ..layer_precision import GROUP_MODES
-
         if self.mode not in MODES:
             raise ValueError(f"`mode` got {self.mode!r}: use one of {', '.join(MODES)}.")
         # JSON gives lists; keep tuples so configs compare, hash and round-trip exactly
@@ -58,8 +57,6 @@ class PrecisionKnob(Knob):
     cuda_only = {"mode": {"tf32"}}
 
     def suggest(self, trial, space, ctx: SearchContext) -> PrecisionConfig:
-        from ..layer_precision import param_name
-
         mode = self.pick(trial, "mode", space, ctx)
         layers = ctx.extras.get("precision_groups") or []
         if mode not in ("fp32", "tf32") or ctx.level < 1 or not layers:
@@ -72,8 +69,6 @@ class PrecisionKnob(Knob):
         import torch
 
         if config.groups:
-            from ..layer_precision import apply_group_precision
-
             apply_group_precision(state.model, config.groups, state.device)
         if config.mode == "tf32":
             # per candidate, not process-wide: set while it builds and runs, restored after, so

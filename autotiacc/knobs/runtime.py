@@ -22,7 +22,7 @@ class RuntimeConfig(KnobConfig):
 
 
 @contextlib.contextmanager
-def _threads(n: int):
+def thread_scope(n: int):
     """Set torch's intra-op threads for one call and restore them, so interleaved candidates
     with different thread counts are each timed with their own."""
     import torch
@@ -59,8 +59,8 @@ class RuntimeKnob(Knob):
 
         state.notes["threads"] = config.threads
         if config.threads:
-            state.build_contexts.append(lambda: _threads(config.threads))
-            state.call_contexts.append(lambda: _threads(config.threads))
+            state.build_contexts.append(lambda: thread_scope(config.threads))
+            state.call_contexts.append(lambda: thread_scope(config.threads))
         if config.inference_mode:
             state.call_contexts.append(torch.inference_mode)
         else:

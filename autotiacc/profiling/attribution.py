@@ -258,7 +258,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from ..measure import _time_once, warm_up
+    from ..measure import time_once, warm_up
 
     from ..device import is_cuda
 
@@ -272,7 +272,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warm_up(plain, device, max_s=warmup_s)
     # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
-    one_s = min(_time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
+    one_s = min(time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
     block = max(2, min(32, math.ceil(target_s / 16 / max(one_s, 1e-6))))
     with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
         plain()
@@ -292,7 +292,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
 
     try:
         while more():
-            plain_ms += [_time_once(plain, device) for _ in range(block)]
+            plain_ms += [time_once(plain, device) for _ in range(block)]
             ranges.install(True)
             try:
                 with profile(activities=acts) as prof:

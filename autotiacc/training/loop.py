@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from ..device import module_device, move_training, to_device
 from ..errors import UserInputError
-from ..knobs.runtime import _threads
+from ..knobs.runtime import thread_scope
 from .config import DataConfig, TrainConfig
 
 
@@ -149,7 +149,7 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
 
     def step(batch: Any) -> Any:
         if config.compute.threads:  # set per step and restored: torch's thread count is process-wide
-            with _threads(config.compute.threads):
+            with thread_scope(config.compute.threads):
                 return run_step(batch)
         return run_step(batch)
 

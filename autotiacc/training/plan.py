@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from ..plan import check_fields, check_plan_details, check_plan_header, read_plan_json
+from ..inference.plan import check_fields, check_plan_details, check_plan_header, read_plan_json
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"
@@ -36,7 +36,7 @@ class TrainingPlan:
         return self.config.label()
 
     def to_dict(self) -> dict[str, Any]:
-        from .. import __version__
+        from ..version import __version__
 
         return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
                 "created": self.created, "device": self.device, "nproc": self.nproc, "batch_size": self.batch_size,

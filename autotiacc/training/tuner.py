@@ -275,7 +275,7 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
              progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training") -> TrainTuneResult:
     """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin."""
     from ..durations import parse_duration
-    from .report import write_training_report
+    from ..report import write_training_report
     from .workload import load_train_workload
 
     budget_s = parse_duration(budget)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelRaisedError, WorkloadError
-from ..workload import _load_module
+from ..inference.workload import load_module
 
 REQUIRED = ("build_model", "train_dataset", "loss_fn")
 DEFAULT_BATCH_SIZE = 32
@@ -25,7 +25,7 @@ class TrainWorkload:
             raise WorkloadError(f"`FILE` got {str(path)!r}: training mode needs an existing train.py that defines "
                                 "build_model(), train_dataset() and loss_fn(model, batch).")
         self.name = self.path.stem
-        self._user = _load_module(self.path)
+        self._user = load_module(self.path)
         missing = [fn for fn in REQUIRED if not callable(getattr(self._user, fn, None))]
         if missing:
             raise WorkloadError(f"{self.path}: defines no {', '.join(f'`{m}()`' for m in missing)}; a training file "
@@ -39,7 +39,7 @@ class TrainWorkload:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._user = _load_module(self.path)
+        self._user = load_module(self.path)
 
     def _call(self, name: str, *args: Any) -> Any:
         try:

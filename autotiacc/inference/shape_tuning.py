@@ -34,10 +34,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import UserInputError
+from ..knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
+from ..knobs.base import knob_for_config
 from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
-from .errors import UserInputError
-from .knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
-from .knobs.base import knob_for_config
 from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
 
 # Bucket counts Optuna may pick per dim; capped by the distinct sizes seen and `max_buckets`.
@@ -77,7 +77,7 @@ class StaticShapes:
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
                       log_path: str | None = None, baseline_pool=None):
-        from .engine.fidelity import evaluate_alternating
+        from ..engine.fidelity import evaluate_alternating
 
         # baseline_pool: the trial worker, which already holds the built, warm baseline
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
@@ -249,7 +249,7 @@ class ShapeTuning:
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
                       log_path: str | None = None, baseline_pool=None):
-        from .engine.workers import run_isolated
+        from ..engine.workers import run_isolated
 
         fn, kwargs = self.evaluator(final=True)
         return run_isolated(fn, workload, candidates, timeout=timeout, env=env, log_path=log_path, device=device,

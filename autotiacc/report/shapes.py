@@ -1,12 +1,14 @@
 """Report parts for plans tuned on traffic: per-bucket table, traffic histogram with bucket
 edges, latency vs shape. Everything is read from the plan's `shapes` (schema version 2) or
-`extra["shapes"]` (version 1), gathered once by `report.gather`; these functions only draw
+`extra["shapes"]` (version 1), gathered once by `report.inference.gather`; these functions only draw
 and format.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from .format import fmt, table
 
 
 def _shapes(data) -> dict[str, Any] | None:
@@ -87,22 +89,20 @@ def shape_sections(data) -> list[tuple[str, list[str]]]:
     sh = _shapes(data)
     if not sh:
         return []
-    from .report import _f, _table
-
     lines = [f"- buckets: {sh.get('label')}",
-             f"- p99 over the traffic mix: {_f(sh.get('p99_mix_ms'))} ms; padding waste (share of input elements "
-             f"fed that were padding, counted on the real padded tensors): {_f(sh.get('padding_waste'))}",
+             f"- p99 over the traffic mix: {fmt(sh.get('p99_mix_ms'))} ms; padding waste (share of input elements "
+             f"fed that were padding, counted on the real padded tensors): {fmt(sh.get('padding_waste'))}",
              f"- traffic: {len(sh.get('traffic') or [])} shapes; requests beyond the largest edges run the "
              "unoptimized model with a one-time warning."]
     if sh.get("serve_batch"):
-        lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {_f(sh.get('samples_per_s'))} "
-                     f"samples/s; p99 budget {_f(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
+        lines.append(f"- throughput objective: serving batches of {sh['serve_batch']}, {fmt(sh.get('samples_per_s'))} "
+                     f"samples/s; p99 budget {fmt(sh.get('p99_budget_ms'))} ms; figures above are ms per sample.")
     lines.append("")
     rows = [[b["bucket"], "specialised, padded" if b["padded"] else "shared, exact shape", b.get("knobs") or "plan's",
              len(b["shape_keys"]), b["traffic_share"], b.get("baseline_ms"), b.get("latency_ms"), b.get("build_s")]
             for b in sh["bucket_rows"]]
     if rows:
-        lines += _table(["bucket", "graph", "knobs", "traffic shapes", "traffic share", "eager ms (weighted)",
+        lines += table(["bucket", "graph", "knobs", "traffic shapes", "traffic share", "eager ms (weighted)",
                          "plan ms (weighted)", "build s"], rows)
     return [("Dynamic shapes: buckets", lines)]
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import time
+import warnings
 from typing import Any
 
-from .knobs import BuildState, KnobConfig, all_knobs
+from ..knobs import BuildState, KnobConfig, all_knobs
 
 
 def _restore(out: Any, like: Any) -> Any:
@@ -53,14 +54,17 @@ class OptimizedModel:
         import torch
 
         t0 = time.perf_counter()
-        with torch.no_grad():
-            self._out_like = self.original(*example_inputs)  # dtypes/structure to restore
-        model = copy.deepcopy(self.original) if self._copy else self.original
-        state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device)
-        for knob in all_knobs():
-            knob.apply(state, self.configs.get(knob.name, knob.default()))
-        self._state = state
-        self(*example_inputs)  # first call: compilation / autotuning happens here
+        # Libraries a build imports may install warning filters for good (sympy, via inductor,
+        # does): the caller's filters are theirs, so they are restored after the build.
+        with warnings.catch_warnings():
+            with torch.no_grad():
+                self._out_like = self.original(*example_inputs)  # dtypes/structure to restore
+            model = copy.deepcopy(self.original) if self._copy else self.original
+            state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device)
+            for knob in all_knobs():
+                knob.apply(state, self.configs.get(knob.name, knob.default()))
+            self._state = state
+            self(*example_inputs)  # first call: compilation / autotuning happens here
         self.build_seconds = time.perf_counter() - t0
         return self
 

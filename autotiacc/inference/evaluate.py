@@ -12,11 +12,11 @@ import time
 import traceback
 from typing import Any
 
+from ..device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
+from ..knobs import configs_from_params
+from ..measure import Timing, measure_interleaved, warm_up
 from .accuracy import compare_outputs
 from .candidate import OptimizedModel, compile_stats
-from .device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
-from .knobs import configs_from_params
-from .measure import Timing, measure_interleaved, warm_up
 
 BASELINE = "baseline"
 WARM_BASELINE_S = 0.3  # a baseline already warmed in this worker only needs its caches refilled

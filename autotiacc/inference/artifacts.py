@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .device import to_device
-from .errors import PlanError
+from ..device import to_device
+from ..errors import PlanError
 
 FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts",
            "onnx": "artifact.onnx"}
@@ -52,7 +52,7 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
     import torch
     import torch.utils._pytree as pytree
 
-    from .knobs import BuildState, all_knobs
+    from ..knobs import BuildState, all_knobs
 
     with torch.no_grad():
         ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None

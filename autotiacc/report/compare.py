@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import UserInputError
+from ..errors import UserInputError
 from .plotting import figure
 
 
@@ -20,7 +20,7 @@ class CompareData(NamedTuple):
 
 
 def _from_run(d: Path) -> tuple[list[dict], Any]:
-    from .report import read_run_dir
+    from .inference import read_run_dir
 
     _, run, plan, trials = read_run_dir(d)
     wl = run.get("workload", {})
@@ -159,7 +159,8 @@ def plot_cost(data: CompareData, path: Path) -> Path | None:
 
 def write_comparison(paths: list[str | Path], out_dir: str | Path) -> dict[str, Path]:
     """Gather, draw, and write compare.md / compare.html / compare.csv into `out_dir`."""
-    from .report import _html, _table
+    from .format import table
+    from .inference import _html
 
     data = gather(paths)
     out = Path(out_dir)
@@ -173,7 +174,7 @@ def write_comparison(paths: list[str | Path], out_dir: str | Path) -> dict[str, 
     cols = ["source", "model", "batch", "variant", "median_ms", "p90_ms", "spread", "speedup", "rel_err", "setup_s", "wall_s"]
     df = data.rows.reindex(columns=cols)
     df.to_csv(out / "compare.csv", index=False)
-    table = _table(cols, df.values.tolist())
+    table = table(cols, df.values.tolist())
     secs = [("Comparison", ["Speed-ups are relative to eager fp32 measured in the same run.", ""] + table)]
     md = ["# autotiacc comparison", "", *secs[0][1], "", *[f"![{n}]({n})" for n in images]]
     (out / "compare.md").write_text("\n".join(md), encoding="utf-8")

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
+from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
+from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
-from .errors import HardwareMismatchWarning, PlanError, PlanMismatchError
-from .knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
-from .knobs.base import field_type_errors, matches_type, type_name
 
 SCHEMA = "autotiacc.plan"
 SCHEMA_VERSION = 2
@@ -54,7 +54,7 @@ class Plan:
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        from . import __version__
+        from ..version import __version__
 
         return {
             "schema": SCHEMA, "schema_version": SCHEMA_VERSION, "autotiacc_version": __version__,
@@ -99,6 +99,9 @@ class Plan:
             raise PlanError(f"{origin}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - data only: whatever is wrong in it is a malformed plan
             raise PlanError(f"{origin}: `shapes` is malformed ({type(exc).__name__}: {exc}).") from None
+        if shapes is not None:  # the serving figures apply reads, typed like the rest
+            check_fields(ShapePlan, {k: getattr(shapes, k) for k in ("serve_batch", "p99_budget_ms")
+                                     if getattr(shapes, k) is not None}, origin)
         return cls(knobs=by_name, extra=extra, shapes=shapes, **fields)
 
     def save(self, path: str | Path) -> Path:
@@ -111,7 +114,7 @@ class Plan:
     # -- use -----------------------------------------------------------------------------
     def check_fingerprint(self, *, strict: bool = False, device: str | None = None) -> list[str]:
         """Compare the recorded fingerprint with this machine; warn, or raise when strict."""
-        from .hardware import fingerprint, fingerprint_differences
+        from ..hardware import fingerprint, fingerprint_differences
 
         if not self.fingerprint:
             return []
@@ -142,8 +145,8 @@ class Plan:
 
         The model (and `example_inputs`) are moved to `device`, by default the plan's; a plan made
         for CUDA raises `PlanError` in a process without it unless `device="cpu"` is given."""
+        from ..device import to_device
         from .candidate import OptimizedModel
-        from .device import to_device
 
         device = self.target_device(device)
         self.check_fingerprint(strict=strict, device=device)
@@ -161,8 +164,8 @@ class Plan:
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
-        from .device import resolve_device
-        from .errors import UserInputError
+        from ..device import resolve_device
+        from ..errors import UserInputError
 
         if device is not None:
             return resolve_device(device, name="device")

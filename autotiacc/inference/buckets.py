@@ -28,9 +28,9 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
-from .errors import PlanError, UserInputError
-from .knobs import KnobConfig, config_from_dict, config_to_dict, configs_from_params
-from .knobs.base import knob_for_config
+from ..errors import PlanError, UserInputError
+from ..knobs import KnobConfig, config_from_dict, config_to_dict, configs_from_params
+from ..knobs.base import knob_for_config
 
 BATCH = "batch_size"
 # Padded sizes of non-batch dims are rounded up to a multiple of this (vector-friendly shapes),

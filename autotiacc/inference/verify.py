@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import PlanMismatchError, UserInputError
+from ..errors import PlanMismatchError, UserInputError
 
 DEFAULT_SPEED_TOLERANCE = 0.25  # relative drop of the recorded speed-up tolerated before "drift"
 DEFAULT_MEASURE_S = 3.0
@@ -84,8 +84,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
                 device: str | None = None) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here, on `device` (by
     default the plan's own; a CUDA plan in a process without CUDA is a `PlanError`); see the module doc."""
-    from .hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from .measure import Timing, faster_beyond_noise
+    from ..hardware import fingerprint, fingerprint_differences, fingerprint_id
+    from ..measure import Timing, faster_beyond_noise
     from .plan import load_plan
     from .shape_tuning import shape_tuning_for_plan, values_from_plan
 

@@ -1,5 +1,5 @@
 """The report's profile part: top modules plot, error-vs-speed-up (Pareto) plot, and the
-table of per-layer precision groups. Registered into `report.PLOTS` and `report.sections`.
+table of per-layer precision groups. Registered into `report.inference.PLOTS` and `sections`.
 
 Works on `ReportData` (duck-typed: `.profile`, `.plan`, `.trials`); draws, never reads files.
 """
@@ -9,11 +9,12 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .format import table
 from .plotting import figure
 
 
 def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
-    from .profile import MODULE_METHODS, top_modules
+    from ..profile import MODULE_METHODS, top_modules
 
     prof = getattr(data, "profile", None)
     if not prof or prof.get("method") not in MODULE_METHODS:
@@ -89,8 +90,8 @@ def _cell(s: dict[str, Any] | None) -> str:
 
 def profile_sections(data) -> list[tuple[str, list[str]]]:
     """Markdown sections: the profile summary, the groups table, what was not available."""
-    from .layer_precision import LOWERED_MODES
-    from .profile import opaque_root, top_modules
+    from ..inference.layer_precision import LOWERED_MODES
+    from ..profile import opaque_root, top_modules
 
     prof = getattr(data, "profile", None)
     if not prof:
@@ -111,10 +112,10 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
                      + ", ".join(f"{k} {v:.4g}" for k, v in prof["gpu"].items()))
     rows = [[m["path"] or "(model)", m["type"], m["calls"], 100 * m["self_share"], 100 * m["inclusive_share"],
              m["flops"] / 1e6, m["activation_bytes"] / 2**10] for m in top_modules(prof, 12)]
-    lines += [""] + _table(["module", "type", "calls", "self %", "inclusive %", "MFLOP", "output KiB"], rows)
+    lines += [""] + table(["module", "type", "calls", "self %", "inclusive %", "MFLOP", "output KiB"], rows)
     if opaque_root(prof) and prof.get("ops"):
         lines += ["", "Operator table (torch.profiler):", ""]
-        lines += _table(["op", "calls", "self ms", "self %"],
+        lines += table(["op", "calls", "self ms", "self %"],
                         [[o["op"], o["calls"], o["self_ms"], 100 * o["self_share"]] for o in prof["ops"]])
     out = [("Profile", lines)]
     sens = prof.get("sensitivity") or []
@@ -130,7 +131,7 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
                 "brackets, a short interleaved look at the whole model's speed-up (a hint for the search's "
                 "starting point, not a result); `overflow`: inf/NaN appeared; `excluded`: failed or beyond "
                 "tolerance. Score: time share per unit of the smallest allowed error.", ""]
-        text += _table(["group", "type", "time %", *modes, "score", "chosen"], rows)
+        text += table(["group", "type", "time %", *modes, "score", "chosen"], rows)
         out.append(("Per-layer precision", text))
     if prof.get("unavailable"):
         out.append(("Not available in this profile", [f"- {u}" for u in prof["unavailable"]]))
@@ -165,9 +166,3 @@ def _diagnosis_lines(diag: dict[str, Any] | None) -> list[str]:
     parts = [f"{label} {fmt.format(fig[k])}" for k, (label, fmt) in shown.items() if fig.get(k) is not None]
     return [f"- **diagnosis: {diag.get('kind') or 'not decided'}**: {diag.get('reason', '')}",
             "- figures: " + ", ".join(parts)]
-
-
-def _table(header, rows):
-    from .report import _table as table
-
-    return table(header, rows)

@@ -14,12 +14,12 @@ import time
 import traceback
 from typing import Any
 
+from ..knobs import configs_from_params
+from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
 from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
 from .evaluate import BASELINE
-from .knobs import configs_from_params
-from .measure import Timing, measure_interleaved
 from .traffic import Shape, parse_traffic
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
-from ..plotting import figure
-from ..report import _f, _table, read_run_dir, render
+from .format import fmt, table
+from .inference import read_run_dir, render
+from .plotting import figure
 
 
 class TrainReportData(NamedTuple):
@@ -73,9 +74,9 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
     out.append(("Run", [
         f"- training file: `{wl.get('file')}`, batch size {wl.get('batch_size')} per process, "
         f"{run.get('nproc')} process(es) (gloo on CPU), loss tolerance {run.get('tolerance')}",
-        f"- max memory: {_f(run.get('max_memory_mib'), '.0f')} MiB" if run.get("max_memory_mib") else "- max memory: no limit",
-        "- sessions: " + "; ".join(f"{s.get('started')} budget {_f(s.get('budget_s'), '.0f')} s, wall "
-                                  f"{_f(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}"
+        f"- max memory: {fmt(run.get('max_memory_mib'), '.0f')} MiB" if run.get("max_memory_mib") else "- max memory: no limit",
+        "- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall "
+                                  f"{fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}"
                                   for s in sess),
         "- figures are samples/s over fixed windows of steps after warm-up, candidate and baseline interleaved in "
         "the same processes; only these side-by-side ratios are comparable across trials."]))
@@ -89,14 +90,14 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
                  ((p.get("extra") or {}).get("reference_losses") or [[None]])[0][-1]],
                 [f"plan: {p.get('label')}", best.get("samples_per_s"), cw.get("spread"), cw.get("n"), p.get("speedup"),
                  (((p.get("extra") or {}).get("final_losses")) or [[None]])[0][-1]]]
-        lines = [f"**{p.get('note', '')}**", ""] + _table(
+        lines = [f"**{p.get('note', '')}**", ""] + table(
             ["variant", "samples/s", "spread (IQR/median)", "windows", "speed-up", "loss after guard steps"], rows)
         if fin:
             lines += ["", f"What bounds the plan's training: **{fin.get('bound')}** — loader alone "
-                          f"{_f(fin.get('loader_samples_per_s'))} samples/s, compute alone (held batches) "
-                          f"{_f(fin.get('compute_samples_per_s'))} samples/s (rank 0).",
-                      f"Decoded-sample cache build: {_f(fin.get('cache_build_s'))} s per process (not in the window "
-                      "figures). Peak RSS: " + f"{_f(fin.get('peak_rss_mib'), '.0f')} MiB.",
+                          f"{fmt(fin.get('loader_samples_per_s'))} samples/s, compute alone (held batches) "
+                          f"{fmt(fin.get('compute_samples_per_s'))} samples/s (rank 0).",
+                      f"Decoded-sample cache build: {fmt(fin.get('cache_build_s'))} s per process (not in the window "
+                      "figures). Peak RSS: " + f"{fmt(fin.get('peak_rss_mib'), '.0f')} MiB.",
                       f"Modules kept in fp32 (overflow detected): {fin.get('fp32_modules') or 'none'}; "
                       f"checkpointed blocks: {fin.get('checkpoint_modules') or 'none'}."]
         out.append(("Result", lines))
@@ -112,11 +113,11 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
         cols += ["eval_metric"] if "eval_metric" in t else []
         rank_cols = sorted(c for c in t.columns if c.startswith("rank") and c.endswith(("_samples_per_s", "_comm_share")))
         rows = [[r.get(c) for c in cols + rank_cols] for _, r in ok.head(12).iterrows()]
-        out.append(("Top trials", _table(["#", "candidate", "speed-up", "samples/s", "baseline samples/s", "bound",
+        out.append(("Top trials", table(["#", "candidate", "speed-up", "samples/s", "baseline samples/s", "bound",
                                           "peak RSS MiB"] + cols[7:] + rank_cols, rows)))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
-        out.append(("Failed or rejected trials", _table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
+        out.append(("Failed or rejected trials", table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
     out += budget_section(run)
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in run.get("fingerprint", {}).items()]))
     return out
@@ -129,7 +130,7 @@ def _per_rank(fig: dict[str, Any], where: str) -> list[tuple[str, list[str]]]:
         return []
     rows = [[r, fig.get(f"rank{r}_samples_per_s"), fig.get(f"rank{r}_comm_share"), fig.get(f"rank{r}_loss")]
             for r in ranks]
-    return [(f"Per-rank figures ({where})", _table(["rank", "samples/s", "communication share", "loss"], rows))]
+    return [(f"Per-rank figures ({where})", table(["rank", "samples/s", "communication share", "loss"], rows))]
 
 
 def write_training_report(run_dir: str | Path) -> dict[str, Path]:

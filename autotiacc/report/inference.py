@@ -8,14 +8,14 @@ from __future__ import annotations
 import base64
 import html
 import json
-import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .engine.budget import budget_section
-from .errors import UserInputError
+from ..engine.budget import budget_section
+from ..errors import UserInputError
+from .format import fmt, table
 from .plotting import figure
-from .report_profile import PROFILE_PLOTS, profile_sections
+from .profile import PROFILE_PLOTS, profile_sections
 
 
 class ReportData(NamedTuple):
@@ -176,7 +176,7 @@ PLOTS = {"history.png": plot_history, "latency.png": plot_latency, "importance.p
 PLOTS.update(PROFILE_PLOTS)
 
 
-from .report_shapes import SHAPE_PLOTS, shape_sections  # noqa: E402 - dynamic-shape plots (traffic runs only)
+from .shapes import SHAPE_PLOTS, shape_sections  # noqa: E402 - dynamic-shape plots (traffic runs only)
 
 PLOTS.update(SHAPE_PLOTS)
 
@@ -193,16 +193,6 @@ def _wrap(text: str, width: int = 28) -> str:
 
 
 # -- text ------------------------------------------------------------------------------------
-def _f(x: Any, fmt: str = ".3g") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "–"
-    return format(x, fmt) if isinstance(x, (int, float)) else str(x)
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c).replace("|", "/") for c in r) + " |" for r in rows]
-    return out
 
 
 def sections(data: ReportData) -> list[tuple[str, list[str]]]:
@@ -213,7 +203,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     sess = run.get("sessions", [{}])
     head = [f"- model: `{wl.get('name')}` ({wl.get('kind')}), inputs {wl.get('input_shapes')} {wl.get('input_dtypes')}",
             f"- strategy `{run.get('strategy')}`, level {run.get('level')}, tolerance {run.get('tolerance')} (relative L2 error vs fp32 eager)",
-            f"- sessions: " + "; ".join(f"{s.get('started')} budget {_f(s.get('budget_s'), '.0f')} s, wall {_f(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
+            f"- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall {fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
     out.append(("Run", head))
     if p is None:
         out.append(("Result", ["No plan yet: the tune is running or was interrupted. Trials so far are below; "
@@ -223,7 +213,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
         rows = [["baseline (eager fp32)", b.get("median_ms"), b.get("p90_ms"), b.get("p99_ms"), b.get("spread"), b.get("n"), 1.0, 0.0, "–"],
                 [f"best: {p.get('label')}", best.get("median_ms"), best.get("p90_ms"), best.get("p99_ms"), best.get("spread"), best.get("n"),
                  p.get("speedup"), acc.get("rel_l2"), p.get("compile_s")]]
-        lines = [f"**{p.get('note', '')}**", ""] + _table(
+        lines = [f"**{p.get('note', '')}**", ""] + table(
             ["variant", "median ms", "p90 ms", "p99 ms", "spread (IQR/median)", "n", "speed-up", "rel. error", "build s"], rows)
         lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
         out.append(("Result", lines))
@@ -232,18 +222,18 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
         rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"),
                  r.get("build_s"), r.get("peak_mem_mib")] for _, r in ok.iterrows()]
-        out.append(("Top trials", (_table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
+        out.append(("Top trials", (table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
                                           "peak MiB"], rows) if rows else ["No trial was measured successfully."])
                     + ["", "peak MiB: the candidate's peak memory above what its process held before building it "
                            "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse)."]))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed, rejected, pruned or skipped trials",
-                    _table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
+                    table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
         graph = t[t["param_backend"] == "compile"] if "compile" in t and "param_backend" in t else t.iloc[0:0]
         if not graph.empty:
             out.append(("Compile statistics (torch.compile trials)",
-                        _table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
+                        table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
     out += shape_sections(data)
     out += profile_sections(data)

@@ -8,18 +8,18 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..engine.fidelity import measured_env
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
+from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.profile_cache import cached_profile
+from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
+from ..engine.workers import WorkerPool, worker_env
+from ..errors import BudgetError, UserInputError
+from ..hardware import fingerprint as machine_fingerprint
+from ..knobs import SearchContext, all_knobs, configs_from_params, describe
+from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
-from .engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from .engine.options import MIN_BUDGET_S, RunOptions
-from .engine.profile_cache import cached_profile
-from .engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
-from .engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
-from .errors import BudgetError, UserInputError
-from .engine.fidelity import measured_env
-from .engine.workers import WorkerPool, worker_env
-from .hardware import fingerprint as machine_fingerprint
-from .knobs import SearchContext, all_knobs, configs_from_params, describe
-from .measure import Timing
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .workload import ModelFacts, Workload
@@ -27,6 +27,7 @@ from .workload import ModelFacts, Workload
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
 STUDY_NAME = "autotiacc"
+FIRST_PROFILE_S = 24.0  # the first profile of a workload on a machine (then cached) may take this long
 Progress = Callable[[dict[str, Any]], None]
 TuneResult = SearchResult
 
@@ -55,7 +56,7 @@ class TuneOptions(RunOptions):
 
 
 def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
-    from .hardware import usable_cores
+    from ..hardware import usable_cores
 
     try:
         import onnxruntime  # noqa: F401
@@ -99,19 +100,26 @@ class InferenceTask(Task):
         self.pool: WorkerPool | None = None
 
     def prepare(self, run_dir, left_s: float) -> float:
-        """Profile + per-layer sensitivity into profile.json (at most `profile_share` of the
-        budget; reused across runs of the same workload and machine); extras for the precision knob."""
-        from . import __version__
+        """Profile + per-layer sensitivity into profile.json, reused across runs of the same
+        workload and machine (cached); extras for the precision knob.
+
+        It takes `profile_share` of the budget (10 %), except the first profile of a workload on a
+        machine, which may take up to FIRST_PROFILE_S (at most a fifth of the budget): a profile
+        cut short is never cached, so on a slow machine a 10 % share would be paid on every run
+        and never finish; once cached, later runs spend nothing on it."""
+        from ..profile import SCHEMA_VERSION
+        from ..version import __version__
         from .layer_precision import plan_summary, prepare_search
-        from .profile import SCHEMA_VERSION
 
         self.run_dir = run_dir
         t0 = time.monotonic()
-        timeout = min(max(1.0, self.strategy.profile_share * self.options.budget_s), max(1.0, left_s))
+        budget = self.options.budget_s
+        share = self.strategy.profile_share * budget
+        timeout = min(max(1.0, share, min(FIRST_PROFILE_S, 0.2 * budget)), max(1.0, left_s))
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
                             key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance,
                                        SCHEMA_VERSION, __version__],
-                            resume=self.options.resume) as reuse:
+                            resume=self.options.resume, timeout_s=timeout) as reuse:
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=reuse)
@@ -134,7 +142,7 @@ class InferenceTask(Task):
                 "tolerance": self.options.effective_tolerance}
 
     def seeds(self) -> list[dict[str, Any]]:
-        from .profiling.diagnosis import order_seeds
+        from ..profiling.diagnosis import order_seeds
 
         # the profile's diagnosis puts the seeds that pay for this model first; strategy entries
         # pin every per-layer group to fp32; then the per-layer starting points
@@ -170,7 +178,7 @@ class InferenceTask(Task):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
 
     def _too_short(self, what: str, trial_s: float | None = None) -> str:
-        from .durations import suggest_budget
+        from ..durations import suggest_budget
 
         setup = time.monotonic() - self.t_start
         trial_s = trial_s or (self.workload.check_s + FINAL_WARMUP_S + 2 * self.strategy.measure_s)
@@ -206,7 +214,8 @@ class InferenceTask(Task):
         base = Timing.from_dict(outcome.value["baseline"])
         attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
                      measure_s=outcome.value.get("measure_s"), baseline_ms=base.median, compile=res.get("compile"),
-                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"), **res.get("trial_attrs", {}))
+                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+        attrs.update(res.get("trial_attrs", {}))  # the shape hook's figures (traffic p99, its timing seconds)
         if "timing" in res:
             cand = Timing.from_dict(res["timing"])
             attrs.update(latency_ms=cand.median, p90_ms=cand.p90, spread=cand.iqr_rel, speedup=res["speedup"])

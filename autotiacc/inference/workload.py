@@ -16,13 +16,14 @@ import importlib.util
 import logging
 import sys
 import traceback
+import types
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from . import errors
-from .errors import AutotiaccError, ModelRaisedError, WorkloadError
+from .. import errors
+from ..errors import AutotiaccError, ModelRaisedError, WorkloadError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
@@ -55,7 +56,8 @@ def as_input_tuple(value: Any, where: str) -> tuple:
     )
 
 
-def _load_module(path: Path):
+def load_module(path: Path) -> types.ModuleType:
+    """Import the user's Python file once per path (inference and training workloads share it)."""
     name = f"autotiacc_user_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
     if name in sys.modules:
         return sys.modules[name]
@@ -133,7 +135,7 @@ class Workload:
         if self.kind != "python":
             return None
         if self._user_module is None:
-            module = _load_module(self.path)
+            module = load_module(self.path)
             for fn in ("build_model", "example_inputs"):
                 if not callable(getattr(module, fn, None)):
                     raise WorkloadError(f"{self.path}: defines no `{fn}()`; a model file must define "
@@ -284,7 +286,7 @@ class Workload:
         import os
         import tempfile
 
-        from .engine.workers import run_isolated
+        from ..engine.workers import run_isolated
 
         where = self.path or self.name
         fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
