@@ -182,6 +182,18 @@ def _rss_mib() -> tuple[float, float]:
         return psutil.Process().memory_info().rss / 2**20, peak
 
 
+def _trim_heap() -> None:
+    """Give freed heap pages back to the OS (glibc `malloc_trim`), so that memory a previous
+    candidate freed and this one reuses counts again in its resident-set peak; best effort."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the peak may then miss reused pages
+        pass
+
+
 def _reset_rss_peak() -> bool:
     """Set VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs); False if unsupported."""
     try:
@@ -222,6 +234,7 @@ class PeakMemory:
             self.start_mib = torch.cuda.memory_allocated(dev) / 2**20
             self.source = "torch.cuda.max_memory_allocated"
         elif not is_meta(self.device):
+            _trim_heap()
             reset = _reset_rss_peak()
             self.start_mib = _rss_mib()[0]
             self.source = "process RSS high-water mark" + ("" if reset else " (since process start)")
