@@ -64,6 +64,11 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
             out.append(entry)
             continue
         for mode in modes_for(group, modes):
+            # checked per mode: one group's modes took 14 s here (fp16 on a CPU), enough to
+            # overrun the worker's timeout and lose the whole profile
+            if deadline is not None and time.monotonic() > deadline:
+                entry["skipped"] = f"partly analysed: the {time_limit_s:.0f} s for the analysis ran out"
+                break
             entry["sensitivity"][mode] = _try_mode(model, group["path"], mode, test, refs, tolerance, device,
                                                    compare_outputs, inputs)
             if entry["sensitivity"][mode]["ok"]:

@@ -74,7 +74,8 @@ class StaticShapes:
         # each candidate is re-measured in a process of its own: it pays `process_s` to start
         # (spawn, import, build the reference) before its own build and warm-up
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return len(tops) * process_s + 1.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
+        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
@@ -239,14 +240,15 @@ class ShapeTuning:
         shapes = values.get("shapes")
         return f"; {shapes['label']}" if shapes else ""
 
-    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:  # one process: no starts
+    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
         """Seconds the final re-measurement needs: it times baseline + the top candidates for
         `final_rounds` on every shape; scaled from what the trials' measurements took, with a
         third more for the noise of a shared machine."""
         measured = [float(t.user_attrs.get("measure_s", 0.0)) for t in tops]
         per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
+        # one fresh process times the baseline and every candidate over the mix
+        return process_s + 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,

@@ -234,8 +234,9 @@ class InferenceTask(Task):
         warming up every runner (baseline included), the timing window, and the plan/report."""
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        process_s = max(SPAWN_OVERHEAD_S, self.workload.check_s)  # the model check measured one process start
-        return SPAWN_OVERHEAD_S + self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
+        # the model check timed one process start (spawn, import, build, a forward) on this machine, at this load
+        process_s = max(1.0, self.workload.check_s)
+        return self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision

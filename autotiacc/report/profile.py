@@ -125,7 +125,8 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
         rows = []
         for g in sens:
             pick = "–" if chosen is None else chosen.get(g["path"], "fp32")
-            cells = [_cell(g["sensitivity"].get(m)) for m in modes] if not g.get("skipped") else ["not analysed"] * len(modes)
+            cells = [_cell(g["sensitivity"].get(m)) if m in g["sensitivity"] or not g.get("skipped") else "not analysed"
+                     for m in modes]
             rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
         text = ["Each group lowered alone; cells are the relative L2 error of the model output and, in "
                 "brackets, a short interleaved look at the whole model's speed-up (a hint for the search's "
