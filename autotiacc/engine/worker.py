@@ -67,6 +67,9 @@ def main(argv: list[str]) -> None:
     calls = Connection(call_fd, writable=False)
     results = Connection(result_fd, readable=False)
     base = (os.dup(1), os.dup(2))
+    # torch.profiler's Kineto prints a USDT line per profiler start/stop on stderr (torch 2.13); the
+    # profile reports what it could not measure itself. Read once, when torch loads: set it first.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "9")
     import cloudpickle
     import torch  # noqa: F401 - once per worker, before the first call, not in every call
 
