@@ -332,6 +332,22 @@ def test_training_file_exiting_is_one_clear_line(tmp_path, where, expected):
     assert not (out / "run.json").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["import", "build_model"])
+def test_training_file_hanging_is_bounded_by_the_budget(tmp_path, where):
+    from ._training_targets import TINY_TRAIN
+
+    text = ("import time\ntime.sleep(10**6)\n" + TINY_TRAIN if where == "import"
+            else TINY_TRAIN.replace("def build_model():\n", "def build_model():\n    import time; time.sleep(10**6)\n"))
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    res = run_cli("tune", str(_write(tmp_path / "train.py", text)), "--mode", "train", "--budget", "20s", "--out",
+                  str(out), "--quiet", timeout=120)
+    _one_line(res, "did not finish within 20 s (the 20 s --budget)")
+    assert time.monotonic() - t0 < 60  # the budget plus process starts, not forever
+    assert not (out / "run.json").exists()
+
+
 def test_training_run_json_holds_no_storage_password(tmp_path):
     from autotiacc.engine.loop import Search
     from autotiacc.training.tuner import TrainingTask, TrainTuneOptions

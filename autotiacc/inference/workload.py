@@ -283,39 +283,48 @@ class Workload:
         """Import, build and run the model once in a spawned child killed after `timeout` s;
         the user's errors, `sys.exit`, `os._exit`, crashes and hangs become one clear error.
         `limit` says where the timeout came from (e.g. "the 20 s --budget")."""
-        import os
-        import tempfile
-
-        from ..engine.workers import run_isolated
-
-        where = self.path or self.name
-        fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
-        os.close(fd)
-        try:  # the child's output goes to a log: a torch loader's logged traceback is noise here
-            outcome = run_isolated(_probe, self, timeout=timeout, log_path=log)
-            tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] if not outcome.ok else []
-        finally:
-            os.unlink(log)
-        if outcome.ok and "error" in outcome.value:
-            cls = getattr(errors, outcome.value["error"], WorkloadError)
-            raise cls(outcome.value["message"])
-        if outcome.ok:
-            self.facts, self.check_s = ModelFacts(**outcome.value), outcome.seconds
-            return self.facts
-        stage = "importing it, building the model and running it once on its example inputs"
-        if outcome.status == "timeout":
-            raise WorkloadError(f"{where}: {stage} did not finish within {timeout:.0f} s"
-                                + (f" ({limit})" if limit else "") + " and was stopped; look for an endless loop or "
-                                "a blocking call (sleep, input(), a lock) in it, or allow more time.")
-        if outcome.status == "exception":  # raised outside `_probe`: the workload did not reach the child
-            raise WorkloadError(f"{where}: could not be sent to a child process to run ({outcome.error}).")
-        raise WorkloadError(f"{where}: the process ended while {stage} ({outcome.error}"
-                            + (f"; last output: {tail[0][:200]}" if tail else "")
-                            + f"): os._exit() or a crash in native code; {_NO_EXIT}")
+        value, seconds = run_user_code(_probe, self, where=self.path or self.name, timeout=timeout, limit=limit,
+                                       stage="importing it, building the model and running it once on its example inputs")
+        self.facts, self.check_s = ModelFacts(**value), seconds
+        return self.facts
 
     def validate(self, *, timeout: float = CHECK_TIMEOUT_S, limit: str = "") -> ModelFacts:
         """The facts of one checked run (see `check`); checks only once per workload."""
         return self.facts if self.facts is not None else self.check(timeout=timeout, limit=limit)
+
+
+def run_user_code(probe: Callable[..., dict[str, Any]], *args: Any, where: Any, stage: str, timeout: float,
+                  limit: str = "") -> tuple[dict[str, Any], float]:
+    """Run `probe(*args)` (the first run of a user's file) in a child killed after `timeout` s.
+
+    `probe` returns facts, or {"error": AutotiaccError subclass name, "message"}; those, hangs,
+    `sys.exit`/`os._exit` and crashes become one clear error. Returns (facts, seconds)."""
+    import os
+    import tempfile
+
+    from ..engine.workers import run_isolated
+
+    fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
+    os.close(fd)
+    try:  # the child's output goes to a log: a torch loader's logged traceback is noise here
+        outcome = run_isolated(probe, *args, timeout=timeout, log_path=log)
+        tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] if not outcome.ok else []
+    finally:
+        os.unlink(log)
+    if outcome.ok and "error" in outcome.value:
+        cls = getattr(errors, outcome.value["error"], WorkloadError)
+        raise cls(outcome.value["message"])
+    if outcome.ok:
+        return outcome.value, outcome.seconds
+    if outcome.status == "timeout":
+        raise WorkloadError(f"{where}: {stage} did not finish within {timeout:.0f} s"
+                            + (f" ({limit})" if limit else "") + " and was stopped; look for an endless loop or "
+                            "a blocking call (sleep, input(), a lock) in it, or allow more time.")
+    if outcome.status == "exception":  # raised outside the probe: the arguments did not reach the child
+        raise WorkloadError(f"{where}: could not be sent to a child process to run ({outcome.error}).")
+    raise WorkloadError(f"{where}: the process ended while {stage} ({outcome.error}"
+                        + (f"; last output: {tail[0][:200]}" if tail else "")
+                        + f"): os._exit() or a crash in native code; {_NO_EXIT}")
 
 
 def _tensor_leaves(out: Any) -> list:

@@ -283,7 +283,9 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
     max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
-    workload = load_train_workload(file, batch_size=batch_size)
+    # the user's code runs first in a child killed at the end of the budget (a hanging import or build)
+    workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s, 5.0),
+                                   limit=f"the {budget_s:.0f} s --budget")
     out = out or Path("runs") / f"{workload.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TrainTuneOptions(budget_s=budget_s, out_dir=Path(out), nproc=nproc,
                                max_memory_mib=max_memory_mib,

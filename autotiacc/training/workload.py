@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelRaisedError, WorkloadError
-from ..inference.workload import load_module
+from ..inference.workload import load_module, run_user_code
 
 REQUIRED = ("build_model", "train_dataset", "loss_fn")
 DEFAULT_BATCH_SIZE = 32
@@ -101,6 +101,31 @@ class TrainWorkload:
                 "file_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest()}
 
 
-def load_train_workload(path: str | Path, *, batch_size: int | None = None) -> TrainWorkload:
-    """Load and check a training file; errors name the missing function."""
+def load_train_workload(path: str | Path, *, batch_size: int | None = None, timeout: float | None = None,
+                        limit: str = "") -> TrainWorkload:
+    """Load and check a training file; errors name the missing function.
+
+    With `timeout`, the file is first imported, its model built and its dataset read once in a
+    child killed after `timeout` s, so a hang or an exit there is one clear error, not a stuck tune."""
+    if timeout is not None and Path(path).is_file() and Path(path).suffix == ".py":  # else the error below
+        run_user_code(_probe, str(path), batch_size, where=Path(path).resolve(), timeout=timeout, limit=limit,
+                      stage="importing it, building the model and reading its dataset")
     return TrainWorkload(path, batch_size=batch_size)
+
+
+def _probe(path: str, batch_size: int | None) -> dict[str, Any]:
+    """Runs in the child of `load_train_workload`: the first run of the user's train.py."""
+    from ..errors import AutotiaccError
+
+    try:
+        workload = TrainWorkload(path, batch_size=batch_size)
+        workload.build_model()
+        dataset = workload.train_dataset()
+        return {"samples": len(dataset)}
+    except AutotiaccError as exc:
+        return {"error": type(exc).__name__, "message": str(exc)}
+    except Exception as exc:  # noqa: BLE001 - anything else of the user's code
+        return {"error": "WorkloadError", "message": f"{path}: raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
+    except SystemExit as exc:
+        return {"error": "WorkloadError", "message": f"{path}: called sys.exit({exc.code!r}) at import; a training file "
+                "must define functions, not end the process."}
