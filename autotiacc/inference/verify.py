@@ -46,13 +46,12 @@ def _workload_for(plan, model_file: str | Path, timeout_s: float):
                          timeout=timeout_s, limit="verify's limit")
 
 
-def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | None]:
+def _check_artifact(plan, plan_dir: Path, workload, timeout_s: float) -> tuple[list[str], str | None]:
     """The artifact the plan names: present, hash as recorded, and its outputs on the tuned
-    inputs within the plan's tolerance of eager fp32. Returns (problems, a line of findings)."""
-    from .accuracy import compare_outputs
-    from .artifacts import load_artifact, sha256_of
-
-    import torch
+    inputs within the plan's tolerance of eager fp32. Returns (problems, a line of findings).
+    Loading and running it (native code, the user's model) happen in a child under `timeout_s`."""
+    from ..engine.workers import run_isolated
+    from .artifacts import sha256_of
 
     entry = plan.extra.get("artifact")
     if not entry or "file" not in entry:
@@ -62,21 +61,37 @@ def _check_artifact(plan, plan_dir: Path, workload) -> tuple[list[str], str | No
         return [f"artifact {entry['file']} named by the plan is missing from {plan_dir}"], None
     if sha256_of(path) != entry.get("sha256"):
         return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped)"], None
+    tolerance = plan.tolerance if plan.tolerance is not None else 2e-2
+    out = run_isolated(_artifact_accuracy, str(plan_dir), workload, entry.get("input_shapes"), tolerance,
+                       timeout=timeout_s)
+    if not out.ok:
+        return [f"artifact {entry['file']} failed to load or run here: {out.reason()}"], None
+    if "error" in out.value:
+        return [f"artifact {entry['file']} failed to load or run here: {out.value['error']}"], None
+    if not out.value["ok"]:
+        return [f"artifact {entry['file']}: {out.value['reason']}"], None
+    return [], (f"artifact {entry['file']} ({entry.get('format')}): sha256 ok, rel. error {out.value['rel_l2']:.2e} "
+                "vs eager fp32")
+
+
+def _artifact_accuracy(plan_dir: str, workload, shapes, tolerance: float) -> dict[str, Any]:
+    """Runs in the child of `_check_artifact`: the artifact against eager fp32 on the test data
+    (all branches of the model), as far as it has the shapes the artifact is specialised to."""
+    import torch
+
+    from .accuracy import compare_outputs
+    from .artifacts import load_artifact
+
     try:
-        artifact = load_artifact(plan_dir / "plan.json")
+        artifact = load_artifact(Path(plan_dir) / "plan.json")
         model = workload.build_model()
-        shapes = entry.get("input_shapes")
-        # the test data (all branches of the model), as far as it has the shapes the artifact is specialised to
         batches = [x for x, _ in workload.test_data() if [list(t.shape) for t in x] == shapes]
         batches = batches or [workload.example_inputs()]
         with torch.no_grad():
-            acc = compare_outputs([artifact(*x) for x in batches], [model(*x) for x in batches],
-                                  tolerance=plan.tolerance if plan.tolerance is not None else 2e-2)
+            acc = compare_outputs([artifact(*x) for x in batches], [model(*x) for x in batches], tolerance=tolerance)
     except Exception as exc:  # noqa: BLE001 - a broken artifact is a finding, not a crash
-        return [f"artifact {entry['file']} failed to load or run here: {type(exc).__name__}: {exc}"], None
-    if not acc.ok:
-        return [f"artifact {entry['file']}: {acc.reason}"], None
-    return [], f"artifact {entry['file']} ({entry.get('format')}): sha256 ok, rel. error {acc.rel_l2:.2e} vs eager fp32"
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": acc.ok, "reason": acc.reason, "rel_l2": acc.rel_l2}
 
 
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
@@ -107,7 +122,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     problems: list[str] = []
     here = fingerprint(device)
     problems += [f"different hardware/software: {d}" for d in fingerprint_differences(plan.fingerprint, here)]
-    artifact_problems, artifact_line = _check_artifact(plan, plan_dir, workload)
+    artifact_problems, artifact_line = _check_artifact(plan, plan_dir, workload, timeout_s)
     problems += artifact_problems
     recorded = plan.speedup if plan.speedup is not None else 1.0
     rec_acc = (plan.accuracy or {}).get("rel_l2")
