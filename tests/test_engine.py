@@ -286,6 +286,26 @@ def test_trial_running_at_a_kill_is_measured_again_after_resume(tmp_path):
     assert not (t["state"] == "RUNNING").any()
 
 
+def test_the_interrupted_trial_runs_before_starting_points_never_reached(tmp_path):
+    _run(tmp_path, FakeTask(gains={1: 1.3}, seed_values=[0]), patience=1)
+    # a killed session had queued three starting points and was measuring the first
+    study, _ = open_study(StudySpec(None, "autotiacc", "minimize"), tmp_path / "run" / "study.db", None)
+    for x in (3, 4, 5):
+        study.enqueue_trial({"x": x})
+    running = study.ask()
+    x_running = running.suggest_categorical("x", list(range(6)))
+    assert x_running == 3
+    task = FakeTask(gains={1: 1.3, 3: 1.1, 4: 1.2, 5: 1.05}, seed_values=[0])
+    # patience 1: the resumed search stops after the first trial without gain, so only what runs first counts
+    _run(tmp_path, task, patience=1, resume=True)
+    t = _trials(tmp_path).set_index("number")
+    retry = t[t["retry_of"] == running.number]
+    assert len(retry) == 1 and retry.iloc[0]["label"] == "x=3" and retry.iloc[0]["status"] == "ok"
+    later = t[(t.index > running.number) & (t["label"].isin(["x=4", "x=5"]))]
+    assert (later.index > retry.index[0]).all()  # the retry was measured first
+    assert "requeued" not in set(t["status"].dropna())  # the moved queue entries are not trials
+
+
 def test_resume_with_another_batch_size_is_refused(tmp_path):
     _run(tmp_path, FakeTask(seed_values=[0]), patience=1)
 

@@ -20,7 +20,7 @@ from .budget import Budget
 from .options import RunOptions
 from .rundir import RunDir, write_trials_csv
 from .storage import claim, publish_plan, publish_run, record_session, redact
-from .study import INTERRUPTED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
+from .study import INTERRUPTED, REQUEUED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
 from .task import Candidate, Decision, Task, TrialResult
 
 SPAWN_OVERHEAD_S = 6.0  # starting a worker process and importing torch, measured ~3-5 s here
@@ -79,7 +79,7 @@ class Search:
             stop = self._search(study)
             self.task.end_search(study)
             plan = self._finalize(study)
-            n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped"))
+            n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped", REQUEUED))
             result = SearchResult(plan=plan, run_dir=self.run_dir.path, n_trials=n, wall_s=self.budget.elapsed(),
                                   stop=stop)
             write_trials_csv(study, self.run_dir.file("trials.csv"))
@@ -277,7 +277,7 @@ def choose(final, tops: list) -> Decision:
 def failure_note(trials: list, limit: int = 8) -> str:
     """`Failures: trial N (label): reason | ...` for a plan that kept the baseline."""
     fails = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
-             for t in trials if t.user_attrs.get("status") not in ("ok", "duplicate", None)]
+             for t in trials if t.user_attrs.get("status") not in ("ok", "duplicate", None, REQUEUED)]
     return "Failures: " + " | ".join(fails[:limit]) if fails else ""
 
 

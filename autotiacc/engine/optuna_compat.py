@@ -68,6 +68,12 @@ def fail_trial(study, number_or_id: int, *, status: str, reason: str, by_id: boo
         return False
 
 
+def waiting_params(trial) -> dict[str, Any]:
+    """The parameters an enqueued (WAITING) trial will be asked with: Optuna keeps them in a
+    system attribute until the trial starts."""
+    return dict(trial.system_attrs.get("fixed_params") or {})
+
+
 def trial_number(study, tid: int) -> int:
     return study._storage.get_trial_number_from_id(tid)
 

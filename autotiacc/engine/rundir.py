@@ -116,6 +116,8 @@ def write_trials_csv(study, path: Path) -> None:
                                        "datetime_start"))
     if "state" in df.columns:
         df = df[df["state"] != "WAITING"]  # enqueued but never started
+    if "user_attrs_status" in df.columns:  # a queued starting point moved behind a retry (engine.study)
+        df = df[df["user_attrs_status"] != "requeued"]
     df = df.rename(columns=lambda c: c.replace("user_attrs_", "").replace("params_", "param_"))
     df = df.drop(columns=[c for c in ("knobs", "key") if c in df.columns])
     tmp = path.with_suffix(".csv.tmp")

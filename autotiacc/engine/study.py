@@ -14,6 +14,7 @@ from ..errors import UserInputError
 from . import optuna_compat as compat
 from .storage import create_or_load, open_storage, redact, wait_for_setup
 
+REQUEUED = "requeued"  # a queued starting point moved behind a retry; not a trial
 INTERRUPTED = "interrupted"
 
 
@@ -115,7 +116,26 @@ def recover_interrupted(study, *, shared: bool) -> list[int]:
             params = dict(by_number[n].params)
             if params:  # the one who failed it measures it again (an atomic state change: once)
                 study.enqueue_trial(params, user_attrs={"retry_of": n})
+    if failed and not shared:
+        _queue_behind_retries(study)
     return failed
+
+
+def _queue_behind_retries(study) -> None:
+    """Optuna hands out queued trials oldest first, so starting points a killed session never
+    reached would run before the retries and a short resume might never measure what was in
+    flight. Queue them again behind the retries; the old entries are closed as `requeued`
+    (own storage only: on a shared study a peer may be taking them right now)."""
+    from optuna.trial import TrialState
+
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    first_retry = min((t.number for t in waiting if "retry_of" in t.user_attrs), default=None)
+    for t in waiting:
+        if first_retry is None or t.number > first_retry or "retry_of" in t.user_attrs:
+            continue
+        params = compat.waiting_params(t)
+        if compat.fail_trial(study, t.number, status=REQUEUED, reason="queued again behind the interrupted trial"):
+            study.enqueue_trial(params, user_attrs=dict(t.user_attrs))
 
 
 def storage_label(spec: StudySpec) -> str:
