@@ -84,7 +84,7 @@ def test_optimize_a_model_from_an_imported_module(tmp_path):
 @pytest.mark.slow
 def test_building_a_compiled_plan_keeps_the_callers_warning_filters(tmp_path):
     """Inductor imports sympy, which installs a warning filter at import: the build restores them."""
-    code = (MODEL + "import warnings\nfrom autotiacc.candidate import OptimizedModel\n"
+    code = (MODEL + "import warnings\nfrom autotiacc.inference.candidate import OptimizedModel\n"
             "from autotiacc.knobs import configs_from_params\nbefore = list(warnings.filters)\n"
             "m = Tiny().eval()\nx = torch.randn(2, 16)\n"
             "f = OptimizedModel(m, configs_from_params({'execution': {'backend': 'compile'}}), example_inputs=(x,))\n"

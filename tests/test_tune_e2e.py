@@ -77,7 +77,10 @@ def _finished(out) -> pd.DataFrame:
 
 def _running_trial(out) -> int | None:
     """The number of the trial whose worker is running now (its log exists, no record yet)."""
-    done = set(_finished(out)["number"]) if not _finished(out).empty else set()
+    try:  # any record counts: a pruned or failed trial is finished too
+        done = set(pd.read_csv(out / "trials.csv")["number"])
+    except (FileNotFoundError, pd.errors.EmptyDataError):
+        done = set()
     logs = sorted(int(p.stem) for p in (out / "trials").glob("[0-9]*.log")) if (out / "trials").exists() else []
     return next((n for n in reversed(logs) if n not in done), None)
 
@@ -99,9 +102,13 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     while time.monotonic() < deadline and (len(_finished(out)) < 3 or _running_trial(out) is None):
         time.sleep(0.2)
-    in_flight = _running_trial(out)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    import optuna
+
+    # what was in flight is what the study says was RUNNING at the kill (the files lag behind it)
+    killed_study = optuna.load_study(study_name="autotiacc", storage=f"sqlite:///{out / 'study.db'}")
+    in_flight = next((t.number for t in killed_study.trials if t.state.name == "RUNNING"), None)
     before = _finished(out)
     assert len(before) >= 3, "the tune did not get 3 trials done before the kill"
     assert in_flight is not None and in_flight not in set(before["number"])
@@ -123,10 +130,8 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     assert not (after["state"] == "RUNNING").any()  # the killed trial is marked, not left running
     killed = after.set_index("number").loc[in_flight]
     assert killed["status"] == "interrupted" and killed["state"] == "FAIL"
-    # its configuration is queued again (after the stage-1 seeds not yet run), never taken for a
+    # its configuration is queued again (before the stage-1 seeds not yet run), never taken for a
     # duplicate of the interrupted record
-    import optuna
-
     study = optuna.load_study(study_name="autotiacc", storage=f"sqlite:///{out / 'study.db'}")
     again = [t for t in study.trials if t.user_attrs.get("retry_of") == in_flight]
     assert len(again) == 1, "the interrupted configuration was not queued again"
