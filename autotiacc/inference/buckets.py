@@ -218,25 +218,28 @@ def quantile_edges(hist: dict[int, float], n: int, *, align: int = 1) -> list[in
     return sorted(edges)
 
 
+def _inputs_at(workload, sizes: dict[str, int], names: list[str], why: str) -> tuple:
+    """example_inputs at these sizes; its UserInputError becomes `why` (with `{exc}` filled in)."""
+    try:
+        return workload.example_inputs(sizes[BATCH], **{n: sizes[n] for n in names if n != BATCH})
+    except UserInputError as exc:
+        raise UserInputError(why.format(exc=exc)) from None
+
+
 def infer_axes(workload, names: list[str], probe: dict[str, int]) -> Axes:
     """Find where each dim lives by building example inputs at two sizes of it and comparing
     shapes: the axes that changed are that dim's. Raises when a dim changes nothing."""
-    try:
-        base = workload.example_inputs(probe[BATCH], **{n: probe[n] for n in names if n != BATCH})
-    except UserInputError as exc:
-        raise UserInputError(f"the traffic's dynamic dims {', '.join(f'`{n}`' for n in names if n != BATCH)} do not fit "
-                             f"example_inputs(batch_size, **dims): {exc}; make the traffic's columns match "
-                             "example_inputs' keyword arguments.") from None
+    dims = ", ".join(f"`{n}`" for n in names if n != BATCH)
+    base = _inputs_at(workload, probe, names, f"the traffic's dynamic dims {dims} do not fit "
+                      "example_inputs(batch_size, **dims): {exc}; make the traffic's columns match "
+                      "example_inputs' keyword arguments.")
     axes: Axes = {}
     for name in names:
         bumped = dict(probe)
         bumped[name] = probe[name] + 1
-        try:
-            other = workload.example_inputs(bumped[BATCH], **{n: bumped[n] for n in names if n != BATCH})
-        except UserInputError as exc:
-            raise UserInputError(f"the traffic names dynamic dim `{name}`, but example_inputs(batch_size, "
-                                 f"{name}=...) fails ({exc}); make the traffic's columns match example_inputs' "
-                                 "keyword arguments.") from None
+        other = _inputs_at(workload, bumped, names, f"the traffic names dynamic dim `{name}`, but "
+                           f"example_inputs(batch_size, {name}=...) fails ({{exc}}); make the traffic's columns "
+                           "match example_inputs' keyword arguments.")
         found = [(i, ax) for i, (a, b) in enumerate(zip(base, other))
                  for ax in range(min(a.dim(), b.dim())) if a.shape[ax] != b.shape[ax]]
         if not found:
