@@ -236,7 +236,7 @@ class Search:
     def run_record(self, fp: dict, identity: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         """(run.json's fields, this session's record); a storage password never lands in them."""
         session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
-                   "command": redact_command(self.options.command)}
+                   "command": redact(self.options.command)}
         data = {"mode": self.task.mode, "workload": identity, "fingerprint": fp, **self.task.run_record(),
                 "device": self.options.device, "storage": redact(self.options.storage) if self.spec.shared
                 else "sqlite:///study.db", "study_name": self.options.study_name, **self.options.extra}
@@ -292,8 +292,3 @@ def record_trial(study, trial, result: TrialResult) -> None:
         study.tell(trial, result.value)
     else:
         study.tell(trial, state=TrialState.PRUNED if result.state == "pruned" else TrialState.FAIL)
-
-
-def redact_command(command: str) -> str:
-    """A command line with any storage URL's password hidden."""
-    return " ".join(redact(part) for part in command.split(" ")) if command else command
