@@ -337,9 +337,10 @@ def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
-                     strategy: Any = None, device: str = "cpu") -> StaticShapes | ShapeTuning:
+                     strategy: Any = None) -> StaticShapes | ShapeTuning:
     """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else
-    StaticShapes: the hooks of the search loop either way (see the module doc)."""
+    StaticShapes: the hooks of the search loop either way (see the module doc). Both run on any
+    device: the evaluators put the model and every input they make on the trial's device."""
     if p99_ms is not None and not p99_ms > 0:
         raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
     traffic = workload_traffic(workload, traffic_file)
@@ -351,9 +352,6 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
         if p99_ms is not None:
             raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
         return StaticShapes(strategy)
-    if (device or "cpu") != "cpu":
-        raise UserInputError(f"`--device` got {device!r}: traffic tuning is measured on CPU in this version; "
-                             "use --device cpu, or drop the traffic to tune one shape on the GPU.")
     if workload.kind != "python" and traffic[0].dims:
         raise UserInputError("traffic tuning needs a model.py whose example_inputs(batch_size, **dims) builds "
                              f"inputs of any shape; {workload.name} is a {workload.kind} file.")

@@ -85,7 +85,7 @@ class InferenceTask(Task):
         self.plan_extra: dict[str, Any] = {}
         # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
-                                             strategy=self.strategy, device=options.device)
+                                             strategy=self.strategy)
         if options.max_memory_mib is not None and isinstance(self.shape_tuning, ShapeTuning):
             raise UserInputError("`--max-memory` is measured per candidate at one input shape; drop it, or tune "
                                  "without a traffic mix.")

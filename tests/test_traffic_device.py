@@ -1,0 +1,47 @@
+"""Traffic (dynamic-shape) and throughput tuning on a device other than the CPU, proven on
+`meta`: the model, every traffic shape's inputs, the bucket builds' inputs and the serving
+batches all go to the trial's device through the real evaluator (`ShapeTuning.evaluator`)."""
+from __future__ import annotations
+
+from autotiacc.inference.shape_tuning import ShapeTuning, shape_tuning_for
+from autotiacc.inference.workload import load_workload
+
+from .conftest import MODELS
+
+
+def test_traffic_trial_puts_model_and_every_input_on_the_target_device():
+    w = load_workload(MODELS / "placement_traffic.py")
+    calls = w._user.CALLS
+    calls.clear()
+    st = shape_tuning_for(w)
+    assert isinstance(st, ShapeTuning)
+    fn, kw = st.evaluator(final=True)  # the final re-measurement's arguments: unseen shapes checked too
+    kw.update(rounds=2, warmup_s=0.01)
+    four = {"edges": {"batch_size": [1, 3], "seq_len": [3, 9]}, "padded": [True] * 4, "knobs": [{}] * 4}
+    candidates = {
+        "padded": {"shapes": four},  # every request padded to its bucket (batch and seq_len)
+        "shared": {"runtime": {"inference_mode": False}},  # one runner serves every shape as it comes
+        "serve4": {"shapes": {"edges": {"batch_size": [4], "seq_len": [9]}, "padded": [True], "serve_batch": 4}},
+    }
+    res = fn(w, candidates, device="meta", **kw)
+    for name, r in res["candidates"].items():
+        assert r["status"] == "ok", (name, r.get("reason"), r.get("traceback"))
+        assert "accuracy not checked" in r["note"] and r["per_shape"]
+    assert calls and {dev for _, dev, _ in calls} == {"meta"}
+    assert len({i for i, _, _ in calls}) >= 4  # the baseline and each candidate's own copy
+    shapes = {s for _, _, s in calls}
+    assert (3, 9, 4) in shapes and (4, 9, 4) in shapes  # padded bucket builds, full serving batches
+    assert res["per_sample"] and res["candidates"]["serve4"]["samples_per_s"] > 0
+
+
+def test_throughput_strategy_is_not_refused_off_the_cpu():
+    """`--strategy inference-throughput` without traffic used to be refused on any device but the CPU."""
+    from autotiacc.strategy import load_strategy
+
+    w = load_workload(MODELS / "tiny_mlp.py")
+    st = shape_tuning_for(w, strategy=load_strategy("inference-throughput"))
+    fn, kw = st.evaluator()
+    kw.update(rounds=2, warmup_s=0.01)
+    res = fn(w, {"b2": {"shapes": {"edges": {"batch_size": [2]}, "padded": [True], "serve_batch": 2}}},
+             device="meta", **kw)
+    assert res["candidates"]["b2"]["status"] == "ok", res["candidates"]["b2"].get("reason")
