@@ -5,7 +5,7 @@ Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
 - `onnxruntime`  -> ONNX model (loads with onnxruntime, the runtime that was measured);
-- `eager`        -> `torch.export` program (plain PyTorch).
+- `eager`        -> `torch.export` program (plain PyTorch); with int8 weights, TorchScript.
 
 Precision and layout knobs are baked into the artifact (input casts, autocast, output dtypes);
 runtime settings (threads, inference_mode) are not part of a graph, so the plan's entry lists
@@ -42,8 +42,13 @@ FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchs
            "onnx": "artifact.onnx"}
 
 
-def artifact_format(backend: str) -> str:
-    """The artifact form a plan with this execution backend is exported as."""
+def artifact_format(knobs: dict) -> str:
+    """The artifact form a plan with these knob configs is exported as: by its execution backend;
+    an eager plan with int8 weights as TorchScript (torch.export cannot flatten torch.ao's packed
+    int8 params, and saves torchao's int8 weights pickled, which loading refuses)."""
+    backend = knobs["execution"].backend
+    if backend == "eager" and getattr(knobs.get("precision"), "mode", "").startswith("int8"):
+        return "torchscript"
     return {"compile": "aoti", "torchscript": "torchscript", "onnxruntime": "onnx"}.get(backend, "export")
 
 
@@ -97,7 +102,7 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     import torch
 
     run_dir = Path(run_dir)
-    fmt = artifact_format(plan.knobs["execution"].backend)
+    fmt = artifact_format(plan.knobs)
     path = run_dir / FORMATS[fmt]
     device = plan.target_device()  # a CUDA plan exported where there is no CUDA: PlanError, says why
     model = to_device(workload.build_model(), device)
@@ -174,7 +179,7 @@ def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
     try:
         entry = export_artifact(plan, workload, plan_path.parent)
     except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
-        plan.extra["artifact"] = {"format": artifact_format(plan.knobs["execution"].backend),
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs),
                                   "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
         plan.save(plan_path)
         raise
