@@ -135,3 +135,37 @@ def test_model_facts_say_whether_there_is_a_linear_layer():
     assert has_linear(torch.jit.trace(_mlp(), torch.randn(1, 32)))  # TorchScript: by original name
     facts = load_workload(MODELS / "tiny_mlp.py").validate()
     assert facts.has_linear
+
+
+STRATEGY = """name: resume-modes
+description: a study whose precision modes change between sessions
+objective: latency
+measure_s: 0.3
+final_measure_s: 0.5
+final_top_k: 1
+patience: 3
+knobs:
+  execution: {backend: [eager]}
+  precision: {mode: MODES}
+enqueue:
+  - {}
+"""
+
+
+@pytest.mark.slow
+def test_resuming_a_study_over_other_precision_choices_is_one_clear_error(tmp_path):
+    """A study from before the int8 modes (or with another strategy file) cannot be continued
+    by Optuna over new categorical choices: exit 2 with the fix, not Optuna's traceback."""
+    from .conftest import run_cli
+
+    old, new = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old.write_text(STRATEGY.replace("MODES", "[fp32, bf16_weights]"))
+    new.write_text(STRATEGY.replace("MODES", "[fp32, bf16_weights, int8_dynamic]"))
+    out, model = tmp_path / "run", str(MODELS / "tiny_mlp.py")
+    first = run_cli("tune", model, "--budget", "15s", "--strategy", str(old), "--out", str(out), "--quiet")
+    assert first.returncode == 0, first.stderr
+    res = run_cli("tune", model, "--budget", "15s", "--strategy", str(new), "--out", str(out), "--resume", "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "other choices than this run offers" in res.stderr and "give another --out" in res.stderr
+    again = run_cli("tune", model, "--budget", "15s", "--strategy", str(old), "--out", str(out), "--resume", "--quiet")
+    assert again.returncode == 0, again.stderr  # the same setup still resumes
