@@ -78,6 +78,7 @@ class TrainingTask(Task):
         self.patience = options.patience if options.patience is not None else self.strategy.patience
         self.trial_timeout_s = options.trial_timeout_s or self.strategy.trial_timeout_s
         self.knobs = all_knobs("training")
+        self.device_decode_note: str | None = None  # whether decode=device is searched; set by validate
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
@@ -89,11 +90,12 @@ class TrainingTask(Task):
 
         model = self.workload.build_model()
         opt = self.workload.make_optimizer(model.parameters())
-        self.device_decode = device_decode_unavailable(self.workload)  # why decode=device is not searched
+        why_not = device_decode_unavailable(self.workload)
+        self.device_decode_note = "searched" if why_not is None else f"not searched: {why_not}"
         self.ctx = train_context(cores=usable_cores(), nproc=self.options.nproc, device=self.options.device,
                                  has_conv=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
                                  fused_ok="fused" in getattr(opt, "defaults", {}), compile=self.options.compile,
-                                 device_decode=self.device_decode is None)
+                                 device_decode=why_not is None)
         self._identity = self.workload.identity(model)
         self._fingerprint = machine_fingerprint(self.options.device)
 
@@ -116,8 +118,7 @@ class TrainingTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "nproc": self.options.nproc, "tolerance": self.options.tolerance,
-                "max_memory_mib": self.options.max_memory_mib,
-                "device_decode": "searched" if self.device_decode is None else f"not searched: {self.device_decode}"}
+                "max_memory_mib": self.options.max_memory_mib, "device_decode": self.device_decode_note}
 
     def seeds(self) -> list[dict[str, Any]]:
         return seeds(self.strategy, self.knobs, self.ctx)
