@@ -13,6 +13,7 @@ the GPU (or the CPU) and resized, flipped and normalised there.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -42,12 +43,18 @@ def _jpeg(i: int, rng: np.random.Generator) -> tuple[bytes, int]:
     return buf.getvalue(), label
 
 
+@functools.lru_cache(maxsize=4)
+def _jpegs(n: int, seed: int) -> tuple[tuple[bytes, int], ...]:
+    """The encoded images, made once per process: train_dataset() and raw_dataset() share them."""
+    rng = np.random.default_rng(seed)
+    return tuple(_jpeg(i, rng) for i in range(n))
+
+
 class JpegDataset(Dataset):
     """Holds encoded JPEG bytes; `load(i)` decodes (deterministic), `transform` augments (random)."""
 
     def __init__(self, n: int = N_IMAGES, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.items = [_jpeg(i, rng) for i in range(n)]
+        self.items = _jpegs(n, seed)
 
     def __len__(self) -> int:
         return len(self.items)
