@@ -90,12 +90,22 @@ def test_close_ends_the_worker():
     assert proc.poll() is not None
 
 
-def test_worker_env_puts_inductor_caches_in_the_run_dir(tmp_path):
+def test_worker_env_keeps_inductor_caches_in_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(tmp_path / "usercache"))
     env = worker_env(tmp_path / "run")
     with WorkerPool(env=env) as pool:
         out = pool.call(t.inductor_cache_dir, timeout=60)
     assert out.ok, out.error
-    assert out.value == str((tmp_path / "run" / "cache" / "inductor").resolve())
+    assert out.value == str(tmp_path / "usercache" / "inductor")
+    assert (tmp_path / "usercache" / "inductor").is_dir()
+
+
+def test_worker_env_falls_back_to_the_run_dir_when_the_user_cache_is_not_writable(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would go")  # mkdir under it fails, as read-only would
+    monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(blocked))
+    env = worker_env(tmp_path / "run")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "run" / "cache" / "inductor").resolve())
     assert (tmp_path / "run" / "cache" / "inductor").is_dir()
 
 
