@@ -93,6 +93,12 @@ def device_decoder(device_transform: Callable[[list[Any]], Any], device: Any) ->
 
     def decode(batch: Any) -> Any:
         images, *rest = batch
+        if target.type == "cuda":
+            # nvJPEG writes its outputs without waiting for the caller's stream, so it can be handed
+            # (and overwrite) a block that the previous step's queued kernels still read: silently
+            # wrong gradients (pytorch/vision#9606, meta-pytorch/torchcodec#1634). The decode
+            # host-synchronises before returning anyway; this moves the wait before it.
+            torch.cuda.current_stream(target).synchronize()
         decoded = decode_jpeg(list(images), mode=ImageReadMode.RGB, device=target)
         return (device_transform(decoded), *rest)
 
