@@ -116,3 +116,26 @@ def test_unpicklable_call_is_an_exception_outcome():
         out = pool.call(t.add, threading.Lock(), 1, timeout=60)
         assert out.status == "exception" and "could not be sent" in out.error
         assert pool.call(t.add, 1, 1, timeout=60).value == 2
+
+
+def test_submitted_calls_run_side_by_side_and_a_crash_costs_only_its_own_pool():
+    import time
+
+    pools = [WorkerPool() for _ in range(3)]
+    try:
+        for p in pools:  # started (torch imported) first, so the timing below is the calls' own
+            assert p.call(t.add, 0, 0, timeout=60).ok
+        t0 = time.perf_counter()
+        pending = [pools[0].submit(t.sleeps_then_returns, 2.0, "a"), pools[1].submit(t.sleeps_then_returns, 2.0, "b"),
+                   pools[2].submit(t.segfaults)]
+        outs = [p.collect(x, timeout=60) for p, x in zip(pools, pending)]
+        elapsed = time.perf_counter() - t0
+        assert [o.value for o in outs[:2]] == ["a", "b"] and outs[2].status == "crash"
+        assert elapsed < 3.9  # two 2 s sleeps overlapped (one after the other would take 4 s)
+        assert pools[2].worker is None and pools[2].call(t.add, 1, 1, timeout=60).value == 2  # replaced
+        assert pools[0].pid is not None  # the others kept their workers
+        unpicklable = pools[0].submit(t.add, __import__("threading").Lock(), 1)
+        assert pools[0].collect(unpicklable, timeout=60).status == "exception"
+    finally:
+        for p in pools:
+            p.close()

@@ -201,6 +201,12 @@ def run_in(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, *,
            log_path: str | None, t0: float | None = None) -> Outcome:
     """One call in `worker`; a worker that died, hung or hit memory limits is killed."""
     t0 = time.perf_counter() if t0 is None else t0
+    return _submit(worker, fn, args, kwargs, log_path, t0) or _finish(worker, timeout, t0)
+
+
+def _submit(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None,
+            t0: float) -> Outcome | None:
+    """Hand the call to the worker; an Outcome only when it could not be handed over."""
     try:
         worker.submit(fn, args, kwargs, log_path)
     except BrokenPipeError:  # died before it read the call
@@ -210,10 +216,22 @@ def run_in(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, *,
         return out
     except Exception as exc:  # noqa: BLE001 - unpicklable function or argument
         return _send_failed(exc)
+    return None
+
+
+def _finish(worker: Worker, timeout: float, t0: float) -> Outcome:
     out = worker.wait(timeout, t0)
     if out.status in ("timeout", "crash", "oom"):
         worker.kill()  # a dead, hung or exhausted worker never serves another call
     return out
+
+
+@dataclass
+class Pending:
+    """A call handed to a pool's worker (`WorkerPool.submit`), to `collect` later."""
+
+    t0: float
+    early: Outcome | None  # set when the call never reached the worker
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
@@ -261,10 +279,20 @@ class WorkerPool:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
              **kwargs: Any) -> Outcome:
+        return self.collect(self.submit(fn, *args, log_path=log_path, **kwargs), timeout=timeout)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, log_path: str | None = None, **kwargs: Any) -> Pending:
+        """Hand a call to the worker and return at once: several pools' workers then work side by
+        side (builds, never timing); `collect` waits for the outcome."""
         t0 = time.perf_counter()
         self.start()
         assert self.worker is not None
-        out = run_in(self.worker, fn, args, kwargs, timeout=timeout, log_path=log_path, t0=t0)
+        return Pending(t0, _submit(self.worker, fn, args, kwargs, log_path, t0))
+
+    def collect(self, pending: Pending, *, timeout: float) -> Outcome:
+        """The outcome of `pending`, waiting until `timeout` seconds after it was submitted."""
+        assert self.worker is not None
+        out = pending.early or _finish(self.worker, timeout, pending.t0)
         if not self.worker.alive() or out.status in ("timeout", "crash", "oom"):
             self.worker.kill()
             self.worker = None
