@@ -45,3 +45,21 @@ def test_throughput_strategy_is_not_refused_off_the_cpu():
     res = fn(w, {"b2": {"shapes": {"edges": {"batch_size": [2]}, "padded": [True], "serve_batch": 2}}},
              device="meta", **kw)
     assert res["candidates"]["b2"]["status"] == "ok", res["candidates"]["b2"].get("reason")
+
+
+def test_cuda_graph_buckets_are_always_padded():
+    """A CUDA graph is captured per input shape: padded to its bucket, each bucket replays one
+    graph (a shared runner would capture one per request shape, up to its limit, then run without)."""
+    import optuna
+
+    st = shape_tuning_for(load_workload(MODELS / "placement_traffic.py"))
+    study = optuna.create_study()
+    for values in ({"execution": {"backend": "eager", "cuda_graphs": True}},
+                   {"execution": {"backend": "torchscript", "cuda_graphs": True}}):
+        for _ in range(4):
+            trial = study.ask()
+            padded = st.suggest(trial, values)["shapes"]["padded"]
+            assert padded and all(padded), (values, padded)
+            study.tell(trial, 1.0)
+    trial = study.ask()  # eager without graphs: nothing to specialise, one shared runner
+    assert st.suggest(trial, {"execution": {"backend": "eager"}})["shapes"]["padded"] == [False]
