@@ -130,6 +130,16 @@ def test_an_eager_int8_plan_exports_as_torchscript_and_loads(mode, tmp_path):
     assert _rel_l2(autotiacc.load_artifact(tmp_path)(*x), wl.build_model()(*x)) < 3e-2
 
 
+def test_int8_plans_torch_export_cannot_carry_export_as_torchscript():
+    from autotiacc.inference.artifacts import artifact_format
+
+    def fmt(mode, backend):
+        return artifact_format(configs_from_params({"precision": {"mode": mode}, "execution": {"backend": backend}}))
+
+    assert fmt("int8_dynamic", "compile") == fmt("int8_dynamic", "eager") == fmt("int8_weights", "eager") == "torchscript"
+    assert fmt("int8_weights", "compile") == "aoti" and fmt("fp32", "eager") == "export"
+
+
 def test_model_facts_say_whether_there_is_a_linear_layer():
     assert has_linear(_mlp()) and not has_linear(nn.Sequential(nn.Conv2d(3, 4, 3)))
     assert has_linear(torch.jit.trace(_mlp(), torch.randn(1, 32)))  # TorchScript: by original name

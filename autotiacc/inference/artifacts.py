@@ -5,7 +5,8 @@ Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
 - `onnxruntime`  -> ONNX model (loads with onnxruntime, the runtime that was measured);
-- `eager`        -> `torch.export` program (plain PyTorch); with int8 weights, TorchScript.
+- `eager`        -> `torch.export` program (plain PyTorch);
+- int8 plans torch.export cannot carry (see `artifact_format`) -> TorchScript.
 
 Precision and layout knobs are baked into the artifact (input casts, autocast, output dtypes);
 runtime settings (threads, inference_mode) are not part of a graph, so the plan's entry lists
@@ -43,11 +44,13 @@ FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchs
 
 
 def artifact_format(knobs: dict) -> str:
-    """The artifact form a plan with these knob configs is exported as: by its execution backend;
-    an eager plan with int8 weights as TorchScript (torch.export cannot flatten torch.ao's packed
-    int8 params, and saves torchao's int8 weights pickled, which loading refuses)."""
+    """The artifact form a plan with these knob configs is exported as: by its execution backend,
+    except int8 plans that torch.export cannot carry, which are TorchScript: `int8_dynamic`
+    (torch.export cannot flatten torch.ao's packed int8 params, so no AOTInductor package either)
+    and eager `int8_weights` (torch.export saves torchao's int8 weights pickled; loading refuses)."""
     backend = knobs["execution"].backend
-    if backend == "eager" and getattr(knobs.get("precision"), "mode", "").startswith("int8"):
+    mode = getattr(knobs.get("precision"), "mode", "")
+    if (mode == "int8_dynamic" and backend in ("eager", "compile")) or (mode == "int8_weights" and backend == "eager"):
         return "torchscript"
     return {"compile": "aoti", "torchscript": "torchscript", "onnxruntime": "onnx"}.get(backend, "export")
 
