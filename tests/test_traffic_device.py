@@ -63,3 +63,29 @@ def test_cuda_graph_buckets_are_always_padded():
             study.tell(trial, 1.0)
     trial = study.ask()  # eager without graphs: nothing to specialise, one shared runner
     assert st.suggest(trial, {"execution": {"backend": "eager"}})["shapes"]["padded"] == [False]
+
+
+def test_a_warm_worker_builds_the_traffic_reference_once():
+    """Trial after trial in one worker: the eager model, the traffic inputs and their outputs
+    are built once per workload, mix and device (they were rebuilt on every trial)."""
+    w = load_workload(MODELS / "placement_traffic.py")
+    calls = w._user.CALLS
+    st = shape_tuning_for(w)
+    fn, kw = st.evaluator()
+    kw.update(rounds=2, warmup_s=0.01)
+    calls.clear()
+    first = fn(w, {"a": {}}, device="cpu", **kw)
+    baseline_ids = {i for i, _, _ in calls}
+    calls.clear()
+    second = fn(w, {"b": {"runtime": {"inference_mode": False}}}, device="cpu", **kw)
+    assert first["candidates"]["a"]["status"] == second["candidates"]["b"]["status"] == "ok"
+    ids = [i for i, _, _ in calls]
+    assert len(set(ids) & baseline_ids) == 1  # the second trial timed the first trial's baseline model
+    n_shapes = len(first["candidates"]["a"]["per_shape"])
+    reused = next(iter(set(ids) & baseline_ids))
+    # the reused baseline was only timed (warm-up + rounds per shape), never asked for reference outputs again
+    assert ids.count(reused) >= n_shapes * 2
+    other = load_workload(MODELS / "placement_traffic.py")  # another workload: its own reference
+    calls.clear()
+    fn(other, {"c": {}}, device="cpu", **kw)
+    assert not ({i for i, _, _ in calls} & baseline_ids)

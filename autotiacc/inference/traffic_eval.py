@@ -20,7 +20,7 @@ from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
 from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
-from .evaluate import BASELINE
+from .evaluate import BASELINE, worker_cached, workload_key
 from .traffic import Shape, parse_traffic
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
@@ -66,13 +66,11 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     torch._dynamo.utils.counters.clear()
     shapes = parse_traffic(traffic)
     extra = parse_traffic(check_shapes) if check_shapes else []
-    # a module is a pytree leaf: to_device moves it too; every input below is made on `device`
-    model = to_device(workload.build_model(), device)
+    # built once per worker for this workload, mix and device; trial after trial reuses it
+    key = ("traffic", workload_key(workload), device, repr(traffic), repr(check_shapes))
+    model, inputs, refs = worker_cached(key, lambda: _reference(workload, device, shapes + extra))
     pad = workload.user_hook("pad_inputs")
     unpad = workload.user_hook("unpad_outputs")
-    inputs = {s.key(): _inputs_on(workload, device, s.batch_size, seed=0, **s.dim_dict) for s in shapes + extra}
-    with torch.inference_mode():
-        refs = {k: model(*x) for k, x in inputs.items()}
 
     results: dict[str, Any] = {}
     built: dict[str, BucketedModel] = {}
@@ -163,6 +161,18 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     return {"baseline": base.to_dict(), "candidates": results, "baseline_p99_mix_ms": p99[BASELINE],
             "per_sample": per_sample,
             "measure_s": time.perf_counter() - t0}
+
+
+def _reference(workload, device: str, shapes: list[Shape]) -> tuple[Any, dict[str, tuple], dict[str, Any]]:
+    """The eager fp32 model on `device`, every shape's inputs (made there) and its outputs."""
+    import torch
+
+    # a module is a pytree leaf: to_device moves it too; every input below is made on `device`
+    model = to_device(workload.build_model(), device)
+    inputs = {s.key(): _inputs_on(workload, device, s.batch_size, seed=0, **s.dim_dict) for s in shapes}
+    with torch.inference_mode():
+        refs = {k: model(*x) for k, x in inputs.items()}
+    return model, inputs, refs
 
 
 def _bucket_rows(spec: BucketSpec, shapes: list[Shape], build: dict[str, float]) -> list[dict[str, Any]]:
