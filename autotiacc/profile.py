@@ -192,6 +192,13 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     result["modules"] = [asdict(s) for s in stats]
     result["memory"] = _memory(model, stats, peak_activation, device)
     result["diagnosis"] = _diagnosis(result, stats, busy, events, device, nvml)
+    if not device.startswith("cuda"):
+        from .profiling.diagnosis import allocator_finding
+
+        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain)
+        finding = allocator_finding(faults)
+        if finding:
+            result["diagnosis"]["allocator"] = finding
     result["unavailable"] = unavailable
     result.setdefault("nvtx", False)
     result["groups"] = candidate_groups(result["modules"], model, coverage=coverage, max_groups=max_groups,
@@ -217,6 +224,20 @@ def _module_stats(modules: dict[str, Any], att, flops: dict[str, int], out_bytes
                                 has_params=any(True for _ in mod.parameters()), busy_ms=busy_ms,
                                 device_events=events))
     return stats
+
+
+def _page_faults_per_call(fn, calls: int = 10) -> float | None:
+    """Minor page faults of this process per call of `fn`, warm (None where getrusage is missing)."""
+    try:
+        import resource
+    except ImportError:  # not on this OS
+        return None
+    for _ in range(2):
+        fn()
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        fn()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / calls
 
 
 def _diagnosis(result: dict[str, Any], stats: list[ModuleStat], busy, events, device: str, nvml) -> dict[str, Any]:
@@ -410,6 +431,8 @@ def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
     diag = prof.get("diagnosis")
     if diag:
         lines.append(f"diagnosis: {diag.get('kind') or 'not decided'}: {diag.get('reason', '')}")
+        if diag.get("allocator"):
+            lines.append(f"allocator: {diag['allocator']}")
     for what in prof.get("unavailable", []):
         lines.append(f"not available: {what}")
     return lines

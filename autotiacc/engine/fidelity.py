@@ -29,7 +29,8 @@ from .workers import Outcome, WorkerPool, run_isolated
 # Environment variables that change how fast the same model runs; a plan records them as
 # they were when it was measured, and `apply` warns when the production process differs.
 SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPINCOUNT", "KMP_BLOCKTIME",
-             "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD")
+             "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
+             "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # glibc malloc: experiments/allocator.py
 BASELINE = "baseline"
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
 
@@ -125,7 +126,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
 def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                        deadline: float | None = None, baseline_pool: WorkerPool | None = None) -> AlternatingResult:
+                        deadline: float | None = None) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round.
 
@@ -134,16 +135,14 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
     Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
-    `baseline_pool` (warm=False only): a worker that already built and warmed this workload's
-    baseline (a tune's trial worker); it times the baseline and is left open.
+    The baseline gets a fresh process too, never a tune's trial worker: how fast eager runs
+    depends on the process's allocation history (glibc's dynamic mmap threshold; convnet bs 8
+    faulted in 10,576 pages per call fresh, 2,885 after a bf16 candidate had run in the process).
     """
     t0 = time.perf_counter()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
     result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants})
-    pools = {} if fresh else {n: WorkerPool(env=env) for n in variants if n != BASELINE or baseline_pool is None}
-    own = list(pools.values())
-    if baseline_pool is not None and not fresh:
-        pools[BASELINE] = baseline_pool
+    pools = {} if fresh else {n: WorkerPool(env=env) for n in variants}
     kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
     try:
         # every variant's process imports and builds side by side, nothing being timed yet: the
@@ -168,7 +167,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                 _record(result, name, out)
             result.rounds = r + 1
     finally:
-        for pool in own:
+        for pool in pools.values():
             pool.close()
     for name in result.failures:
         result.windows.pop(name, None)
@@ -191,8 +190,7 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
 
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
                          target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
-                         env: dict[str, str] | None = None, timeout: float = 300.0,
-                         baseline_pool: WorkerPool | None = None) -> Outcome:
+                         env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
     (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
     windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
@@ -200,7 +198,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
     rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
                               warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
-                              deadline=deadline - 2 * window_s * (len(candidates) + 1), baseline_pool=baseline_pool)
+                              deadline=deadline - 2 * window_s * (len(candidates) + 1))
     if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
                        seconds=res.seconds)

@@ -79,13 +79,11 @@ class StaticShapes:
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None, baseline_pool=None):
+                      log_path: str | None = None):
         from ..engine.fidelity import evaluate_alternating
 
-        # baseline_pool: the trial worker, which already holds the built, warm baseline
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
-                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
-                                    baseline_pool=baseline_pool)
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
@@ -253,7 +251,7 @@ class ShapeTuning:
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None, baseline_pool=None):
+                      log_path: str | None = None):
         from ..engine.workers import run_isolated
 
         fn, kwargs = self.evaluator(final=True)

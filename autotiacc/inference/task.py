@@ -174,7 +174,7 @@ class InferenceTask(Task):
         self.pool = WorkerPool(env=worker_env(self.run_dir.path), log_dir=self.run_dir.path / "trials")
 
     def end_search(self, study) -> None:
-        # the worker stays: it holds the built, warm baseline, which it times in the final re-measurement
+        self.close()  # its cores and memory go to the final, which times every variant in a fresh process
         if not any(t.user_attrs.get("status") not in (None, "duplicate", "skipped") for t in study.trials):
             raise BudgetError(self._too_short("ended before the baseline could be measured"))  # not "no candidate passed"
 
@@ -250,7 +250,7 @@ class InferenceTask(Task):
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"), baseline_pool=self.pool)
+                                                  log_path=self.run_dir.trial_log("final"))
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")

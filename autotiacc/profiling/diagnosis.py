@@ -13,11 +13,18 @@ On CPU: **overhead-bound** when operators take less than `OVERHEAD_BUSY` of the 
 it); otherwise not diagnosed, because autotiacc does not know a CPU's peak FLOP/s and bandwidth.
 
 `order_seeds` turns the kind into the order of the stage-1 starting points.
+
+Beside the kind, `allocator_finding` reads the minor page faults of a CPU forward: glibc's
+malloc maps blocks above its (dynamic) mmap threshold afresh and unmaps them on free, so an
+eager forward can fault in its activations on every call (convnet bs 8 here: ~13,600 faults,
+~53 MiB, per call; none with the threshold fixed; experiments/allocator.py).
 """
 from __future__ import annotations
 
 from typing import Any
 
+PAGE = 4096
+FAULT_MIB = 1.0  # fresh pages per forward above which the allocator is named in the diagnosis
 LAUNCH_BUSY = 0.6  # GPU busy share below which the forward is launch-bound
 OVERHEAD_BUSY = 0.5  # CPU operator share below which the forward is overhead-bound
 KINDS = ("launch-bound", "compute-bound", "memory-bound", "overhead-bound")
@@ -95,3 +102,14 @@ def order_seeds(seeds: list[dict[str, dict[str, Any]]], diagnosis: dict[str, Any
     order, cheap builds first); the baseline `{}` stays first; no diagnosis keeps the order."""
     kind = (diagnosis or {}).get("kind")
     return sorted(seeds, key=lambda e: (bool(e), _priority(kind, _traits(e))))
+
+
+def allocator_finding(faults_per_forward: float | None) -> str | None:
+    """A sentence for the report when a CPU forward faults in more than FAULT_MIB of fresh pages."""
+    if faults_per_forward is None or faults_per_forward * PAGE < FAULT_MIB * 2**20:
+        return None
+    return (f"{faults_per_forward:.0f} minor page faults per forward ({faults_per_forward * PAGE / 2**20:.0f} MiB of "
+            "fresh pages): the allocator returns activation blocks to the OS after each call and maps them again. "
+            "Compiled backends reuse their buffers; for eager, glibc's MALLOC_MMAP_THRESHOLD_/MALLOC_TRIM_THRESHOLD_ "
+            "(or MALLOC_MMAP_MAX_=0) set when the process starts, or jemalloc/tcmalloc via LD_PRELOAD, keep them "
+            "mapped (experiments/allocator.py measures it here). The tune measures in the environment it was started in.")

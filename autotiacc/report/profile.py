@@ -166,4 +166,4 @@ def _diagnosis_lines(diag: dict[str, Any] | None) -> list[str]:
              "intensity_flop_per_byte": ("intensity", "{:.3g} FLOP/B")}
     parts = [f"{label} {fmt.format(fig[k])}" for k, (label, fmt) in shown.items() if fig.get(k) is not None]
     return [f"- **diagnosis: {diag.get('kind') or 'not decided'}**: {diag.get('reason', '')}",
-            "- figures: " + ", ".join(parts)]
+            "- figures: " + ", ".join(parts)] + ([f"- **allocator**: {diag['allocator']}"] if diag.get("allocator") else [])
