@@ -13,7 +13,7 @@ import torch
 import autotiacc
 from autotiacc.inference.workload import load_workload
 
-from .conftest import ROOT, run_cli
+from .conftest import MODELS, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     """Data-dependent control flow: traced candidates must be rejected, the plan must be right."""
     out = tmp_path / "run"
-    budget = 60
+    budget = 45
     t0 = time.monotonic()
     res = run_cli("tune", str(models_dir / "branchy.py"), "--budget", f"{budget}s", "--strategy", "quick",
                   "--out", str(out), "--quiet", timeout=300)
@@ -120,7 +120,7 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--resume", "--batch-size", "7", "--quiet")
     assert res.returncode == 2 and "batch size" in res.stderr and "Traceback" not in res.stderr
 
-    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--resume", "--quiet", timeout=300)
+    res = run_cli("tune", model, "--budget", "30s", "--out", str(out), "--resume", "--quiet", timeout=300)
     assert res.returncode == 0, res.stderr
     after = pd.read_csv(out / "trials.csv")
     kept = after.set_index("number").loc[before["number"]]
@@ -157,7 +157,8 @@ class Tiny(torch.nn.Module):
 def test_optimize_returns_a_drop_in_callable(tmp_path):
     model = Tiny().eval()
     x = torch.randn(4, 32)
-    fast = autotiacc.optimize(model, (x,), budget="30s", strategy="quick", out_dir=tmp_path / "opt")
+    fast = autotiacc.optimize(model, (x,), budget="30s", strategy=str(MODELS / "short_strategy.yaml"),
+                              out_dir=tmp_path / "opt")
     assert torch.allclose(fast(x), model(x), rtol=0.05, atol=0.05)
     assert fast(x).dtype == torch.float32
     assert (tmp_path / "opt" / "plan.json").exists() and fast.plan.fingerprint["cpu_count"] >= 1
