@@ -1,8 +1,9 @@
 """`autotiacc.optimize` where users call it: a script without a `__main__` guard, `python -` with
 the model class defined in `__main__` (as in a notebook), and a model from an imported module.
 Workers never re-import the caller's `__main__`; the model travels by value (cloudpickle).
-Each case is a real subprocess; it also checks that optimize() leaves the caller's matplotlib
-backend and warning filters as they were, and that no semaphore is reported leaked."""
+Each case is a real subprocess; it also checks that the result is a drop-in (same values and
+dtype, with its plan), that optimize() leaves the caller's matplotlib backend and warning
+filters as they were, and that no semaphore is reported leaked."""
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ class Tiny(nn.Module):
 
 CALL = '''
 import warnings
+from pathlib import Path
 import matplotlib
 import torch
 import autotiacc
@@ -42,8 +44,10 @@ torch.manual_seed(0)
 model = Tiny().eval()
 x = torch.randn(4, 16)
 fast = autotiacc.optimize(model, (x,), budget="40s", strategy=STRATEGY, out_dir=OUT)
-same = torch.allclose(fast(x), model(x), atol=1e-2)
-print("RESULT", same, matplotlib.get_backend() == backend, list(warnings.filters) == filters)
+y = fast(x)
+same = torch.allclose(y, model(x), atol=1e-2) and y.dtype == torch.float32  # a drop-in: same values and dtype
+planned = (Path(OUT) / "plan.json").exists() and fast.plan.fingerprint["cpu_count"] >= 1
+print("RESULT", same and planned, matplotlib.get_backend() == backend, list(warnings.filters) == filters)
 '''
 
 
