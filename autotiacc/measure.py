@@ -91,17 +91,36 @@ def time_once(fn: Runner, device: str) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+class TooSlow(Exception):
+    """Two calls in a row were slower than the caller's limit: timing it any further is waste.
+
+    `value` is the last call's figure, in the unit of the limit (ms, or a ratio to a baseline)."""
+
+    def __init__(self, value: float, limit: float) -> None:
+        super().__init__(f"two calls in a row at {value:.4g}, over the limit {limit:.4g}")
+        self.value, self.limit = value, limit
+
+
+def check_pace(values: Sequence[float], limit: float | None) -> None:
+    """Raise TooSlow when the last two of `values` are both over `limit` (one slow call may be
+    a recompile, a CUDA-graph capture or a page fault; two in a row are the candidate's pace)."""
+    if limit is not None and len(values) >= 2 and values[-1] > limit and values[-2] > limit:
+        raise TooSlow(values[-1], limit)
+
+
 def warm_up(fn: Runner, device: str = "cpu", *, max_s: float = 5.0, min_iters: int = 3,
-            tol: float = 0.05) -> int:
+            tol: float = 0.05, give_up_ms: float | None = None) -> int:
     """Call `fn` until two consecutive windows of 3 calls agree within `tol` (or `max_s`).
 
     Returns the number of warm-up calls made. The first calls of a compiled model include
-    compilation and autotuning; they must never be counted as latency.
+    compilation and autotuning; they must never be counted as latency. With `give_up_ms`,
+    raises TooSlow as soon as two calls in a row take longer than that.
     """
     deadline = time.perf_counter() + max_s
     times: list[float] = []
     while True:
         times.append(time_once(fn, device))
+        check_pace(times, give_up_ms)
         if len(times) >= max(min_iters, 6):
             prev, last = statistics.median(times[-6:-3]), statistics.median(times[-3:])
             if abs(last - prev) <= tol * max(prev, 1e-9):
@@ -120,25 +139,57 @@ def measure(fn: Runner, device: str = "cpu", *, min_reps: int = 10, max_reps: in
 
 def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_rounds: int = 10,
                         max_rounds: int = 1000, target_s: float = 2.0, warmup_s: float = 5.0,
-                        block: int = 1) -> dict[str, Timing]:
+                        block: int = 1, settle: float | None = None, reference: str | None = None,
+                        initial: dict[str, Timing] | None = None) -> dict[str, Timing]:
     """Time several callables round-robin (A B C A B C ...) so drift hits all alike.
 
     The order rotates every round so no callable always runs right after another one.
-    `target_s` is the total measuring time over all callables after warm-up.
+    `target_s` is the total measuring time over all callables after warm-up. With `settle`
+    and `reference`, stops earlier, once every other callable's ratio to the reference is known
+    within +-`settle` (relative half-width of a 95 % interval of the median per-round ratio):
+    more rounds would not change a ranking that precise. `initial` samples (a quick look taken
+    the same way) count towards the rounds and the interval.
     """
     names = list(fns)
     for name in names:
         warm_up(fns[name], device, max_s=warmup_s)
-    out = {name: Timing() for name in names}
+    out = {name: Timing(list(initial[name].samples_ms) if initial else []) for name in names}
+    have = min(t.n for t in out.values()) // block
     t_end = time.perf_counter() + target_s
     rounds = 0
-    while rounds < max_rounds and (rounds < min_rounds or time.perf_counter() < t_end):
+    while rounds < max_rounds and (have + rounds < min_rounds or time.perf_counter() < t_end):
         shift = rounds % len(names)
         for name in names[shift:] + names[:shift]:
             for _ in range(block):
                 out[name].samples_ms.append(time_once(fns[name], device))
         rounds += 1
+        if settle is not None and have + rounds >= min_rounds and rounds % 4 == 0 and _settled(out, reference, settle):
+            break
     return out
+
+
+def median_ratio_interval(a: Sequence[float], b: Sequence[float], z: float = 1.96) -> tuple[float, float, float]:
+    """(low, median, high) of the paired ratios a[i] / b[i]: a distribution-free interval for
+    their median from order statistics (normal approximation of the binomial ranks)."""
+    r = sorted(x / y for x, y in zip(a, b) if y > 0)
+    n = len(r)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    half = z * math.sqrt(n) / 2
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return r[lo], statistics.median(r), r[hi]
+
+
+def _settled(out: dict[str, Timing], reference: str | None, settle: float) -> bool:
+    if reference is None or reference not in out:
+        return False
+    for name, t in out.items():
+        if name == reference:
+            continue
+        lo, med, hi = median_ratio_interval(t.samples_ms, out[reference].samples_ms)
+        if not med > 0 or (hi - lo) / (2 * med) > settle:
+            return False
+    return True
 
 
 def faster_beyond_noise(candidate: Timing, baseline: Timing, *, min_gain: float = 0.02,

@@ -5,9 +5,15 @@ downloaded. Decoding + normalising each item costs far more than the tiny convne
 as with real JPEG pipelines on few CPU cores.
 
     autotiacc tune examples/train_jpeg.py --mode train --budget 5m
+
+`raw_dataset()` and `device_transform()` are the optional hooks for decoding JPEG on the
+training device (`decode=device`, searched when torchvision imports): the loader then only
+reads the encoded bytes, and each batch is decoded at once by torchvision.io.decode_jpeg on
+the GPU (or the CPU) and resized, flipped and normalised there.
 """
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -37,12 +43,18 @@ def _jpeg(i: int, rng: np.random.Generator) -> tuple[bytes, int]:
     return buf.getvalue(), label
 
 
+@functools.lru_cache(maxsize=4)
+def _jpegs(n: int, seed: int) -> tuple[tuple[bytes, int], ...]:
+    """The encoded images, made once per process: train_dataset() and raw_dataset() share them."""
+    rng = np.random.default_rng(seed)
+    return tuple(_jpeg(i, rng) for i in range(n))
+
+
 class JpegDataset(Dataset):
     """Holds encoded JPEG bytes; `load(i)` decodes (deterministic), `transform` augments (random)."""
 
     def __init__(self, n: int = N_IMAGES, seed: int = 0) -> None:
-        rng = np.random.default_rng(seed)
-        self.items = [_jpeg(i, rng) for i in range(n)]
+        self.items = _jpegs(n, seed)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -62,6 +74,27 @@ class JpegDataset(Dataset):
         return self.transform(self.load(i))
 
 
+class EncodedJpegs(JpegDataset):
+    """The same images, still encoded: items `(jpeg_bytes, label)`."""
+
+    def __getitem__(self, i: int) -> tuple[bytes, int]:
+        return self.items[i]
+
+
+def device_transform(images: list[torch.Tensor]) -> torch.Tensor:
+    """The batch's JPEGs decoded on the training device (uint8 CHW each) -> what collated
+    `train_dataset()` items hold: resized to INPUT, randomly flipped, normalised."""
+    if len({tuple(img.shape) for img in images}) == 1:  # one resize for the whole batch
+        x = nn.functional.interpolate(torch.stack(images).float(), size=(INPUT, INPUT), mode="bilinear",
+                                      antialias=True, align_corners=False)
+    else:
+        x = torch.cat([nn.functional.interpolate(img[None].float(), size=(INPUT, INPUT), mode="bilinear",
+                                                 antialias=True, align_corners=False) for img in images])
+    flip = torch.rand(len(images), device=x.device) < 0.5
+    x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return (x / 255.0 - 0.5) / 0.25
+
+
 def build_model() -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(3, 12, 3, padding=1, stride=2), nn.BatchNorm2d(12), nn.ReLU(),
@@ -72,6 +105,10 @@ def build_model() -> nn.Module:
 
 def train_dataset() -> Dataset:
     return JpegDataset()
+
+
+def raw_dataset() -> Dataset:
+    return EncodedJpegs()
 
 
 def loss_fn(model: nn.Module, batch) -> torch.Tensor:

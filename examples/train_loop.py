@@ -66,8 +66,11 @@ def main() -> None:
         import autotiacc.training
 
         plan = autotiacc.training.load_training_plan(args.plan)
+        hooks = {}
+        if plan.config.data.decode == "device":  # the plan decodes JPEG on the device: encoded items + transform
+            hooks = {"raw_dataset": train_jpeg.raw_dataset(), "device_transform": train_jpeg.device_transform}
         model, optimizer, loader, step = autotiacc.training.apply(plan, model, optimizer, dataset,
-                                                                  train_jpeg.loss_fn)
+                                                                  train_jpeg.loss_fn, **hooks)
     n, steps, losses, t_steady = 0, 0, [], None
     for _ in range(args.epochs):
         for batch in loader:

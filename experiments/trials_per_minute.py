@@ -12,6 +12,12 @@ differently (before: interleaved under OMP_WAIT_POLICY=PASSIVE; after: per-varia
     python experiments/trials_per_minute.py --rev 88bab40
     python experiments/trials_per_minute.py --rev 88bab40 --also-run-dir /tmp/before-run:before-idle
     python experiments/trials_per_minute.py --rev 88bab40 --passive-too --skip-default-env --concurrent
+    python experiments/trials_per_minute.py --rev 88bab40 --repeat 2 --fresh-caches
+
+`--fresh-caches` gives each variant its own empty compile and profile caches at the start
+(TORCHINDUCTOR_CACHE_DIR, AUTOTIACC_CACHE_DIR), so with `--repeat 2` the first run of each is
+a first tune on a fresh machine and the second a later tune of the same model; the runs
+alternate (before, after, before, after) so both see the same drift in load.
 """
 from __future__ import annotations
 
@@ -140,6 +146,9 @@ def main() -> None:
     ap.add_argument("--passive-too", action="store_true",
                     help="also run the working tree with OMP_WAIT_POLICY=PASSIVE set (separates workers from env)")
     ap.add_argument("--concurrent", action="store_true", help="run the variants at the same time (same load)")
+    ap.add_argument("--repeat", type=int, default=1, help="run each variant this many times, alternating")
+    ap.add_argument("--fresh-caches", action="store_true",
+                    help="each variant gets its own empty inductor and profile caches before its first run")
     ap.add_argument("--skip-default-env", action="store_true", help="leave out the working tree in the default env")
     ap.add_argument("--per-trial", type=int, default=0, metavar="ROUNDS",
                     help="instead: time single trials, fresh process vs warm worker, alternating, ROUNDS each")
@@ -173,6 +182,14 @@ def main() -> None:
                          {"OMP_WAIT_POLICY": "PASSIVE"}))
     # --concurrent: all variants at once, so they share the machine's load alike (a shared machine's
     # load swings by 2x within minutes); else one after the other, each alone.
+    if args.fresh_caches:
+        for _, short, _, env in variants:
+            caches = Path("/tmp") / f"tpm-caches-{short}"
+            shutil.rmtree(caches, ignore_errors=True)
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(caches / "inductor"), AUTOTIACC_CACHE_DIR=str(caches / "autotiacc"))
+    if args.repeat > 1:
+        variants = [(f"{v} run {i + 1}", f"{s}-run{i + 1}", tree, env)
+                    for i in range(args.repeat) for v, s, tree, env in variants]
     groups = [variants] if args.concurrent else [[v] for v in variants]
     for group in groups:
         load0 = os.getloadavg()[0]

@@ -58,3 +58,10 @@ def inductor_cache_dir():
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return cache_dir()
+
+
+def sleeps_then_returns(seconds, value):
+    import time
+
+    time.sleep(seconds)
+    return value

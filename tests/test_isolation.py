@@ -90,12 +90,22 @@ def test_close_ends_the_worker():
     assert proc.poll() is not None
 
 
-def test_worker_env_puts_inductor_caches_in_the_run_dir(tmp_path):
+def test_worker_env_keeps_inductor_caches_in_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(tmp_path / "usercache"))
     env = worker_env(tmp_path / "run")
     with WorkerPool(env=env) as pool:
         out = pool.call(t.inductor_cache_dir, timeout=60)
     assert out.ok, out.error
-    assert out.value == str((tmp_path / "run" / "cache" / "inductor").resolve())
+    assert out.value == str(tmp_path / "usercache" / "inductor")
+    assert (tmp_path / "usercache" / "inductor").is_dir()
+
+
+def test_worker_env_falls_back_to_the_run_dir_when_the_user_cache_is_not_writable(tmp_path, monkeypatch):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the cache folder would go")  # mkdir under it fails, as read-only would
+    monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(blocked))
+    env = worker_env(tmp_path / "run")
+    assert env["TORCHINDUCTOR_CACHE_DIR"] == str((tmp_path / "run" / "cache" / "inductor").resolve())
     assert (tmp_path / "run" / "cache" / "inductor").is_dir()
 
 
@@ -106,3 +116,26 @@ def test_unpicklable_call_is_an_exception_outcome():
         out = pool.call(t.add, threading.Lock(), 1, timeout=60)
         assert out.status == "exception" and "could not be sent" in out.error
         assert pool.call(t.add, 1, 1, timeout=60).value == 2
+
+
+def test_submitted_calls_run_side_by_side_and_a_crash_costs_only_its_own_pool():
+    import time
+
+    pools = [WorkerPool() for _ in range(3)]
+    try:
+        for p in pools:  # started (torch imported) first, so the timing below is the calls' own
+            assert p.call(t.add, 0, 0, timeout=60).ok
+        t0 = time.perf_counter()
+        pending = [pools[0].submit(t.sleeps_then_returns, 2.0, "a"), pools[1].submit(t.sleeps_then_returns, 2.0, "b"),
+                   pools[2].submit(t.segfaults)]
+        outs = [p.collect(x, timeout=60) for p, x in zip(pools, pending)]
+        elapsed = time.perf_counter() - t0
+        assert [o.value for o in outs[:2]] == ["a", "b"] and outs[2].status == "crash"
+        assert elapsed < 3.9  # two 2 s sleeps overlapped (one after the other would take 4 s)
+        assert pools[2].worker is None and pools[2].call(t.add, 1, 1, timeout=60).value == 2  # replaced
+        assert pools[0].pid is not None  # the others kept their workers
+        unpicklable = pools[0].submit(t.add, __import__("threading").Lock(), 1)
+        assert pools[0].collect(unpicklable, timeout=60).status == "exception"
+    finally:
+        for p in pools:
+            p.close()

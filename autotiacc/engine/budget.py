@@ -72,5 +72,7 @@ def budget_lines(sessions: list[dict[str, Any]]) -> list[str]:
         wall = float(b["wall_s"])
         parts = [f"{label} {float(b.get(k) or 0):.1f} s ({100 * float(b.get(k) or 0) / wall:.0f} %)"
                  for k, label in names.items()]
-        lines.append(f"- session {i} ({wall:.0f} s): " + ", ".join(parts))
+        overhead = sum(float(b.get(k) or 0) for k in ("profile_s", "final_s", "other_s"))
+        lines.append(f"- session {i} ({wall:.0f} s): " + ", ".join(parts)
+                     + f"; outside the trials (profile, final re-measurement, the rest): {100 * overhead / wall:.0f} %")
     return lines

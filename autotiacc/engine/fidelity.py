@@ -130,7 +130,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     its own process, one window per variant per round, the order rotating every round.
 
     With `fresh=False` every variant's process is started at once and builds its variant
-    before the first round, so no process starts or compiles while another is timed. A
+    before the first round (the builds side by side), so no process starts or compiles while
+    another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
     Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
     `baseline_pool` (warm=False only): a worker that already built and warmed this workload's
@@ -145,11 +146,12 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
         pools[BASELINE] = baseline_pool
     kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
     try:
-        for pool in pools.values():
-            pool.start()  # imports overlap; builds below run one at a time
+        # every variant's process imports and builds side by side, nothing being timed yet: the
+        # builds overlap (much of a compile is single-threaded Python) instead of queueing
+        pending = {name: pool.submit(time_window, workload, name, variants[name], window_s=0, **kwargs)
+                   for name, pool in pools.items()}
         for name, pool in pools.items():
-            _record(result, name, pool.call(time_window, workload, name, variants[name], timeout=timeout_s,
-                                            window_s=0, **kwargs))
+            _record(result, name, pool.collect(pending[name], timeout=timeout_s))
         for r in range(rounds):
             if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
                                                and time.monotonic() > deadline):

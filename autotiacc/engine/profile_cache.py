@@ -19,10 +19,14 @@ PROFILE_FILE = "profile.json"
 _IDENTITY_KEYS = ("kind", "param_shapes_sha256", "input_shapes", "input_dtypes", "batch_size", "file_sha256")
 
 
+def cache_root() -> Path:
+    """The user cache folder autotiacc keeps across runs (profiles, compiled graphs)."""
+    return Path(os.environ.get("AUTOTIACC_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "autotiacc"))
+
+
 def cache_dir() -> Path:
-    root = os.environ.get("AUTOTIACC_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "autotiacc")
-    return Path(root) / "profiles"
+    return cache_root() / "profiles"
 
 
 def profile_key(identity: dict[str, Any], fingerprint: dict[str, Any], extra: list[Any]) -> str:

@@ -28,6 +28,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from .profile_cache import cache_root
+
 # Tool settings every worker gets unless the caller's environment sets them: one inductor
 # compile thread (no compile pool to orphan when a worker is killed). They change how long a
 # compile takes, never how fast the compiled model runs, so the baseline is still measured in
@@ -69,10 +71,19 @@ def classify_exit(code: int | None) -> tuple[str, str]:
 
 
 def worker_env(run_dir: str | Path) -> dict[str, str]:
-    """Environment for a tune's workers: inductor's caches (FX graphs included) in the run
-    directory, so `--resume` and the final re-measurement rebuild compiled graphs from disk."""
-    cache = Path(run_dir).resolve() / "cache" / "inductor"
-    cache.mkdir(parents=True, exist_ok=True)
+    """Environment for a tune's workers: inductor's caches (FX graphs included) in the user
+    cache folder, kept across runs, so `--resume`, the final re-measurement and the next tune
+    on this machine rebuild compiled graphs from disk. A process's first compile with a cold
+    cache costs ~15 s more on a 2-core CPU (inductor builds its C++ prefix and probes the
+    compiler); per-run caches paid that in every tune. Falls back to `<run_dir>/cache/inductor`
+    where the user cache cannot be written."""
+    for cache in (cache_root() / "inductor", Path(run_dir).resolve() / "cache" / "inductor"):
+        try:
+            cache.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(cache, os.W_OK):
+            break
     return {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
 
 
@@ -190,6 +201,12 @@ def run_in(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, *,
            log_path: str | None, t0: float | None = None) -> Outcome:
     """One call in `worker`; a worker that died, hung or hit memory limits is killed."""
     t0 = time.perf_counter() if t0 is None else t0
+    return _submit(worker, fn, args, kwargs, log_path, t0) or _finish(worker, timeout, t0)
+
+
+def _submit(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, log_path: str | None,
+            t0: float) -> Outcome | None:
+    """Hand the call to the worker; an Outcome only when it could not be handed over."""
     try:
         worker.submit(fn, args, kwargs, log_path)
     except BrokenPipeError:  # died before it read the call
@@ -199,10 +216,22 @@ def run_in(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, *,
         return out
     except Exception as exc:  # noqa: BLE001 - unpicklable function or argument
         return _send_failed(exc)
+    return None
+
+
+def _finish(worker: Worker, timeout: float, t0: float) -> Outcome:
     out = worker.wait(timeout, t0)
     if out.status in ("timeout", "crash", "oom"):
         worker.kill()  # a dead, hung or exhausted worker never serves another call
     return out
+
+
+@dataclass
+class Pending:
+    """A call handed to a pool's worker (`WorkerPool.submit`), to `collect` later."""
+
+    t0: float
+    early: Outcome | None  # set when the call never reached the worker
 
 
 def run_isolated(fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
@@ -250,10 +279,20 @@ class WorkerPool:
 
     def call(self, fn: Callable[..., Any], *args: Any, timeout: float, log_path: str | None = None,
              **kwargs: Any) -> Outcome:
+        return self.collect(self.submit(fn, *args, log_path=log_path, **kwargs), timeout=timeout)
+
+    def submit(self, fn: Callable[..., Any], *args: Any, log_path: str | None = None, **kwargs: Any) -> Pending:
+        """Hand a call to the worker and return at once: several pools' workers then work side by
+        side (builds, never timing); `collect` waits for the outcome."""
         t0 = time.perf_counter()
         self.start()
         assert self.worker is not None
-        out = run_in(self.worker, fn, args, kwargs, timeout=timeout, log_path=log_path, t0=t0)
+        return Pending(t0, _submit(self.worker, fn, args, kwargs, log_path, t0))
+
+    def collect(self, pending: Pending, *, timeout: float) -> Outcome:
+        """The outcome of `pending`, waiting until `timeout` seconds after it was submitted."""
+        assert self.worker is not None
+        out = pending.early or _finish(self.worker, timeout, pending.t0)
         if not self.worker.alive() or out.status in ("timeout", "crash", "oom"):
             self.worker.kill()
             self.worker = None

@@ -14,12 +14,19 @@ from typing import Any
 
 from ..device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
 from ..knobs import configs_from_params
-from ..measure import Timing, measure_interleaved, warm_up
+from ..measure import Timing, TooSlow, check_pace, measure_interleaved, time_once, warm_up
 from .accuracy import compare_outputs
 from .candidate import OptimizedModel, compile_stats
 
 BASELINE = "baseline"
 WARM_BASELINE_S = 0.3  # a baseline already warmed in this worker only needs its caches refilled
+# A candidate whose calls run HOPELESS x the pruning bound is stopped at its second slow call,
+# before its warm-up and quick look (fp16 on a CPU without fp16 units: 100x slower, 25 s of
+# calls per trial). The margin keeps a recompile or a CUDA-graph capture from tripping it.
+HOPELESS = 4.0
+# A search trial stops timing once the ratio's 95 % interval is within +-5 %: the final
+# re-measurement, in fresh processes, decides the plan; the search only has to rank.
+SETTLE_REL = 0.05
 
 
 class _Reference:
@@ -35,6 +42,9 @@ class _Reference:
             self.test = to_device(list(workload.test_data()), device)  # targets too, for the user's metric
             with torch.no_grad():
                 self.refs = [self.model(*x) for x, _ in self.test]
+                # warm calls' times pace the candidates' (a first call can take 100x a tiny model's)
+                self.test_ms = [time_once(lambda x=x: self.model(*x), device) for x, _ in self.test]
+                self.baseline_ms = min(time_once(self.baseline, device) for _ in range(3))
         self.warmed = False
 
     def baseline(self) -> Any:
@@ -111,6 +121,7 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
 
     results: dict[str, Any] = {}
     runners = {BASELINE: ref.baseline}
+    hopeless = None if prune_above is None or is_meta(device) else HOPELESS * prune_above
     for name, values in candidates.items():
         res: dict[str, Any] = {"knobs": values}
         try:
@@ -119,7 +130,11 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                 cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs,
                                       device=device)
                 res["build_s"] = cand.build_seconds
-                outs = [cand(*x) for x, _ in ref.test]
+                outs: list = []
+                paces: list[float] = []  # each test call's time over the baseline's on that batch
+                for (x, _), base_ms in zip(ref.test, ref.test_ms):
+                    paces.append(time_once(lambda x=x: outs.append(cand(*x)), device) / max(base_ms, 1e-6))
+                    check_pace(paces, hopeless)
             res["compile"] = compile_stats()
             res["trial_attrs"] = memory_attrs(mem, ref.memory)
             if is_meta(device):
@@ -138,6 +153,10 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
             else:
                 res["status"] = "ok"
                 runners[name] = (lambda c=cand: c(*ref.inputs))
+        except TooSlow as slow:  # unless it broke --max-memory already: a constraint outranks a pace
+            over = memory_over(mem, max_memory_mib, device)
+            res.update(dict(status="rejected", reason=over) if over else _too_slow(slow.value, prune_above),
+                       trial_attrs=memory_attrs(mem, ref.memory))
         except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
             res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                        traceback=traceback.format_exc()[-4000:])
@@ -147,7 +166,15 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
     warm_up(ref.baseline, device, max_s=WARM_BASELINE_S if ref.warmed else warmup_s)
     ref.warmed = True
     for name in list(runners)[1:]:
-        warm_up(runners[name], device, max_s=warmup_s)
+        try:
+            warm_up(runners[name], device, max_s=warmup_s,
+                    give_up_ms=None if hopeless is None else hopeless * ref.baseline_ms)
+        except TooSlow as slow:
+            results[name].update(_too_slow(slow.value / ref.baseline_ms, prune_above))
+            del runners[name]
+    if len(runners) == 1 and candidates:  # no candidate to time (failed, rejected, given up): the baseline's pace
+        return {"baseline": Timing([ref.baseline_ms]).to_dict(), "candidates": results,
+                "measure_s": time.perf_counter() - t0}
     timings: dict[str, Timing] | None = None
     if prune_above is not None and len(runners) == 2:
         quick_s = min(0.5, target_s / 4)
@@ -161,11 +188,9 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                                  timing=timings[name].to_dict())
             return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
         target_s = max(target_s - quick_s, 0.0)
-    # at least 10 rounds in all, counting the quick look's
-    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0,
-                               min_rounds=max(10 - (timings[BASELINE].n if timings else 0), 1))
-    if timings is not None:  # the quick look was measured the same way: keep its samples
-        more = {n: Timing(timings[n].samples_ms + t.samples_ms) for n, t in more.items()}
+    # at least 10 rounds in all, counting the quick look's (measured the same way: its samples stay)
+    more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0, min_rounds=10, initial=timings,
+                               settle=SETTLE_REL, reference=BASELINE)
     for name, t in more.items():
         if name == BASELINE:
             continue
@@ -173,6 +198,12 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
         results[name].update(timing=t.to_dict(), ratio=r, speedup=1 / r)
     return {"baseline": more[BASELINE].to_dict(), "candidates": results,
             "measure_s": time.perf_counter() - t0}
+
+
+def _too_slow(ratio: float, prune_above: float | None) -> dict[str, Any]:
+    return {"status": "pruned", "ratio": ratio, "speedup": 1 / ratio,
+            "reason": f"two calls in a row ran {ratio:.3g}x the baseline's time: far from the best so far "
+                      f"({1 / (prune_above or 1):.2f}x would be needed to continue)"}
 
 
 def memory_attrs(mem: PeakMemory, base_mem: PeakMemory) -> dict[str, Any]:

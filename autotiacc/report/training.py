@@ -75,6 +75,7 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
         f"- training file: `{wl.get('file')}`, batch size {wl.get('batch_size')} per process, "
         f"{run.get('nproc')} process(es) (gloo on CPU), loss tolerance {run.get('tolerance')}",
         f"- max memory: {fmt(run.get('max_memory_mib'), '.0f')} MiB" if run.get("max_memory_mib") else "- max memory: no limit",
+        *([f"- JPEG decoding on the device (decode=device): {run['device_decode']}"] if run.get("device_decode") else []),
         "- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall "
                                   f"{fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}"
                                   for s in sess),

@@ -20,6 +20,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZER_IMPLS = ("default", "foreach", "fused")
 COMM_HOOKS = ("none", "fp16", "bf16", "powersgd")
 CACHES = ("none", "memory")
+DECODES = ("dataset", "device")
 
 
 def _check(name: str, value: Any, allowed: tuple) -> None:
@@ -29,13 +30,16 @@ def _check(name: str, value: Any, allowed: tuple) -> None:
 
 @dataclass(frozen=True)
 class DataConfig(KnobConfig):
-    """DataLoader settings and the decoded-sample cache."""
+    """DataLoader settings, the decoded-sample cache, and where JPEG is decoded."""
 
     num_workers: int = 0
     pin_memory: bool = False
     prefetch_factor: int = 2  # batches each worker keeps ready; used only with workers
     persistent_workers: bool = False
     cache: str = "none"  # "memory": decode every sample once, keep compact tensors in shared memory
+    # "device": the loader reads raw_dataset() bytes; each step decodes the batch with
+    # torchvision.io.decode_jpeg on the train device and runs device_transform (jpeg.py)
+    decode: str = "dataset"
 
     def __post_init__(self) -> None:
         if self.num_workers < 0:
@@ -43,6 +47,10 @@ class DataConfig(KnobConfig):
         if self.prefetch_factor < 1:
             raise UserInputError(f"`prefetch_factor` got {self.prefetch_factor}: use 1 or more.")
         _check("cache", self.cache, CACHES)
+        _check("decode", self.decode, DECODES)
+        if self.decode == "device" and self.cache != "none":
+            raise UserInputError("`cache=memory` with `decode=device`: the cache keeps decoded samples, device "
+                                 "decoding reads encoded ones; use one or the other.")
 
 
 @dataclass(frozen=True)
@@ -155,10 +163,12 @@ class TrainConfig:
 
 
 def train_context(*, cores: int, nproc: int, device: str, has_conv: bool, fused_ok: bool,
-                  compile: bool) -> SearchContext:
-    """What training knobs look at: the core count per process, processes, CUDA, the model."""
+                  compile: bool, device_decode: bool = False) -> SearchContext:
+    """What training knobs look at: the core count per process, processes, CUDA, the model, and
+    whether JPEG can be decoded on the device (the file's hooks and torchvision, `jpeg.py`)."""
     return SearchContext(device=device, cores=cores, has_conv=has_conv,
-                         extras={"nproc": nproc, "fused_ok": fused_ok, "compile": compile})
+                         extras={"nproc": nproc, "fused_ok": fused_ok, "compile": compile,
+                                 "device_decode": device_decode})
 
 
 class TrainKnob(Knob):
@@ -186,13 +196,18 @@ class DataKnob(TrainKnob):
     def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
         if param == "num_workers" and space.get(param) == "auto":
             return list(range(0, max(1, min(4, self.per_proc_cores(ctx))) + 1))
+        if param == "decode" and not ctx.extras.get("device_decode"):
+            space = {}  # no raw_dataset()/device_transform() hooks, or no torchvision
         return super().choices(param, space, ctx)
 
     def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> DataConfig:
         nw = self.pick(trial, "num_workers", space, ctx)
         extra = {p: self.pick(trial, p, space, ctx) for p in ("prefetch_factor", "persistent_workers")} if nw else {}
-        return DataConfig(num_workers=nw, pin_memory=self.pick(trial, "pin_memory", space, ctx),
-                          cache=self.pick(trial, "cache", space, ctx), **extra)
+        decode = self.pick(trial, "decode", space, ctx)
+        if decode == "dataset":  # the cache keeps decoded samples: only where the dataset decodes
+            extra["cache"] = self.pick(trial, "cache", space, ctx)
+        return DataConfig(num_workers=nw, pin_memory=self.pick(trial, "pin_memory", space, ctx), decode=decode,
+                          **extra)
 
 
 @register

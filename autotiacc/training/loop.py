@@ -4,6 +4,8 @@ Returns `(model, optimizer, loader, step)`: the model (wrapped in DDP when a pro
 runs), the optimizer (kernel choice set), the tuned DataLoader, and `step(batch)` which runs
 one optimizer step with the plan's precision, scaler, accumulation and compile, and returns
 the loss. Wrap order is fixed: layout, precision fallbacks, checkpointing, DDP, compile last.
+With `decode=device` the loader reads `raw_dataset` (encoded JPEG) and `step` first decodes
+the batch on the model's device and runs `device_transform` (`jpeg.py`).
 """
 from __future__ import annotations
 
@@ -130,8 +132,9 @@ def make_loader(dataset: Any, data: DataConfig, *, batch_size: int, collate_fn: 
 
 # -- the step --------------------------------------------------------------------------------
 def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig, *,
-              train_model: Any = None) -> Callable[[Any], Any]:
-    """One optimizer step per call: micro-batches with accumulation, autocast, GradScaler (fp16)."""
+              train_model: Any = None, decode: Callable[[Any], Any] | None = None) -> Callable[[Any], Any]:
+    """One optimizer step per call: micro-batches with accumulation, autocast, GradScaler (fp16).
+    `decode` turns a raw loader batch into the batch `loss_fn` takes (decoding on the device)."""
     import torch
 
     device = module_device(model)
@@ -154,6 +157,8 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
         return run_step(batch)
 
     def run_step(batch: Any) -> Any:
+        if decode is not None:  # inside the step: the device decode is part of what is timed
+            batch = decode(batch)
         batch = _tree_map(prepare, to_device(batch, device))  # non_blocking from pinned memory
         optimizer.zero_grad(set_to_none=True)
         micro = split_batch(batch, parts)
@@ -182,7 +187,8 @@ def make_step(model: Any, optimizer: Any, loss_fn: Callable, config: TrainConfig
 
 def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable, *,
           batch_size: int | None = None, collate_fn: Callable | None = None, shuffle: bool = True,
-          seed: int = 0, device: Any = None) -> tuple[Any, Any, Any, Callable[[Any], Any]]:
+          seed: int = 0, device: Any = None, raw_dataset: Any = None,
+          device_transform: Callable | None = None) -> tuple[Any, Any, Any, Callable[[Any], Any]]:
     """Apply a training plan (TrainingPlan, TrainConfig, a plan.json path, or None = baseline).
 
     `model` is moved to `device` when one is given (else it stays where it is) and the optimizer's
@@ -190,7 +196,9 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     move to the model's device in `step` (non-blocking when pinned). When a
     torch.distributed process group with more than one rank is running, the model is wrapped
     in `autotiacc.training.DistributedDataParallel` and the loader shards with a
-    DistributedSampler. Returns `(model, optimizer, loader, step)`.
+    DistributedSampler. A plan with `decode=device` needs `raw_dataset` (items `(jpeg_bytes,
+    *targets)`), `device_transform(decoded_images) -> images` and torchvision; the loader then
+    yields encoded batches and `step` decodes them. Returns `(model, optimizer, loader, step)`.
     """
     import torch
 
@@ -207,6 +215,10 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     bs = batch_size or plan_batch_size(plan)
     if not bs or bs <= 0:
         raise UserInputError(f"`batch_size` got {bs!r}: pass batch_size=N (the global batch per process).")
+    decode = None
+    if config.data.decode == "device":
+        dataset, collate_fn, decode = _device_decoding(raw_dataset, device_transform,
+                                                       device if device is not None else module_device(model))
     move_training(model, optimizer, device if device is not None else module_device(model))
     device = module_device(model)
     model.train()
@@ -225,9 +237,20 @@ def apply(plan: Any, model: Any, optimizer: Any, dataset: Any, loss_fn: Callable
     train_model = torch.compile(wrapped) if config.compute.compile else wrapped
     loader, notes = make_loader(dataset, config.data, batch_size=bs, collate_fn=collate_fn, shuffle=shuffle,
                                 seed=seed, cuda=device.type == "cuda")
-    step = make_step(wrapped, optimizer, loss_fn, config, train_model=train_model)
+    step = make_step(wrapped, optimizer, loss_fn, config, train_model=train_model, decode=decode)
     step.notes = notes  # type: ignore[attr-defined]
     return wrapped, optimizer, loader, step
+
+
+def _device_decoding(raw_dataset: Any, device_transform: Callable | None, device: Any) -> tuple[Any, Callable, Callable]:
+    """The loader's dataset and collate, and the step's decode, for `decode=device`."""
+    from .jpeg import device_decoder, raw_collate
+
+    if raw_dataset is None or not callable(device_transform):
+        raise UserInputError("the plan decodes JPEG on the device (`decode=device`): pass `raw_dataset=` (items "
+                             "`(jpeg_bytes, *targets)`) and `device_transform=` (decoded images -> image batch) to "
+                             "apply, or use a plan with decode=dataset.")
+    return raw_dataset, raw_collate, device_decoder(device_transform, device)
 
 
 def _warn_if_other_machine(plan: Any) -> None:

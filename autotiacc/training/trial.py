@@ -13,6 +13,7 @@ import dataclasses
 import math
 import os
 import resource
+import time
 import warnings
 from datetime import timedelta
 from typing import Any, Callable, Iterator
@@ -145,9 +146,11 @@ class _Run:
                  device: str = "cpu") -> None:
         model = to_device(workload.build_model(seed), device)  # before the optimizer: its state follows
         opt = workload.make_optimizer(model.parameters())
+        raw = workload.raw_dataset() if config.data.decode == "device" else None
         self.model, self.opt, self.loader, self.step = apply(config, model, opt, dataset, workload.loss_fn,
                                                             batch_size=batch_size, collate_fn=workload.collate_fn,
-                                                            seed=seed)
+                                                            seed=seed, raw_dataset=raw,
+                                                            device_transform=workload.device_transform)
         self.batches = _cycle(self.loader)
         self.batch_size = batch_size
         self.buffer = config.data.num_workers * config.data.prefetch_factor
@@ -192,6 +195,9 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
         torch.set_num_threads(threads)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(dist_backend(device), timeout=timedelta(seconds=gloo_timeout_s))
+    # build_s: resolving, building and the first step (compile happens there), as inference's
+    # build and first call; measure_s: the timed windows. The engine's budget split reads both.
+    t0 = time.perf_counter()
     config = TrainConfig.from_list(config_list)
     dataset = workload.train_dataset()
     bs = workload.batch_size
@@ -202,7 +208,9 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     with PeakMemory(device) as mem:  # the candidate alone: built, and its guard steps
         cand = _Run(workload, config, dataset, bs, seed, device)
         out["notes"] = dict(getattr(cand.step, "notes", {}))
-        losses = [float(cand.step(next(cand.batches))) for _ in range(guard_steps)]
+        losses = [float(cand.step(next(cand.batches)))]
+        out["build_s"] = time.perf_counter() - t0
+        losses += [float(cand.step(next(cand.batches))) for _ in range(guard_steps - 1)]
     out.update(losses=losses, peak_mem_mib=round(mem.peak_mib, 2), mem_source=mem.source)
     if not all(_finite(x) for x in losses):
         return {**out, "status": "rejected", "reason": f"loss became non-finite on rank {rank}: {losses}"}
@@ -225,8 +233,11 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     steps = max(4, cand.buffer)
     runners = {"candidate": cand.window(steps)}
     if compare_baseline:
+        t0 = time.perf_counter()
         base = _Run(workload, TrainConfig(), dataset, bs, seed, device)
         runners["baseline"] = base.window(steps)
+        out["build_s"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
     timing = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
     per_s = {name: steps * bs / (t.median / 1e3) for name, t in timing.items()}
     out.update(status="ok", window_steps=steps, samples_per_s=per_s["candidate"],
@@ -234,7 +245,7 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     if compare_baseline:
         out.update(baseline_samples_per_s=per_s["baseline"], speedup=per_s["candidate"] / per_s["baseline"])
     out.update(split_figures(cand, steps, rounds, device))
-    out["peak_rss_mib"] = _peak_rss_mib()
+    out.update(measure_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib())
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

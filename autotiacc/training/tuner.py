@@ -78,6 +78,7 @@ class TrainingTask(Task):
         self.patience = options.patience if options.patience is not None else self.strategy.patience
         self.trial_timeout_s = options.trial_timeout_s or self.strategy.trial_timeout_s
         self.knobs = all_knobs("training")
+        self.device_decode_note: str | None = None  # whether decode=device is searched; set by validate
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
@@ -85,11 +86,16 @@ class TrainingTask(Task):
 
         from ..hardware import usable_cores
 
+        from .jpeg import device_decode_unavailable
+
         model = self.workload.build_model()
         opt = self.workload.make_optimizer(model.parameters())
+        why_not = device_decode_unavailable(self.workload)
+        self.device_decode_note = "searched" if why_not is None else f"not searched: {why_not}"
         self.ctx = train_context(cores=usable_cores(), nproc=self.options.nproc, device=self.options.device,
                                  has_conv=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
-                                 fused_ok="fused" in getattr(opt, "defaults", {}), compile=self.options.compile)
+                                 fused_ok="fused" in getattr(opt, "defaults", {}), compile=self.options.compile,
+                                 device_decode=why_not is None)
         self._identity = self.workload.identity(model)
         self._fingerprint = machine_fingerprint(self.options.device)
 
@@ -112,7 +118,7 @@ class TrainingTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "nproc": self.options.nproc, "tolerance": self.options.tolerance,
-                "max_memory_mib": self.options.max_memory_mib}
+                "max_memory_mib": self.options.max_memory_mib, "device_decode": self.device_decode_note}
 
     def seeds(self) -> list[dict[str, Any]]:
         return seeds(self.strategy, self.knobs, self.ctx)
@@ -233,6 +239,11 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
     bad = next((r for r in ranks if r.get("status") != "ok"), None)
     out: dict[str, Any] = {"status": bad["status"] if bad else "ok", "reason": bad.get("reason", "") if bad else "",
                            "knobs": ranks[0]["config"], "label": ranks[0]["label"], "losses": ranks[0].get("losses")}
+    # ranks run side by side: a trial's build and timing last as long as its slowest rank's
+    for key in ("build_s", "measure_s"):
+        spans = [float(r[key]) for r in ranks if r.get(key) is not None]
+        if spans:
+            out[key] = round(max(spans), 2)
     if reference:
         out["reference_loss"] = reference[0][-1]
     if "eval_metric" in ranks[0]:

@@ -1,5 +1,6 @@
 """Load a user's `train.py` (build_model, train_dataset, loss_fn; optional make_optimizer,
-collate_fn, eval_fn, batch_size) into a picklable `TrainWorkload`.
+collate_fn, eval_fn, batch_size, and raw_dataset + device_transform for decoding JPEG on the
+device) into a picklable `TrainWorkload`.
 
 It travels to trial processes as its path and is re-imported there with the core loader.
 """
@@ -62,9 +63,11 @@ class TrainWorkload:
         return model.train()
 
     def train_dataset(self):
-        ds = self._call("train_dataset")
+        return self._map_style("train_dataset", self._call("train_dataset"))
+
+    def _map_style(self, name: str, ds: Any) -> Any:
         if not hasattr(ds, "__getitem__") or not hasattr(ds, "__len__"):
-            raise WorkloadError(f"{self.path}: train_dataset() returned {type(ds).__name__}; it must return a "
+            raise WorkloadError(f"{self.path}: {name}() returned {type(ds).__name__}; it must return a "
                                 "map-style torch Dataset (with __getitem__ and __len__).")
         return ds
 
@@ -72,15 +75,30 @@ class TrainWorkload:
     def loss_fn(self) -> Callable:
         return self._user.loss_fn
 
-    @property
-    def collate_fn(self) -> Callable | None:
-        fn = getattr(self._user, "collate_fn", None)
+    def hook(self, name: str) -> Callable | None:
+        """An optional hook of the training file, or None when it defines none."""
+        fn = getattr(self._user, name, None)
         return fn if callable(fn) else None
 
     @property
+    def collate_fn(self) -> Callable | None:
+        return self.hook("collate_fn")
+
+    @property
     def eval_fn(self) -> Callable | None:
-        fn = getattr(self._user, "eval_fn", None)
-        return fn if callable(fn) else None
+        return self.hook("eval_fn")
+
+    @property
+    def device_transform(self) -> Callable | None:
+        return self.hook("device_transform")
+
+    def raw_dataset(self):
+        """The encoded dataset for `decode=device`: items `(jpeg_bytes, *targets)`."""
+        if self.hook("raw_dataset") is None:
+            raise WorkloadError(f"{self.path}: defines no `raw_dataset()`; the plan decodes JPEG on the device "
+                                "(decode=device), which reads encoded images from raw_dataset(). Define it, or "
+                                "re-tune.")
+        return self._map_style("raw_dataset", self._call("raw_dataset"))
 
     def make_optimizer(self, params):
         """The user's optimizer, else SGD with momentum (lr 0.01): what a plain loop would use."""
