@@ -47,14 +47,14 @@ fast = autotiacc.optimize(model, (x,), budget="40s", strategy=STRATEGY, out_dir=
 y = fast(x)
 same = torch.allclose(y, model(x), atol=1e-2) and y.dtype == torch.float32  # a drop-in: same values and dtype
 planned = (Path(OUT) / "plan.json").exists() and fast.plan.fingerprint["cpu_count"] >= 1
-print("RESULT", same and planned, matplotlib.get_backend() == backend, list(warnings.filters) == filters)
+print("RESULT", same, planned, matplotlib.get_backend() == backend, list(warnings.filters) == filters)
 '''
 
 
 def _check(res: subprocess.CompletedProcess, out) -> None:
     text = res.stdout + res.stderr
     assert res.returncode == 0, text[-3000:]
-    assert "RESULT True True True" in res.stdout, text[-3000:]
+    assert "RESULT True True True True" in res.stdout, text[-3000:]
     for bad in ("Traceback", "bootstrapping", "leaked semaphore", "FileNotFoundError"):
         assert bad not in text, text[-3000:]
     trials = (out / "trials.csv").read_text()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import autotiacc
+from autotiacc.engine.profile_cache import cache_root
 from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli
@@ -31,7 +32,8 @@ def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     assert wall <= budget + 20, f"budget {budget}s, took {wall:.0f}s"
     for name in ("plan.json", "trials.csv", "report.md", "report.html", "study.db", "run.json", "history.png"):
         assert (out / name).exists(), name
-    assert (out / "cache" / "inductor").is_dir()  # the workers' inductor caches live in the run directory
+    # the workers' inductor caches live in the user cache folder (this session's), kept for the next tunes
+    assert (cache_root() / "inductor").is_dir() and not (out / "cache").exists()
     trials = pd.read_csv(out / "trials.csv")
     measured = trials[trials["status"] != "duplicate"]
     by_label = dict(zip(measured["label"], measured["status"]))
