@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import UserInputError
 from ..measure import faster_beyond_noise
 from . import optuna_compat as compat
 from .budget import Budget
@@ -116,7 +117,7 @@ class Search:
             trial = study.ask()
             if shared:
                 claim(study, trial)
-            cand = self.task.propose(trial)
+            cand = self._propose(study, trial)
             trial.set_user_attr("knobs", cand.values)
             trial.set_user_attr("label", cand.label)
             trial.set_user_attr("key", cand.key)
@@ -164,6 +165,21 @@ class Search:
             if key and t.state.is_finished() and t.number != exclude and t.user_attrs.get("status") != INTERRUPTED:
                 seen.setdefault(key, t.number)
         return seen
+
+    def _propose(self, study, trial) -> Candidate:
+        """The task's candidate for `trial`. A resumed study whose categorical parameters had other
+        choices than this run offers cannot go on (Optuna has no dynamic value spaces): one clear
+        error instead of Optuna's traceback; the asked trial is failed, nothing else is touched."""
+        try:
+            return self.task.propose(trial)
+        except ValueError as exc:
+            if "dynamic value space" not in str(exc):
+                raise
+            why = ("this study sampled a parameter over other choices than this run offers (another strategy file, "
+                   "--level or device, an optional package such as onnxruntime or torchao installed or removed "
+                   "since, or an older autotiacc): Optuna cannot continue it over new choices")
+            compat.fail_trial(study, trial.number, status="failed", reason=why)
+            raise UserInputError(f"{why}. Resume with the same setup, or give another --out.") from None
 
     def _skip(self, study, trial, reason: str | None, duplicate_of: int | None) -> None:
         from optuna.trial import TrialState

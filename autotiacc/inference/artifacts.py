@@ -5,11 +5,20 @@ Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
 - `onnxruntime`  -> ONNX model (loads with onnxruntime, the runtime that was measured);
-- `eager`        -> `torch.export` program (plain PyTorch).
+- `eager`        -> `torch.export` program (plain PyTorch);
+- int8 plans torch.export cannot carry (see `artifact_format`) -> TorchScript.
 
 Precision and layout knobs are baked into the artifact (input casts, autocast, output dtypes);
 runtime settings (threads, inference_mode) are not part of a graph, so the plan's entry lists
 them for the serving code. The artifact is specialised to the tuned input shapes.
+
+CUDA graphs (`cuda_graphs` around eager/TorchScript, or torch.compile's `reduce-overhead` and
+`max-autotune`) are no part of any file format: a graph is a capture of kernel launches at fixed
+addresses on one GPU, made in the serving process. The entry records them (`cuda_graphs`) and
+`load_artifact` captures them again on CUDA (`knobs.cuda_graphs.CUDAGraphRunner`, the runner the
+tune measured; an AOTInductor package is loaded with its single-threaded runner, whose launches
+can be captured). Where there is no CUDA it runs without them and warns that the plan's speed-up
+was measured with them.
 
 Loading checks the sha256 recorded in the plan *before* handing the file to torch: a tampered
 or swapped artifact raises `PlanError`. `torch.export.load` would unpickle payloads an archive
@@ -23,18 +32,26 @@ import contextlib
 import dataclasses
 import hashlib
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
-from ..device import to_device
-from ..errors import PlanError
+from ..device import cuda_available, is_cuda, to_device
+from ..errors import HardwareMismatchWarning, PlanError
 
 FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts",
            "onnx": "artifact.onnx"}
 
 
-def artifact_format(backend: str) -> str:
-    """The artifact form a plan with this execution backend is exported as."""
+def artifact_format(knobs: dict) -> str:
+    """The artifact form a plan with these knob configs is exported as: by its execution backend,
+    except int8 plans that torch.export cannot carry, which are TorchScript: `int8_dynamic`
+    (torch.export cannot flatten torch.ao's packed int8 params, so no AOTInductor package either)
+    and eager `int8_weights` (torch.export saves torchao's int8 weights pickled; loading refuses)."""
+    backend = knobs["execution"].backend
+    mode = getattr(knobs.get("precision"), "mode", "")
+    if (mode == "int8_dynamic" and backend in ("eager", "compile")) or (mode == "int8_weights" and backend == "eager"):
+        return "torchscript"
     return {"compile": "aoti", "torchscript": "torchscript", "onnxruntime": "onnx"}.get(backend, "export")
 
 
@@ -88,7 +105,7 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     import torch
 
     run_dir = Path(run_dir)
-    fmt = artifact_format(plan.knobs["execution"].backend)
+    fmt = artifact_format(plan.knobs)
     path = run_dir / FORMATS[fmt]
     device = plan.target_device()  # a CUDA plan exported where there is no CUDA: PlanError, says why
     model = to_device(workload.build_model(), device)
@@ -102,10 +119,29 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     finally:
         tmp.unlink(missing_ok=True)  # half-written on failure
     runtime = dataclasses.asdict(plan.knobs["runtime"]) if "runtime" in plan.knobs else {}
-    return {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
-            "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
-            "input_shapes": [list(t.shape) for t in inputs],
-            "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+    entry = {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
+             "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
+             "input_shapes": [list(t.shape) for t in inputs],
+             "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+    graphs = cuda_graphs_entry(plan.knobs["execution"])
+    if graphs:
+        entry["cuda_graphs"] = graphs
+    return entry
+
+
+def cuda_graphs_entry(execution) -> dict[str, Any] | None:
+    """What the artifact entry records about the plan's CUDA graphs (None when it has none):
+    they are captured again at load, since no saved format holds them (see the module doc)."""
+    from ..knobs.execution import compile_options
+
+    if execution.cuda_graphs:
+        source = f"cuda_graphs around the {execution.backend} runner"
+    elif execution.backend == "compile" and compile_options(execution).get("triton.cudagraphs"):
+        source = f"torch.compile mode {execution.compile_mode}"
+    else:
+        return None
+    return {"capture_at_load": True, "source": source,
+            "why": "a CUDA graph is captured in the serving process on its GPU; no saved format holds one"}
 
 
 def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution) -> None:
@@ -146,7 +182,7 @@ def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
     try:
         entry = export_artifact(plan, workload, plan_path.parent)
     except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
-        plan.extra["artifact"] = {"format": artifact_format(plan.knobs["execution"].backend),
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs),
                                   "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
         plan.save(plan_path)
         raise
@@ -198,32 +234,64 @@ def load_artifact(path: str | Path, *, sha256: str | None = None):
     if actual != entry.get("sha256"):
         raise PlanError(f"{art}: sha256 {actual[:16]}... does not match the plan's {str(entry.get('sha256'))[:16]}...; "
                         "the artifact was modified or swapped. Refusing to load it; re-export it.")
-    return _load_verified(art, entry.get("format"), entry)
+    graphs_on = _graphs_device(art, entry)
+    runner = _load_verified(art, entry.get("format"), entry, single_threaded=graphs_on is not None)
+    if graphs_on is None:
+        return runner
+    from ..knobs.cuda_graphs import CUDAGraphRunner
+
+    return CUDAGraphRunner(runner, graphs_on)  # captured on the first call with each input signature
 
 
-def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any]):
+def _graphs_device(path: Path, entry: dict[str, Any]) -> str | None:
+    """The CUDA device to capture the artifact's graphs on; None when it records none or there is
+    no CUDA to capture them on (then it says so: the plan's figures were measured with them)."""
+    graphs = entry.get("cuda_graphs")
+    if not graphs:
+        return None
+    device = str(entry.get("device") or "cpu")
+    if is_cuda(device) and cuda_available():
+        return device
+    where = f"it was exported for {device}" if not is_cuda(device) else "this process sees no CUDA device"
+    warnings.warn(f"{path}: the plan replays its model as a CUDA graph ({graphs.get('source', 'cuda_graphs')}), "
+                  f"which is captured at load on a GPU, but {where}: it runs without one, so the plan's speed-up "
+                  "may not hold here.", HardwareMismatchWarning, stacklevel=3)
+    return None
+
+
+def _load_device(entry: dict[str, Any]) -> str:
+    """Where a TorchScript artifact's weights go: the device it was exported on, if this process has it."""
+    device = str(entry.get("device") or "cpu")
+    return device if device.startswith("cuda") and cuda_available() else "cpu"
+
+
+def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any], *, single_threaded: bool = False):
     import torch
 
     if fmt == "aoti":
         import torch._inductor
 
-        return torch._inductor.aoti_load_package(str(path))
+        # the AOTI runtime's worker threads break stream capture; its single-threaded runner can be
+        # captured as a CUDA graph (pytorch PR 148601)
+        return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
     if fmt == "export":
         _refuse_pickled_payloads(path)
         return torch.export.load(str(path)).module()
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu")
+        module = torch.jit.load(str(path), map_location=_load_device(entry))
         # optimize_for_inference (as the torchscript backend measured) does not survive
         # save/load ("required keyword attribute 'value'"), so it is applied after loading.
         return torch.jit.optimize_for_inference(module)
     if fmt == "onnx":
-        return _onnx_runner(path, threads=int((entry.get("runtime") or {}).get("threads") or 0))
+        return _onnx_runner(path, threads=int((entry.get("runtime") or {}).get("threads") or 0),
+                            device=_load_device(entry))
     raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")
 
 
-def _onnx_runner(path: Path, *, threads: int = 0):
-    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out; session
-    options as the tune measured them (no spinning threads, the plan's thread count)."""
+def _onnx_runner(path: Path, *, threads: int = 0, device: str = "cpu"):
+    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out (on `device`);
+    session options and providers as the tune measured them (no spinning threads, the plan's
+    thread count, CUDA's provider first for a CUDA plan)."""
     import torch
 
     try:
@@ -236,12 +304,13 @@ def _onnx_runner(path: Path, *, threads: int = 0):
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads:
         opts.intra_op_num_threads = threads
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    providers = (["CUDAExecutionProvider"] if is_cuda(device) else []) + ["CPUExecutionProvider"]
+    session = ort.InferenceSession(str(path), opts, providers=providers)
     names = [i.name for i in session.get_inputs()]
 
     def run(*args):
         feed = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(names, args)}
-        outs = [torch.from_numpy(o) for o in session.run(None, feed)]
+        outs = [to_device(torch.from_numpy(o), device) for o in session.run(None, feed)]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     return run

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 from ..device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
 from ..knobs import configs_from_params
@@ -59,13 +59,21 @@ class _Reference:
 _CACHE: list = [None, None]
 
 
-def reference_for(workload, device: str) -> _Reference:
-    use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
-    key = (getattr(workload, "token", None) or id(workload), device)
+def worker_cached(key: Any, build: Callable[[], Any]) -> Any:
+    """This worker's one cached reference: `build()` unless the last call had the same `key`."""
     if _CACHE[0] != key:
         _CACHE[:] = [None, None]  # free the old model before building the new one
-        _CACHE[:] = [key, _Reference(workload, device)]
+        _CACHE[:] = [key, build()]
     return _CACHE[1]
+
+
+def workload_key(workload) -> Any:
+    return getattr(workload, "token", None) or id(workload)
+
+
+def reference_for(workload, device: str) -> _Reference:
+    use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
+    return worker_cached((workload_key(workload), device), lambda: _Reference(workload, device))
 
 
 def _flags() -> dict[str, Any]:

@@ -156,7 +156,7 @@ def default_group_modes(strategy, level: int) -> list[str]:
     if "group_modes" in space:
         return [m for m in LOWERED_MODES if m in space["group_modes"]]
     listed = space.get("mode", [])
-    return [m for m in LOWERED_MODES if m in listed] + ["int8_dynamic"]
+    return [m for m in LOWERED_MODES if m in listed and m != "int8_dynamic"] + ["int8_dynamic"]
 
 
 def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,

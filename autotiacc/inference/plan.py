@@ -191,7 +191,7 @@ def _jsonable(x: Any) -> Any:
 _WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
                     "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
 _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
-                    "runtime": dict[str, Any]}
+                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any]}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 

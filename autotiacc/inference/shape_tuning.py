@@ -8,7 +8,7 @@ the workload has one input shape, `ShapeTuning` when it has traffic (`--traffic`
   sampled `values` ({knob: {field: value}}); returns the values to evaluate. With traffic, Optuna
   also samples the bucket set (edges per dim from the traffic histogram), which buckets pad to a
   specialised graph, and, given the `SearchContext`, the buckets of large requests' own backend
-  and precision (an ONNX Runtime bucket is always padded: its session has fixed shapes). These
+  and precision (an ONNX Runtime bucket, or one replayed as a CUDA graph, is always padded: fixed shapes). These
   land in `values["shapes"]`. The search's baseline (eager fp32, no buckets) comes back unchanged, so
   `values == baseline values` identifies it; no label is compared.
 - `label(values)`: a suffix for the trial's label ("" when there is nothing to add).
@@ -195,18 +195,19 @@ class ShapeTuning:
             own["precision"] = dataclasses.asdict(get_knob("precision").config_cls(mode=mode))
         return [dict(own) if _elements(edge) > threshold else {} for edge in buckets]
 
-    def _padded(self, trial, backends: list[str]) -> list[bool]:
+    def _padded(self, trial, runners: list[str]) -> list[bool]:
         """Which buckets pad to a specialised graph: eager never (padding would only add work),
-        ONNX Runtime always (fixed shapes), a compiling backend as Optuna picks."""
+        fixed-shape runners always (`FIXED_SHAPES`: an ONNX Runtime session, a captured CUDA
+        graph), a compiling backend as Optuna picks. `runners`: see `_runner_kind`."""
         if not self.can_pad:
-            return [False] * len(backends)
-        if all(b in ("eager", "onnxruntime") for b in backends):
-            return [b == "onnxruntime" for b in backends]
+            return [False] * len(runners)
+        if all(r in ("eager", FIXED_SHAPES) for r in runners):
+            return [r == FIXED_SHAPES for r in runners]
         mode = trial.suggest_categorical("bucket_graphs", ["specialised", "dynamic", "per_bucket"])
         out = []
-        for i, b in enumerate(backends):
-            if b in ("eager", "onnxruntime"):
-                out.append(b == "onnxruntime")
+        for i, r in enumerate(runners):
+            if r in ("eager", FIXED_SHAPES):
+                out.append(r == FIXED_SHAPES)
             elif mode == "per_bucket":
                 out.append(trial.suggest_categorical(f"bucket_{i}_specialised", [True, False]))
             else:
@@ -222,8 +223,8 @@ class ShapeTuning:
         serve_batch = trial.suggest_categorical("serve_batch", self.serve_batches) if self.serve_batches else None
         edges = self._edges(trial, serve_batch)
         own = self._bucket_knobs(trial, values, BucketSpec(edges=edges, axes=self.axes).buckets(), ctx)
-        backend = values.get("execution", {}).get("backend", "eager")
-        padded = self._padded(trial, [o.get("execution", {}).get("backend", backend) for o in own])
+        base = values.get("execution", {})
+        padded = self._padded(trial, [_runner_kind(o.get("execution", base)) for o in own])
         if not any(padded) and not any(own):  # one shared runner serves every shape: edges only bound the range
             edges = {n: [serve_batch if n == BATCH and serve_batch else max(self.hist[n])] for n in self.names}
             padded, own = [False], [{}]
@@ -301,6 +302,18 @@ class ShapeTuning:
                                 p99_budget_ms=self.p99_ms, label=sh["label"], measured=measured)
 
 
+FIXED_SHAPES = "fixed shapes"  # a runner that serves one input shape: its buckets are always padded
+
+
+def _runner_kind(execution: dict[str, Any]) -> str:
+    """A bucket's execution values as `_padded` sees them: its backend, or `FIXED_SHAPES` for an
+    ONNX Runtime session (exported at one shape) or a CUDA graph (captured per input shape:
+    padding keeps it to one graph per bucket instead of one per request shape, up to its limit)."""
+    if execution.get("backend") == "onnxruntime" or execution.get("cuda_graphs"):
+        return FIXED_SHAPES
+    return execution.get("backend", "eager")
+
+
 def _elements(sizes: dict[str, int]) -> int:
     return math.prod(sizes.values())
 
@@ -337,9 +350,10 @@ def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
-                     strategy: Any = None, device: str = "cpu") -> StaticShapes | ShapeTuning:
+                     strategy: Any = None) -> StaticShapes | ShapeTuning:
     """A ShapeTuning when the workload has traffic (`--traffic` or model.py `traffic()`), else
-    StaticShapes: the hooks of the search loop either way (see the module doc)."""
+    StaticShapes: the hooks of the search loop either way (see the module doc). Both run on any
+    device: the evaluators put the model and every input they make on the trial's device."""
     if p99_ms is not None and not p99_ms > 0:
         raise UserInputError(f"`--p99-ms` got {p99_ms!r}: use a positive latency budget in ms, e.g. 50.")
     traffic = workload_traffic(workload, traffic_file)
@@ -351,9 +365,6 @@ def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms
         if p99_ms is not None:
             raise UserInputError("`--p99-ms` needs a traffic mix: add traffic() to model.py or pass --traffic FILE.")
         return StaticShapes(strategy)
-    if (device or "cpu") != "cpu":
-        raise UserInputError(f"`--device` got {device!r}: traffic tuning is measured on CPU in this version; "
-                             "use --device cpu, or drop the traffic to tune one shape on the GPU.")
     if workload.kind != "python" and traffic[0].dims:
         raise UserInputError("traffic tuning needs a model.py whose example_inputs(batch_size, **dims) builds "
                              f"inputs of any shape; {workload.name} is a {workload.kind} file.")

@@ -18,6 +18,7 @@ from ..engine.workers import WorkerPool, worker_env
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
+from ..knobs.int8 import torchao_available
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
@@ -65,7 +66,7 @@ def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
     except ImportError:
         ort = False
     return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=facts.has_conv, onnxruntime=ort,
-                         module_names=facts.module_names)
+                         torchao=torchao_available(), has_linear=facts.has_linear, module_names=facts.module_names)
 
 
 class InferenceTask(Task):
@@ -85,7 +86,7 @@ class InferenceTask(Task):
         self.plan_extra: dict[str, Any] = {}
         # The shape dimension: one shape, or buckets over a traffic mix (see shape_tuning's hooks).
         self.shape_tuning = shape_tuning_for(workload, traffic_file=options.traffic_file, p99_ms=options.p99_ms,
-                                             strategy=self.strategy, device=options.device)
+                                             strategy=self.strategy)
         if options.max_memory_mib is not None and isinstance(self.shape_tuning, ShapeTuning):
             raise UserInputError("`--max-memory` is measured per candidate at one input shape; drop it, or tune "
                                  "without a traffic mix.")

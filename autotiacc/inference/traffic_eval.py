@@ -14,12 +14,13 @@ import time
 import traceback
 from typing import Any
 
+from ..device import is_meta, to_device, use_device
 from ..knobs import configs_from_params
 from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
 from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
-from .evaluate import BASELINE
+from .evaluate import BASELINE, worker_cached, workload_key
 from .traffic import Shape, parse_traffic
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
@@ -37,8 +38,9 @@ def mixture_quantile(samples: dict[str, list[float]], weights: dict[str, float],
     return pts[-1][0] if pts else math.nan
 
 
-def _shape_inputs(workload, shape: Shape, seed: int = 0) -> tuple:
-    return workload.example_inputs(shape.batch_size, seed=seed, **shape.dim_dict)
+def _inputs_on(workload, device: str, batch_size: int, **dims: int) -> tuple:
+    """example_inputs at one shape, on `device` (the model is there too: see `evaluate_traffic`)."""
+    return to_device(workload.example_inputs(batch_size, **dims), device)
 
 
 def _whole_range(shapes: list[Shape]) -> dict[str, Any]:
@@ -55,21 +57,20 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     `shapes` ({"edges", "padded", "knobs"}: see `buckets.spec_from_values`; without it, the
     knobs serve every shape as it comes). Every shape gets `rounds` rounds, the same for all, so
     that a round of the mix is one sample. `check_shapes` are extra (unseen) shapes checked for
-    accuracy only."""
+    accuracy only. The model and every input made here (traffic shapes, bucket builds, serving
+    batches) are on `device`; on `meta` it is a shape-only dry run, as in `evaluate`."""
     import torch
 
-    if device != "cpu":
-        raise NotImplementedError("traffic tuning is measured on CPU in this version; use --device cpu.")
+    use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     shapes = parse_traffic(traffic)
     extra = parse_traffic(check_shapes) if check_shapes else []
-    model = workload.build_model()
+    # built once per worker for this workload, mix and device; trial after trial reuses it
+    key = ("traffic", workload_key(workload), device, repr(traffic), repr(check_shapes))
+    model, inputs, refs = worker_cached(key, lambda: _reference(workload, device, shapes + extra))
     pad = workload.user_hook("pad_inputs")
     unpad = workload.user_hook("unpad_outputs")
-    inputs = {s.key(): _shape_inputs(workload, s) for s in shapes + extra}
-    with torch.inference_mode():
-        refs = {k: model(*x) for k, x in inputs.items()}
 
     results: dict[str, Any] = {}
     built: dict[str, BucketedModel] = {}
@@ -81,10 +82,16 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             cand = BucketedModel(model, configs_from_params(values), spec, device=device, pad_inputs=pad,
                                  unpad_outputs=unpad)
             t0 = time.perf_counter()
-            build = cand.prepare(lambda b, **d: workload.example_inputs(b, **d))
+            build = cand.prepare(lambda b, **d: _inputs_on(workload, device, b, **d))
             res["build_s"] = time.perf_counter() - t0
             outs = {k: cand(*x) for k, x in inputs.items()}
             res["compile"] = compile_stats()
+            res["buckets"] = _bucket_rows(spec, shapes, build)
+            if is_meta(device):  # shape-only dry run: placement and shapes are checked, accuracy is not
+                res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
+                built[name] = cand
+                results[name] = res
+                continue
             keys = list(inputs)
             acc = compare_outputs([outs[k] for k in keys], [refs[k] for k in keys], tolerance=tolerance)
             res["accuracy"] = acc.to_dict()
@@ -94,7 +101,6 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             else:
                 res["status"] = "ok"
                 built[name] = cand
-            res["buckets"] = _bucket_rows(spec, shapes, build)
         except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
             res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                        traceback=traceback.format_exc()[-4000:])
@@ -116,7 +122,7 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             with torch.inference_mode():
                 return model(*x)
 
-        xs = {n: (workload.example_inputs(serve[n], **s.dim_dict) if serve[n] else x) for n in built}
+        xs = {n: (_inputs_on(workload, device, serve[n], **s.dim_dict) if serve[n] else x) for n in built}
         runners = {BASELINE: baseline, **{n: (lambda c=c, x=xs[n]: c(*x)) for n, c in built.items()}}
         for n, c in built.items():
             c.padding.update(real=0, fed=0)
@@ -155,6 +161,18 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     return {"baseline": base.to_dict(), "candidates": results, "baseline_p99_mix_ms": p99[BASELINE],
             "per_sample": per_sample,
             "measure_s": time.perf_counter() - t0}
+
+
+def _reference(workload, device: str, shapes: list[Shape]) -> tuple[Any, dict[str, tuple], dict[str, Any]]:
+    """The eager fp32 model on `device`, every shape's inputs (made there) and its outputs."""
+    import torch
+
+    # a module is a pytree leaf: to_device moves it too; every input below is made on `device`
+    model = to_device(workload.build_model(), device)
+    inputs = {s.key(): _inputs_on(workload, device, s.batch_size, seed=0, **s.dim_dict) for s in shapes}
+    with torch.inference_mode():
+        refs = {k: model(*x) for k, x in inputs.items()}
+    return model, inputs, refs
 
 
 def _bucket_rows(spec: BucketSpec, shapes: list[Shape], build: dict[str, float]) -> list[dict[str, Any]]:

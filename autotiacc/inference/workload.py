@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable
 
 from .. import errors
 from ..errors import AutotiaccError, ModelRaisedError, WorkloadError
+from ..knobs.int8 import has_linear
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
@@ -93,6 +94,7 @@ class ModelFacts:
     module_names: list[str]
     has_conv: bool
     output: str  # e.g. "Tensor[2, 3]"
+    has_linear: bool = False  # the int8 precision modes lower nn.Linear layers
 
 
 @contextlib.contextmanager
@@ -356,7 +358,7 @@ def _probe(workload: Workload) -> dict[str, Any]:
         leaves = _tensor_leaves(out)
         output = ", ".join(f"Tensor{list(t.shape)}" for t in leaves[:4]) + (" ..." if len(leaves) > 4 else "")
         facts = asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
-                                  output=output))
+                                  output=output, has_linear=has_linear(model)))
         stage = "traffic()"  # the tuner calls it in its own process: prove here that it returns
         traffic = workload.user_hook("traffic")
         if traffic is not None:

@@ -36,6 +36,8 @@ class SearchContext:
     cores: int = 1
     has_conv: bool = False
     onnxruntime: bool = False
+    torchao: bool = False  # the optional extra for weight-only int8 is importable
+    has_linear: bool = False  # int8 modes lower nn.Linear layers only
     module_names: list[str] = field(default_factory=list)
     extras: dict[str, Any] = field(default_factory=dict)
 

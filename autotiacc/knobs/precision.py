@@ -1,5 +1,7 @@
-"""Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, and
-per-layer precision: `groups` lowers chosen submodules only (see autotiacc.knobs.precision_groups).
+"""Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, int8 weights
+of `nn.Linear` layers (`int8_dynamic` on CPU, weight-only `int8_weights` with torchao: see
+autotiacc.knobs.int8), and per-layer precision: `groups` lowers chosen submodules only (see
+autotiacc.knobs.precision_groups).
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -11,9 +13,13 @@ from dataclasses import dataclass
 
 from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
+from .int8 import quantize_int8_dynamic, quantize_int8_weights
 from .precision_groups import GROUP_MODES, apply_group_precision, param_name
 
-MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights")
+# New modes go at the end: Optuna's categorical choices keep their order.
+MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights", "int8_dynamic",
+         "int8_weights")
+INT8_MODES = ("int8_dynamic", "int8_weights")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,9 @@ class PrecisionConfig(KnobConfig):
 
     @property
     def dtype_name(self) -> str | None:
-        return self.mode.split("_")[0] if self.mode.endswith(("_autocast", "_weights")) else None
+        """bf16 or fp16 for the autocast and weight-cast modes; None otherwise (int8 included)."""
+        name = self.mode.split("_")[0]
+        return name if name in ("bf16", "fp16") else None
 
 
 def _dtype(name: str):
@@ -55,6 +63,14 @@ class PrecisionKnob(Knob):
     # level 0 changes no precision; level 1 allows reduced precision
     choice_levels = {"mode": {m: (0 if m == "fp32" else 1) for m in MODES}}
     cuda_only = {"mode": {"tf32"}}
+
+    def choices(self, param, space, ctx):
+        out = super().choices(param, space, ctx)
+        if param == "mode":
+            # int8 lowers nn.Linear layers only; torch.ao's dynamic int8 kernels are CPU kernels;
+            # weight-only int8 needs the optional torchao
+            out = [m for m in out if m not in INT8_MODES or (ctx.has_linear and not _int8_refused(m, ctx))]
+        return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> PrecisionConfig:
         mode = self.pick(trial, "mode", space, ctx)
@@ -77,6 +93,12 @@ class PrecisionKnob(Knob):
             state.build_contexts.append(tf32)
             state.call_contexts.append(tf32)
             return
+        if config.mode == "int8_dynamic":
+            state.model = quantize_int8_dynamic(state.model)
+            return
+        if config.mode == "int8_weights":
+            state.model = quantize_int8_weights(state.model)
+            return
         name = config.dtype_name
         if name is None:
             return
@@ -92,8 +114,36 @@ class PrecisionKnob(Knob):
 
     def incompatible(self, configs, ctx):
         cfg = configs["precision"]
-        if cfg.mode.endswith("_autocast") and configs["execution"].backend == "onnxruntime":
+        execution = configs["execution"]
+        ort = execution.backend == "onnxruntime"
+        if cfg.mode.endswith("_autocast") and ort:
             return "autocast does not carry into an ONNX Runtime session"
-        if any(m.endswith("_autocast") for _, m in cfg.groups) and configs["execution"].backend == "onnxruntime":
+        if any(m.endswith("_autocast") for _, m in cfg.groups) and ort:
             return "per-layer autocast regions do not carry into an ONNX Runtime session"
+        if ort and not ctx.cuda and "bf16_weights" in (cfg.mode, *(m for _, m in cfg.groups)):
+            # ORT's CPU provider has no bf16 Gemm/MatMul kernel (NOT_IMPLEMENTED at session
+            # creation), and ONNX opset 17's Conv does not admit bf16 inputs (INVALID_GRAPH)
+            return "ONNX Runtime's CPU provider has no bf16 kernels for Gemm/MatMul or Conv"
+        if cfg.mode in INT8_MODES:
+            return _int8_refused(cfg.mode, ctx, execution)
         return None
+
+
+def _int8_refused(mode: str, ctx: SearchContext, execution=None) -> str | None:
+    """Why an int8 mode cannot run here or with this backend (None when it can)."""
+    if mode == "int8_dynamic" and ctx.cuda:
+        return "torch.ao's dynamic int8 kernels (fbgemm/qnnpack) run on the CPU only"
+    if mode == "int8_weights" and not ctx.torchao:
+        return "int8_weights needs torchao: pip install 'autotiacc[quant]'"
+    if execution is not None and execution.backend in INT8_BACKEND_REFUSALS.get(mode, {}):
+        return INT8_BACKEND_REFUSALS[mode][execution.backend]
+    return None
+
+
+# Backends an int8 mode never builds with, or builds without its point (checked on torch 2.13
+# CPU, onnxruntime 1.32, torchao 0.18; TorchScript and torch.compile build both modes).
+INT8_BACKEND_REFUSALS: dict[str, dict[str, str]] = {
+    "int8_dynamic": {"onnxruntime": "the ONNX exporter has no quantized::linear_dynamic (dynamic int8 Linear)"},
+    "int8_weights": {"onnxruntime": "the ONNX export folds torchao's int8 weights back into fp32 constants: the "
+                                    "session would run fp32 weights with int8 rounding error"},
+}

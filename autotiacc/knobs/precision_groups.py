@@ -7,8 +7,9 @@ outputs are cast back to the group's original dtype, so the layers around it see
 """
 from __future__ import annotations
 
-import warnings
 from typing import Any, Iterable
+
+from .int8 import quantize_int8_dynamic
 
 # Per-group modes, in the fixed order Optuna sees them (its categorical choices must not change).
 GROUP_MODES = ("fp32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights", "int8_dynamic")
@@ -50,10 +51,7 @@ def _region_class():
             elif mode == "int8_dynamic":
                 if type(inner) is not torch.nn.Linear:
                     raise ValueError(f"int8_dynamic lowers nn.Linear only, got {type(inner).__name__}")
-                with warnings.catch_warnings():  # torch.ao.quantization is marked for migration to torchao
-                    warnings.simplefilter("ignore")
-                    inner = torch.ao.quantization.quantize_dynamic(
-                        torch.nn.Sequential(inner), {torch.nn.Linear}, dtype=torch.qint8)[0]
+                inner = quantize_int8_dynamic(torch.nn.Sequential(inner))[0]
             self.inner = inner
 
         def __getattr__(self, name: str) -> Any:
