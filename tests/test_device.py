@@ -307,7 +307,8 @@ def test_tune_with_max_memory_rejects_every_candidate_and_the_report_still_rende
     model = tmp_path / "wide.py"
     model.write_text(WIDE)
     out = tmp_path / "run"
-    r = run_cli("tune", str(model), "--budget", "40s", "--strategy", "quick", "--max-memory", "4MiB",
+    r = run_cli("tune", str(model), "--budget", "40s", "--strategy", str(MODELS / "short_strategy.yaml"),
+                "--max-memory", "4MiB",
                 "--device", "auto", "--out", str(out), "--quiet", timeout=240)
     assert r.returncode == 0, r.stderr
     trials = pd.read_csv(out / "trials.csv")

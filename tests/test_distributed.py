@@ -132,8 +132,8 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
 
     name = _study_name("two")
     out_a, out_b, out_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
-    a = _worker(tiny, pg_url, name, out_a, "60s")
-    b = _worker(tiny, pg_url, name, out_b, "60s")
+    a = _worker(tiny, pg_url, name, out_a, "45s")
+    b = _worker(tiny, pg_url, name, out_b, "45s")
     c = None
     killed_trial = None
     try:
@@ -150,7 +150,7 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
                 killed_trial = mine[0].number
                 os.killpg(b.pid, signal.SIGKILL)
         assert killed_trial is not None, "worker B never ran a trial: " + out_b.with_suffix(".log").read_text()[-2000:]
-        c = _worker(tiny, pg_url, name, out_c, "60s")  # a replacement joins the running study
+        c = _worker(tiny, pg_url, name, out_c, "45s")  # a replacement joins the running study
         assert a.wait(timeout=200) == 0, out_a.with_suffix(".log").read_text()[-3000:]
         assert c.wait(timeout=200) == 0, out_c.with_suffix(".log").read_text()[-3000:]
     finally:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import MODELS, run_cli
 
 TINY = '''
 import torch
@@ -35,10 +35,11 @@ def tiny(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def tuned(tiny, tmp_path_factory) -> Path:
-    """One real tune with --export; its run directory."""
+    """One real tune with --export; its run directory. The verify tests read its plan and
+    artifact, not its search: the short strategy (baseline and one candidate) is enough."""
     out = tmp_path_factory.mktemp("run") / "run"
-    proc = _cli("tune", str(tiny), "--budget", "45s", "--strategy", "quick", "--out", str(out), "--quiet",
-                "--export", timeout=400)
+    proc = _cli("tune", str(tiny), "--budget", "45s", "--strategy", str(MODELS / "short_strategy.yaml"), "--out",
+                str(out), "--quiet", "--export", timeout=400)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "artifact:" in proc.stdout
     return out
