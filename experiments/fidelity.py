@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 SEARCH = (ROOT / "examples", HERE / "models")
 
 
-def find_plans(extra: list[str]) -> list[Path]:
-    found = sorted(HERE.rglob("*plan.json"))
+def find_plans(extra: list[str], only: bool = False) -> list[Path]:
+    found = [] if only else sorted(HERE.rglob("*plan.json"))
     for p in extra:
         path = Path(p)
         found.append(path / "plan.json" if path.is_dir() else path)
@@ -116,12 +116,13 @@ def write(rows: list[dict], out: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="*", help="run directories or plan files besides those under experiments/")
+    ap.add_argument("--only", action="store_true", help="only the given paths, not every plan under experiments/")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--window-s", type=float, default=1.0)
     ap.add_argument("--out", default=str(HERE / "results" / "fidelity"))
     args = ap.parse_args()
     rows = []
-    for path in find_plans(args.paths):
+    for path in find_plans(args.paths, only=args.only):
         row = check(path, rounds=args.rounds, window_s=args.window_s)
         print(row, flush=True)
         rows.append(row)
