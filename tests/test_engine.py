@@ -64,6 +64,8 @@ class FakeTask(Task):
     seed_values: list = field(default_factory=lambda: [0])
     log: list = field(default_factory=list)
     final_timeout: float | None = None
+    families: dict = field(default_factory=dict)  # x -> its family for the final (default: its own)
+    final_xs: list = field(default_factory=list)  # the xs the final re-measured
     direction: str = "minimize"
     mode: str = "fake"
     strategy_name: str = "fake"
@@ -118,8 +120,12 @@ class FakeTask(Task):
     def final_reserve(self, tops: list) -> float:
         return self.reserve if tops else 2.0
 
+    def family(self, values: dict[str, Any]) -> Any:
+        return self.families.get(values["x"])
+
     def final(self, tops: list, timeout: float):
         self.final_timeout = timeout
+        self.final_xs = [t.user_attrs["knobs"]["x"] for t in tops]
         if self.final_fails:
             return "timeout: scripted"
         cands = {}
@@ -237,6 +243,34 @@ def test_within_noise_falls_back_to_the_baseline(tmp_path):
     task = FakeTask(gains={1: 1.5}, final_gains={1: 1.005}, seed_values=[0, 1])
     res = _run(tmp_path, task, patience=3)
     assert res.plan.kind == "not_faster" and res.plan.label == "x=0" and res.plan.speedup == 1.0
+
+
+def test_the_final_re_measures_the_best_of_each_family(tmp_path):
+    """x=1..3 are one family (say bf16 + compile with other thread counts): only the best of
+    them is re-measured, beside the best of the other families."""
+    task = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, families={1: "a", 2: "a", 3: "a"},
+                    seed_values=[0, 1, 2, 3, 4, 5])
+    _run(tmp_path, task, patience=6)
+    assert task.final_xs == [2, 4, 5]  # best first; 1 and 3 lost to 2 inside family "a"
+    plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, seed_values=[0, 1, 2, 3, 4, 5])
+    _run(tmp_path / "plain", plain, patience=6)
+    assert plain.final_xs == [2, 3, 1]  # without families: every configuration its own
+
+
+def test_inference_families_ignore_runtime_settings_and_freezing():
+    from autotiacc.inference.task import family_of
+
+    bf16_compile = {"execution": {"backend": "compile", "freezing": True}, "precision": {"mode": "bf16_weights"}}
+    same = [bf16_compile,
+            {**bf16_compile, "runtime": {"threads": 2, "inference_mode": False}},
+            {"execution": {"backend": "compile", "freezing": False}, "precision": {"mode": "bf16_weights"}}]
+    assert len({family_of(v) for v in same}) == 1
+    other = [{"execution": {"backend": "compile", "compile_mode": "max-autotune"}, "precision": {"mode": "bf16_weights"}},
+             {**bf16_compile, "layout": {"channels_last": True}},
+             {"execution": {"backend": "onnxruntime"}}, {},
+             {**bf16_compile, "precision": {"mode": "bf16_weights", "groups": [["layer1", "fp32"]]}},
+             {**bf16_compile, "shapes": {"edges": {"batch_size": [4]}, "padded": [True]}}]
+    assert len({family_of(v) for v in same[:1] + other}) == 1 + len(other)
 
 
 def test_final_failure_keeps_the_search_best(tmp_path):

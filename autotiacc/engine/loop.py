@@ -214,7 +214,7 @@ class Search:
         return bool(t.user_attrs.get("baseline")) or t.user_attrs.get("label") == self.task.baseline_label
 
     def _tops(self, study) -> list:
-        """The best measured candidates faster than the baseline, one per configuration."""
+        """The best measured candidates faster than the baseline, one per family (`Task.family`)."""
         from optuna.trial import TrialState
 
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -222,7 +222,9 @@ class Search:
         done.sort(key=lambda t: -self.task.gain(t.value))
         out, keys = [], set()
         for t in done:
-            k = t.user_attrs.get("key") or repr(t.params)
+            knobs = t.user_attrs.get("knobs")
+            k = self.task.family(knobs) if knobs is not None else None
+            k = (t.user_attrs.get("key") or repr(t.params)) if k is None else k
             if k not in keys:
                 keys.add(k)
                 out.append(t)

@@ -161,6 +161,11 @@ class Task(ABC):
         """Trials added to the final re-measurement beside the top ones."""
         return []
 
+    def family(self, values: dict[str, Any]) -> Any:
+        """What the final re-measurement tells apart: of trials of one family only the best in
+        the search is re-measured. None (the default): every configuration is its own family."""
+        return None
+
     @abstractmethod
     def final_reserve(self, tops: list) -> float:
         ...

@@ -69,6 +69,16 @@ def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
                          torchao=torchao_available(), has_linear=facts.has_linear, module_names=facts.module_names)
 
 
+def family_of(values: dict[str, Any]) -> str:
+    """Backend (its compile mode, CUDA graphs), precision (its groups), layout and shapes: the
+    final re-measures one of each. Runtime settings (threads, inference_mode, cudnn.benchmark)
+    and compile's freezing are left to the search's ranking: on 2 cores, three bf16 + compile
+    trials differing only in those took three of a final's five fresh processes."""
+    ex, prec = values.get("execution", {}), values.get("precision", {})
+    return repr((ex.get("backend", "eager"), ex.get("compile_mode"), ex.get("cuda_graphs"), prec.get("mode", "fp32"),
+                 prec.get("groups"), values.get("layout", {}).get("channels_last"), values.get("shapes")))
+
+
 class InferenceTask(Task):
     """A model.py (or TorchScript/.pt2) at one input shape, or over a traffic mix."""
 
@@ -238,6 +248,9 @@ class InferenceTask(Task):
         # the model check timed one process start (spawn, import, build, a forward) on this machine, at this load
         process_s = max(1.0, self.workload.check_s)
         return self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
+
+    def family(self, values: dict[str, Any]) -> Any:
+        return family_of(values)
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision
