@@ -78,14 +78,19 @@ def _finished(out) -> pd.DataFrame:
     return t[t["state"] == "COMPLETE"]
 
 
-def _running_trial(out) -> int | None:
-    """The number of the trial whose worker is running now (its log exists, no record yet)."""
-    try:  # any record counts: a pruned or failed trial is finished too
-        done = set(pd.read_csv(out / "trials.csv")["number"])
-    except (FileNotFoundError, pd.errors.EmptyDataError):
-        done = set()
-    logs = sorted(int(p.stem) for p in (out / "trials").glob("[0-9]*.log")) if (out / "trials").exists() else []
-    return next((n for n in reversed(logs) if n not in done), None)
+def _study_in_flight(db, *, finished: int) -> bool:
+    """True when the study holds `finished` COMPLETE trials and one RUNNING (read with sqlite3:
+    cheap enough to poll while the tuner writes)."""
+    import sqlite3
+
+    if not db.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            states = [s for (s,) in con.execute("SELECT state FROM trials")]
+    except sqlite3.Error:  # not created yet, or locked for a moment
+        return False
+    return states.count("COMPLETE") >= finished and "RUNNING" in states
 
 
 def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
@@ -103,8 +108,10 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     second = run_cli("tune", model, "--budget", "1m", "--out", str(out), "--resume", "--quiet", timeout=120)
     assert second.returncode == 2 and f"pid {proc.pid} on " in second.stderr, second.stderr
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
-    while time.monotonic() < deadline and (len(_finished(out)) < 3 or _running_trial(out) is None):
-        time.sleep(0.2)
+    # kill the moment the study itself has 3 finished trials and one in flight (trials.csv lags
+    # the study: with trials of ~1 s, a trial it showed running had often been told already)
+    while time.monotonic() < deadline and not _study_in_flight(out / "study.db", finished=3):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     import optuna
