@@ -2,7 +2,7 @@
 final re-measurement's result format; the noise test is scipy's Mann-Whitney U."""
 import pytest
 
-from autotiacc.engine.fidelity import BASELINE, AlternatingResult, evaluate_alternating, measure_alternating
+from autotiacc.engine.fidelity import BASELINE, BASELINE_PROCESSES, AlternatingResult, evaluate_alternating, measure_alternating
 from autotiacc.inference.workload import load_workload
 
 TS = {"execution": {"backend": "torchscript"}}
@@ -21,6 +21,9 @@ def test_warm_alternating_processes_and_the_tuner_result_format(workload):
     assert len(res.windows["ts"]) == len(res.windows[BASELINE]) == 4
     assert "bad" in res.failures  # an invalid candidate is dropped with its reason, the rest goes on
     assert res.speedup("ts") > 0 and 0 <= res.p_faster("ts") <= 1
+    # the baseline's windows come from BASELINE_PROCESSES processes in turn, a candidate's from one
+    assert len(set(res.pids[BASELINE])) == BASELINE_PROCESSES
+    assert len(set(res.pids["ts"])) == 1 and not set(res.pids["ts"]) & set(res.pids[BASELINE])
     lo, hi = res.speedup_range("ts")
     assert lo <= hi
     out = evaluate_alternating(workload, {"ts": TS}, target_s=0.2, window_s=0.05, warmup_s=0.1, timeout=120)
@@ -34,6 +37,7 @@ def test_warm_alternating_processes_and_the_tuner_result_format(workload):
 def test_fresh_alternating_processes(workload):
     res = measure_alternating(workload, {"ts": TS}, rounds=2, window_s=0.05, warmup_s=0.1, fresh=True)
     assert res.rounds == 2 and len(res.windows["ts"]) == 2 and not res.failures
+    assert len(set(res.pids["ts"])) == 2  # a fresh process per window
 
 
 def test_noise_test_is_scipys_mann_whitney():

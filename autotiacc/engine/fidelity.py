@@ -32,6 +32,7 @@ SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPIN
              "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # glibc malloc: experiments/allocator.py
 BASELINE = "baseline"
+BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
 
 
@@ -47,6 +48,7 @@ class AlternatingResult:
     windows: dict[str, list[float]] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
     info: dict[str, dict] = field(default_factory=dict)  # accuracy, build_s of each candidate
+    pids: dict[str, list[int]] = field(default_factory=dict)  # the process that took each window
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
@@ -70,7 +72,7 @@ class AlternatingResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
-                               "seconds": round(self.seconds, 1), "windows_ms": self.windows}
+                               "seconds": round(self.seconds, 1), "windows_ms": self.windows, "window_pids": self.pids}
         if self.failures:
             out["failures"] = self.failures
         if BASELINE in self.windows:
@@ -119,7 +121,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
         warm_up(runner, device, max_s=warmup_s)
         _BUILT[key] = runner
     samples = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
-    return {"samples_ms": samples, **info}
+    return {"samples_ms": samples, "pid": os.getpid(), **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
@@ -135,22 +137,28 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
     Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
-    The baseline gets a fresh process too, never a tune's trial worker: how fast eager runs
-    depends on the process's allocation history (glibc's dynamic mmap threshold; convnet bs 8
-    faulted in 10,576 pages per call fresh, 2,885 after a bf16 candidate had run in the process).
+    The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
+    of them taking its windows in turn: how fast eager runs depends on the process's allocation
+    history (glibc's dynamic mmap threshold; convnet bs 8 faulted in 10,576 pages per call fresh,
+    2,885 after a bf16 candidate had run in the process), and even fresh processes differ: one
+    tune's final timed eager at 21-25 ms in its one baseline process, the next at 33-38 ms, with
+    the candidates the same in both (the first plan's 2.68x re-measured at 3.66x).
     """
     t0 = time.perf_counter()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
     result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants})
-    pools = {} if fresh else {n: WorkerPool(env=env) for n in variants}
+    pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(BASELINE_PROCESSES if n == BASELINE else 1)]
+                              for n in variants}
     kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
     try:
         # every variant's process imports and builds side by side, nothing being timed yet: the
         # builds overlap (much of a compile is single-threaded Python) instead of queueing
-        pending = {name: pool.submit(time_window, workload, name, variants[name], window_s=0, **kwargs)
-                   for name, pool in pools.items()}
-        for name, pool in pools.items():
-            _record(result, name, pool.collect(pending[name], timeout=timeout_s))
+        pending = {name: [pool.submit(time_window, workload, name, variants[name], window_s=0, **kwargs)
+                          for pool in group] for name, group in pools.items()}
+        for name, group in pools.items():
+            outs = [pool.collect(p, timeout=timeout_s) for pool, p in zip(group, pending[name])]
+            pools[name] = [pool for pool, out in zip(group, outs) if out.ok] or group[:1]
+            _record(result, name, next((out for out in outs if out.ok), outs[0]))
         for r in range(rounds):
             if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
                                                and time.monotonic() > deadline):
@@ -161,14 +169,15 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                 if fresh:
                     out = run_isolated(time_window, workload, name, variants[name], timeout=timeout_s, env=env,
                                        window_s=window_s, **kwargs)
-                else:
-                    out = pools[name].call(time_window, workload, name, variants[name], timeout=timeout_s,
-                                           window_s=window_s, **kwargs)
+                else:  # the baseline's windows come from its processes in turn
+                    out = pools[name][r % len(pools[name])].call(time_window, workload, name, variants[name],
+                                                                 timeout=timeout_s, window_s=window_s, **kwargs)
                 _record(result, name, out)
             result.rounds = r + 1
     finally:
-        for pool in pools.values():
-            pool.close()
+        for group in pools.values():
+            for pool in group:
+                pool.close()
     for name in result.failures:
         result.windows.pop(name, None)
         result.samples.pop(name, None)
@@ -183,6 +192,7 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
     if out.value["samples_ms"]:
         result.samples[name] += out.value["samples_ms"]
         result.windows[name].append(statistics.median(out.value["samples_ms"]))
+        result.pids.setdefault(name, []).append(out.value.get("pid"))
     for k in ("accuracy", "build_s"):
         if k in out.value:
             result.info.setdefault(name, {})[k] = out.value[k]
