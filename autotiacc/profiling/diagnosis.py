@@ -16,8 +16,8 @@ it); otherwise not diagnosed, because autotiacc does not know a CPU's peak FLOP/
 
 Beside the kind, `allocator_finding` reads the minor page faults of a CPU forward: glibc's
 malloc maps blocks above its (dynamic) mmap threshold afresh and unmaps them on free, so an
-eager forward can fault in its activations on every call (convnet bs 8 here: ~13,600 faults,
-~53 MiB, per call; none with the threshold fixed; experiments/allocator.py).
+eager forward can fault in its activations on every call (convnet bs 8 here: ~11,000 faults,
+~44 MiB, per call; none with the threshold fixed; experiments/allocator.py).
 """
 from __future__ import annotations
 
