@@ -157,7 +157,11 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                           for pool in group] for name, group in pools.items()}
         for name, group in pools.items():
             outs = [pool.collect(p, timeout=timeout_s) for pool, p in zip(group, pending[name])]
-            pools[name] = [pool for pool, out in zip(group, outs) if out.ok] or group[:1]
+            kept = [pool for pool, out in zip(group, outs) if out.ok] or group[:1]
+            for pool in group:  # a baseline process that failed to build takes no windows: end it now
+                if pool not in kept:
+                    pool.close()
+            pools[name] = kept
             _record(result, name, next((out for out in outs if out.ok), outs[0]))
         for r in range(rounds):
             if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
