@@ -190,9 +190,7 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
         name = next(n for n in runners if n != BASELINE)
         ratio = timings[name].median / timings[BASELINE].median
         if ratio > prune_above:
-            results[name].update(status="pruned", ratio=ratio, speedup=1 / ratio,
-                                 reason=f"quick look: {1 / ratio:.2f}x speed-up, far from the best so far "
-                                        f"({1 / prune_above:.2f}x would be needed to continue)",
+            results[name].update(_pruned(ratio, prune_above, f"quick look: {1 / ratio:.2f}x speed-up"),
                                  timing=timings[name].to_dict())
             return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
         target_s = max(target_s - quick_s, 0.0)
@@ -209,9 +207,13 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
 
 
 def _too_slow(ratio: float, prune_above: float | None) -> dict[str, Any]:
+    return _pruned(ratio, prune_above, f"two calls in a row ran {ratio:.3g}x the baseline's time")
+
+
+def _pruned(ratio: float, prune_above: float | None, what: str) -> dict[str, Any]:
+    """A result pruned as far from the best so far (`ratio`: its time over the baseline's)."""
     return {"status": "pruned", "ratio": ratio, "speedup": 1 / ratio,
-            "reason": f"two calls in a row ran {ratio:.3g}x the baseline's time: far from the best so far "
-                      f"({1 / (prune_above or 1):.2f}x would be needed to continue)"}
+            "reason": f"{what}, far from the best so far ({1 / (prune_above or 1):.2f}x would be needed to continue)"}
 
 
 def memory_attrs(mem: PeakMemory, base_mem: PeakMemory) -> dict[str, Any]:
