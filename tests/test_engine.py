@@ -59,6 +59,7 @@ class FakeTask(Task):
     final_gains: dict = field(default_factory=dict)
     same: dict = field(default_factory=dict)
     reserve: float = 2.0
+    empty_reserve: float = 2.0  # the reserve before any candidate is measured
     final_fails: bool = False
     isolated: dict = field(default_factory=dict)  # x -> action run in a real worker process
     seed_values: list = field(default_factory=lambda: [0])
@@ -118,7 +119,7 @@ class FakeTask(Task):
             self.pool.close()
 
     def final_reserve(self, tops: list) -> float:
-        return self.reserve if tops else 2.0
+        return self.reserve if tops else self.empty_reserve
 
     def family(self, values: dict[str, Any]) -> Any:
         return self.families.get(values["x"])
@@ -216,13 +217,13 @@ def test_a_crashed_worker_is_replaced_and_only_its_candidate_fails(tmp_path):
 
 
 def test_budget_too_small_starts_nothing(tmp_path):
-    res = _run(tmp_path, FakeTask(), budget_s=10)
+    res = _run(tmp_path, FakeTask(empty_reserve=7.0), budget_s=10)  # 3 s left after the reserve: < SPAWN_OVERHEAD_S + 2
     assert res.stop == "budget" and res.n_trials == 0
 
 
 def test_final_reserve_is_kept_for_the_re_measurement(tmp_path):
-    # once a candidate beats the baseline, 115 of the 120 s are reserved: the search stops
-    task = FakeTask(choices=list(range(50)), gains={x: 1.0 + x / 10 for x in range(1, 50)}, reserve=115.0,
+    # once a candidate beats the baseline, 117 of the 120 s are reserved: the search stops
+    task = FakeTask(choices=list(range(50)), gains={x: 1.0 + x / 10 for x in range(1, 50)}, reserve=117.0,
                     seed_values=[0, 5])
     t0 = time.monotonic()
     res = _run(tmp_path, task)

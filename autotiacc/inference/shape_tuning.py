@@ -45,7 +45,8 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-measurement
+FINAL_WARMUP_S = 3.0  # the longest warm-up of a runner in a one-shape final re-measurement
+FINAL_PROCESS_S = 1.0  # a final process's own start and warm-up (convnet's baseline process: 0.5 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -71,11 +72,17 @@ class StaticShapes:
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        # each candidate is re-measured in a process of its own: it pays `process_s` to start
-        # (spawn, import, build the reference) before its own build and warm-up
+        """Seconds the final re-measurement needs (`engine.fidelity.measure_alternating`): a
+        process per candidate and BASELINE_PROCESSES for the baseline, built one after another,
+        each rebuilding the model and its reference (`process_s`, the model check's build and
+        forward) and warming up alone, then the rounds with their per-window overhead. Rebuilds
+        come from Inductor's cache: a 16 s compile took 4.9 s in the final. Convnet bs 8 here:
+        three candidates, reserve ~22 s, final 19.8 s."""
+        from ..engine.fidelity import BASELINE_PROCESSES
+
         build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
-        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        processes = len(tops) + BASELINE_PROCESSES
+        return 0.5 * build + processes * (FINAL_PROCESS_S + process_s) + 1.4 * self.final_measure_s
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
