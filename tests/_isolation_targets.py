@@ -77,3 +77,16 @@ def process_facts(matmul_n: int = 0):
     return {"pid": os.getpid(), "ppid": os.getppid(), "threads": torch.get_num_threads(), "matmul": total,
             "inductor_loaded": "torch._inductor.config" in sys.modules,
             "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "AUTOTIACC_TEST_MARK")}}
+
+
+def process_gone(pid: int) -> bool:
+    """The process has ended: gone, or a zombie its parent has not reaped yet (it runs nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

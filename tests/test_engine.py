@@ -249,13 +249,23 @@ def test_within_noise_falls_back_to_the_baseline(tmp_path):
 def test_the_final_re_measures_the_best_of_each_family(tmp_path):
     """x=1..3 are one family (say bf16 + compile with other thread counts): only the best of
     them is re-measured, beside the best of the other families."""
-    task = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, families={1: "a", 2: "a", 3: "a"},
+    task = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.4}, families={1: "a", 2: "a", 3: "a"},
                     seed_values=[0, 1, 2, 3, 4, 5])
     _run(tmp_path, task, patience=6)
     assert task.final_xs == [2, 4, 5]  # best first; 1 and 3 lost to 2 inside family "a"
-    plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, seed_values=[0, 1, 2, 3, 4, 5])
+    plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.4}, seed_values=[0, 1, 2, 3, 4, 5])
     _run(tmp_path / "plain", plain, patience=6)
     assert plain.final_xs == [2, 3, 1]  # without families: every configuration its own
+
+
+def test_a_candidate_far_behind_the_best_is_not_re_measured(tmp_path):
+    from autotiacc.engine.loop import FINAL_WITHIN
+
+    # 4 is the best of its family but at 0.5x the best's gain: it could not win the final
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 3.0 * FINAL_WITHIN + 0.01, 4: 1.5}, families={1: "a", 2: "a"},
+                    seed_values=[0, 1, 2, 3, 4])
+    _run(tmp_path, task, patience=5)
+    assert task.final_xs == [1, 3]
 
 
 def test_inference_families_ignore_runtime_settings_and_freezing():

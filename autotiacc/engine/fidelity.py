@@ -33,6 +33,7 @@ SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPIN
              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # glibc malloc: experiments/allocator.py
 BASELINE = "baseline"
 BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
+FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
 
 
@@ -52,6 +53,7 @@ class AlternatingResult:
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds in builds, warm-ups, rounds
 
     def median_ms(self, name: str) -> float:
         return statistics.median(self.windows[name])
@@ -72,7 +74,8 @@ class AlternatingResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
-                               "seconds": round(self.seconds, 1), "windows_ms": self.windows, "window_pids": self.pids}
+                               "seconds": round(self.seconds, 1),
+                               "phases_s": {k: round(v, 1) for k, v in self.phases.items()}, "windows_ms": self.windows, "window_pids": self.pids}
         if self.failures:
             out["failures"] = self.failures
         if BASELINE in self.windows:
@@ -165,6 +168,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
         build_parallel = sum(map(len, pools.values())) if device.startswith("cuda") else 1
     try:
         _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel)
+        t_rounds = time.perf_counter()
         for r in range(rounds):
             if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
                                                and time.monotonic() > deadline):
@@ -180,6 +184,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                                                                  timeout=timeout_s, window_s=window_s, **kwargs)
                 _record(result, name, out)
             result.rounds = r + 1
+        result.phases["rounds"] = time.perf_counter() - t_rounds
     finally:
         for group in pools.values():
             for pool in group:
@@ -201,16 +206,20 @@ def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, worklo
     A baseline process that fails to build takes no windows and ends at once."""
     jobs = [(name, pool) for name, group in pools.items() for pool in group]
     outs: dict[int, Outcome] = {}
+    t0 = time.perf_counter()
     for i in range(0, len(jobs), max(1, parallel)):
         batch = jobs[i:i + max(1, parallel)]
         pending = [pool.submit(time_window, workload, name, variants[name], window_s=0, build_only=True, **kwargs)
                    for name, pool in batch]
         for (name, pool), p in zip(batch, pending):
             outs[id(pool)] = pool.collect(p, timeout=timeout_s)
+    t1 = time.perf_counter()
+    result.phases["builds"] = t1 - t0
     for name, pool in jobs:
         if outs[id(pool)].ok:
             outs[id(pool)] = _merge(outs[id(pool)], pool.call(time_window, workload, name, variants[name],
                                                               window_s=0, timeout=timeout_s, **kwargs))
+    result.phases["warm_ups"] = time.perf_counter() - t1
     for name, group in pools.items():
         kept = [pool for pool in group if outs[id(pool)].ok] or group[:1]
         for pool in group:
@@ -240,14 +249,24 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
             result.info.setdefault(name, {})[k] = out.value[k]
 
 
+def final_rounds(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> int:
+    """Rounds of the final: `target_s` of windows in all, at least 5."""
+    return max(5, math.ceil(target_s / (window_s * (n_candidates + 1))))
+
+
+def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> float:
+    """Seconds the final's rounds take: each window, plus ~20 % for the call and the switch."""
+    return final_rounds(n_candidates, target_s, window_s) * (n_candidates + 1) * window_s * 1.2
+
+
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
-                         target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
+                         target_s: float = 6.0, window_s: float = FINAL_WINDOW_S, warmup_s: float = 2.0,
                          env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
     (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
     windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
     deadline = time.monotonic() + timeout
-    rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
+    rounds = final_rounds(len(candidates), target_s, window_s)
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
                               warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
                               deadline=deadline - 2 * window_s * (len(candidates) + 1))

@@ -24,6 +24,10 @@ from .storage import claim, publish_plan, publish_run, record_session, redact
 from .study import INTERRUPTED, REQUEUED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
 from .task import Candidate, Decision, Task, TrialResult
 
+# The final re-measures a candidate only if its search gain is at least this share of the best's
+# (convnet here: the search's ratios ran 0.64-0.82x of the final's, alike for every candidate).
+FINAL_WITHIN = 0.6
+FINAL_SHARE = 0.2  # the most of the budget the final should take, by the task's estimate
 # A replacement worker's start: ~0.05 s forked by the zygote, ~1.5 s importing torch without it
 SPAWN_OVERHEAD_S = 2.0
 RANDOM_AFTER = 3  # duplicates in a row before the next candidate is drawn at random
@@ -100,7 +104,7 @@ class Search:
         stale = skips = 0
         best = self._best_gain(study)
         while True:
-            left = self.left() - self.task.final_reserve(self._tops(study))
+            left = self.left() - self.task.final_reserve(self._final_set(study))
             if left < max(SPAWN_OVERHEAD_S + 2, 0.8 * self._typical_trial_s(study)):
                 stop = "budget"
                 break
@@ -229,14 +233,31 @@ class Search:
             if k not in keys:
                 keys.add(k)
                 out.append(t)
-        return out[: self.task.final_top_k]
+        return self._contenders(out[: self.task.final_top_k])
+
+    def _contenders(self, tops: list) -> list:
+        """Those of `tops` within FINAL_WITHIN of the best's search gain: one further behind could
+        win the final only if the search had misjudged it by more than the final's noise guards
+        against, and each costs the final a process and a window per round."""
+        best = max((self.task.gain(t.value) for t in tops), default=0.0)
+        return [t for t in tops if self.task.gain(t.value) >= FINAL_WITHIN * best]
+
+    def _final_set(self, study) -> list:
+        """What the final re-measures: the top of each family, the task's extra candidates (the
+        best full-precision one), those within FINAL_WITHIN of the best; then, while the final
+        would take more than FINAL_SHARE of the budget, the lowest-ranked tops but the best are
+        left out (a tune of a few minutes must spend them measuring)."""
+        tops = self._tops(study)
+        extra = self._contenders(tops + self.task.final_candidates(tops, study.get_trials(deepcopy=False)))[len(tops):]
+        while len(tops) > 1 and self.task.final_reserve(tops + extra) > FINAL_SHARE * self.options.budget_s:
+            tops = tops[:-1]
+        return tops + extra
 
     # -- the end -----------------------------------------------------------------------------
     def _finalize(self, study) -> Any:
         """Re-measure the top candidates against the baseline; keep the best only if it is
         faster beyond noise, else fall back to the baseline."""
-        tops = self._tops(study)
-        tops += self.task.final_candidates(tops, study.get_trials(deepcopy=False))
+        tops = self._final_set(study)
         decision = Decision("nothing")
         if tops:
             self.progress({"event": "final_start", "candidates": [t.user_attrs.get("label") for t in tops]})

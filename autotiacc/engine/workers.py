@@ -181,19 +181,24 @@ class Worker:
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
-            pass
+        self._join(10)  # False only when unkillable (D state)
         self._close_pipes()
 
     def close(self, grace_s: float = 5.0) -> None:
         """Ask the worker to exit (its call pipe closes), then kill it after `grace_s`."""
         self._close_pipes()
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        if not self._join(grace_s):
             self.kill()
+
+    def _join(self, timeout: float) -> bool:
+        """Wait until the process has ended (a forked worker's exit code may be reported later)."""
+        if isinstance(self.proc, zygote.ForkedProcess):
+            return self.proc.join(timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def _close_pipes(self) -> None:
         for conn in (self._send, self._recv):

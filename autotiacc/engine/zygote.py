@@ -62,13 +62,17 @@ def _gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
 
 
-def preload() -> None:
-    """What every worker would import: torch, and on a CPU-only machine torch.compile's stack
-    (~2.5 s more here, paid once per zygote instead of once per process that compiles)."""
+def preload_torch() -> None:
+    """What every worker imports."""
     os.environ.setdefault("KINETO_LOG_LEVEL", "9")  # as worker.main: read once, when torch loads
     import cloudpickle  # noqa: F401
     import torch  # noqa: F401
 
+
+def preload_compile() -> None:
+    """On a CPU-only machine, torch.compile's stack: ~2.5 s here, paid once per zygote instead
+    of once per process that compiles. Imported after the first requests are served, so the
+    tune's first child (the model check) need not wait for it."""
     if not _gpu_present():
         import torch._dynamo  # noqa: F401
         import torch._inductor.compile_fx  # noqa: F401
@@ -83,15 +87,20 @@ def serve(argv: list[str]) -> None:
     sock_fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
     sock = socket.socket(fileno=sock_fd)
-    preload()
+    preload_torch()
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a child's death wakes the select below
     children: set[int] = set()
+    compile_loaded = False
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [], IDLE_EXIT_S)
+        ready, _, _ = select.select([sock, wake_r], [], [], 0 if not compile_loaded else IDLE_EXIT_S)
+        if not ready and not compile_loaded:  # nothing asked for now: the compile stack, once
+            preload_compile()
+            compile_loaded = True
+            continue
         if not ready and not children:
             break
         if wake_r in ready:
@@ -248,6 +257,11 @@ class ForkedProcess:
     def __init__(self, zygote: Zygote, rid: int) -> None:
         self.zygote, self.rid = zygote, rid
         self.returncode: int | None = None
+        self._pidfd: int | None = None  # tells when the process ends before the zygote reports it
+
+    def __del__(self) -> None:
+        if self._pidfd is not None and self._pidfd >= 0:
+            os.close(self._pidfd)
 
     @property
     def pid(self) -> int:
@@ -280,15 +294,41 @@ class ForkedProcess:
         assert self.returncode is not None
         return self.returncode
 
+    def _fd(self) -> int:
+        """A pidfd of the child (-1 where there is none): the zygote reports deaths only between
+        its own imports, and a pidfd also keeps a signal from reaching a recycled pid."""
+        if self._pidfd is None:
+            try:
+                self._pidfd = os.pidfd_open(self.pid) if self.pid > 0 else -1
+            except (OSError, AttributeError):  # gone already, or no pidfd (Linux < 5.3)
+                self._pidfd = -1
+        return self._pidfd
+
+    def join(self, timeout: float) -> bool:
+        """Wait until the process has ended, whether or not the zygote has reported it yet."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None:
+            fd = self._fd()
+            left = deadline - time.monotonic()
+            if fd >= 0 and select.select([fd], [], [], max(0.0, min(left, 0.2)))[0]:
+                return True
+            if fd < 0:
+                self.zygote.pump(wait=max(0.0, min(left, 0.2)))
+            if left <= 0:
+                return False
+        return True
+
     def kill(self) -> None:
         if self.poll() is not None:
             return
-        pid = self.pid
-        if pid > 0 and self.poll() is None:  # not yet reported dead, so the pid is still ours
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        fd = self._fd()
+        try:
+            if fd >= 0:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            elif self.pid > 0 and self.poll() is None:  # not yet reported dead, so the pid is still ours
+                os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 _ZYGOTES: dict[tuple, Zygote] = {}

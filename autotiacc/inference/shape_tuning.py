@@ -46,7 +46,8 @@ MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
 FINAL_WARMUP_S = 3.0  # the longest warm-up of a runner in a one-shape final re-measurement
-FINAL_PROCESS_S = 1.0  # a final process's own start and warm-up (convnet's baseline process: 0.5 s here)
+FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (convnet's baseline: 0.5 s here)
+FRESH_COMPILE_S = 2.0  # a compiled candidate's rebuild in a fresh process beyond its trial's build (~2.2 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -72,17 +73,21 @@ class StaticShapes:
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs (`engine.fidelity.measure_alternating`): a
+        """Seconds the final re-measurement needs (`engine.fidelity.evaluate_alternating`): a
         process per candidate and BASELINE_PROCESSES for the baseline, built one after another,
-        each rebuilding the model and its reference (`process_s`, the model check's build and
-        forward) and warming up alone, then the rounds with their per-window overhead. Rebuilds
-        come from Inductor's cache: a 16 s compile took 4.9 s in the final. Convnet bs 8 here:
-        three candidates, reserve ~22 s, final 19.8 s."""
-        from ..engine.fidelity import BASELINE_PROCESSES
+        each rebuilding the model and its reference and warming up alone (half the model
+        check's build and forward, `process_s`, at least FINAL_PROCESS_S), then the rounds. A
+        compiled candidate's rebuild takes its trial's build time plus dynamo's tracing and
+        the load from Inductor's cache, which a fresh process pays again (FRESH_COMPILE_S).
+        Convnet bs 8 here: four candidates (three compiled), builds 12.8 s, warm-ups 1.1 s,
+        rounds 9.1 s; this estimate 23 s."""
+        from ..engine.fidelity import BASELINE_PROCESSES, final_rounds_s
 
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        rebuild = sum(float(t.user_attrs.get("build_s", 0.0))
+                      + (FRESH_COMPILE_S if (t.user_attrs.get("knobs") or {}).get("execution", {}).get("backend")
+                         == "compile" else 0.0) for t in tops)
         processes = len(tops) + BASELINE_PROCESSES
-        return 0.5 * build + processes * (FINAL_PROCESS_S + process_s) + 1.4 * self.final_measure_s
+        return rebuild + processes * max(FINAL_PROCESS_S, process_s / 2) + final_rounds_s(len(tops), self.final_measure_s)
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
