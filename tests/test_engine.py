@@ -66,6 +66,7 @@ class FakeTask(Task):
     log: list = field(default_factory=list)
     final_timeout: float | None = None
     families: dict = field(default_factory=dict)  # x -> its family for the final (default: its own)
+    groups: dict = field(default_factory=dict)  # x -> its group for the final (default: none)
     final_xs: list = field(default_factory=list)  # the xs the final re-measured
     direction: str = "minimize"
     mode: str = "fake"
@@ -123,6 +124,9 @@ class FakeTask(Task):
 
     def family(self, values: dict[str, Any]) -> Any:
         return self.families.get(values["x"])
+
+    def final_group(self, values: dict[str, Any]) -> Any:
+        return self.groups.get(values["x"])
 
     def final(self, tops: list, timeout: float):
         self.final_timeout = timeout
@@ -256,6 +260,15 @@ def test_the_final_re_measures_the_best_of_each_family(tmp_path):
     plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.4}, seed_values=[0, 1, 2, 3, 4, 5])
     _run(tmp_path / "plain", plain, patience=6)
     assert plain.final_xs == [2, 3, 1]  # without families: every configuration its own
+
+
+def test_the_final_takes_the_best_of_each_group_before_the_next_families(tmp_path):
+    # 1-3 are one group (say compiled), 4 another (say TorchScript): the search ranks groups
+    # unfairly, so 4 is re-measured before the third compiled family
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8, 4: 2.0}, groups={1: "c", 2: "c", 3: "c", 4: "ts"},
+                    seed_values=[0, 1, 2, 3, 4])
+    _run(tmp_path, task, patience=5)
+    assert task.final_xs == [1, 4, 2]
 
 
 def test_a_candidate_far_behind_the_best_is_not_re_measured(tmp_path):

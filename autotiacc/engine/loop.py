@@ -219,7 +219,8 @@ class Search:
         return bool(t.user_attrs.get("baseline")) or t.user_attrs.get("label") == self.task.baseline_label
 
     def _tops(self, study) -> list:
-        """The best measured candidates faster than the baseline, one per family (`Task.family`)."""
+        """The best measured candidates faster than the baseline, one per family (`Task.family`),
+        the best of each group (`Task.final_group`) first."""
         from optuna.trial import TrialState
 
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -233,6 +234,13 @@ class Search:
             if k not in keys:
                 keys.add(k)
                 out.append(t)
+        groups, firsts = set(), []
+        for t in out:
+            g = self.task.final_group(t.user_attrs.get("knobs") or {})
+            if g is not None and g not in groups:
+                groups.add(g)
+                firsts.append(t)
+        out = firsts + [t for t in out if t not in firsts]  # each stays in gain order
         return self._contenders(out[: self.task.final_top_k])
 
     def _contenders(self, tops: list) -> list:

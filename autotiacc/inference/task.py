@@ -251,6 +251,12 @@ class InferenceTask(Task):
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)
 
+    def final_group(self, values: dict[str, Any]) -> Any:
+        # eager and TorchScript run 1.2-1.9x faster in a worker whose allocator has warmed up
+        # (experiments/allocator.py), compiled code not at all: the search's ratios are biased
+        # by backend, so the final compares the best of each side by side
+        return values.get("execution", {}).get("backend", "eager")
+
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision
 
