@@ -76,7 +76,7 @@ def process_facts(matmul_n: int = 0):
     total = float((torch.ones(matmul_n, matmul_n) @ torch.ones(matmul_n, matmul_n)).sum()) if matmul_n else 0.0
     return {"pid": os.getpid(), "ppid": os.getppid(), "threads": torch.get_num_threads(), "matmul": total,
             "inductor_loaded": "torch._inductor.config" in sys.modules,
-            "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "AUTOTIACC_TEST_MARK")}}
+            "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "ZYGOTE_TEST_MARK")}}
 
 
 def process_gone(pid: int) -> bool:

@@ -60,6 +60,7 @@ class FakeTask(Task):
     same: dict = field(default_factory=dict)
     reserve: float = 2.0
     empty_reserve: float = 2.0  # the reserve before any candidate is measured
+    reserve_per_top: float = 0.0  # added to `reserve` for each candidate the final would re-measure
     final_fails: bool = False
     isolated: dict = field(default_factory=dict)  # x -> action run in a real worker process
     seed_values: list = field(default_factory=lambda: [0])
@@ -120,7 +121,7 @@ class FakeTask(Task):
             self.pool.close()
 
     def final_reserve(self, tops: list) -> float:
-        return self.reserve if tops else self.empty_reserve
+        return self.reserve + self.reserve_per_top * len(tops) if tops else self.empty_reserve
 
     def family(self, values: dict[str, Any]) -> Any:
         return self.families.get(values["x"])
@@ -269,6 +270,18 @@ def test_the_final_takes_the_best_of_each_group_before_the_next_families(tmp_pat
                     seed_values=[0, 1, 2, 3, 4])
     _run(tmp_path, task, patience=5)
     assert task.final_xs == [1, 4, 2]
+
+
+def test_the_final_leaves_out_the_lowest_ranked_beyond_its_share_of_the_budget(tmp_path):
+    from autotiacc.engine.loop import FINAL_SHARE
+
+    # each re-measured candidate costs 10 s of a 120 s budget; the final may take FINAL_SHARE of it
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8}, reserve_per_top=10.0, seed_values=[0, 1, 2, 3])
+    _run(tmp_path, task, patience=4)
+    assert task.final_xs == [1, 2, 3][: int(FINAL_SHARE * 120 // 10)]
+    lavish = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8}, reserve_per_top=150.0, seed_values=[0, 1, 2, 3])
+    _run(tmp_path / "lavish", lavish, budget_s=1000, patience=4)
+    assert lavish.final_xs == [1]  # never fewer than the best
 
 
 def test_a_candidate_far_behind_the_best_is_not_re_measured(tmp_path):

@@ -42,19 +42,20 @@ def test_workers_are_forked_from_one_zygote_that_never_runs_an_op():
 
 
 def test_lazy_variables_are_set_after_the_fork_and_load_time_ones_get_their_own_zygote(monkeypatch):
-    monkeypatch.delenv("AUTOTIACC_TEST_MARK", raising=False)
+    monkeypatch.delenv("ZYGOTE_TEST_MARK", raising=False)
     base = run_isolated(t.process_facts, timeout=60)
     lazy = run_isolated(t.process_facts, timeout=60, env={"TORCHINDUCTOR_CACHE_DIR": "/tmp/autotiacc-zygote-test"})
-    other = run_isolated(t.process_facts, timeout=60, env={"AUTOTIACC_TEST_MARK": "1"})
-    assert lazy.value["ppid"] == base.value["ppid"]  # an inductor variable: the same zygote
+    other = run_isolated(t.process_facts, timeout=60, env={"ZYGOTE_TEST_MARK": "1"})
+    rank = run_isolated(t.process_facts, timeout=60, env={"RANK": "1", "MASTER_PORT": "29512"})
+    assert lazy.value["ppid"] == base.value["ppid"] == rank.value["ppid"]  # inductor's, DDP's: the same zygote
     assert lazy.value["env"]["TORCHINDUCTOR_CACHE_DIR"] == "/tmp/autotiacc-zygote-test"
     assert base.value["env"]["TORCHINDUCTOR_CACHE_DIR"] == os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     assert other.value["ppid"] != base.value["ppid"]  # any other variable may be read at load time
-    assert other.value["env"]["AUTOTIACC_TEST_MARK"] == "1" and base.value["env"]["AUTOTIACC_TEST_MARK"] is None
+    assert other.value["env"]["ZYGOTE_TEST_MARK"] == "1" and base.value["env"]["ZYGOTE_TEST_MARK"] is None
 
 
 def test_idle_zygotes_of_other_environments_are_ended():
-    zs = [zygote.zygote_for(_env(AUTOTIACC_TEST_MARK=str(i))) for i in range(zygote.MAX_IDLE_ZYGOTES + 2)]
+    zs = [zygote.zygote_for(_env(ZYGOTE_TEST_MARK=str(i))) for i in range(zygote.MAX_IDLE_ZYGOTES + 2)]
     try:
         ended = [z for z in zs if z.dead()]
         assert len(ended) >= 1 and zs[-1] not in ended  # the oldest idle ones go, the one in use stays
@@ -123,6 +124,6 @@ def test_without_the_fork_server_workers_are_spawned(monkeypatch):
 @pytest.fixture(autouse=True)
 def _no_stray_test_zygotes():
     yield
-    for key, z in list(zygote._ZYGOTES.items()):  # the AUTOTIACC_TEST_MARK ones serve no other test
-        if any(k == "AUTOTIACC_TEST_MARK" for k, _ in key):
+    for key, z in list(zygote._ZYGOTES.items()):  # the ZYGOTE_TEST_MARK ones serve no other test
+        if any(k == "ZYGOTE_TEST_MARK" for k, _ in key):
             zygote._ZYGOTES.pop(key).close()

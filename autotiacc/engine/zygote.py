@@ -15,7 +15,7 @@ allocation history a fresh process has right after `import torch`.
 Environment: variables read when a library loads (OMP_*, MKL_*, MALLOC_*, LD_PRELOAD, and
 inductor's settings, preloaded here) must be the worker's from the start, so a zygote serves
 one environment; `zygote_for` keeps one per environment. Variables read later (`LAZY_ENV`:
-inductor's cache folder) are set in the child after the fork, so a tune's workers and its
+inductor's cache folder, a DDP rank's variables) are set in the child after the fork, so a tune's workers and its
 profile share one zygote.
 
 The child's exit status reaches the caller through the zygote (its parent), which reports
@@ -41,7 +41,12 @@ from typing import Any
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])
 _ENTRY = ("import sys; sys.path.insert(0, sys.argv[1]); "
           "from autotiacc.engine.zygote import serve; serve(sys.argv[2:])")
-LAZY_ENV = ("TORCHINDUCTOR_CACHE_DIR",)  # read at each compile, not when a module loads
+# Read when used, not when a module loads: inductor's cache folder (at each compile), a rank's
+# place in a process group (at init_process_group), the GPUs a process sees (at CUDA's start,
+# which the zygote never reaches). DDP ranks differ in these and share one zygote.
+LAZY_ENV = frozenset({"TORCHINDUCTOR_CACHE_DIR", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT", "CUDA_VISIBLE_DEVICES"})
+LAZY_PREFIXES = ("AUTOTIACC_", "PYTEST_")  # ours (read at call time), pytest's (the test's name, every test)
 MAX_IDLE_ZYGOTES = 2  # zygotes without a live child kept for later workers (tests use a few environments)
 IDLE_EXIT_S = 600.0  # a zygote with no child and no request for this long ends (a notebook's optimize() done)
 _CHILD_CRASH = 1  # the exit code of a child that could not become a worker
@@ -51,8 +56,12 @@ def enabled() -> bool:
     return os.environ.get("AUTOTIACC_FORKSERVER", "1") != "0" and hasattr(socket, "send_fds")
 
 
+def _lazy(name: str) -> bool:
+    return name in LAZY_ENV or name.startswith(LAZY_PREFIXES)
+
+
 def _key(env: dict[str, str]) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items() if k not in LAZY_ENV))
+    return tuple(sorted((k, v) for k, v in env.items() if not _lazy(k)))
 
 
 def _gpu_present() -> bool:
@@ -351,7 +360,7 @@ def zygote_for(env: dict[str, str]) -> Zygote:
     if z is None or z.dead():
         if z is not None:
             z.close()
-        z = _ZYGOTES[key] = Zygote({k: v for k, v in env.items() if k not in LAZY_ENV})
+        z = _ZYGOTES[key] = Zygote({k: v for k, v in env.items() if not _lazy(k)})
     _ZYGOTES[key] = _ZYGOTES.pop(key)  # most recently used last
     idle = [k for k, o in _ZYGOTES.items() if o is not z and (o.pump(), o.live)[1] == 0]
     for k in idle[: max(0, len(idle) - MAX_IDLE_ZYGOTES)]:  # the least recently used first
