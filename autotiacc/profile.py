@@ -132,11 +132,13 @@ def _peak_alloc(prof) -> int:
 
 def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: float = 1.5,
                   warmup_s: float = 1.0, coverage: float = 0.9, max_groups: int = 8,
-                  min_group_share: float = MIN_GROUP_SHARE) -> dict[str, Any]:
+                  min_group_share: float = MIN_GROUP_SHARE, deadline: float | None = None) -> dict[str, Any]:
     """Profile `model(*inputs)`; returns the profile.json content (without workload fields).
 
     The plain forward is timed interleaved with the profiled one, so `shares_sum` tells how
-    much of the measured forward the module self times explain.
+    much of the measured forward the module self times explain. Past `deadline`
+    (`time.time()`) the attribution ends with the forwards it has and the page-fault count is
+    skipped (said in `unavailable`).
     """
     import torch
 
@@ -170,7 +172,7 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     else:
         from .profiling.attribution import profile_forwards
 
-        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s)
+        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=deadline)
         modules = dict(model.named_modules())
         flops, out_bytes = _flops_and_bytes(model, inputs, modules)
         if flops is None:
@@ -192,7 +194,9 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     result["modules"] = [asdict(s) for s in stats]
     result["memory"] = _memory(model, stats, peak_activation, device)
     result["diagnosis"] = _diagnosis(result, stats, busy, events, device, nvml)
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") and deadline is not None and time.time() > deadline:
+        unavailable.append("page faults per forward (skipped: the profile's share of the budget ran out)")
+    elif not device.startswith("cuda"):
         from .profiling.diagnosis import allocator_finding
 
         result["page_faults_per_forward"] = faults = _page_faults_per_call(plain)
@@ -363,7 +367,8 @@ def _linear_paths(model: Any) -> set[str]:
     return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
+def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5,
+                     deadline: float | None = None) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
     from .device import to_device, use_device
     from .hardware import fingerprint, fingerprint_id
@@ -371,7 +376,7 @@ def profile_workload(workload, *, device: str = "cpu", model: Any = None, target
     use_device(device)
     model = to_device(model if model is not None else workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
-    prof = profile_model(model, inputs, device=device, target_s=target_s)
+    prof = profile_model(model, inputs, device=device, target_s=target_s, deadline=deadline)
     fp = fingerprint(device)
     prof["workload"] = {"name": workload.name, "kind": workload.kind, "batch_size": workload.batch_size,
                         "input_shapes": [list(t.shape) for t in inputs]}

@@ -250,11 +250,12 @@ class Attribution:
 
 
 def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float = 1.5, warmup_s: float = 1.0,
-                     min_forwards: int = 12) -> Attribution:
+                     min_forwards: int = 12, deadline: float | None = None) -> Attribution:
     """Blocks of plain forwards (timed, no profiler) alternate with blocks of ranged forwards
     under torch.profiler, until `target_s`; both are trimmed to their fastest quarter. A block
     is about a sixteenth of `target_s`, 2 to 32 forwards (stopping the profiler and parsing
-    its trace cost far more than a small model's forward)."""
+    its trace cost far more than a small model's forward). Past `deadline` (`time.time()`),
+    the forwards profiled so far are enough once there are three."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -284,6 +285,8 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
         """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
         machine) four profiled forwards are enough."""
         spent = time.perf_counter() - start
+        if deadline is not None and time.time() > deadline and len(forwards) >= 3:
+            return False
         if spent < target_s:
             return True
         if len(forwards) >= min_forwards:
