@@ -67,6 +67,21 @@ def test_the_search_uses_the_analysed_groups_of_a_partial_profile(tmp_path):
     assert extras["precision_groups"] == [] and extras["precision_enqueue"] == []
 
 
+def test_a_mode_far_slower_on_two_test_batches_is_excluded_without_running_the_rest(monkeypatch):
+    from autotiacc.inference.layer_precision import analyse_sensitivity
+
+    monkeypatch.setenv("AUTOTIACC_TEST_SLOW_LOWERED_S", "0.3")  # each lowered layer: 0.3 s per call
+    w = load_workload(SLOW)
+    layer = type(w.build_model()[0])
+    group = {"path": "0", "type": "SlowWhenLowered", "inclusive_share": 0.5, "flops": 0, "linear": False}
+    before = layer.lowered_calls
+    sens = analyse_sensitivity(w, [group], modes=["bf16_weights"], tolerance=0.05)
+    entry = sens[0]["sensitivity"]["bf16_weights"]
+    assert not entry["ok"] and entry["finite"] and entry["reason"].startswith("far slower")
+    assert sens[0]["allowed"] == [] and not sens[0].get("skipped")  # analysed: complete, not offered
+    assert len(w.test_data()) == 4 and layer.lowered_calls - before == 2  # two test batches ran, not four
+
+
 @pytest.mark.slow
 def test_first_profile_keeps_to_its_share_is_cached_partial_and_completed_by_the_next_run(tmp_path, monkeypatch):
     """Through `InferenceTask.prepare`, as a tune runs it, in its worker process: each lowered

@@ -134,10 +134,16 @@ def _quick_speedup(model, lowered, inputs, device: str) -> float:
 
 
 SLOW_LOOK = 1.5  # a lowered group this much slower than fp32 on every test batch gets no quick look
+# A lowered group that makes the first two test batches this much slower than the fastest fp32
+# one (and 0.1 s more) cannot pay: fp16 convolutions on this CPU ran 8-90x fp32 and took 7-9 s each to
+# analyse on 4 batches (fp16 Linear layers ran 0.6-0.7x: analysed as before).
+SLOW_EXCLUDE = 5.0
 
 
-def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True) -> tuple[list[Any], list[float]]:
-    """Outputs and ms of `fn` on each test batch; stops after the first non-finite output."""
+def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True,
+               give_up_ms: float | None = None) -> tuple[list[Any], list[float]]:
+    """Outputs and ms of `fn` on each test batch; stops after the first non-finite output, and
+    after the first two batches when both were slower than `give_up_ms`."""
     from ..measure import time_once
 
     outs, ms = [], []
@@ -147,6 +153,8 @@ def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True) -> tuple
         outs.append(box[0])
         if stop_on_overflow and not _finite(box[0]):
             break  # an overflow: the mode fails whatever the other batches give
+        if give_up_ms is not None and len(ms) == 2 and min(ms) > give_up_ms:
+            break  # both of the first two batches: one may be a cold call, or another process's turn
     return outs, ms
 
 
@@ -161,8 +169,10 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
         # the group's own output: an overflow here can be hidden downstream (e.g. by a clamp)
         region.inner.register_forward_hook(lambda m, a, o: seen.__setitem__(
             "group_finite", seen["group_finite"] and _finite(o)))
+        fastest = min(ref_ms) if ref_ms else None
+        give_up = max(SLOW_EXCLUDE * fastest, fastest + 100.0) if fastest else None
         with torch.no_grad():
-            outs, ms = _run_timed(lowered, test, device)
+            outs, ms = _run_timed(lowered, test, device, give_up_ms=give_up)
     except Exception as exc:  # noqa: BLE001 - a mode that cannot run on this group is excluded
         return {"ok": False, "finite": False, "rel_l2": math.inf,
                 "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
@@ -171,6 +181,10 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
     if not finite:
         return {"ok": False, "finite": False, "rel_l2": acc.rel_l2 if math.isfinite(acc.rel_l2) else math.inf,
                 "reason": "overflow: inf/NaN in " + ("the group's output" if not seen["group_finite"] else "the model output")}
+    if len(outs) < len(test):  # given up after two batches: far too slow to be worth a search parameter
+        return {"ok": False, "finite": True, "rel_l2": acc.rel_l2, "quick_speedup": fastest / min(ms),
+                "reason": f"far slower: {min(ms) / fastest:.0f}x the fp32 forward's time on the first test batches, "
+                          "so it cannot pay here (not analysed further, not offered)"}
     res = {"ok": acc.ok, "finite": True, "rel_l2": acc.rel_l2, "reason": acc.reason}
     if acc.ok:
         # the test batches already timed both: where the lowered model was far slower on every

@@ -9,8 +9,11 @@ from torch import nn
 
 
 class SlowWhenLowered(nn.Linear):
+    lowered_calls = 0  # in this process: how many forwards ran lowered
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != torch.float32:
+            SlowWhenLowered.lowered_calls += 1
             time.sleep(float(os.environ.get("AUTOTIACC_TEST_SLOW_LOWERED_S", "0")))
         return super().forward(x)
 
