@@ -79,6 +79,8 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     todo = [(m, p) for m in analysis_order(modes, device) for p, e in entries.items()
             if m in modes_for(e, modes) and m not in e["sensitivity"]]
     cut = False
+    if todo and progress is not None:  # what there is before the first step (killed in it: the profile stays)
+        progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
     if todo:
         model = to_device(model if model is not None else workload.build_model(), device)
         test = to_device(list(workload.test_data()), device)
@@ -92,8 +94,10 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
                 cut = True
                 break
             t0 = time.perf_counter()
+            slow = any(str(e["sensitivity"].get(mode, {}).get("reason", "")).startswith("far slower")
+                       for e in entries.values())
             entries[path]["sensitivity"][mode] = _try_mode(model, path, mode, test, refs, tolerance, device,
-                                                           compare_outputs, inputs, ref_ms)
+                                                           compare_outputs, inputs, ref_ms, slow)
             last[mode] = time.perf_counter() - t0
             if progress is not None:
                 progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
@@ -140,10 +144,10 @@ SLOW_LOOK = 1.5  # a lowered group this much slower than fp32 on every test batc
 SLOW_EXCLUDE = 5.0
 
 
-def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True,
-               give_up_ms: float | None = None) -> tuple[list[Any], list[float]]:
+def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True, give_up_ms: float | None = None,
+               give_up_after: int = 2) -> tuple[list[Any], list[float]]:
     """Outputs and ms of `fn` on each test batch; stops after the first non-finite output, and
-    after the first two batches when both were slower than `give_up_ms`."""
+    after the first `give_up_after` batches when each was slower than `give_up_ms`."""
     from ..measure import time_once
 
     outs, ms = [], []
@@ -153,13 +157,15 @@ def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True,
         outs.append(box[0])
         if stop_on_overflow and not _finite(box[0]):
             break  # an overflow: the mode fails whatever the other batches give
-        if give_up_ms is not None and len(ms) == 2 and min(ms) > give_up_ms:
-            break  # both of the first two batches: one may be a cold call, or another process's turn
+        if give_up_ms is not None and len(ms) == give_up_after and min(ms) > give_up_ms:
+            break  # two batches by default: one may be a cold call, or another process's turn
     return outs, ms
 
 
 def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, inputs,
-              ref_ms: list[float] | None = None) -> dict[str, Any]:
+              ref_ms: list[float] | None = None, slow_elsewhere: bool = False) -> dict[str, Any]:
+    """One group in one mode. `slow_elsewhere`: this mode was far slower on another group, so
+    one slow test batch is enough to give up here."""
     import torch
 
     seen = {"group_finite": True}
@@ -172,7 +178,7 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
         fastest = min(ref_ms) if ref_ms else None
         give_up = max(SLOW_EXCLUDE * fastest, fastest + 100.0) if fastest else None
         with torch.no_grad():
-            outs, ms = _run_timed(lowered, test, device, give_up_ms=give_up)
+            outs, ms = _run_timed(lowered, test, device, give_up_ms=give_up, give_up_after=1 if slow_elsewhere else 2)
     except Exception as exc:  # noqa: BLE001 - a mode that cannot run on this group is excluded
         return {"ok": False, "finite": False, "rel_l2": math.inf,
                 "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
@@ -181,10 +187,11 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
     if not finite:
         return {"ok": False, "finite": False, "rel_l2": acc.rel_l2 if math.isfinite(acc.rel_l2) else math.inf,
                 "reason": "overflow: inf/NaN in " + ("the group's output" if not seen["group_finite"] else "the model output")}
-    if len(outs) < len(test):  # given up after two batches: far too slow to be worth a search parameter
+    if len(outs) < len(test):  # given up early: far too slow to be worth a search parameter
         return {"ok": False, "finite": True, "rel_l2": acc.rel_l2, "quick_speedup": fastest / min(ms),
-                "reason": f"far slower: {min(ms) / fastest:.0f}x the fp32 forward's time on the first test batches, "
-                          "so it cannot pay here (not analysed further, not offered)"}
+                "reason": f"far slower: {min(ms) / fastest:.0f}x the fp32 forward's time on "
+                          + ("a test batch, as on another group" if len(ms) == 1 else f"{len(ms)} test batches")
+                          + ", so it cannot pay here (not analysed further, not offered)"}
     res = {"ok": acc.ok, "finite": True, "rel_l2": acc.rel_l2, "reason": acc.reason}
     if acc.ok:
         # the test batches already timed both: where the lowered model was far slower on every
@@ -353,7 +360,8 @@ def plan_summary(run_dir) -> list[dict[str, Any]]:
     except Exception:  # noqa: BLE001 - no profile, nothing to summarise
         return []
     return [{"path": g["path"], "inclusive_share": g.get("inclusive_share"), "allowed": g.get("allowed", []),
-             "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")}}
+             "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")},
+             **({"not_analysed": g["skipped"]} if g.get("skipped") else {})}
             for g in prof.get("sensitivity") or []]
 
 
