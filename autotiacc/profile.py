@@ -145,6 +145,9 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     from .measure import Timing, measure_interleaved
 
     nvml, unavailable = _gpu_tools(device)
+    if deadline is not None:  # a short share: warm-up and attribution shrink with it (they keep their minimum calls)
+        left = max(0.0, deadline - time.time())
+        warmup_s, target_s = min(warmup_s, 0.2 * left), min(target_s, 0.4 * left)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # so max_memory_allocated is this profile's peak
     result: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device}

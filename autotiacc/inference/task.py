@@ -130,7 +130,7 @@ class InferenceTask(Task):
                                        SCHEMA_VERSION, __version__],
                             resume=self.options.resume) as cached:
             # what is left of the share once the cache is read; a moment kept for writing the result
-            timeout = share - (time.monotonic() - t0) - PROFILE_WRITE_S
+            timeout = max(0.0, share - (time.monotonic() - t0) - PROFILE_WRITE_S)
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=cached.reuse, start=cached.start)
