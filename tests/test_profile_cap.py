@@ -28,22 +28,25 @@ def test_a_profile_past_its_deadline_keeps_what_it_did_and_a_later_call_complete
     cut = profile_for_search(w, modes=["bf16_weights"], tolerance=0.05, deadline=time.time())
     assert cut["modules"] and {g["path"] for g in cut["groups"]} == GROUPS  # the profile itself is kept
     assert cut["partial"].startswith("sensitivity: 2 of 2 groups") and cut["search_groups"] == []
-    assert all(g["skipped"].startswith("not analysed (bf16_weights left)") for g in cut["sensitivity"])
+    assert all(g["skipped"].startswith("not analysed (checks of bf16_weights left)") for g in cut["sensitivity"])
     done = profile_for_search(w, modes=["bf16_weights"], tolerance=0.05, start=cut)
     assert "partial" not in done and done["created"] == cut["created"]  # completed, the profile not redone
     assert {g["path"] for g in done["search_groups"]} == GROUPS
     assert all(g["allowed"] == ["bf16_weights"] and not g.get("skipped") for g in done["sensitivity"])
+    assert all(g["sensitivity"]["bf16_weights"]["quick_speedup"] > 0 for g in done["sensitivity"])
 
 
 def test_the_search_uses_the_analysed_groups_of_a_partial_profile(tmp_path):
     w = load_workload(SLOW)
     prof = profile_for_search(w, modes=[], tolerance=0.05)
-    ok = {"ok": True, "finite": True, "rel_l2": 1e-3, "reason": "", "quick_speedup": 1.2}
-    entries = [dict(prof["groups"][0], sensitivity={"bf16_weights": ok, "fp16_weights": ok}),
+    ok = {"ok": True, "finite": True, "rel_l2": 1e-3, "reason": ""}
+    entries = [dict(prof["groups"][0], sensitivity={"bf16_weights": {**ok, "quick_speedup": 1.2}, "fp16_weights": ok}),
                dict(prof["groups"][1], sensitivity={})]
     modes = ["bf16_weights", "fp16_weights", "int8_dynamic"]
     partial = settle(prof, finish_sensitivity(entries, modes, "cut"))
     assert partial["partial"] and partial["diagnosis"]
+    first = next(g for g in partial["sensitivity"] if g["path"] == prof["groups"][0]["path"])
+    assert "quick looks at fp16_weights left" in first["skipped"]  # checked, its speed hint left for later
     (tmp_path / "profile.json").write_text(json.dumps(partial))
     extras = prepare_search(w, tmp_path, device="cpu", level=1, strategy=load_strategy(str(STRATEGY)),
                             tolerance=0.05, timeout=0, resume=True)

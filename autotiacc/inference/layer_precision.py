@@ -12,6 +12,7 @@ a short interleaved look at each survivor's speed picks one of the search's star
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from typing import Any, Callable, Iterable
 
@@ -53,15 +54,17 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
                         model: Any = None, done: list[dict[str, Any]] | None = None,
                         progress: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
     """Lower one group at a time in each mode; return the groups with a `sensitivity` entry
-    per mode ({rel_l2, finite, ok, reason}), `allowed` modes and a `score` (time share per
-    unit of the smallest allowed error; 0 when nothing is allowed), best score first.
+    per mode ({rel_l2, finite, ok, reason, quick_speedup}), `allowed` modes and a `score` (time
+    share per unit of the smallest allowed error; 0 when nothing is allowed), best score first.
 
-    Runs the model on the workload's test data; meant to run inside `run_isolated`. `done`: the
-    entries of an earlier, partial analysis (their modes are kept, not redone). The analysis
-    stops before a step that would end past `deadline` (`time.time()`; or `time_limit_s` from
-    now), predicting each step from the last one of the same mode; groups left with modes not
-    analysed say so in `skipped` (see `finish_sensitivity`). `progress` gets the entries after
-    each step, so a process killed at its cap still leaves what it finished.
+    Runs the model on the workload's test data; meant to run inside `run_isolated`. Steps, one
+    mode at a time (`analysis_order`): the check of that mode on every group (accuracy, overflow),
+    then a quick look at the speed of each group that passed. `done`: the entries of an earlier,
+    partial analysis (what they hold is kept, not redone). The analysis stops before a step that
+    would end past `deadline` (`time.time()`; or `time_limit_s` from now), predicting each step
+    from the last one of its kind; what is left is named in `skipped` (see `finish_sensitivity`).
+    `progress` gets the entries before the first step and after each one, so a process killed at
+    its cap still leaves what it finished.
     """
     import time
 
@@ -75,39 +78,59 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     entries = {g["path"]: dict(g, sensitivity={}, allowed=[]) for g in groups}
     for old in done or []:
         if old.get("path") in entries:
-            entries[old["path"]]["sensitivity"] = dict(old.get("sensitivity") or {})
-    todo = [(m, p) for m in analysis_order(modes, device) for p, e in entries.items()
-            if m in modes_for(e, modes) and m not in e["sensitivity"]]
-    cut = False
-    if todo and progress is not None:  # what there is before the first step (killed in it: the profile stays)
+            entries[old["path"]]["sensitivity"] = copy.deepcopy(old.get("sensitivity") or {})
+
+    def steps():  # lazily: which groups get a look depends on their check
+        for mode in analysis_order(modes, device):
+            yield from ((mode, p, "check") for p, e in entries.items()
+                        if mode in modes_for(e, modes) and mode not in e["sensitivity"])
+            yield from ((mode, p, "look") for p, e in entries.items() if _look_left(e["sensitivity"].get(mode)))
+
+    todo = steps()
+    first = next(todo, None)
+    if first is None:
+        return finish_sensitivity(list(entries.values()), modes, None)
+    if progress is not None:  # what there is before the first step (killed in it: the profile stays)
         progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
-    if todo:
-        model = to_device(model if model is not None else workload.build_model(), device)
-        test = to_device(list(workload.test_data()), device)
-        with torch.no_grad():
-            refs, ref_ms = _run_timed(model, test, device, stop_on_overflow=False)
-        inputs = to_device(workload.example_inputs(), device)
-        last: dict[str, float] = {}  # seconds of each mode's last step: fp16 on a CPU costs many times bf16
-        for mode, path in todo:
-            guess = last.get(mode, max(last.values(), default=0.0))
-            if deadline is not None and time.time() + guess > deadline:
-                cut = True
-                break
-            t0 = time.perf_counter()
-            slow = any(str(e["sensitivity"].get(mode, {}).get("reason", "")).startswith("far slower")
-                       for e in entries.values())
-            entries[path]["sensitivity"][mode] = _try_mode(model, path, mode, test, refs, tolerance, device,
-                                                           compare_outputs, inputs, ref_ms, slow)
-            last[mode] = time.perf_counter() - t0
-            if progress is not None:
-                progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
+    model = to_device(model if model is not None else workload.build_model(), device)
+    test = to_device(list(workload.test_data()), device)
+    with torch.no_grad():
+        refs, ref_ms = _run_timed(model, test, device, stop_on_overflow=False)
+    inputs = to_device(workload.example_inputs(), device)
+    last: dict[tuple[str, str], float] = {}  # seconds of the last step per (mode, kind): fp16 on a CPU costs far more
+    cut = False
+    for mode, path, kind in itertools.chain([first], todo):
+        guess = last.get((mode, kind), max((v for (m, k), v in last.items() if k == kind), default=0.0))
+        if deadline is not None and time.time() + guess > deadline:
+            cut = True
+            break
+        t0 = time.perf_counter()
+        sens = entries[path]["sensitivity"]
+        if kind == "check":
+            slow = any(_far_slower(e["sensitivity"].get(mode)) for e in entries.values())
+            sens[mode] = _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, ref_ms, slow)
+        else:
+            sens[mode]["quick_speedup"] = _quick_speedup(model, _lowered(model, path, mode, device), inputs, device)
+        last[(mode, kind)] = time.perf_counter() - t0
+        if progress is not None:
+            progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
     return finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY if cut else None)
 
 
+def _look_left(result: dict[str, Any] | None) -> bool:
+    """A mode that passed its check and has no speed hint yet."""
+    return bool(result and result.get("ok") and "quick_speedup" not in result)
+
+
+def _far_slower(result: dict[str, Any] | None) -> bool:
+    return bool(result) and str(result.get("reason", "")).startswith("far slower")
+
+
 def finish_sensitivity(entries: list[dict[str, Any]], modes: list[str], why: str | None) -> list[dict[str, Any]]:
-    """Allowed modes, score and (where modes are left) `skipped` for each entry; best score
-    first. A group is offered to the search with the modes analysed so far: unanalysed modes
-    are not offered, since only the analysis tells an overflow from a safe mode."""
+    """Allowed modes, score and (where steps are left) `skipped` for each entry; best score
+    first. A group is offered to the search with the modes checked so far: unchecked modes are
+    not offered, since only the check tells an overflow from a safe mode; a mode whose quick look
+    is left is offered, without its speed hint."""
     out = []
     for e in entries:
         e = {k: v for k, v in e.items() if k != "skipped"}
@@ -116,25 +139,39 @@ def finish_sensitivity(entries: list[dict[str, Any]], modes: list[str], why: str
         errors = [sens[m]["rel_l2"] for m in e["allowed"]]
         e["score"] = e.get("inclusive_share", 0.0) / max(min(errors), 1e-6) if errors else 0.0
         left = [m for m in modes_for(e, modes) if m not in sens]
-        if left:
-            e["skipped"] = (f"{'partly' if sens else 'not'} analysed ({', '.join(left)} left): "
-                            f"{why or 'the analysis was stopped'}")
+        looks = [m for m in e["allowed"] if _look_left(sens[m])]
+        if left or looks:
+            what = ", ".join(([f"checks of {', '.join(left)}"] if left else [])
+                             + ([f"quick looks at {', '.join(looks)}"] if looks else []))
+            e["skipped"] = f"{'partly' if sens else 'not'} analysed ({what} left): {why or 'the analysis was stopped'}"
         out.append(e)
     out.sort(key=lambda g: -g["score"])
     return out
 
 
-def _quick_speedup(model, lowered, inputs, device: str) -> float:
-    """A short interleaved look (the one harness) at what lowering this group alone gains;
-    a hint for where to start the search, never a figure in the plan."""
+QUICK_ROUNDS = 4
+
+
+def _quick_speedup(model, lowered, inputs, device: str, rounds: int = QUICK_ROUNDS) -> float:
+    """A short interleaved look (A B, B A, ...: drift hits both alike) at what lowering this
+    group alone gains; a hint for where to start the search, never a figure in the plan. One
+    warm-up call of the lowered copy: fp32 and this mode's kernels have just run the test
+    batches (the harness's warm-up and minimum rounds had taken 16 of a step's 20 forwards,
+    4.8 of 5.9 s at load 4 here)."""
+    import statistics
+
     import torch
 
-    from ..measure import measure_interleaved
+    from ..measure import time_once
 
+    fns = {"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}
+    ms: dict[str, list[float]] = {"fp32": [], "lowered": []}
     with torch.no_grad():
-        t = measure_interleaved({"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}, device,
-                                min_rounds=5, target_s=0.15, warmup_s=0.1)
-    return t["fp32"].median / t["lowered"].median
+        fns["lowered"]()
+        for r in range(rounds):
+            for name in ("fp32", "lowered") if r % 2 == 0 else ("lowered", "fp32"):
+                ms[name].append(time_once(fns[name], device))
+    return statistics.median(ms["fp32"]) / statistics.median(ms["lowered"])
 
 
 SLOW_LOOK = 1.5  # a lowered group this much slower than fp32 on every test batch gets no quick look
@@ -162,15 +199,21 @@ def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True, give_up_
     return outs, ms
 
 
-def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, inputs,
+def _lowered(model, path: str, mode: str, device: str):
+    """A copy of `model` with the group at `path` lowered to `mode`."""
+    return apply_group_precision(copy.deepcopy(model), [(path, mode)], device)
+
+
+def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
               ref_ms: list[float] | None = None, slow_elsewhere: bool = False) -> dict[str, Any]:
-    """One group in one mode. `slow_elsewhere`: this mode was far slower on another group, so
-    one slow test batch is enough to give up here."""
+    """The check of one group in one mode: accuracy and overflow on the test batches (its quick
+    look is a later step). `slow_elsewhere`: this mode was far slower on another group, so one
+    slow test batch is enough to give up here."""
     import torch
 
     seen = {"group_finite": True}
     try:
-        lowered = apply_group_precision(copy.deepcopy(model), [(path, mode)], device)
+        lowered = _lowered(model, path, mode, device)
         region = lowered.get_submodule(path)
         # the group's own output: an overflow here can be hidden downstream (e.g. by a clamp)
         region.inner.register_forward_hook(lambda m, a, o: seen.__setitem__(
@@ -193,12 +236,11 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
                           + ("a test batch, as on another group" if len(ms) == 1 else f"{len(ms)} test batches")
                           + ", so it cannot pay here (not analysed further, not offered)"}
     res = {"ok": acc.ok, "finite": True, "rel_l2": acc.rel_l2, "reason": acc.reason}
-    if acc.ok:
-        # the test batches already timed both: where the lowered model was far slower on every
-        # one (fp16 on a CPU), that ratio is the hint and the interleaved look is not worth its time
-        best = max((r / m for r, m in zip(ref_ms or [], ms) if m > 0), default=None)
-        res["quick_speedup"] = (best if best is not None and best * SLOW_LOOK < 1
-                                else _quick_speedup(model, lowered, inputs, device))
+    # the test batches already timed both: where the lowered model was far slower on every one,
+    # that ratio is the hint and the interleaved look is not worth its time
+    best = max((r / m for r, m in zip(ref_ms or [], ms) if m > 0), default=None)
+    if acc.ok and best is not None and best * SLOW_LOOK < 1:
+        res["quick_speedup"] = best
     return res
 
 
