@@ -175,8 +175,10 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     else:
         from .profiling.attribution import profile_forwards
 
-        # the operator table above already paid the profiler's one-time start-up
-        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=deadline,
+        # the operator table above already paid the profiler's one-time start-up; the attribution
+        # ends by half the time left, so FLOPs, page faults and the groups still fit in a short share
+        half = None if deadline is None else time.time() + 0.5 * max(0.0, deadline - time.time())
+        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=half,
                                profiler_started=True)
         modules = dict(model.named_modules())
         flops, out_bytes = _flops_and_bytes(model, inputs, modules)
@@ -204,7 +206,8 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     elif not device.startswith("cuda"):
         from .profiling.diagnosis import allocator_finding
 
-        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain)
+        # a count, not a timing: a few calls give it (the forward is warm by now)
+        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4)
         finding = allocator_finding(faults)
         if finding:
             result["diagnosis"]["allocator"] = finding

@@ -307,9 +307,9 @@ def profile_for_search(workload, *, device: str = "cpu", modes: list[str], toler
     if start and start.get("modules"):
         prof = copy.deepcopy(start)
     else:
-        # the profile itself ends by half the time left, so the analysis gets the other half
-        half = None if deadline is None else time.time() + 0.5 * (deadline - time.time())
-        prof = profile_workload(workload, device=device, model=model, target_s=target_s, deadline=half)
+        # the profile may take all the time: without it there is nothing to keep, while the
+        # analysis can be left, step by step, to later runs (its repetitions shrink with the time)
+        prof = profile_workload(workload, device=device, model=model, target_s=target_s, deadline=deadline)
         prof["sensitivity"] = []
     prof.pop("partial", None)
 
