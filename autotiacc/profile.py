@@ -136,9 +136,10 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     """Profile `model(*inputs)`; returns the profile.json content (without workload fields).
 
     The plain forward is timed interleaved with the profiled one, so `shares_sum` tells how
-    much of the measured forward the module self times explain. Past `deadline`
-    (`time.time()`) the attribution ends with the forwards it has and the page-fault count is
-    skipped (said in `unavailable`).
+    much of the measured forward the module self times explain. With a `deadline`
+    (`time.time()`), warm-up and attribution shrink to fit before it (the attribution ends by
+    half the time left, with the forwards it has), and past it the page-fault count is skipped
+    (said in `unavailable`).
     """
     import torch
 

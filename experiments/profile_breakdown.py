@@ -14,6 +14,15 @@ it ends, so a profile killed at its cap still shows where its time went.
 Writes `breakdown.csv` (one row per stage and run) and `runs.csv` (prepare's wall seconds,
 the recorded profile seconds, the share of the budget, what the profile completed), with the
 load average before each run.
+
+`--tune N` instead runs the README's command, `autotiacc tune MODEL --batch-size 8 --budget 2m`,
+N times on one fresh cache (run 1: a first tune on this machine), with the code of `--tree`
+(default: this checkout; e.g. an export of an older revision), and records each run's "Where
+the budget went" figures from run.json into `tunes.csv`:
+
+    python experiments/profile_breakdown.py --tune 2 --out experiments/results/profile_breakdown/after
+    git archive 61cfc09 | tar -x -C /tmp/before
+    python experiments/profile_breakdown.py --tune 1 --tree /tmp/before --out .../before
 """
 from __future__ import annotations
 
@@ -105,6 +114,41 @@ def prepare_once(model: str, batch_size: int, budget_s: float, run_dir: Path, lo
             "diagnosis": (prof.get("diagnosis") or {}).get("kind") or ""}
 
 
+def tune_runs(model: str, runs: int, tree: Path, budget_s: float) -> list[dict]:
+    """The README's command, `runs` times on one fresh cache; one row per run from run.json."""
+    import subprocess
+
+    env = {**os.environ, "AUTOTIACC_CACHE_DIR": tempfile.mkdtemp(prefix="autotiacc-cache-"),
+           "PYTHONPATH": str(tree)}
+    rows = []
+    for i in range(runs):
+        out = Path(tempfile.mkdtemp(prefix="autotiacc-tune-")) / "run"
+        load = os.getloadavg()[0]
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, "-m", "autotiacc.cli", "tune", model, "--batch-size", "8", "--budget",
+                        f"{budget_s:.0f}s", "--out", str(out), "--quiet"], env=env, cwd=tree, check=False)
+        wall = time.monotonic() - t0
+        run = json.loads((out / "run.json").read_text()) if (out / "run.json").is_file() else {}
+        b = ((run.get("sessions") or [{}])[-1]).get("budget") or {}
+        prof = json.loads((out / "profile.json").read_text()) if (out / "profile.json").is_file() else {}
+        rows.append({"tree": str(tree), "run": i + 1, "load_before": round(load, 2),
+                     "load_after": round(os.getloadavg()[0], 2), "wall_s": round(wall, 1),
+                     "profile_s": b.get("profile_s"), "profile_share": round((b.get("profile_s") or 0) / budget_s, 3),
+                     **{k: b.get(k) for k in ("build_s", "timing_s", "trial_other_s", "final_s", "other_s")},
+                     "partial": prof.get("partial", ""),
+                     "search_groups": len(prof.get("search_groups") or []), "run_dir": str(out)})
+        print(json.dumps(rows[-1]))
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ROOT / "examples" / "convnet.py"))
@@ -112,7 +156,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=120.0, help="seconds")
     ap.add_argument("--repeat", type=int, default=1, help="cold-cache runs (each followed by one warm run)")
     ap.add_argument("--out", type=Path, default=None, help="folder for the CSVs (default: print only)")
+    ap.add_argument("--tune", type=int, default=0, help="run the README's tune this many times instead")
+    ap.add_argument("--tree", type=Path, default=ROOT, help="--tune: the checkout whose code runs")
     args = ap.parse_args()
+    if args.tune:
+        rows = tune_runs(str(args.tree / "examples" / "convnet.py"), args.tune, args.tree.resolve(), args.budget)
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+            write_csv(args.out / "tunes.csv", rows)
+        return
     stages, runs = [], []
     for i in range(args.repeat):
         cache = Path(tempfile.mkdtemp(prefix="autotiacc-cache-"))
@@ -133,11 +185,7 @@ def main() -> None:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         for name, rows in (("runs.csv", runs), ("breakdown.csv", stages)):
-            keys = list(dict.fromkeys(k for r in rows for k in r))
-            with open(args.out / name, "w", newline="") as f:
-                w = csv.DictWriter(f, fieldnames=keys)
-                w.writeheader()
-                w.writerows(rows)
+            write_csv(args.out / name, rows)
         from autotiacc.hardware import fingerprint
 
         (args.out / "machine.json").write_text(json.dumps(fingerprint("cpu"), indent=2, default=str))
