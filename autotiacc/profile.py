@@ -207,8 +207,9 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     elif not device.startswith("cuda"):
         from .profiling.diagnosis import allocator_finding
 
-        # a count, not a timing: a few calls give it (the forward is warm by now)
-        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4)
+        # a count, not a timing: a few calls give it; one call back on the plain path (FLOPs were
+        # counted on the unfused one) before counting
+        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4, warm=1)
         finding = allocator_finding(faults)
         if finding:
             result["diagnosis"]["allocator"] = finding
@@ -239,13 +240,14 @@ def _module_stats(modules: dict[str, Any], att, flops: dict[str, int], out_bytes
     return stats
 
 
-def _page_faults_per_call(fn, calls: int = 10) -> float | None:
-    """Minor page faults of this process per call of `fn`, warm (None where getrusage is missing)."""
+def _page_faults_per_call(fn, calls: int = 10, warm: int = 2) -> float | None:
+    """Minor page faults of this process per call of `fn`, after `warm` calls (None where
+    getrusage is missing)."""
     try:
         import resource
     except ImportError:  # not on this OS
         return None
-    for _ in range(2):
+    for _ in range(warm):
         fn()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(calls):

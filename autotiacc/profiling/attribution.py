@@ -256,7 +256,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     under torch.profiler, until `target_s`; both are trimmed to their fastest quarter. A block
     is about a sixteenth of `target_s`, 2 to 32 forwards (stopping the profiler and parsing
     its trace cost far more than a small model's forward). Past `deadline` (`time.time()`),
-    the forwards profiled so far are enough once there are three. `profiler_started`: this
+    the forwards profiled so far are enough (one block: two at least). `profiler_started`: this
     process already ran torch.profiler once (its one-time start-up is paid)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -288,7 +288,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
         """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
         machine) four profiled forwards are enough."""
         spent = time.perf_counter() - start
-        if deadline is not None and time.time() > deadline and len(forwards) >= 3:
+        if deadline is not None and time.time() > deadline and len(forwards) >= 2:  # one block
             return False
         if spent < target_s:
             return True
