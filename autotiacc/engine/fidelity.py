@@ -11,6 +11,12 @@ every variant in a process of its own, measured in windows taken in turns; the s
 the ratio of the medians of the per-window medians, and the noise test is a one-sided
 Mann-Whitney U over those window medians (the repetitions), not over correlated samples.
 
+What a variant's process builds and what one window times is a *bench*: `OneShape` (the
+workload's example inputs, one window = calls for `window_s`) or a traffic mix
+(`inference.traffic_eval.TrafficBench`, one window = whole rounds of the mix, each round one
+traffic-weighted figure). The alternation, the baseline's processes and the statistics are
+the same for both, here.
+
 `fresh=True` starts a new process for every window (what `verify` and the fidelity experiment
 use: nothing survives from one window to the next); `fresh=False` keeps one warm process per
 variant, built once (what a tune can afford at its end).
@@ -34,6 +40,7 @@ SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPIN
 BASELINE = "baseline"
 BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
+FINAL_ROUNDS = 5  # the fewest windows per variant a final re-measurement aims for
 
 
 def measured_env() -> dict[str, str | None]:
@@ -43,15 +50,18 @@ def measured_env() -> dict[str, str | None]:
 
 @dataclass
 class AlternatingResult:
-    """Per-variant window medians (ms) and the comparison of each variant with the baseline."""
+    """Per-variant window figures (ms) and the comparison of each variant with the baseline."""
 
     windows: dict[str, list[float]] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
-    info: dict[str, dict] = field(default_factory=dict)  # accuracy, build_s of each candidate
+    info: dict[str, dict] = field(default_factory=dict)  # what each variant's build reported (accuracy, build_s, ...)
     pids: dict[str, list[int]] = field(default_factory=dict)  # the process that took each window
+    # the per-call samples each window's figure was made of, by part (a traffic mix: by shape)
+    parts: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
+    window: str = ""  # what one window times (the bench's `describe`)
 
     def median_ms(self, name: str) -> float:
         return statistics.median(self.windows[name])
@@ -71,7 +81,7 @@ class AlternatingResult:
         return min(pairs), max(pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
+        out: dict[str, Any] = {"method": "alternating processes", "window": self.window, "rounds": self.rounds,
                                "seconds": round(self.seconds, 1), "windows_ms": self.windows, "window_pids": self.pids}
         if self.failures:
             out["failures"] = self.failures
@@ -82,61 +92,94 @@ class AlternatingResult:
 
 
 # -- what runs in a variant's process ------------------------------------------------------------
-_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device) -> runner, in a warm variant process
+@dataclass(frozen=True)
+class OneShape:
+    """The bench of a one-shape tune: the workload's example inputs; a window is calls for
+    `window_s` (at least 5), its figure their median. A bench is sent to each variant's process
+    with every call (picklable); `build` and `window` run there, `figures` and `summary` in the
+    parent, on the `AlternatingResult`."""
+
+    describe = "calls at one input shape"  # not a field: repr(bench) keys a process's build
+
+    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
+        """The variant (None: the eager fp32 baseline) as a runner to warm up and time, and what
+        the build reports; raises when the variant fails (its accuracy included)."""
+        import torch
+
+        from ..inference.evaluate import reference_for
+
+        ref = reference_for(workload, device)
+        if values is None:
+            return ref.baseline, {}
+        from ..inference.accuracy import compare_outputs
+        from ..inference.candidate import OptimizedModel
+        from ..knobs import configs_from_params
+
+        torch._dynamo.reset()
+        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+        acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
+                              metric=workload.metric, targets=[y for _, y in ref.test])
+        if not acc.ok:
+            raise ValueError(f"accuracy: {acc.reason}")
+        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict()}
+
+    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
+        from ..measure import measure
+
+        return {"samples_ms": measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms}
+
+    def figures(self, result: AlternatingResult, name: str) -> dict[str, Any]:
+        """Fields a candidate's result adds beyond the timing and the speed-up (none here)."""
+        return {}
+
+    def summary(self, result: AlternatingResult) -> dict[str, Any]:
+        """Fields the whole result adds (none here)."""
+        return {}
+
+
+_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device, bench) -> runner, in a warm variant process
 
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
-                tolerance: float) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) once in this process and warm it up, then
-    time one window of `window_s` (none when 0: the build only).
+                tolerance: float, bench: Any = None) -> dict[str, Any]:
+    """Build `values` (None: the eager fp32 baseline) with `bench` (default `OneShape`) once in
+    this process and warm it up, then time one window of `window_s` (none when 0: the build only).
 
-    Returns {"samples_ms", plus "accuracy" and "build_s" when this call built the variant}.
+    Returns {"samples_ms", "pid", the window's "parts" if any, plus what the build reported
+    ("accuracy", "build_s", ...) when this call built the variant}.
     """
-    import torch
+    from ..measure import warm_up
 
-    from ..inference.evaluate import reference_for
-    from ..measure import measure, warm_up
-
-    key = (getattr(workload, "token", None), name, device)
+    bench = bench or OneShape()
+    key = (getattr(workload, "token", None), name, device, repr(bench))
     info: dict[str, Any] = {}
     if key not in _BUILT:
         _BUILT.clear()  # one variant per process
-        ref = reference_for(workload, device)
-        if values is None:
-            runner = ref.baseline
-        else:
-            from ..inference.accuracy import compare_outputs
-            from ..inference.candidate import OptimizedModel
-            from ..knobs import configs_from_params
-
-            torch._dynamo.reset()
-            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
-            info["build_s"] = cand.build_seconds
-            acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
-                                  metric=workload.metric, targets=[y for _, y in ref.test])
-            info["accuracy"] = acc.to_dict()
-            if not acc.ok:
-                raise ValueError(f"accuracy: {acc.reason}")
-            runner = (lambda: cand(*ref.inputs))
+        runner, info = bench.build(workload, values, device=device, tolerance=tolerance)
         warm_up(runner, device, max_s=warmup_s)
         _BUILT[key] = runner
-    samples = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
-    return {"samples_ms": samples, "pid": os.getpid(), **info}
+    timed = bench.window(_BUILT[key], device=device, window_s=window_s) if window_s else {"samples_ms": []}
+    return {**timed, "pid": os.getpid(), **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
 def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                        deadline: float | None = None) -> AlternatingResult:
+                        deadline: float | None = None, target_s: float | None = None,
+                        bench: Any = None) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
-    its own process, one window per variant per round, the order rotating every round.
+    its own process, one window per variant per round, the order rotating every round. `bench`
+    (default `OneShape`) builds a variant and times a window: see the module doc.
 
     With `fresh=False` every variant's process is started at once and builds its variant
     before the first round (the builds side by side), so no process starts or compiles while
     another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
-    Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
+    Stops after `rounds`; earlier once `MIN_ROUNDS` are in and the next round would end past
+    `deadline` (time.monotonic(); judged by the last round's duration), or once `FINAL_ROUNDS`
+    are in and the windows' samples add up to `target_s` per variant (windows longer than
+    `window_s`, e.g. whole rounds of a slow traffic mix, then cost no more than short ones).
     The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
     of them taking its windows in turn: how fast eager runs depends on the process's allocation
     history (glibc's dynamic mmap threshold; convnet bs 8 faulted in 10,576 pages per call fresh,
@@ -145,11 +188,13 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     the candidates the same in both (the first plan's 2.68x re-measured at 3.66x).
     """
     t0 = time.perf_counter()
+    bench = bench or OneShape()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
-    result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants})
+    result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants},
+                               window=bench.describe)
     pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(BASELINE_PROCESSES if n == BASELINE else 1)]
                               for n in variants}
-    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
+    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance, "bench": bench}
     try:
         # every variant's process imports and builds side by side, nothing being timed yet: the
         # builds overlap (much of a compile is single-threaded Python) instead of queueing
@@ -163,10 +208,15 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                     pool.close()
             pools[name] = kept
             _record(result, name, next((out for out in outs if out.ok), outs[0]))
+        round_s = 0.0
         for r in range(rounds):
-            if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
-                                               and time.monotonic() > deadline):
+            if BASELINE in result.failures or (r >= MIN_ROUNDS and (
+                    (deadline is not None and time.monotonic() + round_s > deadline)
+                    or (target_s is not None and r >= FINAL_ROUNDS
+                        and min(sum(result.samples[n]) for n in variants if n not in result.failures)
+                        >= 1e3 * target_s))):
                 break
+            t_round = time.monotonic()
             names = [n for n in variants if n not in result.failures]
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
@@ -178,13 +228,14 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                                                                  timeout=timeout_s, window_s=window_s, **kwargs)
                 _record(result, name, out)
             result.rounds = r + 1
+            round_s = time.monotonic() - t_round
     finally:
         for group in pools.values():
             for pool in group:
                 pool.close()
     for name in result.failures:
-        result.windows.pop(name, None)
-        result.samples.pop(name, None)
+        for per_variant in (result.windows, result.samples, result.parts):
+            per_variant.pop(name, None)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -193,26 +244,31 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
     if not out.ok:
         result.failures[name] = out.reason()
         return
-    if out.value["samples_ms"]:
-        result.samples[name] += out.value["samples_ms"]
-        result.windows[name].append(statistics.median(out.value["samples_ms"]))
-        result.pids.setdefault(name, []).append(out.value.get("pid"))
-    for k in ("accuracy", "build_s"):
-        if k in out.value:
-            result.info.setdefault(name, {})[k] = out.value[k]
+    value = dict(out.value)
+    samples, pid, parts = value.pop("samples_ms"), value.pop("pid", None), value.pop("parts", None) or {}
+    if samples:
+        result.samples[name] += samples
+        result.windows[name].append(statistics.median(samples))
+        result.pids.setdefault(name, []).append(pid)
+        for part, xs in parts.items():
+            result.parts.setdefault(name, {}).setdefault(part, []).extend(xs)
+    if value:  # what the build reported
+        result.info.setdefault(name, {}).update(value)
 
 
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
                          target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
-                         env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
+                         env: dict[str, str] | None = None, timeout: float = 300.0, bench: Any = None) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
-    (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
-    windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
-    deadline = time.monotonic() + timeout
-    rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
+    (`measure_alternating`, with `bench`: one shape by default, or a traffic mix), in `evaluate`'s
+    result format plus the bench's figures; a candidate is `faster` when its windows beat the
+    baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more. Ends within `timeout`."""
+    bench = bench or OneShape()
+    deadline = time.monotonic() + timeout - 1.0  # a margin for closing the processes
+    rounds = max(FINAL_ROUNDS, math.ceil(target_s / (window_s * (len(candidates) + 1))))
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
                               warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
-                              deadline=deadline - 2 * window_s * (len(candidates) + 1))
+                              deadline=deadline, target_s=target_s / (len(candidates) + 1), bench=bench)
     if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
                        seconds=res.seconds)
@@ -227,6 +283,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
             ratio = 1 / res.speedup(name)
             r.update(status="ok", ratio=ratio, speedup=1 / ratio, p_faster=res.p_faster(name),
                      faster=ratio < 0.98 and res.p_faster(name) < 0.05, timing=Timing(res.samples[name]).to_dict())
+            r.update(bench.figures(res, name))  # may reject it (a traffic mix: p99 over the budget)
         out[name] = r
     return Outcome("ok", value={"baseline": Timing(res.samples[BASELINE]).to_dict(), "candidates": out,
-                                "alternating": res.to_dict()}, seconds=res.seconds)
+                                "alternating": res.to_dict(), **bench.summary(res)}, seconds=res.seconds)

@@ -18,8 +18,8 @@ the workload has one input shape, `ShapeTuning` when it has traffic (`--traffic`
   starting its process.
 - `final_measure(workload, candidates, *, device, tolerance, warmup_s, env, timeout, log_path)`:
   the final re-measurement of the top candidates against the baseline, in `evaluate`'s result
-  format: one shape, each variant alone in its own process, in turns (`evaluate_alternating`);
-  a traffic mix, all of them over every shape in one fresh process (`evaluator(final=True)`).
+  format: each variant alone in its own process, windows taken in turns (`evaluate_alternating`);
+  a window times one shape, or whole rounds of the traffic mix (`traffic_eval.TrafficBench`).
 - `record(plan, values, result)`: write the chosen configuration into the plan (`plan.shapes`).
 
 `values_from_plan(plan)` inverts `record`, and `shape_tuning_for_plan(plan, ...)` gives the hooks
@@ -50,7 +50,35 @@ FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-mea
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
 
-class StaticShapes:
+def alternating_reserve(tops: list, *, process_s: float, measure_s: float) -> float:
+    """Seconds a final re-measurement in alternating processes needs for the trials `tops`: each
+    candidate is re-measured in a process of its own, which pays `process_s` to start (spawn,
+    import, build the reference) before its own build and warm-up; then `measure_s` of windows."""
+    build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+    # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
+    return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + measure_s
+
+
+class _AlternatingFinal:
+    """The final re-measurement of both hooks: each variant alone in its own process, windows
+    taken in turns (`evaluate_alternating`); what a window times is the hooks' `bench`."""
+
+    final_measure_s: float
+
+    def bench(self, candidates: dict[str, dict]) -> Any:
+        raise NotImplementedError
+
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
+        from ..engine.fidelity import evaluate_alternating
+
+        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
+                                    bench=self.bench(candidates))
+
+
+class StaticShapes(_AlternatingFinal):
     """One input shape: the knobs alone are searched, and `evaluate.evaluate` times them."""
 
     def __init__(self, strategy: Any = None, *, final_measure_s: float | None = None) -> None:
@@ -71,31 +99,25 @@ class StaticShapes:
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        # each candidate is re-measured in a process of its own: it pays `process_s` to start
-        # (spawn, import, build the reference) before its own build and warm-up
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
-        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        return alternating_reserve(tops, process_s=process_s, measure_s=self.final_measure_s)
 
-    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
-        from ..engine.fidelity import evaluate_alternating
-
-        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
-                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
+    def bench(self, candidates: dict[str, dict]) -> Any:
+        return None  # `engine.fidelity.OneShape`: the workload's example inputs
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
 
 
-class ShapeTuning:
+class ShapeTuning(_AlternatingFinal):
     """Tune for a traffic mix instead of one shape; see the module doc for the hooks."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
                  max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20,
-                 serve_batches: list[int] | None = None, strategy: Any = None) -> None:
+                 serve_batches: list[int] | None = None, strategy: Any = None,
+                 final_measure_s: float | None = None) -> None:
         self.workload, self.traffic, self.p99_ms, self.strategy = workload, traffic, p99_ms, strategy
+        # the final's windows: `final_measure_s` in all, and `final_rounds` rounds of the mix per variant
+        self.final_measure_s = final_measure_s or float(getattr(strategy, "final_measure_s", 6.0))
         # Throughput objective: the serving batch sizes searched (None: latency objective).
         self.serve_batches = serve_batches
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
@@ -240,28 +262,31 @@ class ShapeTuning:
         return f"; {shapes['label']}" if shapes else ""
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs: it times baseline + the top candidates for
-        `final_rounds` on every shape; scaled from what the trials' measurements took, with a
-        third more for the noise of a shared machine."""
-        measured = [float(t.user_attrs.get("measure_s", 0.0)) for t in tops]
-        per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # one fresh process times the baseline and every candidate over the mix
-        return process_s + 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
+        """Seconds the final re-measurement needs: as one shape's, with windows of at least
+        `final_rounds` rounds of the mix per variant in all, scaled from what the trials'
+        measurements took (a trial times baseline + candidate for `rounds` rounds)."""
+        per_round = max((float(t.user_attrs.get("measure_s", 0.0)) for t in tops), default=0.0) / (2 * self.rounds)
+        windows = max(self.final_measure_s, per_round * (len(tops) + 1) * self.final_rounds)
+        return alternating_reserve(tops, process_s=process_s, measure_s=windows)
 
-    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
-        from ..engine.workers import run_isolated
+    def bench(self, candidates: dict[str, dict]) -> Any:
+        """What the final's windows time (`final_measure`): whole rounds of the mix, `final_rounds` per variant over
+        `FINAL_ROUNDS` windows; unseen shapes checked for accuracy; per sample when a candidate
+        serves full batches (throughput)."""
+        from ..engine.fidelity import FINAL_ROUNDS
+        from .traffic_eval import TrafficBench, serve_batch_of
 
-        fn, kwargs = self.evaluator(final=True)
-        return run_isolated(fn, workload, candidates, timeout=timeout, env=env, log_path=log_path, device=device,
-                            tolerance=tolerance, warmup_s=warmup_s, **kwargs)
+        return TrafficBench(traffic=traffic_to_rows(self.traffic), axes=self.spec_axes(),
+                            check_shapes=self.unseen_shapes(), p99_ms=self.p99_ms,
+                            per_sample=any(serve_batch_of(v) for v in candidates.values()),
+                            min_rounds=math.ceil(self.final_rounds / FINAL_ROUNDS))
 
     def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
                   prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:
         """`evaluate_traffic` and its arguments. Every shape gets the same number of rounds (a
-        round of the mix is one sample), so neither a time window nor a quick-look pruning applies."""
+        round of the mix is one sample), so neither a time window nor a quick-look pruning applies.
+        (`final=True`: the final's rounds and unseen shapes, in one process; the tune's final
+        itself is `final_measure`, in alternating processes.)"""
         from .traffic_eval import evaluate_traffic
 
         return evaluate_traffic, {"traffic": traffic_to_rows(self.traffic), "axes": self.spec_axes(),
@@ -335,7 +360,7 @@ def values_from_plan(plan) -> dict[str, Any]:
 
 def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int = 20) -> StaticShapes | ShapeTuning:
     """The hooks that re-measure `plan` as it was tuned: `measure_s` of windows at one shape, or
-    `rounds` over its recorded traffic mix."""
+    over its recorded traffic mix (windows of whole rounds, `rounds` per variant at least)."""
     sh = plan.shapes
     if sh is None:
         return StaticShapes(final_measure_s=measure_s)
@@ -344,7 +369,7 @@ def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int
         raise UserInputError("the plan's `shapes` has no `traffic`: it cannot be re-measured over its mix; "
                              "re-run `autotiacc tune` with the traffic.")
     return ShapeTuning(workload, traffic, p99_ms=sh.p99_budget_ms, rounds=rounds, final_rounds=rounds,
-                       serve_batches=[sh.serve_batch] if sh.serve_batch else None)
+                       serve_batches=[sh.serve_batch] if sh.serve_batch else None, final_measure_s=measure_s)
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,
