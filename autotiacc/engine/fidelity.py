@@ -58,6 +58,7 @@ class AlternatingResult:
     pids: dict[str, list[int]] = field(default_factory=dict)  # the process that took each window
     # the per-call samples each window's figure was made of, by part (a traffic mix: by shape)
     parts: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    timed_s: dict[str, float] = field(default_factory=dict)  # seconds each variant's windows took
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
@@ -92,18 +93,44 @@ class AlternatingResult:
 
 
 # -- what runs in a variant's process ------------------------------------------------------------
-@dataclass(frozen=True)
-class OneShape:
-    """The bench of a one-shape tune: the workload's example inputs; a window is calls for
-    `window_s` (at least 5), its figure their median. A bench is sent to each variant's process
-    with every call (picklable); `build` and `window` run there, `figures` and `summary` in the
-    parent, on the `AlternatingResult`."""
+class Bench:
+    """What a variant's process builds and what one window times.
 
-    describe = "calls at one input shape"  # not a field: repr(bench) keys a process's build
+    Called in this order: in each variant's process, `build` once, then `window` for each of its
+    windows; in the parent, `figures` for each candidate still standing, then `summary` once. A
+    bench travels to the processes with every call: keep it small, picklable, and its repr stable
+    (it keys the process's build).
+    """
+
+    describe: str = ""  # what one window times, in words (recorded with the result)
 
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-        """The variant (None: the eager fp32 baseline) as a runner to warm up and time, and what
-        the build reports; raises when the variant fails (its accuracy included)."""
+        """The variant (None: the eager fp32 baseline) as a runner to warm up (a call runs it once)
+        and to time, and what the build reports; raises when the variant fails (its accuracy included)."""
+        raise NotImplementedError
+
+    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
+        """One window: {"samples_ms": the figures whose median is the window's, "parts": optional
+        {part: per-call ms} they were made of}."""
+        raise NotImplementedError
+
+    def figures(self, result: AlternatingResult, name: str) -> dict[str, Any]:
+        """Fields a candidate's result adds beyond its timing and speed-up (a `status` and `reason` reject it)."""
+        return {}
+
+    def summary(self, result: AlternatingResult) -> dict[str, Any]:
+        """Fields the whole result adds."""
+        return {}
+
+
+@dataclass(frozen=True)
+class OneShape(Bench):
+    """One input shape, the workload's example inputs; a window is calls for `window_s` (at
+    least 5), its figure their median."""
+
+    describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
+
+    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
         import torch
 
         from ..inference.evaluate import reference_for
@@ -128,20 +155,12 @@ class OneShape:
 
         return {"samples_ms": measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms}
 
-    def figures(self, result: AlternatingResult, name: str) -> dict[str, Any]:
-        """Fields a candidate's result adds beyond the timing and the speed-up (none here)."""
-        return {}
-
-    def summary(self, result: AlternatingResult) -> dict[str, Any]:
-        """Fields the whole result adds (none here)."""
-        return {}
-
 
 _BUILT: dict[tuple, Any] = {}  # (workload token, variant, device, bench) -> runner, in a warm variant process
 
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
-                tolerance: float, bench: Any = None) -> dict[str, Any]:
+                tolerance: float, bench: Bench | None = None) -> dict[str, Any]:
     """Build `values` (None: the eager fp32 baseline) with `bench` (default `OneShape`) once in
     this process and warm it up, then time one window of `window_s` (none when 0: the build only).
 
@@ -158,8 +177,9 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
         runner, info = bench.build(workload, values, device=device, tolerance=tolerance)
         warm_up(runner, device, max_s=warmup_s)
         _BUILT[key] = runner
+    t0 = time.perf_counter()
     timed = bench.window(_BUILT[key], device=device, window_s=window_s) if window_s else {"samples_ms": []}
-    return {**timed, "pid": os.getpid(), **info}
+    return {**timed, "pid": os.getpid(), "window_s": time.perf_counter() - t0, **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
@@ -167,7 +187,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
                         deadline: float | None = None, target_s: float | None = None,
-                        bench: Any = None) -> AlternatingResult:
+                        bench: Bench | None = None) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round. `bench`
     (default `OneShape`) builds a variant and times a window: see the module doc.
@@ -178,8 +198,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
     Stops after `rounds`; earlier once `MIN_ROUNDS` are in and the next round would end past
     `deadline` (time.monotonic(); judged by the last round's duration), or once `FINAL_ROUNDS`
-    are in and the windows' samples add up to `target_s` per variant (windows longer than
-    `window_s`, e.g. whole rounds of a slow traffic mix, then cost no more than short ones).
+    are in and each variant's windows took `target_s` (windows longer than `window_s`, e.g.
+    whole rounds of a slow traffic mix, then cost no more in all than short ones).
     The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
     of them taking its windows in turn: how fast eager runs depends on the process's allocation
     history (glibc's dynamic mmap threshold; convnet bs 8 faulted in 10,576 pages per call fresh,
@@ -213,8 +233,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
             if BASELINE in result.failures or (r >= MIN_ROUNDS and (
                     (deadline is not None and time.monotonic() + round_s > deadline)
                     or (target_s is not None and r >= FINAL_ROUNDS
-                        and min(sum(result.samples[n]) for n in variants if n not in result.failures)
-                        >= 1e3 * target_s))):
+                        and min(result.timed_s.get(n, 0.0) for n in variants if n not in result.failures)
+                        >= target_s))):
                 break
             t_round = time.monotonic()
             names = [n for n in variants if n not in result.failures]
@@ -246,7 +266,9 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
         return
     value = dict(out.value)
     samples, pid, parts = value.pop("samples_ms"), value.pop("pid", None), value.pop("parts", None) or {}
+    timed_s = value.pop("window_s", 0.0)
     if samples:
+        result.timed_s[name] = result.timed_s.get(name, 0.0) + timed_s
         result.samples[name] += samples
         result.windows[name].append(statistics.median(samples))
         result.pids.setdefault(name, []).append(pid)
@@ -258,7 +280,7 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
 
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
                          target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
-                         env: dict[str, str] | None = None, timeout: float = 300.0, bench: Any = None) -> Outcome:
+                         env: dict[str, str] | None = None, timeout: float = 300.0, bench: Bench | None = None) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
     (`measure_alternating`, with `bench`: one shape by default, or a traffic mix), in `evaluate`'s
     result format plus the bench's figures; a candidate is `faster` when its windows beat the

@@ -34,6 +34,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine.fidelity import FINAL_ROUNDS, Bench, evaluate_alternating
 from ..errors import UserInputError
 from ..knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
 from ..knobs.base import knob_for_config
@@ -65,14 +66,12 @@ class _AlternatingFinal:
 
     final_measure_s: float
 
-    def bench(self, candidates: dict[str, dict]) -> Any:
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
         raise NotImplementedError
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
                       log_path: str | None = None):
-        from ..engine.fidelity import evaluate_alternating
-
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
                                     target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
                                     bench=self.bench(candidates))
@@ -101,7 +100,7 @@ class StaticShapes(_AlternatingFinal):
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
         return alternating_reserve(tops, process_s=process_s, measure_s=self.final_measure_s)
 
-    def bench(self, candidates: dict[str, dict]) -> Any:
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
         return None  # `engine.fidelity.OneShape`: the workload's example inputs
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
@@ -269,11 +268,10 @@ class ShapeTuning(_AlternatingFinal):
         windows = max(self.final_measure_s, per_round * (len(tops) + 1) * self.final_rounds)
         return alternating_reserve(tops, process_s=process_s, measure_s=windows)
 
-    def bench(self, candidates: dict[str, dict]) -> Any:
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
         """What the final's windows time (`final_measure`): whole rounds of the mix, `final_rounds` per variant over
         `FINAL_ROUNDS` windows; unseen shapes checked for accuracy; per sample when a candidate
         serves full batches (throughput)."""
-        from ..engine.fidelity import FINAL_ROUNDS
         from .traffic_eval import TrafficBench, serve_batch_of
 
         return TrafficBench(traffic=traffic_to_rows(self.traffic), axes=self.spec_axes(),

@@ -19,9 +19,10 @@ import statistics
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from ..device import is_meta, to_device, use_device
+from ..engine.fidelity import AlternatingResult, Bench
 from ..knobs import configs_from_params
 from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
@@ -29,9 +30,6 @@ from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, sp
 from .candidate import compile_stats
 from .evaluate import BASELINE, worker_cached, workload_key
 from .traffic import Shape, parse_traffic
-
-if TYPE_CHECKING:
-    from ..engine.fidelity import AlternatingResult
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
 
@@ -226,7 +224,7 @@ def mix_figures(samples: dict[str, list[float]], baseline: dict[str, list[float]
 
 
 @dataclass
-class TrafficBench:
+class TrafficBench(Bench):
     """The bench of a traffic tune's final re-measurement and of `verify` over a mix (see
     `engine.fidelity`): each variant's process builds the eager fp32 model and every shape's
     inputs, a candidate as a `BucketedModel` checked on every shape (`check_shapes`, unseen, too).
