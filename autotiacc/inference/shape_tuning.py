@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from ..engine.fidelity import FINAL_ROUNDS, Bench, evaluate_alternating
 from ..errors import UserInputError
-from ..knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
+from ..knobs import SearchContext, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
 from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
 from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
@@ -46,7 +46,7 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-measurement
+FINAL_WARMUP_S = 3.0  # warm-up allowance per variant in a final re-measurement (its process)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -269,9 +269,9 @@ class ShapeTuning(_AlternatingFinal):
         return alternating_reserve(tops, process_s=process_s, measure_s=windows)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
-        """What the final's windows time (`final_measure`): whole rounds of the mix, `final_rounds` per variant over
-        `FINAL_ROUNDS` windows; unseen shapes checked for accuracy; per sample when a candidate
-        serves full batches (throughput)."""
+        """What the final's windows time (`final_measure`): whole rounds of the mix, at least
+        `final_rounds` per variant over `FINAL_ROUNDS` windows; unseen shapes checked for accuracy;
+        per sample when a candidate serves full batches (throughput)."""
         from .traffic_eval import TrafficBench, serve_batch_of
 
         return TrafficBench(traffic=traffic_to_rows(self.traffic), axes=self.spec_axes(),
