@@ -151,12 +151,12 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     speedup = base.median / cand.median
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median, baseline_spread=base.iqr_rel,
                     plan_spread=cand.iqr_rel, n=len(res["timing"]["samples_ms"]), windows=cand.n)
-    how = f"{cand.n} windows each alone in its own process, in turns"
+    how = f"medians of {cand.n} windows, the plan and eager each alone in its own process, in turns"
     if res.get("per_shape"):  # a traffic plan: the figures are traffic-weighted over these shapes
         measured["shapes"] = sorted(res["per_shape"])
-        how = f"traffic-weighted over {len(res['per_shape'])} shapes, {how}"
+        how = f"traffic-weighted over {len(res['per_shape'])} shapes; {how}"
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%} over {how}), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}; {how}), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)
