@@ -25,6 +25,7 @@ def tiny(models_dir):
     return load_workload(models_dir / "tiny_encoder_traffic.py")
 
 
+@pytest.mark.slow
 def test_traffic_final_times_each_variant_alone_and_the_plan_records_it(tiny, tmp_path):
     task = InferenceTask(tiny, TuneOptions(budget_s=60, out_dir=tmp_path))
     st = task.shape_tuning
