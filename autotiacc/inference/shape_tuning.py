@@ -34,7 +34,7 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engine.fidelity import FINAL_ROUNDS, Bench, evaluate_alternating
+from ..engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, Bench, evaluate_alternating
 from ..errors import UserInputError
 from ..knobs import SearchContext, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
@@ -49,15 +49,6 @@ N_UNSEEN = 2
 FINAL_WARMUP_S = 3.0  # warm-up allowance per variant in a final re-measurement (its process)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
-
-
-def alternating_reserve(tops: list, *, process_s: float, measure_s: float) -> float:
-    """Seconds a final re-measurement in alternating processes needs for the trials `tops`: each
-    candidate is re-measured in a process of its own, which pays `process_s` to start (spawn,
-    import, build the reference) before its own build and warm-up; then `measure_s` of windows."""
-    build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-    # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
-    return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + measure_s
 
 
 class _AlternatingFinal:
@@ -98,7 +89,11 @@ class StaticShapes(_AlternatingFinal):
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        return alternating_reserve(tops, process_s=process_s, measure_s=self.final_measure_s)
+        # each candidate is re-measured in a process of its own: it pays `process_s` to start
+        # (spawn, import, build the reference) before its own build and warm-up
+        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
+        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         return None  # `engine.fidelity.OneShape`: the workload's example inputs
@@ -261,12 +256,17 @@ class ShapeTuning(_AlternatingFinal):
         return f"; {shapes['label']}" if shapes else ""
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs: as one shape's, with windows of at least
-        `final_rounds` rounds of the mix per variant in all, scaled from what the trials'
-        measurements took (a trial times baseline + candidate for `rounds` rounds)."""
+        """Seconds the final re-measurement needs: every variant's process (the baseline's
+        `BASELINE_PROCESSES` too) starts and builds the model and every shape's inputs, paying
+        `process_s` each: side by side on a few cores they add up (a 3m text-encoder tune with two
+        candidates spent 71 s on them, its final's 66 s ran out); the buckets' builds in full (ONNX
+        exports and traces are not cached); a warm-up per variant; then windows of at least
+        `final_rounds` rounds of the mix per variant, scaled from what the trials' measurements
+        took (a trial times baseline + candidate for `rounds` rounds)."""
         per_round = max((float(t.user_attrs.get("measure_s", 0.0)) for t in tops), default=0.0) / (2 * self.rounds)
         windows = max(self.final_measure_s, per_round * (len(tops) + 1) * self.final_rounds)
-        return alternating_reserve(tops, process_s=process_s, measure_s=windows)
+        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
+        return (len(tops) + BASELINE_PROCESSES) * process_s + build + (len(tops) + 1) * FINAL_WARMUP_S + windows
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         """What the final's windows time (`final_measure`): whole rounds of the mix, at least
