@@ -34,7 +34,8 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, Bench, evaluate_alternating
+from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, Bench, evaluate_alternating,
+                               final_rounds_s)
 from ..errors import UserInputError
 from ..knobs import SearchContext, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
@@ -46,7 +47,9 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # warm-up allowance per variant in a final re-measurement (its process)
+FINAL_WARMUP_S = 3.0  # the longest warm-up of a variant in a final re-measurement (its process)
+FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (convnet's baseline: 0.5 s here)
+FRESH_COMPILE_S = 2.0  # a compiled candidate's rebuild in a fresh process beyond its trial's build (~2.2 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -89,11 +92,19 @@ class StaticShapes(_AlternatingFinal):
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        # each candidate is re-measured in a process of its own: it pays `process_s` to start
-        # (spawn, import, build the reference) before its own build and warm-up
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
-        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        """Seconds the final re-measurement needs (`engine.fidelity.evaluate_alternating`): a
+        process per candidate and BASELINE_PROCESSES for the baseline, built one after another,
+        each rebuilding the model and its reference and warming up alone (half the model
+        check's build and forward, `process_s`, at least FINAL_PROCESS_S), then the rounds. A
+        compiled candidate's rebuild takes its trial's build time plus dynamo's tracing and
+        the load from Inductor's cache, which a fresh process pays again (FRESH_COMPILE_S).
+        Convnet bs 8 here: four candidates (three compiled), builds 12.8 s, warm-ups 1.1 s,
+        rounds 9.1 s; this estimate 23 s."""
+        rebuild = sum(float(t.user_attrs.get("build_s", 0.0))
+                      + (FRESH_COMPILE_S if (t.user_attrs.get("knobs") or {}).get("execution", {}).get("backend")
+                         == "compile" else 0.0) for t in tops)
+        processes = len(tops) + BASELINE_PROCESSES
+        return rebuild + processes * max(FINAL_PROCESS_S, process_s / 2) + final_rounds_s(len(tops), self.final_measure_s)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         return None  # `engine.fidelity.OneShape`: the workload's example inputs
@@ -256,17 +267,28 @@ class ShapeTuning(_AlternatingFinal):
         return f"; {shapes['label']}" if shapes else ""
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs: every variant's process (the baseline's
-        `BASELINE_PROCESSES` too) starts and builds the model and every shape's inputs, paying
-        `process_s` each: side by side on a few cores they add up (a 3m text-encoder tune with two
-        candidates spent 71 s on them, its final's 66 s ran out); the buckets' builds in full (ONNX
-        exports and traces are not cached); a warm-up per variant; then windows of at least
-        `final_rounds` rounds of the mix per variant, scaled from what the trials' measurements
-        took (a trial times baseline + candidate for `rounds` rounds)."""
-        per_round = max((float(t.user_attrs.get("measure_s", 0.0)) for t in tops), default=0.0) / (2 * self.rounds)
-        windows = max(self.final_measure_s, per_round * (len(tops) + 1) * self.final_rounds)
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        return (len(tops) + BASELINE_PROCESSES) * process_s + build + (len(tops) + 1) * FINAL_WARMUP_S + windows
+        """Seconds the final re-measurement needs (`evaluate_alternating` with `bench`), as one
+        shape's (`StaticShapes.final_reserve`) but over the mix: each of its processes (a
+        candidate's, BASELINE_PROCESSES for the baseline), built one after another, also makes
+        every shape's inputs and reference (a round of the mix) and warms up over at least 3
+        rounds, a candidate checks every shape (unseen too) and its padding (two rounds) and
+        rebuilds its buckets in full (ONNX exports and traces are not cached); then windows of
+        at least `min_rounds` rounds each. A round is the traffic's calls at the slower of the
+        trial's weighted mean latencies (per sample when throughput: times the largest batch)."""
+        mean_ms = max((max(float(t.user_attrs.get("baseline_ms") or 0.0), float(t.user_attrs.get("latency_ms") or 0.0))
+                       for t in tops), default=0.0)
+        batch = max([*(self.serve_batches or []), max(self.hist[BATCH])]) if self.serve_batches else 1
+        round_s = len(self.traffic) * batch * mean_ms / 1e3
+        warm = max(3 * round_s, min(FINAL_WARMUP_S, 6 * round_s))
+        processes = len(tops) + BASELINE_PROCESSES
+        rebuild = sum(float(t.user_attrs.get("build_s") or 0.0) + 2 * round_s for t in tops)
+        window = max(FINAL_WINDOW_S, self.bench_rounds() * round_s)
+        return (rebuild + processes * (max(FINAL_PROCESS_S, process_s / 2) + round_s + warm)
+                + final_rounds_s(len(tops), self.final_measure_s, window))
+
+    def bench_rounds(self) -> int:
+        """Rounds of the mix per window of the final: `final_rounds` per variant over `FINAL_ROUNDS` windows."""
+        return math.ceil(self.final_rounds / FINAL_ROUNDS)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         """What the final's windows time (`final_measure`): whole rounds of the mix, at least
@@ -277,7 +299,7 @@ class ShapeTuning(_AlternatingFinal):
         return TrafficBench(traffic=traffic_to_rows(self.traffic), axes=self.spec_axes(),
                             check_shapes=self.unseen_shapes(), p99_ms=self.p99_ms,
                             per_sample=any(serve_batch_of(v) for v in candidates.values()),
-                            min_rounds=math.ceil(self.final_rounds / FINAL_ROUNDS))
+                            min_rounds=self.bench_rounds())
 
     def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
                   prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:

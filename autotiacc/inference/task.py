@@ -241,16 +241,21 @@ class InferenceTask(Task):
 
     # -- the end -----------------------------------------------------------------------------
     def final_reserve(self, tops: list) -> float:
-        """Time kept for the final re-measurement: a fresh process, rebuilding the top candidates,
-        warming up every runner (baseline included), the timing window, and the plan/report."""
+        """Time kept for the final re-measurement (fresh processes rebuilding the top candidates and
+        the baseline, warm-ups, the timing windows; the shape hook's estimate) and the plan/report."""
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        # the model check timed one process start (spawn, import, build, a forward) on this machine, at this load
-        process_s = max(1.0, self.workload.check_s)
-        return self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
+        # the model check timed a build and a forward in a child, on this machine, at this load
+        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s) + 3.0
 
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)
+
+    def final_group(self, values: dict[str, Any]) -> Any:
+        # eager and TorchScript run 1.2-1.9x faster in a worker whose allocator has warmed up
+        # (experiments/allocator.py), compiled code not at all: the search's ratios are biased
+        # by backend, so the final compares the best of each side by side
+        return values.get("execution", {}).get("backend", "eager")
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision
@@ -259,7 +264,7 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        # in the tune's environment, in alternating processes; what a window times (one shape, rounds of a traffic mix) is the shape hook's
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
