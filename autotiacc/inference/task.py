@@ -264,7 +264,7 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        # in the tune's environment; how (alternating processes, or one over a traffic mix) is the shape hook's
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
