@@ -92,3 +92,15 @@ def test_a_hopeless_candidate_stops_after_two_test_calls():
     # the candidate's own copy: its build's first call, then two test batches, then nothing
     assert sorted(per_model.values())[0] == 3, per_model
     assert res["baseline"]["n"] >= 1  # the baseline's pace still goes into the trial's record
+
+
+def test_a_wrong_answer_outranks_the_pace():
+    """A candidate both hopelessly slow and wrong (fp16 overflows this model's `big` layer to
+    inf on the first test batch) is rejected for its accuracy, not pruned for its pace: the
+    report must say it can never be used, whatever the machine's speed."""
+    w = load_workload(MODELS / "fp16_overflow.py")
+    res = evaluate(w, {"fp16": {"precision": {"mode": "fp16_weights"}}}, device="cpu", target_s=0.2,
+                   warmup_s=0.1, prune_above=0.01)
+    r = res["candidates"]["fp16"]
+    assert r["status"] == "rejected" and not r["accuracy"]["ok"], r
+    assert "two calls in a row" not in r["reason"]

@@ -161,10 +161,16 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
             else:
                 res["status"] = "ok"
                 runners[name] = (lambda c=cand: c(*ref.inputs))
-        except TooSlow as slow:  # unless it broke --max-memory already: a constraint outranks a pace
+        except TooSlow as slow:  # a constraint outranks a pace: --max-memory, then a wrong answer seen already
             over = memory_over(mem, max_memory_mib, device)
-            res.update(dict(status="rejected", reason=over) if over else _too_slow(slow.value, prune_above),
-                       trial_attrs=memory_attrs(mem, ref.memory))
+            n = len(outs)  # the test batches it ran before it was given up (an fp16 overflow shows on the first)
+            acc = compare_outputs(outs, ref.refs[:n], tolerance=tolerance, metric=workload.metric,
+                                  targets=[y for _, y in ref.test[:n]]) if n and not over else None
+            if acc is not None and not acc.ok:
+                res.update(status="rejected", reason=acc.reason, accuracy=acc.to_dict())
+            else:
+                res.update(dict(status="rejected", reason=over) if over else _too_slow(slow.value, prune_above))
+            res["trial_attrs"] = memory_attrs(mem, ref.memory)
         except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
             res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
                        traceback=traceback.format_exc()[-4000:])
