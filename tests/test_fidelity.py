@@ -47,3 +47,22 @@ def test_noise_test_is_scipys_mann_whitney():
     assert r.p_faster("x") == pytest.approx(mannwhitneyu(r.windows["x"], r.windows[BASELINE],
                                                          alternative="less").pvalue)
     assert r.p_faster("x") < 0.01 and r.speedup("x") == pytest.approx(10.1 / 5.1)
+
+
+@pytest.mark.slow
+def test_a_build_past_the_deadline_fails_alone(models_dir, monkeypatch):
+    """A candidate whose rebuild outlasts the final's deadline (and MIN_BUILD_S) is dropped by
+    timeout; the baseline and the other candidates are still measured."""
+    import time
+
+    from autotiacc.engine import fidelity
+
+    monkeypatch.setattr(fidelity, "MIN_BUILD_S", 2.0)
+    monkeypatch.setenv("AUTOTIACC_TEST_SLOW_LOWERED_S", "30")  # each bf16 forward sleeps: the build hangs
+    slow = load_workload(models_dir / "slow_lowered.py", batch_size=4)
+    t0 = time.monotonic()
+    res = measure_alternating(slow, {"slow": {"precision": {"mode": "bf16_weights"}}, "ts": TS}, rounds=4,
+                              window_s=0.05, warmup_s=0.1, deadline=time.monotonic() + 1.0)
+    assert "slow" in res.failures and res.failures["slow"].startswith("timeout")
+    assert res.rounds == 4 and len(res.windows["ts"]) == 4 and len(res.windows[BASELINE]) == 4
+    assert time.monotonic() - t0 < 30  # the hung build did not hold the final for its 30 s

@@ -41,6 +41,7 @@ BASELINE = "baseline"
 BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
 FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
+MIN_BUILD_S = 10.0  # the least time a variant's build and warm-up get, whatever the deadline
 FINAL_ROUNDS = 5  # the fewest windows per variant a final re-measurement aims for
 
 
@@ -230,7 +231,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     if build_parallel is None:
         build_parallel = sum(map(len, pools.values())) if device.startswith("cuda") else 1
     try:
-        _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel)
+        _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel,
+               deadline=deadline)
         t_rounds = time.perf_counter()
         round_s = 0.0
         for r in range(rounds):
@@ -266,13 +268,19 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
 
 
 def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, workload, variants: dict[str, dict | None],
-           kwargs: dict[str, Any], *, timeout_s: float, parallel: int) -> None:
+           kwargs: dict[str, Any], *, timeout_s: float, parallel: int, deadline: float | None = None) -> None:
     """Build every variant in its processes, `parallel` builds at a time, then warm each process
     up alone. Overlapping builds pays (much of a compile is single-threaded Python) up to a
     point: six processes building and warming up at once on two cores took 23 s where one after
     another took 13 s, since every forward pass of each spins its OpenMP threads against the
     others'. Warm-ups never overlap: each settles on the timing it will be measured at.
-    A baseline process that fails to build takes no windows and ends at once."""
+    A baseline process that fails to build takes no windows and ends at once. With `deadline`,
+    a build still running when it has passed (but never before MIN_BUILD_S) fails by timeout:
+    one slow rebuild does not take the others' windows."""
+
+    def timeout() -> float:
+        return timeout_s if deadline is None else max(MIN_BUILD_S, min(timeout_s, deadline - time.monotonic()))
+
     jobs = [(name, pool) for name, group in pools.items() for pool in group]
     outs: dict[int, Outcome] = {}
     t0 = time.perf_counter()
@@ -281,13 +289,13 @@ def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, worklo
         pending = [pool.submit(time_window, workload, name, variants[name], window_s=0, build_only=True, **kwargs)
                    for name, pool in batch]
         for (name, pool), p in zip(batch, pending):
-            outs[id(pool)] = pool.collect(p, timeout=timeout_s)
+            outs[id(pool)] = pool.collect(p, timeout=timeout())
     t1 = time.perf_counter()
     result.phases["builds"] = t1 - t0
     for name, pool in jobs:
         if outs[id(pool)].ok:
             outs[id(pool)] = _merge(outs[id(pool)], pool.call(time_window, workload, name, variants[name],
-                                                              window_s=0, timeout=timeout_s, **kwargs))
+                                                              window_s=0, timeout=timeout(), **kwargs))
     result.phases["warm_ups"] = time.perf_counter() - t1
     for name, group in pools.items():
         kept = [pool for pool in group if outs[id(pool)].ok] or group[:1]
