@@ -139,7 +139,9 @@ def plot_latency(data: ReportData, path: Path) -> Path | None:
 
     horizontal = ({"orientation": "horizontal"} if tuple(int(x) for x in matplotlib.__version__.split(".")[:2]) >= (3, 10)
                   else {"vert": False})
-    with figure(path, title="Final re-measurement, interleaved in one process", xlabel="latency per call (ms)") as ax:
+    how = ("each in its own process, in turns" if (p.get("extra") or {}).get("final_alternating")
+           else "interleaved in one process")  # plans from before the alternating final
+    with figure(path, title=f"Final re-measurement, {how}", xlabel="latency per call (ms)") as ax:
         ax.boxplot([p["baseline"]["samples_ms"], p["best"]["samples_ms"]], showfliers=True, **horizontal)
         ax.set_yticks([1, 2], ["baseline\n(eager fp32)", "best\n" + _wrap(p.get("label", ""))])
     return path
