@@ -65,3 +65,28 @@ def sleeps_then_returns(seconds, value):
 
     time.sleep(seconds)
     return value
+
+
+def process_facts(matmul_n: int = 0):
+    """Who this worker's parent is, what it sees of its environment, and a parallel op's result."""
+    import sys
+
+    import torch
+
+    total = float((torch.ones(matmul_n, matmul_n) @ torch.ones(matmul_n, matmul_n)).sum()) if matmul_n else 0.0
+    return {"pid": os.getpid(), "ppid": os.getppid(), "threads": torch.get_num_threads(), "matmul": total,
+            "inductor_loaded": "torch._inductor.config" in sys.modules,
+            "env": {k: os.environ.get(k) for k in ("TORCHINDUCTOR_CACHE_DIR", "ZYGOTE_TEST_MARK")}}
+
+
+def process_gone(pid: int) -> bool:
+    """The process has ended: gone, or a zombie its parent has not reaped yet (it runs nothing)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

@@ -59,12 +59,15 @@ class FakeTask(Task):
     final_gains: dict = field(default_factory=dict)
     same: dict = field(default_factory=dict)
     reserve: float = 2.0
+    empty_reserve: float = 2.0  # the reserve before any candidate is measured
+    reserve_per_top: float = 0.0  # added to `reserve` for each candidate the final would re-measure
     final_fails: bool = False
     isolated: dict = field(default_factory=dict)  # x -> action run in a real worker process
     seed_values: list = field(default_factory=lambda: [0])
     log: list = field(default_factory=list)
     final_timeout: float | None = None
     families: dict = field(default_factory=dict)  # x -> its family for the final (default: its own)
+    groups: dict = field(default_factory=dict)  # x -> its group for the final (default: none)
     final_xs: list = field(default_factory=list)  # the xs the final re-measured
     direction: str = "minimize"
     mode: str = "fake"
@@ -118,10 +121,13 @@ class FakeTask(Task):
             self.pool.close()
 
     def final_reserve(self, tops: list) -> float:
-        return self.reserve if tops else 2.0
+        return self.reserve + self.reserve_per_top * len(tops) if tops else self.empty_reserve
 
     def family(self, values: dict[str, Any]) -> Any:
         return self.families.get(values["x"])
+
+    def final_group(self, values: dict[str, Any]) -> Any:
+        return self.groups.get(values["x"])
 
     def final(self, tops: list, timeout: float):
         self.final_timeout = timeout
@@ -216,13 +222,13 @@ def test_a_crashed_worker_is_replaced_and_only_its_candidate_fails(tmp_path):
 
 
 def test_budget_too_small_starts_nothing(tmp_path):
-    res = _run(tmp_path, FakeTask(), budget_s=10)
+    res = _run(tmp_path, FakeTask(empty_reserve=7.0), budget_s=10)  # 3 s left after the reserve: < SPAWN_OVERHEAD_S + 2
     assert res.stop == "budget" and res.n_trials == 0
 
 
 def test_final_reserve_is_kept_for_the_re_measurement(tmp_path):
-    # once a candidate beats the baseline, 115 of the 120 s are reserved: the search stops
-    task = FakeTask(choices=list(range(50)), gains={x: 1.0 + x / 10 for x in range(1, 50)}, reserve=115.0,
+    # once a candidate beats the baseline, 117 of the 120 s are reserved: the search stops
+    task = FakeTask(choices=list(range(50)), gains={x: 1.0 + x / 10 for x in range(1, 50)}, reserve=117.0,
                     seed_values=[0, 5])
     t0 = time.monotonic()
     res = _run(tmp_path, task)
@@ -248,13 +254,44 @@ def test_within_noise_falls_back_to_the_baseline(tmp_path):
 def test_the_final_re_measures_the_best_of_each_family(tmp_path):
     """x=1..3 are one family (say bf16 + compile with other thread counts): only the best of
     them is re-measured, beside the best of the other families."""
-    task = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, families={1: "a", 2: "a", 3: "a"},
+    task = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.4}, families={1: "a", 2: "a", 3: "a"},
                     seed_values=[0, 1, 2, 3, 4, 5])
     _run(tmp_path, task, patience=6)
     assert task.final_xs == [2, 4, 5]  # best first; 1 and 3 lost to 2 inside family "a"
-    plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.2}, seed_values=[0, 1, 2, 3, 4, 5])
+    plain = FakeTask(gains={1: 2.0, 2: 2.2, 3: 2.1, 4: 1.5, 5: 1.4}, seed_values=[0, 1, 2, 3, 4, 5])
     _run(tmp_path / "plain", plain, patience=6)
     assert plain.final_xs == [2, 3, 1]  # without families: every configuration its own
+
+
+def test_the_final_takes_the_best_of_each_group_before_the_next_families(tmp_path):
+    # 1-3 are one group (say compiled), 4 another (say TorchScript): the search ranks groups
+    # unfairly, so 4 is re-measured before the third compiled family
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8, 4: 2.0}, groups={1: "c", 2: "c", 3: "c", 4: "ts"},
+                    seed_values=[0, 1, 2, 3, 4])
+    _run(tmp_path, task, patience=5)
+    assert task.final_xs == [1, 4, 2]
+
+
+def test_the_final_leaves_out_the_lowest_ranked_beyond_its_share_of_the_budget(tmp_path):
+    from autotiacc.engine.loop import FINAL_SHARE
+
+    # each re-measured candidate costs 10 s of a 120 s budget; the final may take FINAL_SHARE of it
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8}, reserve_per_top=10.0, seed_values=[0, 1, 2, 3])
+    _run(tmp_path, task, patience=4)
+    assert task.final_xs == [1, 2, 3][: int(FINAL_SHARE * 120 // 10)]
+    lavish = FakeTask(gains={1: 3.0, 2: 2.9, 3: 2.8}, reserve_per_top=150.0, seed_values=[0, 1, 2, 3])
+    _run(tmp_path / "lavish", lavish, budget_s=1000, patience=4)
+    assert lavish.final_xs == [1]  # never fewer than the best
+
+
+def test_a_candidate_far_behind_the_best_is_not_re_measured(tmp_path):
+    from autotiacc.engine.loop import FINAL_WITHIN
+
+    # 4 is the best of its family but at 0.5x the best's gain: it could not win the final
+    task = FakeTask(gains={1: 3.0, 2: 2.9, 3: 3.0 * FINAL_WITHIN + 0.01, 4: 1.5}, families={1: "a", 2: "a"},
+                    seed_values=[0, 1, 2, 3, 4])
+    _run(tmp_path, task, patience=5)
+    assert task.final_xs == [1, 3]
 
 
 def test_inference_families_ignore_runtime_settings_and_freezing():

@@ -33,6 +33,7 @@ SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPIN
              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # glibc malloc: experiments/allocator.py
 BASELINE = "baseline"
 BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
+FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
 
 
@@ -52,6 +53,7 @@ class AlternatingResult:
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds in builds, warm-ups, rounds
 
     def median_ms(self, name: str) -> float:
         return statistics.median(self.windows[name])
@@ -72,7 +74,8 @@ class AlternatingResult:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
-                               "seconds": round(self.seconds, 1), "windows_ms": self.windows, "window_pids": self.pids}
+                               "seconds": round(self.seconds, 1),
+                               "phases_s": {k: round(v, 1) for k, v in self.phases.items()}, "windows_ms": self.windows, "window_pids": self.pids}
         if self.failures:
             out["failures"] = self.failures
         if BASELINE in self.windows:
@@ -86,55 +89,66 @@ _BUILT: dict[tuple, Any] = {}  # (workload token, variant, device) -> runner, in
 
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
-                tolerance: float) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) once in this process and warm it up, then
-    time one window of `window_s` (none when 0: the build only).
+                tolerance: float, build_only: bool = False) -> dict[str, Any]:
+    """Build `values` (None: the eager fp32 baseline) once in this process, warm it up once, then
+    time one window of `window_s` (none when 0). `build_only`: build (and check accuracy) now,
+    warm up at the next call: the parent overlaps builds but never warm-ups.
 
     Returns {"samples_ms", plus "accuracy" and "build_s" when this call built the variant}.
     """
-    import torch
-
-    from ..inference.evaluate import reference_for
     from ..measure import measure, warm_up
 
     key = (getattr(workload, "token", None), name, device)
     info: dict[str, Any] = {}
     if key not in _BUILT:
         _BUILT.clear()  # one variant per process
-        ref = reference_for(workload, device)
-        if values is None:
-            runner = ref.baseline
-        else:
-            from ..inference.accuracy import compare_outputs
-            from ..inference.candidate import OptimizedModel
-            from ..knobs import configs_from_params
-
-            torch._dynamo.reset()
-            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
-            info["build_s"] = cand.build_seconds
-            acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
-                                  metric=workload.metric, targets=[y for _, y in ref.test])
-            info["accuracy"] = acc.to_dict()
-            if not acc.ok:
-                raise ValueError(f"accuracy: {acc.reason}")
-            runner = (lambda: cand(*ref.inputs))
+        _BUILT[key] = [_build(workload, values, device=device, tolerance=tolerance, info=info), False]
+    runner, warm = _BUILT[key]
+    if build_only:
+        return {"samples_ms": [], "pid": os.getpid(), **info}
+    if not warm:
         warm_up(runner, device, max_s=warmup_s)
-        _BUILT[key] = runner
-    samples = measure(_BUILT[key], device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
+        _BUILT[key][1] = True
+    samples = measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
     return {"samples_ms": samples, "pid": os.getpid(), **info}
+
+
+def _build(workload, values: dict | None, *, device: str, tolerance: float, info: dict[str, Any]):
+    """The variant's runner (no arguments); its build time and accuracy go into `info`."""
+    import torch
+
+    from ..inference.evaluate import reference_for
+
+    ref = reference_for(workload, device)
+    if values is None:
+        return ref.baseline
+    from ..inference.accuracy import compare_outputs
+    from ..inference.candidate import OptimizedModel
+    from ..knobs import configs_from_params
+
+    torch._dynamo.reset()
+    cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+    info["build_s"] = cand.build_seconds
+    acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
+                          metric=workload.metric, targets=[y for _, y in ref.test])
+    info["accuracy"] = acc.to_dict()
+    if not acc.ok:
+        raise ValueError(f"accuracy: {acc.reason}")
+    return lambda: cand(*ref.inputs)
 
 
 # -- the parent's side ---------------------------------------------------------------------------
 def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                        deadline: float | None = None) -> AlternatingResult:
+                        deadline: float | None = None, build_parallel: int | None = None) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round.
 
-    With `fresh=False` every variant's process is started at once and builds its variant
-    before the first round (the builds side by side), so no process starts or compiles while
-    another is timed. A
+    With `fresh=False` every variant's process builds its variant before the first round
+    (`build_parallel` builds at a time: by default all of them on CUDA, one at a time on the
+    CPU, whose cores the builds' forward passes fight over), then warms up alone, so no process
+    starts or compiles while another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
     Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
     The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
@@ -150,19 +164,11 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(BASELINE_PROCESSES if n == BASELINE else 1)]
                               for n in variants}
     kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
+    if build_parallel is None:
+        build_parallel = sum(map(len, pools.values())) if device.startswith("cuda") else 1
     try:
-        # every variant's process imports and builds side by side, nothing being timed yet: the
-        # builds overlap (much of a compile is single-threaded Python) instead of queueing
-        pending = {name: [pool.submit(time_window, workload, name, variants[name], window_s=0, **kwargs)
-                          for pool in group] for name, group in pools.items()}
-        for name, group in pools.items():
-            outs = [pool.collect(p, timeout=timeout_s) for pool, p in zip(group, pending[name])]
-            kept = [pool for pool, out in zip(group, outs) if out.ok] or group[:1]
-            for pool in group:  # a baseline process that failed to build takes no windows: end it now
-                if pool not in kept:
-                    pool.close()
-            pools[name] = kept
-            _record(result, name, next((out for out in outs if out.ok), outs[0]))
+        _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel)
+        t_rounds = time.perf_counter()
         for r in range(rounds):
             if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
                                                and time.monotonic() > deadline):
@@ -178,6 +184,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                                                                  timeout=timeout_s, window_s=window_s, **kwargs)
                 _record(result, name, out)
             result.rounds = r + 1
+        result.phases["rounds"] = time.perf_counter() - t_rounds
     finally:
         for group in pools.values():
             for pool in group:
@@ -187,6 +194,46 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
         result.samples.pop(name, None)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, workload, variants: dict[str, dict | None],
+           kwargs: dict[str, Any], *, timeout_s: float, parallel: int) -> None:
+    """Build every variant in its processes, `parallel` builds at a time, then warm each process
+    up alone. Overlapping builds pays (much of a compile is single-threaded Python) up to a
+    point: six processes building and warming up at once on two cores took 23 s where one after
+    another took 13 s, since every forward pass of each spins its OpenMP threads against the
+    others'. Warm-ups never overlap: each settles on the timing it will be measured at.
+    A baseline process that fails to build takes no windows and ends at once."""
+    jobs = [(name, pool) for name, group in pools.items() for pool in group]
+    outs: dict[int, Outcome] = {}
+    t0 = time.perf_counter()
+    for i in range(0, len(jobs), max(1, parallel)):
+        batch = jobs[i:i + max(1, parallel)]
+        pending = [pool.submit(time_window, workload, name, variants[name], window_s=0, build_only=True, **kwargs)
+                   for name, pool in batch]
+        for (name, pool), p in zip(batch, pending):
+            outs[id(pool)] = pool.collect(p, timeout=timeout_s)
+    t1 = time.perf_counter()
+    result.phases["builds"] = t1 - t0
+    for name, pool in jobs:
+        if outs[id(pool)].ok:
+            outs[id(pool)] = _merge(outs[id(pool)], pool.call(time_window, workload, name, variants[name],
+                                                              window_s=0, timeout=timeout_s, **kwargs))
+    result.phases["warm_ups"] = time.perf_counter() - t1
+    for name, group in pools.items():
+        kept = [pool for pool in group if outs[id(pool)].ok] or group[:1]
+        for pool in group:
+            if pool not in kept:
+                pool.close()
+        pools[name] = kept
+        _record(result, name, next((outs[id(p)] for p in group if outs[id(p)].ok), outs[id(group[0])]))
+
+
+def _merge(built: Outcome, warmed: Outcome) -> Outcome:
+    """The warm-up's outcome, carrying the build's figures (build time, accuracy)."""
+    if warmed.ok:
+        warmed.value = {**built.value, **warmed.value}
+    return warmed
 
 
 def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
@@ -202,14 +249,24 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
             result.info.setdefault(name, {})[k] = out.value[k]
 
 
+def final_rounds(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> int:
+    """Rounds of the final: `target_s` of windows in all, at least 5."""
+    return max(5, math.ceil(target_s / (window_s * (n_candidates + 1))))
+
+
+def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> float:
+    """Seconds the final's rounds take: each window, plus ~20 % for the call and the switch."""
+    return final_rounds(n_candidates, target_s, window_s) * (n_candidates + 1) * window_s * 1.2
+
+
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
-                         target_s: float = 6.0, window_s: float = 0.3, warmup_s: float = 2.0,
+                         target_s: float = 6.0, window_s: float = FINAL_WINDOW_S, warmup_s: float = 2.0,
                          env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
     (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
     windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
     deadline = time.monotonic() + timeout
-    rounds = max(5, math.ceil(target_s / (window_s * (len(candidates) + 1))))
+    rounds = final_rounds(len(candidates), target_s, window_s)
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
                               warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
                               deadline=deadline - 2 * window_s * (len(candidates) + 1))

@@ -24,7 +24,12 @@ from .storage import claim, publish_plan, publish_run, record_session, redact
 from .study import INTERRUPTED, REQUEUED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
 from .task import Candidate, Decision, Task, TrialResult
 
-SPAWN_OVERHEAD_S = 6.0  # starting a worker process and importing torch, measured ~3-5 s here
+# The final re-measures a candidate only if its search gain is at least this share of the best's
+# (convnet here: the search's ratios ran 0.64-0.82x of the final's, alike for every candidate).
+FINAL_WITHIN = 0.6
+FINAL_SHARE = 0.2  # the most of the budget the final should take, by the task's estimate
+# A replacement worker's start: ~0.05 s forked by the zygote, ~1.5 s importing torch without it
+SPAWN_OVERHEAD_S = 2.0
 RANDOM_AFTER = 3  # duplicates in a row before the next candidate is drawn at random
 MAX_SKIPS = 40  # duplicates/skips in a row that mean the space is exhausted
 MIN_GAIN = 1.01  # a new best must beat the old one by this factor to reset patience
@@ -99,7 +104,7 @@ class Search:
         stale = skips = 0
         best = self._best_gain(study)
         while True:
-            left = self.left() - self.task.final_reserve(self._tops(study))
+            left = self.left() - self.task.final_reserve(self._final_set(study))
             if left < max(SPAWN_OVERHEAD_S + 2, 0.8 * self._typical_trial_s(study)):
                 stop = "budget"
                 break
@@ -214,7 +219,8 @@ class Search:
         return bool(t.user_attrs.get("baseline")) or t.user_attrs.get("label") == self.task.baseline_label
 
     def _tops(self, study) -> list:
-        """The best measured candidates faster than the baseline, one per family (`Task.family`)."""
+        """The best measured candidates faster than the baseline, one per family (`Task.family`),
+        the best of each group (`Task.final_group`) first."""
         from optuna.trial import TrialState
 
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -228,14 +234,38 @@ class Search:
             if k not in keys:
                 keys.add(k)
                 out.append(t)
-        return out[: self.task.final_top_k]
+        groups, firsts = set(), []
+        for t in out:
+            g = self.task.final_group(t.user_attrs.get("knobs") or {})
+            if g is not None and g not in groups:
+                groups.add(g)
+                firsts.append(t)
+        out = firsts + [t for t in out if t not in firsts]  # each stays in gain order
+        return self._contenders(out[: self.task.final_top_k])
+
+    def _contenders(self, tops: list) -> list:
+        """Those of `tops` within FINAL_WITHIN of the best's search gain: one further behind could
+        win the final only if the search had misjudged it by more than the final's noise guards
+        against, and each costs the final a process and a window per round."""
+        best = max((self.task.gain(t.value) for t in tops), default=0.0)
+        return [t for t in tops if self.task.gain(t.value) >= FINAL_WITHIN * best]
+
+    def _final_set(self, study) -> list:
+        """What the final re-measures: the top of each family, the task's extra candidates (the
+        best full-precision one), those within FINAL_WITHIN of the best; then, while the final
+        would take more than FINAL_SHARE of the budget, the lowest-ranked tops but the best are
+        left out (a tune of a few minutes must spend them measuring)."""
+        tops = self._tops(study)
+        extra = self._contenders(tops + self.task.final_candidates(tops, study.get_trials(deepcopy=False)))[len(tops):]
+        while len(tops) > 1 and self.task.final_reserve(tops + extra) > FINAL_SHARE * self.options.budget_s:
+            tops = tops[:-1]
+        return tops + extra
 
     # -- the end -----------------------------------------------------------------------------
     def _finalize(self, study) -> Any:
         """Re-measure the top candidates against the baseline; keep the best only if it is
         faster beyond noise, else fall back to the baseline."""
-        tops = self._tops(study)
-        tops += self.task.final_candidates(tops, study.get_trials(deepcopy=False))
+        tops = self._final_set(study)
         decision = Decision("nothing")
         if tops:
             self.progress({"event": "final_start", "candidates": [t.user_attrs.get("label") for t in tops]})

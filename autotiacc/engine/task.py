@@ -166,6 +166,12 @@ class Task(ABC):
         the search is re-measured. None (the default): every configuration is its own family."""
         return None
 
+    def final_group(self, values: dict[str, Any]) -> Any:
+        """Families the search may rank unfairly against each other (inference: backends, whose
+        latency depends unequally on the process's allocation history): the final takes the best
+        family of each group first, then the next families. None (the default): no groups."""
+        return None
+
     @abstractmethod
     def final_reserve(self, tops: list) -> float:
         ...

@@ -2,8 +2,9 @@
 
 Started as `python -c ...` with the call pipe's and the result pipe's file descriptors and the
 parent's pid. Each message in is a cloudpickle of (sys.path or None, fn, args, kwargs,
-log_path); each message out is a pickle of (status, value, error, traceback). The call pipe
-closing (the parent closed the pool or died) ends the worker.
+log_path); each message out is a pickle of (status, value, error, traceback, seconds). The call pipe
+closing (the parent closed the pool or died) ends the worker. The report's fifth field is the
+call's own seconds, without the process's start.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
@@ -80,6 +82,7 @@ def main(argv: list[str]) -> None:
             break
         if path is not None:
             sys.path[:] = path
+        t0 = time.perf_counter()
         try:
             _redirect(log_path, base)
         except OSError as exc:
@@ -87,11 +90,12 @@ def main(argv: list[str]) -> None:
         else:
             report, keep = _run(fn, args, kwargs)
             _redirect(None, base)
+        report = (*report, time.perf_counter() - t0)
         try:
             payload = cloudpickle.dumps(report)
         except Exception as exc:  # noqa: BLE001 - an unpicklable result is the call's failure
             payload = pickle.dumps(("exception", None, f"the result could not be sent back: "
-                                    f"{type(exc).__name__}: {exc}", ""))
+                                    f"{type(exc).__name__}: {exc}", "", report[-1]))
         results.send_bytes(payload)
         if not keep:
             break

@@ -5,10 +5,12 @@ down (Optuna has no per-trial timeout, and one hung experiment stalled DeepSpeed
 autotuner). `WorkerPool` keeps one warm worker for candidate after candidate (torch imported
 once, models, baselines and a CUDA context kept); `run_isolated` is the one-shot form.
 
-Workers are started as `python -c "...autotiacc.engine.worker..."` subprocesses, never by
-fork (a child forked after the parent ran an OpenMP-parallel op hangs in its first parallel
-region) nor by multiprocessing's spawn (which re-imports the caller's `__main__`: a script
-without a `__main__` guard would recurse, and `python -` or a notebook has no file to import).
+Workers are forked by a zygote (`zygote.py`: a `python -c` process that has imported torch
+and never runs an op), or with `AUTOTIACC_FORKSERVER=0` started as `python -c
+"...autotiacc.engine.worker..."` themselves; never forked from the caller (a child forked after
+the parent ran an OpenMP-parallel op hangs in its first parallel region) nor by
+multiprocessing's spawn (which re-imports the caller's `__main__`: a script without a
+`__main__` guard would recurse, and `python -` or a notebook has no file to import).
 Calls and results travel with cloudpickle, so a model class defined in `__main__` is sent by
 value. Workers inherit the caller's environment: the tuner imposes nothing that changes speed.
 
@@ -28,13 +30,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from . import zygote
 from .profile_cache import cache_root
 
 # Tool settings every worker gets unless the caller's environment sets them: one inductor
-# compile thread (no compile pool to orphan when a worker is killed). They change how long a
-# compile takes, never how fast the compiled model runs, so the baseline is still measured in
-# the environment of the `tune` command.
-TOOL_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1"}
+# compile thread (no compile pool to orphan when a worker is killed) and inductor's FX-graph
+# cache on (compiled graphs rebuilt from disk). They change how long a compile takes, never how
+# fast the compiled model runs, so the baseline is still measured in the environment of the
+# `tune` command.
+TOOL_ENV = {"TORCHINDUCTOR_COMPILE_THREADS": "1", "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
 _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding `autotiacc/`
 # The worker's entry point; `sys.path` is the caller's (sent with the first message), so
 # functions and classes that cloudpickle sends by reference import as they do in the caller.
@@ -50,7 +54,8 @@ class Outcome:
     value: Any = None
     error: str = ""
     traceback: str = ""
-    seconds: float = 0.0
+    seconds: float = 0.0  # from the call's submission: a new worker's start included
+    call_s: float = 0.0  # the call's own time in the worker
 
     @property
     def ok(self) -> bool:
@@ -84,7 +89,7 @@ def worker_env(run_dir: str | Path) -> dict[str, str]:
             continue
         if os.access(cache, os.W_OK):
             break
-    return {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    return {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
 
 
 class Worker:
@@ -103,10 +108,14 @@ class Worker:
         full_env = {**TOOL_ENV, **os.environ, **(env or {})}
         out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
         try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-c", _ENTRY, _PACKAGE_PARENT, str(call_r), str(res_w), str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
-                env=full_env, pass_fds=(call_r, res_w), close_fds=True)
+            if zygote.enabled():  # forked from a process that has imported torch already
+                fds = [call_r, res_w] + ([out.fileno()] if out else [])
+                self.proc: subprocess.Popen | zygote.ForkedProcess = zygote.fork_worker(full_env, fds)
+            else:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-c", _ENTRY, _PACKAGE_PARENT, str(call_r), str(res_w), str(os.getpid())],
+                    stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
+                    env=full_env, pass_fds=(call_r, res_w), close_fds=True)
         finally:
             os.close(call_r)
             os.close(res_w)
@@ -140,8 +149,8 @@ class Worker:
 
         if self._recv.poll(wait):
             try:
-                status, value, err, tb = pickle.loads(self._recv.recv_bytes())
-                return Outcome(status, value, err, tb)
+                status, value, err, tb, call_s = pickle.loads(self._recv.recv_bytes())
+                return Outcome(status, value, err, tb, call_s=call_s)
             except (EOFError, OSError):  # died without reporting; a closed pipe polls readable
                 pass
             except Exception as exc:  # noqa: BLE001 - a result that cannot be unpickled here
@@ -172,19 +181,24 @@ class Worker:
     def kill(self) -> None:
         if self.alive():
             self.proc.kill()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - unkillable (D state)
-            pass
+        self._join(10)  # False only when unkillable (D state)
         self._close_pipes()
 
     def close(self, grace_s: float = 5.0) -> None:
         """Ask the worker to exit (its call pipe closes), then kill it after `grace_s`."""
         self._close_pipes()
-        try:
-            self.proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
+        if not self._join(grace_s):
             self.kill()
+
+    def _join(self, timeout: float) -> bool:
+        """Wait until the process has ended (a forked worker's exit code may be reported later)."""
+        if isinstance(self.proc, zygote.ForkedProcess):
+            return self.proc.join(timeout)
+        try:
+            self.proc.wait(timeout=timeout)
+            return True
+        except subprocess.TimeoutExpired:
+            return False
 
     def _close_pipes(self) -> None:
         for conn in (self._send, self._recv):

@@ -45,7 +45,9 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # warm-up allowance per runner in a one-shape final re-measurement
+FINAL_WARMUP_S = 3.0  # the longest warm-up of a runner in a one-shape final re-measurement
+FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (convnet's baseline: 0.5 s here)
+FRESH_COMPILE_S = 2.0  # a compiled candidate's rebuild in a fresh process beyond its trial's build (~2.2 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -71,11 +73,21 @@ class StaticShapes:
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        # each candidate is re-measured in a process of its own: it pays `process_s` to start
-        # (spawn, import, build the reference) before its own build and warm-up
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # rebuilds come from the run directory's Inductor cache: a 16 s compile took 4.9 s in the final
-        return len(tops) * process_s + 0.5 * build + (len(tops) + 1) * FINAL_WARMUP_S + self.final_measure_s
+        """Seconds the final re-measurement needs (`engine.fidelity.evaluate_alternating`): a
+        process per candidate and BASELINE_PROCESSES for the baseline, built one after another,
+        each rebuilding the model and its reference and warming up alone (half the model
+        check's build and forward, `process_s`, at least FINAL_PROCESS_S), then the rounds. A
+        compiled candidate's rebuild takes its trial's build time plus dynamo's tracing and
+        the load from Inductor's cache, which a fresh process pays again (FRESH_COMPILE_S).
+        Convnet bs 8 here: four candidates (three compiled), builds 12.8 s, warm-ups 1.1 s,
+        rounds 9.1 s; this estimate 23 s."""
+        from ..engine.fidelity import BASELINE_PROCESSES, final_rounds_s
+
+        rebuild = sum(float(t.user_attrs.get("build_s", 0.0))
+                      + (FRESH_COMPILE_S if (t.user_attrs.get("knobs") or {}).get("execution", {}).get("backend")
+                         == "compile" else 0.0) for t in tops)
+        processes = len(tops) + BASELINE_PROCESSES
+        return rebuild + processes * max(FINAL_PROCESS_S, process_s / 2) + final_rounds_s(len(tops), self.final_measure_s)
 
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,

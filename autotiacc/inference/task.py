@@ -241,16 +241,21 @@ class InferenceTask(Task):
 
     # -- the end -----------------------------------------------------------------------------
     def final_reserve(self, tops: list) -> float:
-        """Time kept for the final re-measurement: a fresh process, rebuilding the top candidates,
-        warming up every runner (baseline included), the timing window, and the plan/report."""
+        """Time kept for the final re-measurement (fresh processes rebuilding the top candidates and
+        the baseline, warm-ups, the timing windows; the shape hook's estimate) and the plan/report."""
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
-        # the model check timed one process start (spawn, import, build, a forward) on this machine, at this load
-        process_s = max(1.0, self.workload.check_s)
-        return self.shape_tuning.final_reserve(tops, process_s=process_s) + 5.0
+        # the model check timed a build and a forward in a child, on this machine, at this load
+        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s) + 3.0
 
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)
+
+    def final_group(self, values: dict[str, Any]) -> Any:
+        # eager and TorchScript run 1.2-1.9x faster in a worker whose allocator has warmed up
+        # (experiments/allocator.py), compiled code not at all: the search's ratios are biased
+        # by backend, so the final compares the best of each side by side
+        return values.get("execution", {}).get("backend", "eager")
 
     def final_candidates(self, tops: list, trials: list) -> list:
         from .layer_precision import best_full_precision

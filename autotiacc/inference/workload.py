@@ -125,7 +125,7 @@ class Workload:
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
         self._user_module = None
         self.facts: ModelFacts | None = None
-        self.check_s = 0.0  # seconds the child of `check` took: spawn, import, build, one forward
+        self.check_s = 0.0  # seconds the check took in its child: build, one forward (not the process's start)
         # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
         self.token = uuid.uuid4().hex
         if kind == "python" and self.batch_size is None:
@@ -300,7 +300,8 @@ def run_user_code(probe: Callable[..., dict[str, Any]], *args: Any, where: Any, 
     """Run `probe(*args)` (the first run of a user's file) in a child killed after `timeout` s.
 
     `probe` returns facts, or {"error": AutotiaccError subclass name, "message"}; those, hangs,
-    `sys.exit`/`os._exit` and crashes become one clear error. Returns (facts, seconds)."""
+    `sys.exit`/`os._exit` and crashes become one clear error. Returns (facts, the probe's own
+    seconds in the child)."""
     import os
     import tempfile
 
@@ -317,7 +318,7 @@ def run_user_code(probe: Callable[..., dict[str, Any]], *args: Any, where: Any, 
         cls = getattr(errors, outcome.value["error"], WorkloadError)
         raise cls(outcome.value["message"])
     if outcome.ok:
-        return outcome.value, outcome.seconds
+        return outcome.value, outcome.call_s or outcome.seconds
     if outcome.status == "timeout":
         raise WorkloadError(f"{where}: {stage} did not finish within {timeout:.0f} s"
                             + (f" ({limit})" if limit else "") + " and was stopped; look for an endless loop or "
