@@ -93,12 +93,39 @@ def _study_in_flight(db, *, finished: int) -> bool:
     return states.count("COMPLETE") >= finished and "RUNNING" in states
 
 
+SLOW_FORWARD = '''
+
+class Slow(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.02)
+        return self.inner(x)
+
+
+_build = build_model
+
+
+def build_model() -> nn.Module:
+    return Slow(_build())
+'''
+
+
 def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
     """kill -9 of the tuner mid-trial loses no finished trial; the run directory is locked while it
     runs (a second tune is refused, naming the holder); --resume refuses another batch size and
     measures the interrupted trial's configuration again."""
     out = tmp_path / "run"
-    model = str(models_dir / "tiny_mlp.py")
+    # tiny_mlp's forward, plus 20 ms: every trial takes at least its ten interleaved rounds of
+    # that, so the trial in flight is still running when the kill lands (tiny_mlp's own trials in
+    # a warm worker end within one poll of the study)
+    model = tmp_path / "slow_mlp.py"
+    model.write_text((models_dir / "tiny_mlp.py").read_text() + SLOW_FORWARD)
+    model = str(model)
     # cheap candidates with short windows; patience ends the resumed session (the budgets are bounds)
     strategy = ("--strategy", str(models_dir / "resume_strategy.yaml"))
     cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, *strategy, "--budget", "3m", "--out", str(out),
