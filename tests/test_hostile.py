@@ -288,7 +288,11 @@ def test_accuracy_check_fails_an_output_with_no_tensor():
 
 def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
     out = tmp_path / "run"
-    res = run_cli("tune", str(_write(tmp_path / "m.py", GOOD)), "--budget", "10s", "--out", str(out), "--quiet",
+    # a forward of 0.5 s: warm workers measure GOOD's baseline well within 10 s, this one's not
+    slow = GOOD.replace("    return torch.nn.Linear(4, 2)", "    return M()") + (
+        "class M(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(4, 2)\n"
+        "    def forward(self, x):\n        import time; time.sleep(0.5)\n        return super().forward(x)\n")
+    res = run_cli("tune", str(_write(tmp_path / "m.py", slow)), "--budget", "10s", "--out", str(out), "--quiet",
                   timeout=180)
     line = _one_line(res, "ended before the baseline could be measured")
     assert "give --budget " in line and "no candidate passed" not in res.stdout + res.stderr
