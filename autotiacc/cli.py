@@ -310,7 +310,8 @@ def verify(
     file: Path = typer.Argument(..., help="the model file the plan was tuned for"),
     tolerance: float = typer.Option(0.25, "--tolerance", help="fraction of the recorded speed-up that may be "
                                     "lost before it counts as drift"),
-    measure_s: float = typer.Option(3.0, "--measure-s", help="seconds of interleaved timing"),
+    measure_s: float = typer.Option(3.0, "--measure-s", help="seconds of timing windows (the plan and eager each "
+                                    "in its own process, in turns)"),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda[:N]; default: the device the plan "
                                          "was made for (an error if this machine has none)"),
 ) -> None:

@@ -132,17 +132,23 @@ def _peak_alloc(prof) -> int:
 
 def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: float = 1.5,
                   warmup_s: float = 1.0, coverage: float = 0.9, max_groups: int = 8,
-                  min_group_share: float = MIN_GROUP_SHARE) -> dict[str, Any]:
+                  min_group_share: float = MIN_GROUP_SHARE, deadline: float | None = None) -> dict[str, Any]:
     """Profile `model(*inputs)`; returns the profile.json content (without workload fields).
 
     The plain forward is timed interleaved with the profiled one, so `shares_sum` tells how
-    much of the measured forward the module self times explain.
+    much of the measured forward the module self times explain. With a `deadline`
+    (`time.time()`), warm-up and attribution shrink to fit before it (the attribution ends by
+    half the time left, with the forwards it has), and past it the page-fault count is skipped
+    (said in `unavailable`).
     """
     import torch
 
     from .measure import Timing, measure_interleaved
 
     nvml, unavailable = _gpu_tools(device)
+    if deadline is not None:  # a short share: warm-up and attribution shrink with it (they keep their minimum calls)
+        left = max(0.0, deadline - time.time())
+        warmup_s, target_s = min(warmup_s, 0.2 * left), min(target_s, 0.4 * left)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # so max_memory_allocated is this profile's peak
     result: dict[str, Any] = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device}
@@ -170,7 +176,11 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     else:
         from .profiling.attribution import profile_forwards
 
-        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s)
+        # the operator table above already paid the profiler's one-time start-up; the attribution
+        # ends by half the time left, so FLOPs, page faults and the groups still fit in a short share
+        half = None if deadline is None else time.time() + 0.5 * max(0.0, deadline - time.time())
+        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=half,
+                               profiler_started=True)
         modules = dict(model.named_modules())
         flops, out_bytes = _flops_and_bytes(model, inputs, modules)
         if flops is None:
@@ -192,10 +202,14 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     result["modules"] = [asdict(s) for s in stats]
     result["memory"] = _memory(model, stats, peak_activation, device)
     result["diagnosis"] = _diagnosis(result, stats, busy, events, device, nvml)
-    if not device.startswith("cuda"):
+    if not device.startswith("cuda") and deadline is not None and time.time() > deadline:
+        unavailable.append("page faults per forward (skipped: the profile's share of the budget ran out)")
+    elif not device.startswith("cuda"):
         from .profiling.diagnosis import allocator_finding
 
-        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain)
+        # a count, not a timing: a few calls give it; one call back on the plain path (FLOPs were
+        # counted on the unfused one) before counting
+        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4, warm=1)
         finding = allocator_finding(faults)
         if finding:
             result["diagnosis"]["allocator"] = finding
@@ -226,13 +240,14 @@ def _module_stats(modules: dict[str, Any], att, flops: dict[str, int], out_bytes
     return stats
 
 
-def _page_faults_per_call(fn, calls: int = 10) -> float | None:
-    """Minor page faults of this process per call of `fn`, warm (None where getrusage is missing)."""
+def _page_faults_per_call(fn, calls: int = 10, warm: int = 2) -> float | None:
+    """Minor page faults of this process per call of `fn`, after `warm` calls (None where
+    getrusage is missing)."""
     try:
         import resource
     except ImportError:  # not on this OS
         return None
-    for _ in range(2):
+    for _ in range(warm):
         fn()
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(calls):
@@ -363,7 +378,8 @@ def _linear_paths(model: Any) -> set[str]:
     return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
-def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5) -> dict[str, Any]:
+def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5,
+                     deadline: float | None = None) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
     from .device import to_device, use_device
     from .hardware import fingerprint, fingerprint_id
@@ -371,7 +387,7 @@ def profile_workload(workload, *, device: str = "cpu", model: Any = None, target
     use_device(device)
     model = to_device(model if model is not None else workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
-    prof = profile_model(model, inputs, device=device, target_s=target_s)
+    prof = profile_model(model, inputs, device=device, target_s=target_s, deadline=deadline)
     fp = fingerprint(device)
     prof["workload"] = {"name": workload.name, "kind": workload.kind, "batch_size": workload.batch_size,
                         "input_shapes": [list(t.shape) for t in inputs]}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import json
 import os
 import sys
@@ -54,6 +53,7 @@ def check(path: Path, *, rounds: int, window_s: float) -> dict:
     from autotiacc.engine.fidelity import measure_alternating
     from autotiacc.errors import AutotiaccError
     from autotiacc.inference.plan import load_plan
+    from autotiacc.inference.shape_tuning import shape_tuning_for_plan, values_from_plan
     from autotiacc.inference.workload import load_workload
 
     row: dict = {"plan": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}
@@ -73,10 +73,14 @@ def check(path: Path, *, rounds: int, window_s: float) -> dict:
     wl = plan.workload or {}
     shapes = ["x".join(str(d) for d in s) for s in wl.get("input_shapes") or []] if model.suffix != ".py" else None
     workload = load_workload(model, batch_size=wl.get("batch_size"), input_shapes=shapes)
-    values = {name: dataclasses.asdict(cfg) for name, cfg in plan.knobs.items()}
+    values = values_from_plan(plan)  # a traffic plan's buckets too, timed over its mix (its bench)
+    try:
+        bench = shape_tuning_for_plan(plan, workload).bench({"plan": values})
+    except AutotiaccError as exc:
+        return {**row, "verdict": f"skipped: {exc}"}
     load0 = os.getloadavg()[0]
     res = measure_alternating(workload, {"plan": values}, device=plan.device, rounds=rounds, window_s=window_s,
-                              warmup_s=2.0, tolerance=plan.tolerance or 2e-2, fresh=True)
+                              warmup_s=2.0, tolerance=plan.tolerance or 2e-2, fresh=True, bench=bench)
     row.update(load_before=round(load0, 2), load_after=round(os.getloadavg()[0], 2), rounds=res.rounds)
     if "plan" in res.failures or "baseline" in res.failures:
         return {**row, "verdict": "failed: " + "; ".join(f"{k}: {v}" for k, v in res.failures.items())[:300]}

@@ -309,6 +309,9 @@ def test_tune_with_traffic_end_to_end(tmp_path, models_dir):
     assert len(measured) >= 2 and measured["p99_mix_ms"].notna().all() and measured["param_seq_len_buckets"].notna().any()
     assert measured["baseline"].sum() == 1  # flagged, not recognised by its label
     assert plan["schema_version"] == 2 and "shapes" not in plan["extra"]
+    if "final" in plan["extra"]:  # re-measured: each variant in its own processes, windows of rounds of the mix
+        assert plan["extra"]["final_alternating"]["method"] == "alternating processes"
+        assert "traffic mix" in plan["extra"]["final_alternating"]["window"]
     if plan["fell_back"]:  # the tiny model may gain nothing: then the plan is eager, and says why
         assert plan["shapes"] is None and plan["note"]
     else:
@@ -565,6 +568,7 @@ def test_a_bucket_runs_a_static_shape_onnxruntime_session(tiny):
 
 
 def test_verify_times_a_traffic_plan_over_its_mix(tiny, tmp_path):
+    from autotiacc.engine.fidelity import MIN_ROUNDS
     from autotiacc.hardware import fingerprint
     from autotiacc.inference.verify import verify_plan
 
@@ -575,7 +579,10 @@ def test_verify_times_a_traffic_plan_over_its_mix(tiny, tmp_path):
                 workload=tiny.identity())
     st.record(plan, values)
     plan.save(tmp_path / "plan.json")
-    res = verify_plan(tmp_path / "plan.json", tiny.path, tolerance=0.9)
+    res = verify_plan(tmp_path / "plan.json", tiny.path, tolerance=0.9, measure_s=1.0)
     assert res.measured["shapes"] == sorted(s.key() for s in st.traffic), res.problems
-    assert res.measured["n"] == 20  # every shape timed for the plan's rounds, one sample per round of the mix
-    assert any("traffic-weighted over 5 shapes" in line for line in res.lines)
+    # the tune's final method: the plan and the baseline alone in their own processes, windows in
+    # turns, each window whole rounds of the mix (one sample per round), the noise test over windows
+    assert res.measured["windows"] >= MIN_ROUNDS and res.measured["n"] >= 20
+    assert any("traffic-weighted over 5 shapes" in line and "each alone in its own process" in line
+               for line in res.lines), res.lines

@@ -462,16 +462,17 @@ def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path
     fp = {"cpu_model": "Fake CPU", "torch": "0.0", "device_name": "fake"}
     good = {"modules": [{"path": "fc"}], "sensitivity": [], "unavailable": []}
 
-    def run(name, identity=ident, fingerprint=fp, profile=good, resume=False, timeout_s=10.0):
+    def run(name, identity=ident, fingerprint=fp, profile=good, resume=False):
         d = tmp_path / name
         d.mkdir(exist_ok=True)
-        with cached_profile(d, identity, fingerprint, key_extra=[1], resume=resume, timeout_s=timeout_s) as reuse:
-            if not reuse:
+        with cached_profile(d, identity, fingerprint, key_extra=[1], resume=resume) as found:
+            start = found.start
+            if not found.reuse:
                 (d / "profile.json").write_text(json.dumps(profile))
-        return reuse, json.loads((d / "profile.json").read_text())
+        return found.reuse, json.loads((d / "profile.json").read_text()), start
 
-    assert run("a") == (False, good)  # profiled, then cached
-    reused, prof = run("b")
+    assert run("a")[:2] == (False, good)  # profiled, then cached
+    reused, prof, _ = run("b")
     assert reused and prof["modules"] == good["modules"]  # the same workload and machine: reused
     assert run("c", identity={**ident, "batch_size": 16})[0] is False  # another input: profiled again
     assert run("d", fingerprint={**fp, "torch": "9.9"})[0] is False  # another machine/software
@@ -479,8 +480,15 @@ def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path
     assert run("e", identity={**ident, "kind": "x"}, profile=failed)[0] is False
     assert run("f", identity={**ident, "kind": "x"})[0] is False  # a failed profile was not kept
     assert run("a", resume=True)[0] is True  # --resume keeps the run's own profile
-    cut = {**good, "sensitivity": [{"path": "fc", "skipped": "not analysed: the 0 s for the analysis ran out"}]}
+    # a profile cut at its share is kept as partial and handed to the next run to complete
+    done = {"path": "fc", "sensitivity": {"bf16_weights": {"ok": True}}}
+    cut = {**good, "partial": "sensitivity: 1 of 2 groups not fully analysed",
+           "sensitivity": [done, {"path": "g", "sensitivity": {}, "skipped": "not analysed"}]}
     partial = {**ident, "kind": "p"}
-    assert run("g", identity=partial, profile=cut, timeout_s=12)[0] is False  # cut short, kept with its 12 s
-    assert run("h", identity=partial, timeout_s=12)[0] is True  # a run with no more time reuses it
-    assert run("i", identity=partial, timeout_s=60)[0] is False  # a longer tune analyses again
+    reused, _, start = run("g", identity=partial, profile=cut)
+    assert reused is False and start is None
+    reused, _, start = run("h", identity=partial, profile={**cut, "sensitivity": []})  # less done: not filed
+    assert reused is False and start == cut  # the next run starts from the cut profile
+    assert run("i", identity=partial)[2] == cut  # still the cut one: the run above did less
+    reused, _, start = run("j", identity=partial)
+    assert reused is True and start is None  # "i" completed it: reused as it is from now on

@@ -11,6 +11,12 @@ every variant in a process of its own, measured in windows taken in turns; the s
 the ratio of the medians of the per-window medians, and the noise test is a one-sided
 Mann-Whitney U over those window medians (the repetitions), not over correlated samples.
 
+What a variant's process builds and what one window times is a *bench*: `OneShape` (the
+workload's example inputs, one window = calls for `window_s`) or a traffic mix
+(`inference.traffic_eval.TrafficBench`, one window = whole rounds of the mix, each round one
+traffic-weighted figure). The alternation, the baseline's processes and the statistics are
+the same for both, here.
+
 `fresh=True` starts a new process for every window (what `verify` and the fidelity experiment
 use: nothing survives from one window to the next); `fresh=False` keeps one warm process per
 variant, built once (what a tune can afford at its end).
@@ -35,6 +41,7 @@ BASELINE = "baseline"
 BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
 FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
+FINAL_ROUNDS = 5  # the fewest windows per variant a final re-measurement aims for
 
 
 def measured_env() -> dict[str, str | None]:
@@ -44,15 +51,19 @@ def measured_env() -> dict[str, str | None]:
 
 @dataclass
 class AlternatingResult:
-    """Per-variant window medians (ms) and the comparison of each variant with the baseline."""
+    """Per-variant window figures (ms) and the comparison of each variant with the baseline."""
 
     windows: dict[str, list[float]] = field(default_factory=dict)
     samples: dict[str, list[float]] = field(default_factory=dict)
-    info: dict[str, dict] = field(default_factory=dict)  # accuracy, build_s of each candidate
+    info: dict[str, dict] = field(default_factory=dict)  # what each variant's build reported (accuracy, build_s, ...)
     pids: dict[str, list[int]] = field(default_factory=dict)  # the process that took each window
+    # the per-call samples each window's figure was made of, by part (a traffic mix: by shape)
+    parts: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    timed_s: dict[str, float] = field(default_factory=dict)  # seconds each variant's windows took
     failures: dict[str, str] = field(default_factory=dict)
     rounds: int = 0
     seconds: float = 0.0
+    window: str = ""  # what one window times (the bench's `describe`)
     phases: dict[str, float] = field(default_factory=dict)  # seconds in builds, warm-ups, rounds
 
     def median_ms(self, name: str) -> float:
@@ -73,9 +84,10 @@ class AlternatingResult:
         return min(pairs), max(pairs)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"method": "alternating processes", "rounds": self.rounds,
+        out: dict[str, Any] = {"method": "alternating processes", "window": self.window, "rounds": self.rounds,
                                "seconds": round(self.seconds, 1),
-                               "phases_s": {k: round(v, 1) for k, v in self.phases.items()}, "windows_ms": self.windows, "window_pids": self.pids}
+                               "phases_s": {k: round(v, 1) for k, v in self.phases.items()}, "windows_ms": self.windows,
+                               "window_pids": self.pids}
         if self.failures:
             out["failures"] = self.failures
         if BASELINE in self.windows:
@@ -85,72 +97,121 @@ class AlternatingResult:
 
 
 # -- what runs in a variant's process ------------------------------------------------------------
-_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device) -> runner, in a warm variant process
+class Bench:
+    """What a variant's process builds and what one window times.
+
+    Called in this order: in each variant's process, `build` once, then `window` for each of its
+    windows; in the parent, `figures` for each candidate still standing, then `summary` once. A
+    bench travels to the processes with every call: keep it small, picklable, and its repr stable
+    (it keys the process's build).
+    """
+
+    describe: str = ""  # what one window times, in words (recorded with the result)
+
+    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
+        """The variant (None: the eager fp32 baseline) as a runner to warm up (a call runs it once)
+        and to time, and what the build reports; raises when the variant fails (its accuracy included)."""
+        raise NotImplementedError
+
+    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
+        """One window: {"samples_ms": the figures whose median is the window's, "parts": optional
+        {part: per-call ms} they were made of}."""
+        raise NotImplementedError
+
+    def figures(self, result: AlternatingResult, name: str) -> dict[str, Any]:
+        """Fields a candidate's result adds beyond its timing and speed-up (a `status` and `reason` reject it)."""
+        return {}
+
+    def summary(self, result: AlternatingResult) -> dict[str, Any]:
+        """Fields the whole result adds."""
+        return {}
+
+
+@dataclass(frozen=True)
+class OneShape(Bench):
+    """One input shape, the workload's example inputs; a window is calls for `window_s` (at
+    least 5), its figure their median."""
+
+    describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
+
+    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
+        import torch
+
+        from ..inference.evaluate import reference_for
+
+        ref = reference_for(workload, device)
+        if values is None:
+            return ref.baseline, {}
+        from ..inference.accuracy import compare_outputs
+        from ..inference.candidate import OptimizedModel
+        from ..knobs import configs_from_params
+
+        torch._dynamo.reset()
+        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+        acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
+                              metric=workload.metric, targets=[y for _, y in ref.test])
+        if not acc.ok:
+            raise ValueError(f"accuracy: {acc.reason}")
+        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict()}
+
+    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
+        from ..measure import measure
+
+        return {"samples_ms": measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms}
+
+
+_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device, bench) -> [runner, warm], in a variant process
 
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
-                tolerance: float, build_only: bool = False) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) once in this process, warm it up once, then
-    time one window of `window_s` (none when 0). `build_only`: build (and check accuracy) now,
-    warm up at the next call: the parent overlaps builds but never warm-ups.
+                tolerance: float, build_only: bool = False, bench: Bench | None = None) -> dict[str, Any]:
+    """Build `values` (None: the eager fp32 baseline) with `bench` (default `OneShape`) once in
+    this process, warm it up once, then time one window of `window_s` (none when 0).
+    `build_only`: build (and check accuracy) now, warm up at the next call: the parent overlaps
+    builds but never warm-ups.
 
-    Returns {"samples_ms", plus "accuracy" and "build_s" when this call built the variant}.
+    Returns {"samples_ms", "pid", "window_s" (its duration), the window's "parts" if any, plus
+    what the build reported ("accuracy", "build_s", ...) when this call built the variant}.
     """
-    from ..measure import measure, warm_up
+    from ..measure import warm_up
 
-    key = (getattr(workload, "token", None), name, device)
+    bench = bench or OneShape()
+    key = (getattr(workload, "token", None), name, device, repr(bench))
     info: dict[str, Any] = {}
     if key not in _BUILT:
         _BUILT.clear()  # one variant per process
-        _BUILT[key] = [_build(workload, values, device=device, tolerance=tolerance, info=info), False]
+        runner, info = bench.build(workload, values, device=device, tolerance=tolerance)
+        _BUILT[key] = [runner, False]
     runner, warm = _BUILT[key]
     if build_only:
         return {"samples_ms": [], "pid": os.getpid(), **info}
     if not warm:
         warm_up(runner, device, max_s=warmup_s)
         _BUILT[key][1] = True
-    samples = measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms if window_s else []
-    return {"samples_ms": samples, "pid": os.getpid(), **info}
-
-
-def _build(workload, values: dict | None, *, device: str, tolerance: float, info: dict[str, Any]):
-    """The variant's runner (no arguments); its build time and accuracy go into `info`."""
-    import torch
-
-    from ..inference.evaluate import reference_for
-
-    ref = reference_for(workload, device)
-    if values is None:
-        return ref.baseline
-    from ..inference.accuracy import compare_outputs
-    from ..inference.candidate import OptimizedModel
-    from ..knobs import configs_from_params
-
-    torch._dynamo.reset()
-    cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
-    info["build_s"] = cand.build_seconds
-    acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
-                          metric=workload.metric, targets=[y for _, y in ref.test])
-    info["accuracy"] = acc.to_dict()
-    if not acc.ok:
-        raise ValueError(f"accuracy: {acc.reason}")
-    return lambda: cand(*ref.inputs)
+    t0 = time.perf_counter()
+    timed = bench.window(runner, device=device, window_s=window_s) if window_s else {"samples_ms": []}
+    return {**timed, "pid": os.getpid(), "window_s": time.perf_counter() - t0, **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
 def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
-                        deadline: float | None = None, build_parallel: int | None = None) -> AlternatingResult:
+                        deadline: float | None = None, build_parallel: int | None = None,
+                        target_s: float | None = None, bench: Bench | None = None) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
-    its own process, one window per variant per round, the order rotating every round.
+    its own process, one window per variant per round, the order rotating every round. `bench`
+    (default `OneShape`) builds a variant and times a window: see the module doc.
 
     With `fresh=False` every variant's process builds its variant before the first round
     (`build_parallel` builds at a time: by default all of them on CUDA, one at a time on the
     CPU, whose cores the builds' forward passes fight over), then warms up alone, so no process
     starts or compiles while another is timed. A
     variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
-    Stops after `rounds`, or at `deadline` (time.monotonic()) once `MIN_ROUNDS` are in.
+    Stops after `rounds`; earlier once `MIN_ROUNDS` are in and the next round would end past
+    `deadline` (time.monotonic(); judged by the last round's duration), or once `FINAL_ROUNDS`
+    are in and each variant's windows took `target_s` (windows longer than `window_s`, e.g.
+    whole rounds of a slow traffic mix, then cost no more in all than short ones).
     The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
     of them taking its windows in turn: how fast eager runs depends on the process's allocation
     history (glibc's dynamic mmap threshold; convnet bs 8 faulted in 10,576 pages per call fresh,
@@ -159,20 +220,27 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     the candidates the same in both (the first plan's 2.68x re-measured at 3.66x).
     """
     t0 = time.perf_counter()
+    bench = bench or OneShape()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
-    result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants})
+    result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants},
+                               window=bench.describe)
     pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(BASELINE_PROCESSES if n == BASELINE else 1)]
                               for n in variants}
-    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance}
+    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance, "bench": bench}
     if build_parallel is None:
         build_parallel = sum(map(len, pools.values())) if device.startswith("cuda") else 1
     try:
         _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel)
         t_rounds = time.perf_counter()
+        round_s = 0.0
         for r in range(rounds):
-            if BASELINE in result.failures or (deadline is not None and r >= MIN_ROUNDS
-                                               and time.monotonic() > deadline):
+            if BASELINE in result.failures or (r >= MIN_ROUNDS and (
+                    (deadline is not None and time.monotonic() + round_s > deadline)
+                    or (target_s is not None and r >= FINAL_ROUNDS
+                        and min(result.timed_s.get(n, 0.0) for n in variants if n not in result.failures)
+                        >= target_s))):
                 break
+            t_round = time.monotonic()
             names = [n for n in variants if n not in result.failures]
             shift = r % len(names)
             for name in names[shift:] + names[:shift]:
@@ -184,14 +252,15 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                                                                  timeout=timeout_s, window_s=window_s, **kwargs)
                 _record(result, name, out)
             result.rounds = r + 1
+            round_s = time.monotonic() - t_round
         result.phases["rounds"] = time.perf_counter() - t_rounds
     finally:
         for group in pools.values():
             for pool in group:
                 pool.close()
     for name in result.failures:
-        result.windows.pop(name, None)
-        result.samples.pop(name, None)
+        for per_variant in (result.windows, result.samples, result.parts):
+            per_variant.pop(name, None)
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -240,18 +309,23 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
     if not out.ok:
         result.failures[name] = out.reason()
         return
-    if out.value["samples_ms"]:
-        result.samples[name] += out.value["samples_ms"]
-        result.windows[name].append(statistics.median(out.value["samples_ms"]))
-        result.pids.setdefault(name, []).append(out.value.get("pid"))
-    for k in ("accuracy", "build_s"):
-        if k in out.value:
-            result.info.setdefault(name, {})[k] = out.value[k]
+    value = dict(out.value)
+    samples, pid, parts = value.pop("samples_ms"), value.pop("pid", None), value.pop("parts", None) or {}
+    timed_s = value.pop("window_s", 0.0)
+    if samples:
+        result.timed_s[name] = result.timed_s.get(name, 0.0) + timed_s
+        result.samples[name] += samples
+        result.windows[name].append(statistics.median(samples))
+        result.pids.setdefault(name, []).append(pid)
+        for part, xs in parts.items():
+            result.parts.setdefault(name, {}).setdefault(part, []).extend(xs)
+    if value:  # what the build reported
+        result.info.setdefault(name, {}).update(value)
 
 
 def final_rounds(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> int:
-    """Rounds of the final: `target_s` of windows in all, at least 5."""
-    return max(5, math.ceil(target_s / (window_s * (n_candidates + 1))))
+    """Rounds of the final: `target_s` of windows in all, at least `FINAL_ROUNDS`."""
+    return max(FINAL_ROUNDS, math.ceil(target_s / (window_s * (n_candidates + 1))))
 
 
 def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> float:
@@ -261,15 +335,18 @@ def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_W
 
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
                          target_s: float = 6.0, window_s: float = FINAL_WINDOW_S, warmup_s: float = 2.0,
-                         env: dict[str, str] | None = None, timeout: float = 300.0) -> Outcome:
+                         env: dict[str, str] | None = None, timeout: float = 300.0,
+                         bench: Bench | None = None) -> Outcome:
     """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
-    (`measure_alternating`), in `evaluate`'s result format; a candidate is `faster` when its
-    windows beat the baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more."""
-    deadline = time.monotonic() + timeout
+    (`measure_alternating`, with `bench`: one shape by default, or a traffic mix), in `evaluate`'s
+    result format plus the bench's figures; a candidate is `faster` when its windows beat the
+    baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more. Ends within `timeout`."""
+    bench = bench or OneShape()
+    deadline = time.monotonic() + timeout - 1.0  # a margin for closing the processes
     rounds = final_rounds(len(candidates), target_s, window_s)
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
                               warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
-                              deadline=deadline - 2 * window_s * (len(candidates) + 1))
+                              deadline=deadline, target_s=target_s / (len(candidates) + 1), bench=bench)
     if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
                        seconds=res.seconds)
@@ -284,6 +361,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
             ratio = 1 / res.speedup(name)
             r.update(status="ok", ratio=ratio, speedup=1 / ratio, p_faster=res.p_faster(name),
                      faster=ratio < 0.98 and res.p_faster(name) < 0.05, timing=Timing(res.samples[name]).to_dict())
+            r.update(bench.figures(res, name))  # may reject it (a traffic mix: p99 over the budget)
         out[name] = r
     return Outcome("ok", value={"baseline": Timing(res.samples[BASELINE]).to_dict(), "candidates": out,
-                                "alternating": res.to_dict()}, seconds=res.seconds)
+                                "alternating": res.to_dict(), **bench.summary(res)}, seconds=res.seconds)

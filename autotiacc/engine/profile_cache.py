@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -37,43 +38,63 @@ def profile_key(identity: dict[str, Any], fingerprint: dict[str, Any], extra: li
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+@dataclass
+class CachedProfile:
+    """What the cache holds for this run: `reuse` when `run_dir/profile.json` is a profile to
+    use as it is (this run's own on resume, or a complete cached one); `start`, a partial
+    cached profile this run's profiling step completes."""
+
+    reuse: bool = False
+    start: dict[str, Any] | None = None
+
+
 @contextlib.contextmanager
 def cached_profile(run_dir: Path, identity: dict[str, Any], fingerprint: dict[str, Any], *, key_extra: list[Any],
-                   resume: bool, timeout_s: float = 0.0) -> Iterator[bool]:
-    """Yields True when `run_dir/profile.json` holds a profile to reuse (this run's own on
-    resume, else a cached one copied in); after a fresh profile, files it in the cache.
+                   resume: bool) -> Iterator[CachedProfile]:
+    """Yields what the cache holds for this run (see `CachedProfile`); after the profiling
+    step, files `run_dir/profile.json` in the cache, complete or partial.
 
-    A profile whose sensitivity analysis was cut short is reused only by runs that could not
-    give it more time (`timeout_s` no larger than the one it had); a complete one by every run."""
+    A profile cut at its share of the budget is kept, marked `partial`; each later run of the
+    same workload and machine spends its own share to complete it, until it is complete and
+    then reused for free. A profile never replaces one that finished more of the work."""
     here = Path(run_dir) / PROFILE_FILE
     cached = cache_dir() / f"{profile_key(identity, fingerprint, key_extra)}.json"
-    reuse = resume and here.is_file()
-    if not reuse and cached.is_file():
+    found = CachedProfile(reuse=resume and here.is_file())
+    if not found.reuse and cached.is_file():
         try:
             prof = json.loads(cached.read_text())
-            if not _partial(prof) or float(prof.get("cache_timeout_s", 0)) >= timeout_s:
+            if partial(prof):
+                found.start = prof
+            else:
                 shutil.copyfile(cached, here)
-                reuse = True
+                found.reuse = True
         except (OSError, ValueError):
-            reuse = False
-    yield reuse
-    if reuse or not here.is_file():
+            pass
+    yield found
+    if found.reuse or not here.is_file():
         return
     try:
         prof = json.loads(here.read_text())
         if any(str(u).startswith("the profile (") for u in prof.get("unavailable", [])):
-            return  # a failed or timed-out profile is not worth keeping
+            return  # a failed or skipped profile is not worth keeping
         old = json.loads(cached.read_text()) if cached.is_file() else None
-        if old is not None and not _partial(old) and _partial(prof):
-            return  # never replace a complete analysis by one cut short
+        if old is not None and done_steps(old) > done_steps(prof):
+            return  # never replace an analysis by one that finished less of it
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**prof, "cache_timeout_s": timeout_s}))
+        tmp.write_text(json.dumps(prof))
         tmp.replace(cached)
     except (OSError, ValueError):
         pass  # the cache is an optimisation; a read-only home must not fail the tune
 
 
-def _partial(prof: dict[str, Any]) -> bool:
-    """The sensitivity analysis ran out of time before every group was analysed."""
-    return any(g.get("skipped") for g in prof.get("sensitivity") or [])
+def partial(prof: dict[str, Any]) -> bool:
+    """The profiling step stopped before it finished (a group's sensitivity left to analyse)."""
+    return bool(prof.get("partial")) or any(g.get("skipped") for g in prof.get("sensitivity") or [])
+
+
+def done_steps(prof: dict[str, Any]) -> int:
+    """How much of the work a profile holds: the profile itself, then one per analysed mode."""
+    if partial(prof):
+        return 1 + sum(len(g.get("sensitivity") or {}) for g in prof.get("sensitivity") or [])
+    return 1 << 30  # complete

@@ -53,7 +53,8 @@ _CHILD_CRASH = 1  # the exit code of a child that could not become a worker
 
 
 def enabled() -> bool:
-    return os.environ.get("AUTOTIACC_FORKSERVER", "1") != "0" and hasattr(socket, "send_fds")
+    return (os.environ.get("AUTOTIACC_FORKSERVER", "1") != "0" and hasattr(socket, "send_fds")
+            and hasattr(os, "fork"))
 
 
 def _lazy(name: str) -> bool:
@@ -95,6 +96,9 @@ def serve(argv: list[str]) -> None:
 
     sock_fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
+    # Ctrl-C in a terminal reaches the whole process group: the tuner decides what ends (it
+    # closes the socket), and the zygote must not die printing a traceback meanwhile
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=sock_fd)
     preload_torch()
 
@@ -163,6 +167,7 @@ def _become_worker(sock: socket.socket, wake_r: int, wake_w: int, req: dict[str,
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker as `python -c` starts one
         sock.close()
         os.close(wake_r)
         os.close(wake_w)

@@ -12,8 +12,9 @@ a short interleaved look at each survivor's speed picks one of the search's star
 from __future__ import annotations
 
 import copy
+import itertools
 import math
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
 
@@ -34,14 +35,36 @@ def _finite(obj: Any) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
-                        device: str = "cpu", time_limit_s: float | None = None) -> list[dict[str, Any]]:
-    """Lower one group at a time in each mode; return the groups with a `sensitivity` entry
-    per mode ({rel_l2, finite, ok, reason}), `allowed` modes and a `score` (time share per
-    unit of the smallest allowed error; 0 when nothing is allowed), best score first.
+PARTIAL_WHY = "the profile's share of the budget ran out; a later tune of this workload on this machine completes it"
 
-    Runs the model on the workload's test data; meant to run inside `run_isolated`. Groups
-    left when `time_limit_s` has passed are not analysed (nothing allowed, `skipped` says why).
+
+def analysis_order(modes: Iterable[str], device: str) -> list[str]:
+    """The order the modes are analysed in, one mode over every group before the next, so a cut
+    leaves every group with the modes analysed first. On a CPU the fp16 modes go last: without
+    native fp16 kernels they ran 25-45x the fp32 forward here, so they cost the most to analyse
+    and pay the least (trial logs in experiments/results/trials_per_minute/session15)."""
+    from ..device import is_cuda
+
+    modes = [m for m in LOWERED_MODES if m in set(modes)]
+    return modes if is_cuda(device) else sorted(modes, key=lambda m: m.startswith("fp16"))
+
+
+def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
+                        device: str = "cpu", time_limit_s: float | None = None, deadline: float | None = None,
+                        model: Any = None, done: list[dict[str, Any]] | None = None,
+                        progress: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Lower one group at a time in each mode; return the groups with a `sensitivity` entry
+    per mode ({rel_l2, finite, ok, reason, quick_speedup}), `allowed` modes and a `score` (time
+    share per unit of the smallest allowed error; 0 when nothing is allowed), best score first.
+
+    Runs the model on the workload's test data; meant to run inside `run_isolated`. Steps, one
+    mode at a time (`analysis_order`): the check of that mode on every group (accuracy, overflow),
+    then a quick look at the speed of each group that passed. `done`: the entries of an earlier,
+    partial analysis (what they hold is kept, not redone). The analysis stops before a step that
+    would end past `deadline` (`time.time()`; or `time_limit_s` from now), predicting each step
+    from the last one of its kind; what is left is named in `skipped` (see `finish_sensitivity`).
+    `progress` gets the entries before the first step and after each one, so a process killed at
+    its cap still leaves what it finished.
     """
     import time
 
@@ -50,72 +73,174 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     from ..device import to_device
     from .accuracy import compare_outputs
 
-    model = to_device(workload.build_model(), device)
+    if time_limit_s is not None:
+        deadline = time.time() + time_limit_s if deadline is None else min(deadline, time.time() + time_limit_s)
+    entries = {g["path"]: dict(g, sensitivity={}, allowed=[]) for g in groups}
+    for old in done or []:
+        if old.get("path") in entries:
+            entries[old["path"]]["sensitivity"] = copy.deepcopy(old.get("sensitivity") or {})
+
+    def steps():  # lazily: which groups get a look depends on their check
+        for mode in analysis_order(modes, device):
+            yield from ((mode, p, "check") for p, e in entries.items()
+                        if mode in modes_for(e, modes) and mode not in e["sensitivity"])
+            yield from ((mode, p, "look") for p, e in entries.items() if _look_left(e["sensitivity"].get(mode)))
+
+    todo = steps()
+    first = next(todo, None)
+    if first is None:
+        return finish_sensitivity(list(entries.values()), modes, None)
+    if progress is not None:  # what there is before the first step (killed in it: the profile stays)
+        progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
+    model = to_device(model if model is not None else workload.build_model(), device)
     test = to_device(list(workload.test_data()), device)
     with torch.no_grad():
-        refs = [model(*x) for x, _ in test]
-    out = []
+        refs, ref_ms = _run_timed(model, test, device, stop_on_overflow=False)
     inputs = to_device(workload.example_inputs(), device)
-    deadline = time.monotonic() + time_limit_s if time_limit_s is not None else None
-    for group in groups:
-        entry = dict(group, sensitivity={}, allowed=[])
-        if deadline is not None and time.monotonic() > deadline:
-            entry.update(score=0.0, skipped=f"not analysed: the {time_limit_s:.0f} s for the analysis ran out")
-            out.append(entry)
-            continue
-        for mode in modes_for(group, modes):
-            # checked per mode: one group's modes took 14 s here (fp16 on a CPU), enough to
-            # overrun the worker's timeout and lose the whole profile
-            if deadline is not None and time.monotonic() > deadline:
-                entry["skipped"] = f"partly analysed: the {time_limit_s:.0f} s for the analysis ran out"
-                break
-            entry["sensitivity"][mode] = _try_mode(model, group["path"], mode, test, refs, tolerance, device,
-                                                   compare_outputs, inputs)
-            if entry["sensitivity"][mode]["ok"]:
-                entry["allowed"].append(mode)
-        errors = [entry["sensitivity"][m]["rel_l2"] for m in entry["allowed"]]
-        entry["score"] = group.get("inclusive_share", 0.0) / max(min(errors), 1e-6) if errors else 0.0
-        out.append(entry)
+    last: dict[tuple[str, str], float] = {}  # seconds of the last step per (mode, kind): fp16 on a CPU costs far more
+    cut = False
+    for mode, path, kind in itertools.chain([first], todo):
+        guess = last.get((mode, kind), max((v for (m, k), v in last.items() if k == kind), default=0.0))
+        if deadline is not None and time.time() + guess > deadline:
+            cut = True
+            break
+        t0 = time.perf_counter()
+        sens = entries[path]["sensitivity"]
+        if kind == "check":
+            slow = any(_far_slower(e["sensitivity"].get(mode)) for e in entries.values())
+            sens[mode] = _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, ref_ms, slow)
+        else:
+            sens[mode]["quick_speedup"] = _quick_speedup(model, _lowered(model, path, mode, device), inputs, device)
+        last[(mode, kind)] = time.perf_counter() - t0
+        if progress is not None:
+            progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
+    return finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY if cut else None)
+
+
+def _look_left(result: dict[str, Any] | None) -> bool:
+    """A mode that passed its check and has no speed hint yet."""
+    return bool(result and result.get("ok") and "quick_speedup" not in result)
+
+
+def _far_slower(result: dict[str, Any] | None) -> bool:
+    return bool(result) and str(result.get("reason", "")).startswith("far slower")
+
+
+def finish_sensitivity(entries: list[dict[str, Any]], modes: list[str], why: str | None) -> list[dict[str, Any]]:
+    """Allowed modes, score and (where steps are left) `skipped` for each entry; best score
+    first. A group is offered to the search with the modes checked so far: unchecked modes are
+    not offered, since only the check tells an overflow from a safe mode; a mode whose quick look
+    is left is offered, without its speed hint."""
+    out = []
+    for e in entries:
+        e = {k: v for k, v in e.items() if k != "skipped"}
+        sens = e.get("sensitivity") or {}
+        e["allowed"] = [m for m in LOWERED_MODES if m in sens and sens[m].get("ok")]
+        errors = [sens[m]["rel_l2"] for m in e["allowed"]]
+        e["score"] = e.get("inclusive_share", 0.0) / max(min(errors), 1e-6) if errors else 0.0
+        left = [m for m in modes_for(e, modes) if m not in sens]
+        looks = [m for m in e["allowed"] if _look_left(sens[m])]
+        if left or looks:
+            what = ", ".join(([f"checks of {', '.join(left)}"] if left else [])
+                             + ([f"quick looks at {', '.join(looks)}"] if looks else []))
+            e["skipped"] = f"{'partly' if sens else 'not'} analysed ({what} left): {why or 'the analysis was stopped'}"
+        out.append(e)
     out.sort(key=lambda g: -g["score"])
     return out
 
 
-def _quick_speedup(model, lowered, inputs, device: str) -> float:
-    """A short interleaved look (the one harness) at what lowering this group alone gains;
-    a hint for where to start the search, never a figure in the plan."""
+QUICK_ROUNDS = 4
+
+
+def _quick_speedup(model, lowered, inputs, device: str, rounds: int = QUICK_ROUNDS) -> float:
+    """A short interleaved look (A B, B A, ...: drift hits both alike) at what lowering this
+    group alone gains; a hint for where to start the search, never a figure in the plan. One
+    warm-up call of the lowered copy: fp32 and this mode's kernels have just run the test
+    batches (the harness's warm-up and minimum rounds had taken 16 of a step's 20 forwards,
+    4.8 of 5.9 s at load 4 here)."""
+    import statistics
+
     import torch
 
-    from ..measure import measure_interleaved
+    from ..measure import time_once
 
+    fns = {"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}
+    ms: dict[str, list[float]] = {"fp32": [], "lowered": []}
     with torch.no_grad():
-        t = measure_interleaved({"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}, device,
-                                min_rounds=5, target_s=0.15, warmup_s=0.1)
-    return t["fp32"].median / t["lowered"].median
+        fns["lowered"]()
+        for r in range(rounds):
+            for name in ("fp32", "lowered") if r % 2 == 0 else ("lowered", "fp32"):
+                ms[name].append(time_once(fns[name], device))
+    return statistics.median(ms["fp32"]) / statistics.median(ms["lowered"])
 
 
-def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, inputs) -> dict[str, Any]:
+SLOW_LOOK = 1.5  # a lowered group this much slower than fp32 on every test batch gets no quick look
+# A lowered group that makes the first two test batches this much slower than the fastest fp32
+# one (and 0.1 s more) cannot pay: fp16 convolutions on this CPU ran 8-90x fp32 and took 7-9 s each to
+# analyse on 4 batches (fp16 Linear layers ran 0.6-0.7x: analysed as before).
+SLOW_EXCLUDE = 5.0
+
+
+def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True, give_up_ms: float | None = None,
+               give_up_after: int = 2) -> tuple[list[Any], list[float]]:
+    """Outputs and ms of `fn` on each test batch; stops after the first non-finite output, and
+    after the first `give_up_after` batches when each was slower than `give_up_ms`."""
+    from ..measure import time_once
+
+    outs, ms = [], []
+    for x, _ in test:
+        box: list[Any] = []
+        ms.append(time_once(lambda: box.append(fn(*x)), device))
+        outs.append(box[0])
+        if stop_on_overflow and not _finite(box[0]):
+            break  # an overflow: the mode fails whatever the other batches give
+        if give_up_ms is not None and len(ms) == give_up_after and min(ms) > give_up_ms:
+            break  # two batches by default: one may be a cold call, or another process's turn
+    return outs, ms
+
+
+def _lowered(model, path: str, mode: str, device: str):
+    """A copy of `model` with the group at `path` lowered to `mode`."""
+    return apply_group_precision(copy.deepcopy(model), [(path, mode)], device)
+
+
+def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
+              ref_ms: list[float] | None = None, slow_elsewhere: bool = False) -> dict[str, Any]:
+    """The check of one group in one mode: accuracy and overflow on the test batches (its quick
+    look is a later step). `slow_elsewhere`: this mode was far slower on another group, so one
+    slow test batch is enough to give up here."""
     import torch
 
     seen = {"group_finite": True}
     try:
-        lowered = apply_group_precision(copy.deepcopy(model), [(path, mode)], device)
+        lowered = _lowered(model, path, mode, device)
         region = lowered.get_submodule(path)
         # the group's own output: an overflow here can be hidden downstream (e.g. by a clamp)
         region.inner.register_forward_hook(lambda m, a, o: seen.__setitem__(
             "group_finite", seen["group_finite"] and _finite(o)))
+        fastest = min(ref_ms) if ref_ms else None
+        give_up = max(SLOW_EXCLUDE * fastest, fastest + 100.0) if fastest else None
         with torch.no_grad():
-            outs = [lowered(*x) for x, _ in test]
+            outs, ms = _run_timed(lowered, test, device, give_up_ms=give_up, give_up_after=1 if slow_elsewhere else 2)
     except Exception as exc:  # noqa: BLE001 - a mode that cannot run on this group is excluded
         return {"ok": False, "finite": False, "rel_l2": math.inf,
                 "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
     finite = seen["group_finite"] and all(_finite(o) for o in outs)
-    acc = compare_outputs(outs, refs, tolerance=tolerance)
+    acc = compare_outputs(outs, refs[:len(outs)], tolerance=tolerance)
     if not finite:
         return {"ok": False, "finite": False, "rel_l2": acc.rel_l2 if math.isfinite(acc.rel_l2) else math.inf,
                 "reason": "overflow: inf/NaN in " + ("the group's output" if not seen["group_finite"] else "the model output")}
+    if len(outs) < len(test):  # given up early: far too slow to be worth a search parameter
+        return {"ok": False, "finite": True, "rel_l2": acc.rel_l2, "quick_speedup": fastest / min(ms),
+                "reason": f"far slower: {min(ms) / fastest:.0f}x the fp32 forward's time on "
+                          + ("a test batch, as on another group" if len(ms) == 1 else f"{len(ms)} test batches")
+                          + ", so it cannot pay here (not analysed further, not offered)"}
     res = {"ok": acc.ok, "finite": True, "rel_l2": acc.rel_l2, "reason": acc.reason}
-    if acc.ok:
-        res["quick_speedup"] = _quick_speedup(model, lowered, inputs, device)
+    # the test batches already timed both: where the lowered model was far slower on every one,
+    # that ratio is the hint and the interleaved look is not worth its time
+    best = max((r / m for r, m in zip(ref_ms or [], ms) if m > 0), default=None)
+    if acc.ok and best is not None and best * SLOW_LOOK < 1:
+        res["quick_speedup"] = best
     return res
 
 
@@ -160,60 +285,106 @@ def default_group_modes(strategy, level: int) -> list[str]:
 
 
 def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,
-                       target_s: float = 1.0, time_limit_s: float | None = None) -> dict[str, Any]:
+                       target_s: float = 1.0, time_limit_s: float | None = None, deadline: float | None = None,
+                       start: dict[str, Any] | None = None, progress_path: str | None = None) -> dict[str, Any]:
     """Profile, then (when `modes`) the sensitivity analysis of the profile's groups. Runs in
-    an isolated process, so it is timed in the same environment as the trials."""
+    an isolated process, so it is timed in the same environment as the trials.
+
+    `start`: a partial profile of this workload on this machine (cached by an earlier tune): its
+    profile is kept and its analysis completed. The work stops before `deadline` (`time.time()`;
+    or `time_limit_s` from now) with what it finished, marked `partial`. With `progress_path`
+    the profile so far is written there after each step, so a process killed at its cap still
+    leaves it (`prepare_search` reads it back)."""
     import time
 
-    from ..profile import profile_workload
+    from ..device import to_device, use_device
+    from ..profile import profile_workload, save_profile
 
-    t0 = time.monotonic()
-    prof = profile_workload(workload, device=device, target_s=target_s)
-    prof["sensitivity"], prof["search_groups"] = [], []
+    if time_limit_s is not None:
+        deadline = min(deadline or math.inf, time.time() + time_limit_s)
+    use_device(device)
+    model = to_device(workload.build_model(), device)  # one build for the profile and the analysis
+    if start and start.get("modules"):
+        prof = copy.deepcopy(start)
+    else:
+        # the profile may take all the time: without it there is nothing to keep, while the
+        # analysis can be left, step by step, to later runs (its repetitions shrink with the time)
+        prof = profile_workload(workload, device=device, model=model, target_s=target_s, deadline=deadline)
+        prof["sensitivity"] = []
+    prof.pop("partial", None)
+
+    def progress(sens: list[dict[str, Any]]) -> None:
+        if progress_path:
+            save_profile(settle(prof, sens), progress_path)
+
+    sens = prof.get("sensitivity") or []
     if modes and prof.get("groups"):
-        left = None if time_limit_s is None else max(0.0, time_limit_s - (time.monotonic() - t0))
-        prof["sensitivity"] = analyse_sensitivity(workload, prof["groups"], modes=modes, tolerance=tolerance,
-                                                  device=device, time_limit_s=left)
-        prof["search_groups"] = search_groups(prof["sensitivity"])
-    return prof
+        sens = analyse_sensitivity(workload, prof["groups"], modes=modes, tolerance=tolerance, device=device,
+                                   deadline=deadline, model=model, done=sens, progress=progress)
+    return settle(prof, sens)
+
+
+def settle(prof: dict[str, Any], sensitivity: list[dict[str, Any]]) -> dict[str, Any]:
+    """`prof` with this analysis, the groups the search samples, and `partial` (what is left,
+    for a later tune to complete) where a group still has modes to analyse."""
+    out = {k: v for k, v in prof.items() if k != "partial"}
+    out["sensitivity"], out["search_groups"] = sensitivity, search_groups(sensitivity)
+    left = [g["path"] for g in sensitivity if g.get("skipped")]
+    if left:
+        out["partial"] = (f"sensitivity: {len(left)} of {len(sensitivity)} groups not fully analysed "
+                          f"({', '.join(left)}); {PARTIAL_WHY}")
+    return out
 
 
 MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
+PROGRESS_FILE = "profile.partial.json"
 
 
 def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
-                   timeout: float, resume: bool = False) -> dict[str, Any]:
+                   timeout: float, resume: bool = False, start: dict[str, Any] | None = None) -> dict[str, Any]:
     """The tune's profiling step: profile and sensitivity analysis in one isolated process,
-    written to `profile.json`; returns SearchContext extras for the precision knob. A failed
-    or timed-out profile is recorded and the tune goes on without per-layer groups.
+    written to `profile.json`; returns SearchContext extras for the precision knob.
 
-    On `--resume` the saved profile is reused so every group keeps the same Optuna choices.
+    The process stops itself before `timeout` with what it finished (a profile cut there keeps
+    its analysed groups, marked `partial`); if it is killed at `timeout`, what it had written
+    is kept. `start` (a cached partial profile) is completed rather than redone. A failed
+    profile is recorded and the tune goes on without per-layer groups. On `--resume` the saved
+    profile is reused so every group keeps the same Optuna choices.
     """
+    import time
     from pathlib import Path
 
     from ..engine.workers import run_isolated
     from ..profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
 
-    path = Path(run_dir) / PROFILE_FILE
+    path, progress = Path(run_dir) / PROFILE_FILE, Path(run_dir) / PROGRESS_FILE
     if resume and path.is_file():
         prof = load_profile(path)
     else:
         modes = default_group_modes(strategy, level)
-        # the analysis stops early enough (half the timeout; spawning and profiling take the rest)
-        # that a slow model still gets its profile and the groups analysed so far
-        # a short budget goes to the baseline and candidates: a profile that would be cut off is skipped
-        outcome = (run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
-                                time_limit_s=timeout * 0.5, timeout=timeout, log_path=str(Path(run_dir) / "profile.log"))
-                   if timeout >= MIN_PROFILE_S else None)
-        if outcome is not None and outcome.ok:
-            prof = outcome.value
-        else:
-            why = outcome.reason() if outcome is not None else f"skipped: {timeout:.0f} s of the budget for it"
+        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it"
+        if timeout >= MIN_PROFILE_S:  # a short budget goes to the baseline and candidates
+            progress.unlink(missing_ok=True)
+            # its own deadline leaves the time to send the result and exit before the kill
+            deadline = time.time() + timeout - min(2.0, max(0.5, 0.1 * timeout))
+            outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
+                                   deadline=deadline, start=start, progress_path=str(progress), timeout=timeout,
+                                   log_path=str(Path(run_dir) / "profile.log"))
+            why = outcome.reason()
+            if outcome.ok:
+                prof = outcome.value
+            elif progress.is_file():  # killed at its cap (or crashed) after the profile itself: keep that
+                prof = load_profile(progress)
+                if prof.get("partial"):
+                    prof["partial"] += f" (stopped: {why})"
+            progress.unlink(missing_ok=True)
+        if prof is None:
             prof = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device, "modules": [],
                     "groups": [], "sensitivity": [], "search_groups": [],
                     "unavailable": [f"the profile ({why}); per-layer precision not searched"]}
-        if not modes:
-            prof["unavailable"].append(f"per-layer precision (level {level} or the strategy allows no lowered mode)")
+        level_note = f"per-layer precision (level {level} or the strategy allows no lowered mode)"
+        if not modes and level_note not in prof.setdefault("unavailable", []):
+            prof["unavailable"].append(level_note)
         save_profile(prof, path)
     groups = prof.get("search_groups") or []
     # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
@@ -231,7 +402,8 @@ def plan_summary(run_dir) -> list[dict[str, Any]]:
     except Exception:  # noqa: BLE001 - no profile, nothing to summarise
         return []
     return [{"path": g["path"], "inclusive_share": g.get("inclusive_share"), "allowed": g.get("allowed", []),
-             "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")}}
+             "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")},
+             **({"not_analysed": g["skipped"]} if g.get("skipped") else {})}
             for g in prof.get("sensitivity") or []]
 
 

@@ -18,8 +18,8 @@ the workload has one input shape, `ShapeTuning` when it has traffic (`--traffic`
   starting its process.
 - `final_measure(workload, candidates, *, device, tolerance, warmup_s, env, timeout, log_path)`:
   the final re-measurement of the top candidates against the baseline, in `evaluate`'s result
-  format: one shape, each variant alone in its own process, in turns (`evaluate_alternating`);
-  a traffic mix, all of them over every shape in one fresh process (`evaluator(final=True)`).
+  format: each variant alone in its own process, windows taken in turns (`evaluate_alternating`);
+  a window times one shape, or whole rounds of the traffic mix (`traffic_eval.TrafficBench`).
 - `record(plan, values, result)`: write the chosen configuration into the plan (`plan.shapes`).
 
 `values_from_plan(plan)` inverts `record`, and `shape_tuning_for_plan(plan, ...)` gives the hooks
@@ -34,8 +34,10 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, Bench, evaluate_alternating,
+                               final_rounds_s)
 from ..errors import UserInputError
-from ..knobs import SearchContext, config_to_dict, configs_from_params, describe, get_knob
+from ..knobs import SearchContext, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
 from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
 from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
@@ -45,14 +47,31 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # the longest warm-up of a runner in a one-shape final re-measurement
+FINAL_WARMUP_S = 3.0  # the longest warm-up of a variant in a final re-measurement (its process)
 FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (convnet's baseline: 0.5 s here)
 FRESH_COMPILE_S = 2.0  # a compiled candidate's rebuild in a fresh process beyond its trial's build (~2.2 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
 
-class StaticShapes:
+class _AlternatingFinal:
+    """The final re-measurement of both hooks: each variant alone in its own process, windows
+    taken in turns (`evaluate_alternating`); what a window times is the hooks' `bench`."""
+
+    final_measure_s: float
+
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
+        raise NotImplementedError
+
+    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
+                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
+                      log_path: str | None = None):
+        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
+                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
+                                    bench=self.bench(candidates))
+
+
+class StaticShapes(_AlternatingFinal):
     """One input shape: the knobs alone are searched, and `evaluate.evaluate` times them."""
 
     def __init__(self, strategy: Any = None, *, final_measure_s: float | None = None) -> None:
@@ -81,33 +100,29 @@ class StaticShapes:
         the load from Inductor's cache, which a fresh process pays again (FRESH_COMPILE_S).
         Convnet bs 8 here: four candidates (three compiled), builds 12.8 s, warm-ups 1.1 s,
         rounds 9.1 s; this estimate 23 s."""
-        from ..engine.fidelity import BASELINE_PROCESSES, final_rounds_s
-
         rebuild = sum(float(t.user_attrs.get("build_s", 0.0))
                       + (FRESH_COMPILE_S if (t.user_attrs.get("knobs") or {}).get("execution", {}).get("backend")
                          == "compile" else 0.0) for t in tops)
         processes = len(tops) + BASELINE_PROCESSES
         return rebuild + processes * max(FINAL_PROCESS_S, process_s / 2) + final_rounds_s(len(tops), self.final_measure_s)
 
-    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
-        from ..engine.fidelity import evaluate_alternating
-
-        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
-                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout)
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
+        return None  # `engine.fidelity.OneShape`: the workload's example inputs
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
 
 
-class ShapeTuning:
+class ShapeTuning(_AlternatingFinal):
     """Tune for a traffic mix instead of one shape; see the module doc for the hooks."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,
                  max_buckets: int = MAX_BUCKETS, rounds: int = 10, final_rounds: int = 20,
-                 serve_batches: list[int] | None = None, strategy: Any = None) -> None:
+                 serve_batches: list[int] | None = None, strategy: Any = None,
+                 final_measure_s: float | None = None) -> None:
         self.workload, self.traffic, self.p99_ms, self.strategy = workload, traffic, p99_ms, strategy
+        # the final's windows: `final_measure_s` in all, and `final_rounds` rounds of the mix per variant
+        self.final_measure_s = final_measure_s or float(getattr(strategy, "final_measure_s", 6.0))
         # Throughput objective: the serving batch sizes searched (None: latency objective).
         self.serve_batches = serve_batches
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
@@ -252,28 +267,46 @@ class ShapeTuning:
         return f"; {shapes['label']}" if shapes else ""
 
     def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs: it times baseline + the top candidates for
-        `final_rounds` on every shape; scaled from what the trials' measurements took, with a
-        third more for the noise of a shared machine."""
-        measured = [float(t.user_attrs.get("measure_s", 0.0)) for t in tops]
-        per_cand = max(measured, default=0.0) / 2  # a trial times baseline + one candidate
-        build = sum(float(t.user_attrs.get("build_s", 0.0)) for t in tops)
-        # one fresh process times the baseline and every candidate over the mix
-        return process_s + 1.3 * (build + per_cand * (len(tops) + 1) * self.final_rounds / self.rounds)
+        """Seconds the final re-measurement needs (`evaluate_alternating` with `bench`), as one
+        shape's (`StaticShapes.final_reserve`) but over the mix: each of its processes (a
+        candidate's, BASELINE_PROCESSES for the baseline), built one after another, also makes
+        every shape's inputs and reference (a round of the mix) and warms up over at least 3
+        rounds, a candidate checks every shape (unseen too) and its padding (two rounds) and
+        rebuilds its buckets in full (ONNX exports and traces are not cached); then windows of
+        at least `min_rounds` rounds each. A round is the traffic's calls at the slower of the
+        trial's weighted mean latencies (per sample when throughput: times the largest batch)."""
+        mean_ms = max((max(float(t.user_attrs.get("baseline_ms") or 0.0), float(t.user_attrs.get("latency_ms") or 0.0))
+                       for t in tops), default=0.0)
+        batch = max([*(self.serve_batches or []), max(self.hist[BATCH])]) if self.serve_batches else 1
+        round_s = len(self.traffic) * batch * mean_ms / 1e3
+        warm = max(3 * round_s, min(FINAL_WARMUP_S, 6 * round_s))
+        processes = len(tops) + BASELINE_PROCESSES
+        rebuild = sum(float(t.user_attrs.get("build_s") or 0.0) + 2 * round_s for t in tops)
+        window = max(FINAL_WINDOW_S, self.bench_rounds() * round_s)
+        return (rebuild + processes * (max(FINAL_PROCESS_S, process_s / 2) + round_s + warm)
+                + final_rounds_s(len(tops), self.final_measure_s, window))
 
-    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
-        from ..engine.workers import run_isolated
+    def bench_rounds(self) -> int:
+        """Rounds of the mix per window of the final: `final_rounds` per variant over `FINAL_ROUNDS` windows."""
+        return math.ceil(self.final_rounds / FINAL_ROUNDS)
 
-        fn, kwargs = self.evaluator(final=True)
-        return run_isolated(fn, workload, candidates, timeout=timeout, env=env, log_path=log_path, device=device,
-                            tolerance=tolerance, warmup_s=warmup_s, **kwargs)
+    def bench(self, candidates: dict[str, dict]) -> Bench | None:
+        """What the final's windows time (`final_measure`): whole rounds of the mix, at least
+        `final_rounds` per variant over `FINAL_ROUNDS` windows; unseen shapes checked for accuracy;
+        per sample when a candidate serves full batches (throughput)."""
+        from .traffic_eval import TrafficBench, serve_batch_of
+
+        return TrafficBench(traffic=traffic_to_rows(self.traffic), axes=self.spec_axes(),
+                            check_shapes=self.unseen_shapes(), p99_ms=self.p99_ms,
+                            per_sample=any(serve_batch_of(v) for v in candidates.values()),
+                            min_rounds=self.bench_rounds())
 
     def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
                   prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:
         """`evaluate_traffic` and its arguments. Every shape gets the same number of rounds (a
-        round of the mix is one sample), so neither a time window nor a quick-look pruning applies."""
+        round of the mix is one sample), so neither a time window nor a quick-look pruning applies.
+        (`final=True`: the final's rounds and unseen shapes, in one process; the tune's final
+        itself is `final_measure`, in alternating processes.)"""
         from .traffic_eval import evaluate_traffic
 
         return evaluate_traffic, {"traffic": traffic_to_rows(self.traffic), "axes": self.spec_axes(),
@@ -347,7 +380,7 @@ def values_from_plan(plan) -> dict[str, Any]:
 
 def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int = 20) -> StaticShapes | ShapeTuning:
     """The hooks that re-measure `plan` as it was tuned: `measure_s` of windows at one shape, or
-    `rounds` over its recorded traffic mix."""
+    over its recorded traffic mix (windows of whole rounds, `rounds` per variant at least)."""
     sh = plan.shapes
     if sh is None:
         return StaticShapes(final_measure_s=measure_s)
@@ -356,7 +389,7 @@ def shape_tuning_for_plan(plan, workload, *, measure_s: float = 6.0, rounds: int
         raise UserInputError("the plan's `shapes` has no `traffic`: it cannot be re-measured over its mix; "
                              "re-run `autotiacc tune` with the traffic.")
     return ShapeTuning(workload, traffic, p99_ms=sh.p99_budget_ms, rounds=rounds, final_rounds=rounds,
-                       serve_batches=[sh.serve_batch] if sh.serve_batch else None)
+                       serve_batches=[sh.serve_batch] if sh.serve_batch else None, final_measure_s=measure_s)
 
 
 def shape_tuning_for(workload, *, traffic_file: str | Path | None = None, p99_ms: float | None = None,

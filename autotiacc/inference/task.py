@@ -28,7 +28,7 @@ from .workload import ModelFacts, Workload
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
 STUDY_NAME = "autotiacc"
-FIRST_PROFILE_S = 24.0  # the first profile of a workload on a machine (then cached) may take this long
+PROFILE_WRITE_S = 0.3  # of the profile's share, kept for writing profile.json and the cache
 Progress = Callable[[dict[str, Any]], None]
 TuneResult = SearchResult
 
@@ -112,32 +112,32 @@ class InferenceTask(Task):
 
     def prepare(self, run_dir, left_s: float) -> float:
         """Profile + per-layer sensitivity into profile.json, reused across runs of the same
-        workload and machine (cached); extras for the precision knob.
+        workload and machine (cached); extras for the precision knob. Returns its wall seconds.
 
-        It takes `profile_share` of the budget (10 %), except the first profile of a workload on a
-        machine, which may take up to FIRST_PROFILE_S (at most a fifth of the budget): a profile
-        cut short is never cached, so on a slow machine a 10 % share would be paid on every run
-        and never finish; once cached, later runs spend nothing on it."""
+        It takes at most `profile_share` of the budget (10 %), the first profile of a workload
+        on a machine too: one cut at its share is cached as partial, and each later run spends
+        its own share completing it (see engine.profile_cache); once complete, later runs
+        spend nothing on it."""
         from ..profile import SCHEMA_VERSION
         from ..version import __version__
         from .layer_precision import plan_summary, prepare_search
 
         self.run_dir = run_dir
         t0 = time.monotonic()
-        budget = self.options.budget_s
-        share = self.strategy.profile_share * budget
-        timeout = min(max(1.0, share, min(FIRST_PROFILE_S, 0.2 * budget)), max(1.0, left_s))
+        share = min(self.strategy.profile_share * self.options.budget_s, left_s)
         with cached_profile(run_dir.path, self._identity, self._fingerprint,
                             key_extra=[self.options.level, self.strategy.name, self.options.effective_tolerance,
                                        SCHEMA_VERSION, __version__],
-                            resume=self.options.resume, timeout_s=timeout) as reuse:
+                            resume=self.options.resume) as cached:
+            # what is left of the share once the cache is read; a moment kept for writing the result
+            timeout = max(0.0, share - (time.monotonic() - t0) - PROFILE_WRITE_S)
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
-                                    timeout=timeout, resume=reuse)
+                                    timeout=timeout, resume=cached.reuse, start=cached.start)
         self.ctx.extras.update(extras)
         self.plan_extra = {"layer_precision": plan_summary(run_dir.path)}
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
-        return 0.0 if reuse else time.monotonic() - t0
+        return time.monotonic() - t0
 
     def identity(self) -> dict[str, Any]:
         return self._identity
@@ -264,7 +264,7 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        # in the tune's environment; how (alternating processes, or one over a traffic mix) is the shape hook's
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,

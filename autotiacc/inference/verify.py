@@ -2,14 +2,14 @@
 
 Meant for CI of a serving image: the plan is re-measured against the eager fp32 baseline by the
 method of the tune's final re-measurement, so the figure means the same thing as the recorded
-one (one shape: the plan and the baseline each alone in its own process, timed in windows taken
-in turns; a plan tuned on traffic: over every shape of its mix), and compared with what the plan
-recorded: hardware/software fingerprint, accuracy, speed-up, and the artifact's hash when the
-plan names one.
+one: the plan and the baseline each alone in its own process, timed in windows taken in turns
+(a window times one shape, or, for a plan tuned on traffic, whole rounds of its mix), and
+compared with what the plan recorded: hardware/software fingerprint, accuracy, speed-up, and
+the artifact's hash when the plan names one.
 
 Speed drift is judged with the noise, not against a bare number: the plan fails when its
-candidate is slower *beyond noise* (Mann-Whitney U) than the recorded speed-up, less the
-allowed `tolerance`, predicts from the baseline measured side by side.
+windows are slower *beyond noise* (Mann-Whitney U over the windows) than the recorded
+speed-up, less the allowed `tolerance`, predicts from the baseline's windows.
 """
 from __future__ import annotations
 
@@ -143,16 +143,20 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     if res["status"] != "ok":
         problems.append(f"the plan {res['status']} here: {res.get('reason', '')}")
         return VerifyResult(False, problems, lines, measured)
-    base, cand = Timing.from_dict(outcome.value["baseline"]), Timing.from_dict(res["timing"])
+    # the figures and the noise test are over the repetitions, one figure per window, as the
+    # tune's final decides (per-call samples of one process are not independent repetitions)
+    windows = (outcome.value.get("alternating") or {}).get("windows_ms") or {}
+    base = Timing(windows.get("baseline") or Timing.from_dict(outcome.value["baseline"]).samples_ms)
+    cand = Timing(windows.get("plan") or Timing.from_dict(res["timing"]).samples_ms)
     speedup = base.median / cand.median
-    measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median,
-                    baseline_spread=base.iqr_rel, plan_spread=cand.iqr_rel, n=cand.n)
-    how = "each in its own process, in turns"
+    measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median, baseline_spread=base.iqr_rel,
+                    plan_spread=cand.iqr_rel, n=len(res["timing"]["samples_ms"]), windows=cand.n)
+    how = f"medians of {cand.n} windows, the plan and eager each alone in its own process, in turns"
     if res.get("per_shape"):  # a traffic plan: the figures are traffic-weighted over these shapes
         measured["shapes"] = sorted(res["per_shape"])
-        how = f"traffic-weighted over {len(res['per_shape'])} shapes, interleaved in a fresh process"
+        how = f"traffic-weighted over {len(res['per_shape'])} shapes; {how}"
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}, n={cand.n}, {how}), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}; {how}), rel. error {acc:.2e}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)

@@ -250,11 +250,14 @@ class Attribution:
 
 
 def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float = 1.5, warmup_s: float = 1.0,
-                     min_forwards: int = 12) -> Attribution:
+                     min_forwards: int = 12, deadline: float | None = None,
+                     profiler_started: bool = False) -> Attribution:
     """Blocks of plain forwards (timed, no profiler) alternate with blocks of ranged forwards
     under torch.profiler, until `target_s`; both are trimmed to their fastest quarter. A block
     is about a sixteenth of `target_s`, 2 to 32 forwards (stopping the profiler and parsing
-    its trace cost far more than a small model's forward)."""
+    its trace cost far more than a small model's forward). Past `deadline` (`time.time()`),
+    the forwards profiled so far are enough (one block: two at least). `profiler_started`: this
+    process already ran torch.profiler once (its one-time start-up is paid)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -274,8 +277,9 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
     one_s = min(time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
     block = max(2, min(32, math.ceil(target_s / 16 / max(one_s, 1e-6))))
-    with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
-        plain()
+    if not profiler_started:
+        with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
+            plain()
     plain_ms: list[float] = []
     forwards: list[Forward] = []
     start = time.perf_counter()
@@ -284,6 +288,8 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
         """Until `target_s` and `min_forwards`; past 3x the target (a slow model, a loaded
         machine) four profiled forwards are enough."""
         spent = time.perf_counter() - start
+        if deadline is not None and time.time() > deadline and len(forwards) >= 2:  # one block
+            return False
         if spent < target_s:
             return True
         if len(forwards) >= min_forwards:

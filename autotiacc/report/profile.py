@@ -85,6 +85,8 @@ def _cell(s: dict[str, Any] | None) -> str:
     shown = "inf" if err is None or (isinstance(err, float) and math.isinf(err)) else f"{err:.2g}"
     if s.get("ok"):
         return shown + (f" ({s['quick_speedup']:.2f}x)" if s.get("quick_speedup") else "")
+    if str(s.get("reason", "")).startswith("far slower"):
+        return f"far slower ({s.get('quick_speedup', 0):.2f}x)"
     return "overflow" if not s.get("finite", True) and "overflow" in s.get("reason", "") else f"excluded ({shown})"
 
 
@@ -130,12 +132,15 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
             rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
         text = ["Each group lowered alone; cells are the relative L2 error of the model output and, in "
                 "brackets, a short interleaved look at the whole model's speed-up (a hint for the search's "
-                "starting point, not a result); `overflow`: inf/NaN appeared; `excluded`: failed or beyond "
-                "tolerance. Score: time share per unit of the smallest allowed error.", ""]
+                "starting point, not a result; where the group was far slower on every test batch, that ratio); "
+                "`overflow`: inf/NaN appeared; `excluded`: failed or beyond tolerance; `far slower`: 5x the fp32 "
+                "forward or more on two test batches, not offered; `not analysed`: left by a profile cut at its "
+                "share of the budget, for a later tune. Score: time share per unit of the smallest allowed error.", ""]
         text += table(["group", "type", "time %", *modes, "score", "chosen"], rows)
         out.append(("Per-layer precision", text))
-    if prof.get("unavailable"):
-        out.append(("Not available in this profile", [f"- {u}" for u in prof["unavailable"]]))
+    missing = [f"- {u}" for u in prof.get("unavailable") or []] + ([f"- {prof['partial']}"] if prof.get("partial") else [])
+    if missing:
+        out.append(("Not available in this profile", missing))
     return out
 
 

@@ -68,7 +68,7 @@ def plot_latency_vs_shape(data, path: Path) -> Path | None:
             for r in sh["traffic"]}
     size = {k: _elements(rows.get(k), sh) for k in per}
     keys = sorted(per, key=lambda k: size[k])
-    with figure(path, title="Latency vs shape, each shape timed interleaved with eager",
+    with figure(path, title="Latency vs shape: per-shape medians, eager fp32 and the plan",
                 xlabel="batch size x dynamic dims (elements per request)", ylabel="median latency (ms)") as ax:
         ax.plot([size[k] for k in keys], [per[k]["baseline_ms"] for k in keys], "o-", color="grey", label="eager fp32")
         ax.plot([size[k] for k in keys], [per[k]["median_ms"] for k in keys], "o-", color="tab:green", label="plan")
