@@ -93,19 +93,49 @@ def _study_in_flight(db, *, finished: int) -> bool:
     return states.count("COMPLETE") >= finished and "RUNNING" in states
 
 
+SLOW_FORWARD = '''
+
+class Slow(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(0.02)
+        return self.inner(x)
+
+
+_build = build_model
+
+
+def build_model() -> nn.Module:
+    return Slow(_build())
+'''
+
+
 def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
     """kill -9 of the tuner mid-trial loses no finished trial; the run directory is locked while it
     runs (a second tune is refused, naming the holder); --resume refuses another batch size and
     measures the interrupted trial's configuration again."""
     out = tmp_path / "run"
-    model = str(models_dir / "tiny_mlp.py")
-    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, "--budget", "3m", "--out", str(out), "--quiet"]
+    # tiny_mlp's forward, plus 20 ms: every trial takes at least its ten interleaved rounds of
+    # that, so the trial in flight is still running when the kill lands (tiny_mlp's own trials in
+    # a warm worker end within one poll of the study)
+    model = tmp_path / "slow_mlp.py"
+    model.write_text((models_dir / "tiny_mlp.py").read_text() + SLOW_FORWARD)
+    model = str(model)
+    # cheap candidates with short windows; patience ends the resumed session (the budgets are bounds)
+    strategy = ("--strategy", str(models_dir / "resume_strategy.yaml"))
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, *strategy, "--budget", "3m", "--out", str(out),
+           "--quiet"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 150
     while time.monotonic() < deadline and not (out / "run.json").exists():
         time.sleep(0.2)
-    second = run_cli("tune", model, "--budget", "1m", "--out", str(out), "--resume", "--quiet", timeout=120)
+    second = run_cli("tune", model, *strategy, "--budget", "1m", "--out", str(out), "--resume", "--quiet", timeout=120)
     assert second.returncode == 2 and f"pid {proc.pid} on " in second.stderr, second.stderr
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
     # kill the moment the study itself has 3 finished trials and one in flight (trials.csv lags
@@ -127,10 +157,11 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     res = run_cli("report", str(out))  # a partial run still renders
     assert res.returncode == 0 and "No plan yet" in (out / "report.md").read_text()
 
-    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--resume", "--batch-size", "7", "--quiet")
+    res = run_cli("tune", model, *strategy, "--budget", "40s", "--out", str(out), "--resume", "--batch-size", "7",
+                  "--quiet")
     assert res.returncode == 2 and "batch size" in res.stderr and "Traceback" not in res.stderr
 
-    res = run_cli("tune", model, "--budget", "30s", "--out", str(out), "--resume", "--quiet", timeout=300)
+    res = run_cli("tune", model, *strategy, "--budget", "30s", "--out", str(out), "--resume", "--quiet", timeout=300)
     assert res.returncode == 0, res.stderr
     after = pd.read_csv(out / "trials.csv")
     kept = after.set_index("number").loc[before["number"]]
@@ -151,5 +182,5 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     run = json.loads((out / "run.json").read_text())
     assert len(run["sessions"]) == 2 and set(run["sessions"][-1]["budget"]) >= {"profile_s", "timing_s", "final_s"}
     assert "Where the budget went" in (out / "report.md").read_text()
-    res = run_cli("tune", model, "--budget", "40s", "--out", str(out), "--quiet")
+    res = run_cli("tune", model, *strategy, "--budget", "40s", "--out", str(out), "--quiet")
     assert res.returncode == 2 and "--resume" in res.stderr  # never silently overwrites a tune
