@@ -282,28 +282,28 @@ def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, worklo
         return timeout_s if deadline is None else max(MIN_BUILD_S, min(timeout_s, deadline - time.monotonic()))
 
     jobs = [(name, pool) for name, group in pools.items() for pool in group]
-    outs: dict[int, Outcome] = {}
+    outs: dict[WorkerPool, Outcome] = {}
     t0 = time.perf_counter()
     for i in range(0, len(jobs), max(1, parallel)):
         batch = jobs[i:i + max(1, parallel)]
         pending = [pool.submit(time_window, workload, name, variants[name], window_s=0, build_only=True, **kwargs)
                    for name, pool in batch]
         for (name, pool), p in zip(batch, pending):
-            outs[id(pool)] = pool.collect(p, timeout=timeout())
+            outs[pool] = pool.collect(p, timeout=timeout())
     t1 = time.perf_counter()
     result.phases["builds"] = t1 - t0
     for name, pool in jobs:
-        if outs[id(pool)].ok:
-            outs[id(pool)] = _merge(outs[id(pool)], pool.call(time_window, workload, name, variants[name],
+        if outs[pool].ok:
+            outs[pool] = _merge(outs[pool], pool.call(time_window, workload, name, variants[name],
                                                               window_s=0, timeout=timeout(), **kwargs))
     result.phases["warm_ups"] = time.perf_counter() - t1
     for name, group in pools.items():
-        kept = [pool for pool in group if outs[id(pool)].ok] or group[:1]
+        kept = [pool for pool in group if outs[pool].ok] or group[:1]
         for pool in group:
             if pool not in kept:
                 pool.close()
         pools[name] = kept
-        _record(result, name, next((outs[id(p)] for p in group if outs[id(p)].ok), outs[id(group[0])]))
+        _record(result, name, next((outs[p] for p in group if outs[p].ok), outs[group[0]]))
 
 
 def _merge(built: Outcome, warmed: Outcome) -> Outcome:

@@ -241,14 +241,13 @@ class Search:
                 groups.add(g)
                 firsts.append(t)
         out = firsts + [t for t in out if t not in firsts]  # each stays in gain order
-        return self._contenders(out[: self.task.final_top_k])
+        return self._contenders(out[: self.task.final_top_k], best=self.task.gain(out[0].value) if out else 0.0)
 
-    def _contenders(self, tops: list) -> list:
-        """Those of `tops` within FINAL_WITHIN of the best's search gain: one further behind could
-        win the final only if the search had misjudged it by more than the final's noise guards
-        against, and each costs the final a process and a window per round."""
-        best = max((self.task.gain(t.value) for t in tops), default=0.0)
-        return [t for t in tops if self.task.gain(t.value) >= FINAL_WITHIN * best]
+    def _contenders(self, trials: list, *, best: float) -> list:
+        """Those of `trials` within FINAL_WITHIN of `best`, the best search gain: one further behind
+        could win the final only if the search had misjudged it by more than the final's noise
+        guards against, and each costs the final a process and a window per round."""
+        return [t for t in trials if self.task.gain(t.value) >= FINAL_WITHIN * best]
 
     def _final_set(self, study) -> list:
         """What the final re-measures: the top of each family, the task's extra candidates (the
@@ -256,7 +255,8 @@ class Search:
         would take more than FINAL_SHARE of the budget, the lowest-ranked tops but the best are
         left out (a tune of a few minutes must spend them measuring)."""
         tops = self._tops(study)
-        extra = self._contenders(tops + self.task.final_candidates(tops, study.get_trials(deepcopy=False)))[len(tops):]
+        best = self.task.gain(tops[0].value) if tops else 0.0  # the first of the tops is the best
+        extra = self._contenders(self.task.final_candidates(tops, study.get_trials(deepcopy=False)), best=best)
         while len(tops) > 1 and self.task.final_reserve(tops + extra) > FINAL_SHARE * self.options.budget_s:
             tops = tops[:-1]
         return tops + extra

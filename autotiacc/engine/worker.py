@@ -63,17 +63,23 @@ def _redirect(log_path: str | None, base: tuple[int, int]) -> None:
         os.dup2(base[1], 2)
 
 
+def import_torch() -> None:
+    """What every worker imports before its first call (the zygote, once for all of them)."""
+    # torch.profiler's Kineto prints a USDT line per profiler start/stop on stderr (torch 2.13); the
+    # profile reports what it could not measure itself. Read once, when torch loads: set it first.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "9")
+    import cloudpickle  # noqa: F401
+    import torch  # noqa: F401
+
+
 def main(argv: list[str]) -> None:
     call_fd, result_fd, parent = (int(a) for a in argv)
     _die_with_parent(parent)
     calls = Connection(call_fd, writable=False)
     results = Connection(result_fd, readable=False)
     base = (os.dup(1), os.dup(2))
-    # torch.profiler's Kineto prints a USDT line per profiler start/stop on stderr (torch 2.13); the
-    # profile reports what it could not measure itself. Read once, when torch loads: set it first.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "9")
+    import_torch()  # once per worker, before the first call (a no-op where the zygote did it)
     import cloudpickle
-    import torch  # noqa: F401 - once per worker, before the first call, not in every call
 
     while True:
         try:

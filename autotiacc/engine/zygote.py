@@ -72,13 +72,6 @@ def _gpu_present() -> bool:
     return any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists()
 
 
-def preload_torch() -> None:
-    """What every worker imports."""
-    os.environ.setdefault("KINETO_LOG_LEVEL", "9")  # as worker.main: read once, when torch loads
-    import cloudpickle  # noqa: F401
-    import torch  # noqa: F401
-
-
 def preload_compile() -> None:
     """On a CPU-only machine, torch.compile's stack: ~2.5 s here, paid once per zygote instead
     of once per process that compiles. Imported after the first requests are served, so the
@@ -92,7 +85,7 @@ def preload_compile() -> None:
 def serve(argv: list[str]) -> None:
     """The zygote's main loop: import torch, then fork a worker for every request until the
     caller closes the socket; report each child's pid and, when it ends, its exit code."""
-    from .worker import _die_with_parent
+    from .worker import _die_with_parent, import_torch
 
     sock_fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
@@ -100,7 +93,7 @@ def serve(argv: list[str]) -> None:
     # closes the socket), and the zygote must not die printing a traceback meanwhile
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     sock = socket.socket(fileno=sock_fd)
-    preload_torch()
+    import_torch()
 
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
@@ -206,9 +199,6 @@ class Zygote:
         self._next = 0
         self._lock = threading.Lock()
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
     def spawn(self, env: dict[str, str], fds: list[int]) -> "ForkedProcess":
         """Ask for a worker with `env` whose call/result pipes (and log, if a third fd) are `fds`.
         Returns at once: the child exists once the zygote has imported torch."""
@@ -248,6 +238,11 @@ class Zygote:
                 self.exits[pid] = _CHILD_CRASH
         self.live = 0
         self.proc.poll()
+
+    def idle(self) -> bool:
+        """No child running (as far as the zygote has reported)."""
+        self.pump()
+        return self.live == 0
 
     def dead(self) -> bool:
         return self.sock.fileno() < 0 or self.proc.poll() is not None
@@ -367,7 +362,7 @@ def zygote_for(env: dict[str, str]) -> Zygote:
             z.close()
         z = _ZYGOTES[key] = Zygote({k: v for k, v in env.items() if not _lazy(k)})
     _ZYGOTES[key] = _ZYGOTES.pop(key)  # most recently used last
-    idle = [k for k, o in _ZYGOTES.items() if o is not z and (o.pump(), o.live)[1] == 0]
+    idle = [k for k, o in _ZYGOTES.items() if o is not z and o.idle()]
     for k in idle[: max(0, len(idle) - MAX_IDLE_ZYGOTES)]:  # the least recently used first
         _ZYGOTES.pop(k).close()
     return z
