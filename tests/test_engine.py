@@ -454,6 +454,27 @@ def test_shared_storage_fails_only_a_dead_peers_trial_and_queues_it_again(tmp_pa
     assert again[0].system_attrs["fixed_params"] == trials[dead.number].params
 
 
+def test_a_trial_killed_before_its_suggestions_is_queued_again_with_its_whole_configuration(tmp_path):
+    """A kill can land between `ask` and the last `suggest`: the RUNNING trial then holds only
+    some of its params (none here). An enqueued starting point still keeps all of them; the
+    resume measures that configuration again, ahead of the starting points never reached."""
+    from autotiacc.engine.study import recover_interrupted
+
+    spec = StudySpec(None, "own", "minimize")
+    study, _ = open_study(spec, tmp_path / "study.db", None)
+    study.enqueue_trial({"x": 1, "y": "b"})
+    study.enqueue_trial({"x": 2, "y": "a"})  # a seed the killed session never reached
+    killed = study.ask()  # RUNNING, no suggestion yet
+    assert killed.params == {}
+    assert recover_interrupted(study, shared=False) == [killed.number]
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t for t in trials if t.state.name == "WAITING"]
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [{"x": 1, "y": "b"}, {"x": 2, "y": "a"}]
+    assert waiting[0].user_attrs["retry_of"] == killed.number
+    nxt = study.ask()
+    assert (nxt.suggest_int("x", 0, 3), nxt.suggest_categorical("y", ["a", "b"])) == (1, "b")
+
+
 def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path, monkeypatch):
     from autotiacc.engine.profile_cache import cached_profile
 

@@ -30,6 +30,8 @@ def test_hang_is_killed_at_timeout():
     out = run_isolated(t.hangs, timeout=3)
     assert out.status == "timeout"
     assert time.monotonic() - t0 < 15
+    # the timeout says where the call was stuck: its Python stack, taken before the kill
+    assert "_isolation_targets.py\", line 16 in hangs" in out.traceback, out.traceback
 
 
 @pytest.mark.parametrize("fn,status,text", [(t.segfaults, "crash", "SIGSEGV"), (t.killed, "oom", "SIGKILL"),

@@ -365,6 +365,7 @@ def test_a_hung_rank_times_out_and_no_rank_is_left_running(tmp_path):
 
     overall, ranks = run_ranks(targets.rank0_hangs, 2, timeout=8, pid_file=tmp_path / "pids")
     assert overall.status == "timeout" and "rank 0" in overall.error
+    assert "in rank0_hangs" in overall.traceback and overall.traceback.startswith("rank 0: ")
     assert ranks[1].ok
     hung = int((tmp_path / "pids").read_text().split()[0])
     assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
@@ -385,7 +386,9 @@ def test_training_space_is_registered_knobs_and_the_training_strategy():
     from autotiacc.engine.space import sample, seeds
     from autotiacc.knobs import all_knobs, config_from_dict, config_to_dict
     from autotiacc.strategy import load_strategy
-    from autotiacc.training.config import train_context
+    from dataclasses import replace
+
+    from autotiacc.training.config import DDPKnob, train_context
 
     strategy, knobs = load_strategy("training"), all_knobs("training")
     assert [k.name for k in knobs] == ["data", "compute", "precision", "memory", "ddp"]
@@ -406,5 +409,10 @@ def test_training_space_is_registered_knobs_and_the_training_strategy():
         first = seeds(strategy, knobs, ctx)
         assert TrainConfig.from_flat({k: v for k, v in first[0].items()}) == TrainConfig()  # the baseline first
         assert any(s.get("ddp.comm_hook") == "fp16" for s in first) == (nproc > 1)
+        hooks = {t.params.get("ddp.comm_hook") for t in study.trials} - {None}
+        assert "bf16" not in hooks and (hooks >= {"none", "fp16"}) == (nproc > 1)  # gloo refuses bf16
+    ddp_space = strategy.knobs["ddp"]
+    assert "bf16" in DDPKnob().choices("comm_hook", ddp_space, replace(ctx, device="cuda"))
+    assert "bf16" not in DDPKnob().choices("comm_hook", ddp_space, ctx)
     with pytest.raises(PlanError, match="unknown _type 'DataConfig'"):
         config_from_dict(config_to_dict(DataConfig()))  # an inference plan never loads a training knob

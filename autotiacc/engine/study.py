@@ -113,7 +113,9 @@ def recover_interrupted(study, *, shared: bool) -> list[int]:
     for n in numbers:
         if compat.fail_trial(study, n, status=INTERRUPTED, reason=reason):
             failed.append(n)
-            params = dict(by_number[n].params)
+            # a trial killed between `ask` and its last suggestion holds only some of its params;
+            # an enqueued one keeps all of them in its fixed params until it finishes
+            params = {**compat.waiting_params(by_number[n]), **by_number[n].params}
             if params:  # the one who failed it measures it again (an atomic state change: once)
                 study.enqueue_trial(params, user_attrs={"retry_of": n})
     if failed and not shared:

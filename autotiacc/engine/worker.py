@@ -72,9 +72,28 @@ def import_torch() -> None:
     import torch  # noqa: F401
 
 
+STACK_SIGNAL = signal.SIGUSR2
+_stack_file: Any = None  # kept open for faulthandler, which writes to its descriptor
+
+
+def _dump_stack_on_signal() -> None:
+    """On STACK_SIGNAL, write every thread's Python stack to $AUTOTIACC_STACK_FILE: the caller
+    asks for it before killing a hung call, so the timeout says where the call was stuck.
+    faulthandler writes from the signal handler itself, so it works while the main thread
+    blocks in C code holding the GIL."""
+    global _stack_file
+    path = os.environ.get("AUTOTIACC_STACK_FILE")
+    if path:
+        import faulthandler
+
+        _stack_file = open(path, "w")  # noqa: SIM115 - open for the process's life
+        faulthandler.register(STACK_SIGNAL, file=_stack_file, all_threads=True)
+
+
 def main(argv: list[str]) -> None:
     call_fd, result_fd, parent = (int(a) for a in argv)
     _die_with_parent(parent)
+    _dump_stack_on_signal()
     calls = Connection(call_fd, writable=False)
     results = Connection(result_fd, readable=False)
     base = (os.dup(1), os.dup(2))

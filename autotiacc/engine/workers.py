@@ -24,12 +24,14 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
+from . import worker as worker_side
 from . import zygote
 from .profile_cache import cache_root
 
@@ -105,7 +107,9 @@ class Worker:
 
         call_r, call_w = os.pipe()
         res_r, res_w = os.pipe()
-        full_env = {**TOOL_ENV, **os.environ, **(env or {})}
+        fd, self._stack_path = tempfile.mkstemp(prefix="autotiacc-stack-", suffix=".txt")
+        os.close(fd)
+        full_env = {**TOOL_ENV, **os.environ, **(env or {}), "AUTOTIACC_STACK_FILE": self._stack_path}
         out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
         try:
             if zygote.enabled():  # forked from a process that has imported torch already
@@ -116,6 +120,9 @@ class Worker:
                     [sys.executable, "-c", _ENTRY, _PACKAGE_PARENT, str(call_r), str(res_w), str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
                     env=full_env, pass_fds=(call_r, res_w), close_fds=True)
+        except BaseException:
+            Path(self._stack_path).unlink(missing_ok=True)
+            raise
         finally:
             os.close(call_r)
             os.close(res_w)
@@ -170,13 +177,35 @@ class Worker:
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
+                where = self.stack()
                 self.kill()
                 return Outcome("timeout", error=f"no result within {timeout:.0f} s; the worker was killed",
-                               seconds=time.perf_counter() - t0)
+                               traceback=where, seconds=time.perf_counter() - t0)
             out = self.poll(min(left, 0.5))
             if out is not None:
                 out.seconds = time.perf_counter() - t0
                 return out
+
+    def stack(self, wait_s: float = 1.0) -> str:
+        """Where each of the (hung) worker's threads is, as Python stacks; "" if it cannot tell."""
+        if not self.alive():
+            return ""
+        try:
+            os.kill(self.pid, worker_side.STACK_SIGNAL)
+        except OSError:
+            return ""
+        deadline, size = time.perf_counter() + wait_s, -1
+        while time.perf_counter() < deadline:  # written from a signal handler: wait until it stops growing
+            time.sleep(0.05)
+            now = os.path.getsize(self._stack_path) if os.path.exists(self._stack_path) else 0
+            if now and now == size:
+                break
+            size = now
+        try:
+            text = Path(self._stack_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        return f"Python stacks of the worker's threads (pid {self.pid}) when it was stopped:\n{text}" if text else ""
 
     def kill(self) -> None:
         if self.alive():
@@ -204,6 +233,7 @@ class Worker:
         for conn in (self._send, self._recv):
             if not conn.closed:
                 conn.close()
+        Path(self._stack_path).unlink(missing_ok=True)  # a child still running keeps its descriptor
 
 
 def _send_failed(exc: BaseException) -> Outcome:

@@ -247,6 +247,7 @@ class DDPKnob(TrainKnob):
     """Searched only with several processes (a process group runs)."""
 
     name, config_cls, order = "ddp", DDPConfig, 50
+    cuda_only = {"comm_hook": {"bf16"}}  # torch's bf16 hook refuses gloo: "requires CUDA 11+ and NCCL 2.10+"
 
     def choices(self, param: str, space: dict[str, list], ctx: SearchContext) -> list:
         return super().choices(param, space if ctx.extras.get("nproc", 1) > 1 else {}, ctx)

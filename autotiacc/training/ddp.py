@@ -36,6 +36,12 @@ class DistributedDataParallel(_TorchDDP):
         super().__init__(module, *args, **kwargs)
         self.autotiacc_ddp = cfg
         self._comm_state = register_comm_hook(self, cfg)
+        # Set after the reducer, so released after it: the process group's last reference is then
+        # this Python one, whose destructor waits for gloo's threads without the GIL. Released by
+        # the reducer instead (destroy_process_group() called while the model lives, then the
+        # model dropped), it joins those threads holding the GIL while a thread still releasing a
+        # Python hook's callback waits for the GIL: a deadlock (pytorch#56297).
+        self._last_process_group_ref = self.process_group
 
 
 def register_comm_hook(ddp: _TorchDDP, cfg: DDPConfig) -> Any:
@@ -43,7 +49,13 @@ def register_comm_hook(ddp: _TorchDDP, cfg: DDPConfig) -> Any:
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if cfg.comm_hook == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+        # torch's C++ fp16 compression: the same arithmetic as default_hooks.fp16_compress_hook,
+        # with no Python callback for a gloo thread to run (or release) under the GIL
+        builtin = getattr(ddp, "_register_builtin_comm_hook", None)  # private; absent: the Python hook
+        if builtin is not None:
+            builtin(torch.distributed.BuiltinCommHookType.FP16_COMPRESS)
+        else:  # pragma: no cover - torch without the built-in hook
+            ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
     elif cfg.comm_hook == "bf16":
         ddp.register_comm_hook(None, default_hooks.bf16_compress_hook)
     elif cfg.comm_hook == "powersgd":

@@ -52,8 +52,9 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
         while failure is None and any(r is None for r in results):
             if time.perf_counter() > deadline:
                 late = [r for r in range(nproc) if results[r] is None]
+                where = "\n".join(f"rank {r}: {workers[r].stack()}" for r in late)
                 failure = Outcome("timeout", error=f"rank {late[0]} gave no result within {timeout:.0f} s; all ranks "
-                                  "were killed", seconds=time.perf_counter() - t0)
+                                  "were killed", traceback=where, seconds=time.perf_counter() - t0)
                 break
             for rank in range(nproc):
                 if results[rank] is None:
