@@ -60,8 +60,11 @@ def ddp_settings(bucket_cap_mb):
     x = torch.full((1, 4), float(rank + 1))  # rank 0 sees 1s, rank 1 sees 2s
     ddp(x).sum().backward()
     grad = model.weight.grad.tolist()
+    attrs = list(vars(ddp))  # released in this order when the model is dropped
     out = {"rank": rank, "grad": grad, "bucket_bytes": ddp.bucket_bytes_cap,
-           "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "broadcast_buffers": ddp.broadcast_buffers}
+           "gradient_as_bucket_view": ddp.gradient_as_bucket_view, "broadcast_buffers": ddp.broadcast_buffers,
+           "group_outlives_reducer": attrs.index("_last_process_group_ref") > attrs.index("reducer")
+           and ddp._last_process_group_ref is ddp.process_group}
     dist.destroy_process_group()
     return out
 

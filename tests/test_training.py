@@ -289,6 +289,9 @@ def test_drop_in_ddp_applies_plan_settings_and_averages_gradients():
     assert overall.ok, overall.error + overall.traceback
     r0, r1 = overall.value
     assert r0["bucket_bytes"] == 2 * 2**20 and r0["gradient_as_bucket_view"] and not r0["broadcast_buffers"]
+    # destroy_process_group() ran before the model was dropped: the group's last reference must be
+    # the Python one, released after the reducer (else a 1-in-15 deadlock under load)
+    assert r0["group_outlives_reducer"] and r1["group_outlives_reducer"]
     # inputs 1s and 2s: the averaged gradient is 1.5 on both ranks (fp16-compressed, exact here)
     assert r0["grad"] == r1["grad"] == [[1.5, 1.5, 1.5, 1.5]]
 
