@@ -118,6 +118,8 @@ def warm_up(fn: Runner, device: str = "cpu", *, max_s: float = 5.0, min_iters: i
     """
     deadline = time.perf_counter() + max_s
     times: list[float] = []
+    if min_iters <= 0 and max_s <= 0:
+        return 0
     while True:
         times.append(time_once(fn, device))
         check_pace(times, give_up_ms)
@@ -140,7 +142,7 @@ def measure(fn: Runner, device: str = "cpu", *, min_reps: int = 10, max_reps: in
 def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_rounds: int = 10,
                         max_rounds: int = 1000, target_s: float = 2.0, warmup_s: float = 5.0,
                         block: int = 1, settle: float | None = None, reference: str | None = None,
-                        initial: dict[str, Timing] | None = None) -> dict[str, Timing]:
+                        initial: dict[str, Timing] | None = None, min_warmup: int = 3) -> dict[str, Timing]:
     """Time several callables round-robin (A B C A B C ...) so drift hits all alike.
 
     The order rotates every round so no callable always runs right after another one.
@@ -148,11 +150,12 @@ def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_roun
     and `reference`, stops earlier, once every other callable's ratio to the reference is known
     within +-`settle` (relative half-width of a 95 % interval of the median per-round ratio):
     more rounds would not change a ranking that precise. `initial` samples (a quick look taken
-    the same way) count towards the rounds and the interval.
+    the same way) count towards the rounds and the interval. `min_warmup`: the fewest warm-up
+    calls of each callable (0 with `warmup_s=0`: none, for callables that have just run).
     """
     names = list(fns)
     for name in names:
-        warm_up(fns[name], device, max_s=warmup_s)
+        warm_up(fns[name], device, max_s=warmup_s, min_iters=min_warmup)
     out = {name: Timing(list(initial[name].samples_ms) if initial else []) for name in names}
     have = min(t.n for t in out.values()) // block
     t_end = time.perf_counter() + target_s

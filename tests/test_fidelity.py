@@ -21,8 +21,9 @@ def test_warm_alternating_processes_and_the_tuner_result_format(workload):
     assert len(res.windows["ts"]) == len(res.windows[BASELINE]) == 4
     assert "bad" in res.failures  # an invalid candidate is dropped with its reason, the rest goes on
     assert res.speedup("ts") > 0 and 0 <= res.p_faster("ts") <= 1
-    # the baseline's windows come from BASELINE_PROCESSES processes in turn, a candidate's from one
-    assert len(set(res.pids[BASELINE])) == BASELINE_PROCESSES
+    # the baseline's windows come from BASELINE_PROCESSES processes in turn (one per round at most),
+    # a candidate's from one
+    assert len(set(res.pids[BASELINE])) == min(BASELINE_PROCESSES, 4)
     assert len(set(res.pids["ts"])) == 1 and not set(res.pids["ts"]) & set(res.pids[BASELINE])
     lo, hi = res.speedup_range("ts")
     assert lo <= hi

@@ -75,6 +75,16 @@ def test_initial_samples_count_towards_the_rounds():
     assert len(calls) - before < 10  # 4 timed calls and the warm-up's, not 10 more
 
 
+def test_warm_up_calls_are_the_callers_choice():
+    """By default each callable is warmed up with 3 calls at least, even at warmup_s=0; a caller
+    whose callables have just run asks for fewer (the profile's quick looks: one each)."""
+    for min_warmup, warm_calls in ((3, 3), (1, 1), (0, 0)):
+        fn, calls = _sleeper([0.1])
+        res = measure_interleaved({"a": fn}, min_rounds=4, max_rounds=4, target_s=0, warmup_s=0,
+                                  min_warmup=min_warmup)
+        assert res["a"].n == 4 and len(calls) == 4 + warm_calls
+
+
 def test_a_hopeless_candidate_stops_after_two_test_calls():
     """Through the real trial path: with a pruning bound no candidate can meet (0.01x the
     baseline's time), an eager candidate is pruned at its second call on the test data,

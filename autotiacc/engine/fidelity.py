@@ -38,7 +38,7 @@ SPEED_ENV = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GOMP_SPIN
              "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_",
              "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")  # glibc malloc: experiments/allocator.py
 BASELINE = "baseline"
-BASELINE_PROCESSES = 3  # an odd process cannot set the baseline's median of windows alone
+BASELINE_PROCESSES = 5  # an odd process cannot set the baseline's median of windows alone; see measure_alternating
 FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
 MIN_BUILD_S = 10.0  # the least time a variant's build and warm-up get, whatever the deadline
@@ -213,19 +213,26 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     `deadline` (time.monotonic(); judged by the last round's duration), or once `FINAL_ROUNDS`
     are in and each variant's windows took `target_s` (windows longer than `window_s`, e.g.
     whole rounds of a slow traffic mix, then cost no more in all than short ones).
-    The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
-    of them taking its windows in turn: how fast eager runs depends on the process's allocation
-    history (glibc's dynamic mmap threshold; convnet bs 8 faulted in 10,576 pages per call fresh,
-    2,885 after a bf16 candidate had run in the process), and even fresh processes differ: one
-    tune's final timed eager at 21-25 ms in its one baseline process, the next at 33-38 ms, with
-    the candidates the same in both (the first plan's 2.68x re-measured at 3.66x).
+    The baseline gets fresh processes too, never a tune's trial worker, and
+    `BASELINE_PROCESSES` of them (fewer with fewer rounds) taking its windows in turn: how fast
+    eager runs depends on the process's allocation history (glibc's dynamic mmap threshold;
+    convnet bs 8 faulted in 10,576 pages per call fresh, 2,885 after a bf16 candidate had run
+    in the process), and even fresh processes differ: one tune's final timed eager at 21-25 ms
+    in its one baseline process, the next at 33-38 ms, with the candidates the same in both
+    (the first plan's 2.68x re-measured at 3.66x); a later one, with three baseline processes,
+    at 25.0 ms in one and 30.4-32.3 ms in the other two, its plan re-measured in fresh
+    processes over-stated. Five processes (one per round of a short final) cost two builds of
+    eager, about a second. A candidate's one process is a draw too (convnet's TorchScript bf16
+    plan: 9.4-10.1 ms in most processes, 12.0-13.0 ms in about one in four): its figure then
+    under-states it.
     """
     t0 = time.perf_counter()
     bench = bench or OneShape()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
     result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants},
                                window=bench.describe)
-    pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(BASELINE_PROCESSES if n == BASELINE else 1)]
+    baseline_processes = min(BASELINE_PROCESSES, rounds)  # each takes a window
+    pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(baseline_processes if n == BASELINE else 1)]
                               for n in variants}
     kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance, "bench": bench}
     if build_parallel is None:

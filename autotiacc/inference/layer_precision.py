@@ -155,23 +155,18 @@ QUICK_ROUNDS = 4
 def _quick_speedup(model, lowered, inputs, device: str, rounds: int = QUICK_ROUNDS) -> float:
     """A short interleaved look (A B, B A, ...: drift hits both alike) at what lowering this
     group alone gains; a hint for where to start the search, never a figure in the plan. One
-    warm-up call of the lowered copy: fp32 and this mode's kernels have just run the test
-    batches (the harness's warm-up and minimum rounds had taken 16 of a step's 20 forwards,
-    4.8 of 5.9 s at load 4 here)."""
-    import statistics
-
+    warm-up call each: fp32 and this mode's kernels have just run the test batches (the
+    harness's default warm-up and minimum rounds had taken 16 of a step's 20 forwards, 4.8 of
+    5.9 s at load 4 here)."""
     import torch
 
-    from ..measure import time_once
+    from ..measure import measure_interleaved
 
     fns = {"fp32": lambda: model(*inputs), "lowered": lambda: lowered(*inputs)}
-    ms: dict[str, list[float]] = {"fp32": [], "lowered": []}
     with torch.no_grad():
-        fns["lowered"]()
-        for r in range(rounds):
-            for name in ("fp32", "lowered") if r % 2 == 0 else ("lowered", "fp32"):
-                ms[name].append(time_once(fns[name], device))
-    return statistics.median(ms["fp32"]) / statistics.median(ms["lowered"])
+        t = measure_interleaved(fns, device, min_rounds=rounds, max_rounds=rounds, target_s=0.0, warmup_s=0.0,
+                                min_warmup=1)
+    return t["fp32"].median / t["lowered"].median
 
 
 SLOW_LOOK = 1.5  # a lowered group this much slower than fp32 on every test batch gets no quick look
