@@ -26,7 +26,7 @@ def test_warm_alternating_processes_and_the_tuner_result_format(workload):
     assert len(set(res.pids[BASELINE])) == min(BASELINE_PROCESSES, 4)
     assert len(set(res.pids["ts"])) == 1 and not set(res.pids["ts"]) & set(res.pids[BASELINE])
     lo, hi = res.speedup_range("ts")
-    assert lo <= hi
+    assert lo <= hi and res.to_dict()["speedup_range"]["ts"] == [lo, hi]
     out = evaluate_alternating(workload, {"ts": TS}, target_s=0.2, window_s=0.05, warmup_s=0.1, timeout=120)
     assert out.ok, out.error
     cand = out.value["candidates"]["ts"]

@@ -3,6 +3,7 @@ eager baseline, each candidate's bucketed model) alone in processes of its own, 
 whole rounds of the mix taken in turns (`engine.fidelity` with `traffic_eval.TrafficBench`)."""
 import os
 import statistics
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -55,12 +56,19 @@ def test_traffic_final_times_each_variant_alone_and_the_plan_records_it(tiny, tm
     # an invalid candidate is dropped with its reason; the others go on
     assert final.candidates[4][0] == "failed" and "int8_nonsense" in final.candidates[4][2]["reason"]
 
-    plan = task.make_plan(choose(final, tops), SimpleNamespace(get_trials=lambda deepcopy=False: tops))
+    decision = choose(final, tops)
+    study = SimpleNamespace(get_trials=lambda deepcopy=False: tops)
+    plan = task.make_plan(decision, study)
     assert plan.extra["final_alternating"]["window"] == alt["window"]
     assert plan.extra["final"]["trial_4"]["status"] == "failed"
-    if not plan.fell_back:  # the tiny model may gain nothing: then the plan keeps the baseline
-        assert set(plan.shapes.measured["per_shape"]) == set(res["per_shape"])
-        assert "each alone in its own process" in plan.note
+    if plan.fell_back:  # the tiny model may gain nothing: then the plan keeps the baseline; say it won
+        assert decision.kind == "not_faster"
+        plan = task.make_plan(replace(decision, kind="winner"), study)
+    assert set(plan.shapes.measured["per_shape"]) == set(res["per_shape"])
+    # the headline names its noise: what each round (a process of each, back to back) gave
+    lo, hi = alt["speedup_range"]["trial_3"]
+    assert 0 < lo <= hi and "each alone in its own process" in plan.note
+    assert f"{alt['rounds']} rounds, {lo:.2f}x to {hi:.2f}x each" in plan.note
 
 
 def test_candidate_failing_on_an_unseen_shape_is_dropped_with_the_shape(models_dir, tmp_path):

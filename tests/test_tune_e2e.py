@@ -42,6 +42,10 @@ def test_tune_branchy_model_end_to_end(tmp_path, models_dir):
     assert "relative error" in trials.loc[trials["label"] == "backend=torchscript", "reason"].iloc[0]
     plan = autotiacc.load_plan(out / "plan.json")
     assert plan.knobs["execution"].backend not in ("torchscript", "onnxruntime")
+    if not plan.fell_back:  # the headline names its noise: what each round of the final gave
+        alt = plan.extra["final_alternating"]
+        lo, hi = next(r for n, r in alt["speedup_range"].items() if alt["speedup"][n] == plan.speedup)
+        assert 0 < lo <= hi and f"{alt['rounds']} rounds, {lo:.2f}x to {hi:.2f}x each" in plan.note
     w = load_workload(models_dir / "branchy.py")
     model = w.build_model()
     fast = plan.apply(w.build_model())

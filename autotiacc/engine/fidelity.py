@@ -94,6 +94,7 @@ class AlternatingResult:
         if BASELINE in self.windows:
             out["speedup"] = {n: self.speedup(n) for n in self.windows if n != BASELINE}
             out["p_faster"] = {n: self.p_faster(n) for n in self.windows if n != BASELINE}
+            out["speedup_range"] = {n: list(self.speedup_range(n)) for n in self.windows if n != BASELINE}
         return out
 
 

@@ -335,8 +335,11 @@ class InferenceTask(Task):
         plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
         plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
         self.shape_tuning.record(plan, res["knobs"], res)
-        how = ("each alone in its own process, measured in turns" if getattr(self, "final_alternating", None)
-               else "interleaved in a fresh process")
+        alt = getattr(self, "final_alternating", None)
+        how = "each alone in its own process, measured in turns" if alt else "interleaved in a fresh process"
+        spread = ((alt or {}).get("speedup_range") or {}).get(f"trial_{t.number}")
+        if spread:  # each process runs at its own pace: what one round (a process of each) gave
+            how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
         plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
                      f"re-measured {how}, in the environment of the tune.")
         return plan
