@@ -67,6 +67,31 @@ def test_hanging_forward_ends_within_the_budget(tmp_path):
     assert pid.is_file() and not _alive(int(pid.read_text()))
 
 
+def test_a_hung_trial_leaves_where_it_was_stuck_in_its_log(tmp_path):
+    """A trial stopped at its timeout is recorded failed, and its log says where each of the
+    worker's threads was: the user's forward, here."""
+    from types import SimpleNamespace
+
+    from autotiacc.engine.rundir import RunDir
+    from autotiacc.engine.task import Candidate
+    from autotiacc.inference.task import InferenceTask, TuneOptions
+    from autotiacc.inference.workload import load_workload
+
+    model = _write(tmp_path / "m.py", HANG.format(pid=str(tmp_path / "pid")))
+    task = InferenceTask(load_workload(model), TuneOptions(budget_s=60, out_dir=tmp_path / "run"))
+    task.run_dir = RunDir(tmp_path / "run")
+    (tmp_path / "run" / "trials").mkdir(parents=True)
+    task.start_search()
+    try:
+        res = task.evaluate(SimpleNamespace(number=7), Candidate(values={}, label="baseline", key="b", is_baseline=True),
+                            timeout=4, best_gain=1.0)
+    finally:
+        task.close()
+    assert res.state == "fail" and res.attrs["status"] == "timeout"
+    log = (tmp_path / "run" / "trials" / "0007.log").read_text()
+    assert "timeout: no result within 4 s" in log and "m.py\", line 6 in forward" in log, log
+
+
 @pytest.mark.slow
 def test_ctrl_c_before_a_run_dir_claims_nothing_kept(tmp_path):
     pid = tmp_path / "pid"

@@ -210,12 +210,15 @@ class InferenceTask(Task):
             prune_above=None if candidate.is_baseline else self.strategy.prune_factor / best_gain)
         if self.options.max_memory_mib is not None:  # one shape only (checked in __init__)
             extra["max_memory_mib"] = self.options.max_memory_mib
+        log_path = self.run_dir.trial_log(f"{trial.number:04d}")
         outcome = self.pool.call(
-            fn, self.workload, {"candidate": candidate.values}, timeout=timeout,
-            log_path=self.run_dir.trial_log(f"{trial.number:04d}"), device=self.options.device,
-            tolerance=self.options.effective_tolerance, **extra)
+            fn, self.workload, {"candidate": candidate.values}, timeout=timeout, log_path=log_path,
+            device=self.options.device, tolerance=self.options.effective_tolerance, **extra)
         attrs: dict[str, Any] = {"wall_s": round(outcome.seconds, 3)}
         if not outcome.ok:
+            if outcome.traceback:  # where it raised, or where a hang was stuck: kept in the trial's log
+                with open(log_path, "a") as log:
+                    log.write(f"\n{outcome.status}: {outcome.error}\n{outcome.traceback}")
             attrs.update(status=outcome.status, reason=outcome.error)
             if outcome.status == "timeout" and timeout < self.strategy.trial_timeout_s:
                 attrs["reason"] = (f"stopped after {outcome.seconds:.0f} s, its share of the budget "
