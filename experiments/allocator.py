@@ -28,21 +28,36 @@ from autotiacc.engine.workers import run_isolated  # noqa: E402
 from autotiacc.hardware import fingerprint, fingerprint_id  # noqa: E402
 from autotiacc.inference.workload import load_workload  # noqa: E402
 
-SETTINGS = {"glibc default": {},
-            "mmap threshold fixed (1 GiB)": {"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
-                                             "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}}
+# a setting: (environment of the fresh process, mallopt calls made once the variant is built and warm)
+SETTINGS = {"glibc default": ({}, ()),
+            "mmap threshold fixed (1 GiB)": ({"MALLOC_MMAP_THRESHOLD_": str(1 << 30),
+                                              "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}, ()),
+            # what a plan's `apply` could do in a serving process that has loaded its model already:
+            # mallopt's ceiling for the mmap threshold is 32 MiB on 64-bit glibc
+            "mallopt at run time (32 MiB / 1 GiB)": ({}, ((-3, 32 << 20), (-1, 1 << 30)))}
 VARIANTS = {"eager fp32": None, "torchscript fp32": {"execution": {"backend": "torchscript"}},
+            "torchscript bf16 weights channels_last": {"execution": {"backend": "torchscript"},
+                                                       "precision": {"mode": "bf16_weights"},
+                                                       "layout": {"channels_last": True}},
             "compile bf16 autocast (freezing)": {"execution": {"backend": "compile", "freezing": True},
                                                  "precision": {"mode": "bf16_autocast"}}}
 
 
-def time_variant(workload, values, window_s: float) -> dict:
-    """In the child: build, warm up, time one window; minor page faults per call while timing."""
+def time_variant(workload, values, window_s: float, mallopt: tuple = ()) -> dict:
+    """In the child: build, warm up, make the `mallopt` calls (M_* number, value), time one
+    window; minor page faults per call while timing."""
+    import ctypes
     import resource
 
     from autotiacc.engine.fidelity import time_window
 
     time_window(workload, "v", values, device="cpu", window_s=0, warmup_s=1.0, tolerance=1.0)
+    libc = ctypes.CDLL("libc.so.6")
+    for param, value in mallopt:
+        if libc.mallopt(param, value) != 1:
+            raise OSError(f"mallopt({param}, {value}) refused")
+    if mallopt:  # settle at the new thresholds before timing
+        time_window(workload, "v", values, device="cpu", window_s=0.3, warmup_s=0, tolerance=1.0)
     f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     out = time_window(workload, "v", values, device="cpu", window_s=window_s, warmup_s=0, tolerance=1.0)
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
@@ -55,18 +70,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--reps", type=int, default=6, help="fresh processes per variant and setting")
     ap.add_argument("--window-s", type=float, default=1.0)
+    ap.add_argument("--variants", nargs="*", choices=list(VARIANTS), help="default: all")
+    ap.add_argument("--settings", nargs="*", choices=list(SETTINGS), help="default: all")
     args = ap.parse_args()
+    variants = {v: VARIANTS[v] for v in args.variants or VARIANTS}
+    settings = {s: SETTINGS[s] for s in args.settings or SETTINGS}
     workload = load_workload(Path(args.model), batch_size=args.batch_size)
     fp = fingerprint("cpu")
     out_dir = HERE / "results" / fingerprint_id(fp)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for rep in range(args.reps):  # in turns, the order rotating, so drift in load hits all alike
-        cells = [(s, v) for s in SETTINGS for v in VARIANTS]
+        cells = [(s, v) for s in settings for v in variants]
         k = rep % len(cells)
         for setting, variant in cells[k:] + cells[:k]:
-            res = run_isolated(time_variant, workload, VARIANTS[variant], args.window_s, timeout=300,
-                               env=SETTINGS[setting])
+            env, mallopt = settings[setting]
+            res = run_isolated(time_variant, workload, variants[variant], args.window_s, mallopt, timeout=300,
+                               env=env)
             row = {"rep": rep, "setting": setting, "variant": variant, "ok": res.ok,
                    "load": round(os.getloadavg()[0], 2), **(res.value if res.ok else {"error": res.error[:200]})}
             rows.append(row)
@@ -78,8 +98,8 @@ def main() -> None:
         w.writeheader()
         w.writerows(rows)
     table = {}
-    for s in SETTINGS:
-        for v in VARIANTS:
+    for s in settings:
+        for v in variants:
             ms = [r["median_ms"] for r in rows if r["setting"] == s and r["variant"] == v and r["ok"]]
             pf = [r["faults_per_call"] for r in rows if r["setting"] == s and r["variant"] == v and r["ok"]]
             if ms:
