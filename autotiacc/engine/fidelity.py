@@ -224,7 +224,7 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     at 25.0 ms in one and 30.4-32.3 ms in the other two, its plan re-measured in fresh
     processes over-stated. Five processes (one per round of a short final) cost two builds of
     eager, about a second. A candidate's one process is a draw too (convnet's TorchScript bf16
-    plan: 9.4-10.1 ms in most processes, 12.0-13.0 ms in about one in four): its figure then
+    plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of 16): its figure then
     under-states it.
     """
     t0 = time.perf_counter()
