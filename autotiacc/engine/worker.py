@@ -73,21 +73,19 @@ def import_torch() -> None:
 
 
 STACK_SIGNAL = signal.SIGUSR2
-_stack_file: Any = None  # kept open for faulthandler, which writes to its descriptor
+STACK_FD_ENV = "AUTOTIACC_STACK_FD"
 
 
 def _dump_stack_on_signal() -> None:
-    """On STACK_SIGNAL, write every thread's Python stack to $AUTOTIACC_STACK_FILE: the caller
-    asks for it before killing a hung call, so the timeout says where the call was stuck.
-    faulthandler writes from the signal handler itself, so it works while the main thread
-    blocks in C code holding the GIL."""
-    global _stack_file
-    path = os.environ.get("AUTOTIACC_STACK_FILE")
-    if path:
+    """On STACK_SIGNAL, write every thread's Python stack to the descriptor $AUTOTIACC_STACK_FD
+    (an unlinked file the caller holds open too): the caller asks for it before killing a hung
+    call, so the timeout says where the call was stuck. faulthandler writes from the signal
+    handler itself, so it works while the main thread blocks in C code holding the GIL."""
+    fd = os.environ.get(STACK_FD_ENV)
+    if fd:
         import faulthandler
 
-        _stack_file = open(path, "w")  # noqa: SIM115 - open for the process's life
-        faulthandler.register(STACK_SIGNAL, file=_stack_file, all_threads=True)
+        faulthandler.register(STACK_SIGNAL, file=int(fd), all_threads=True)
 
 
 def main(argv: list[str]) -> None:

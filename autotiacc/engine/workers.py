@@ -107,21 +107,23 @@ class Worker:
 
         call_r, call_w = os.pipe()
         res_r, res_w = os.pipe()
-        fd, self._stack_path = tempfile.mkstemp(prefix="autotiacc-stack-", suffix=".txt")
-        os.close(fd)
-        full_env = {**TOOL_ENV, **os.environ, **(env or {}), "AUTOTIACC_STACK_FILE": self._stack_path}
+        # where the worker writes its threads' stacks when asked (`stack`): a file unlinked at once,
+        # shared by descriptor, so nothing is left behind however either side ends
+        self._stack_fd, path = tempfile.mkstemp(prefix="autotiacc-stack-")
+        os.unlink(path)
+        full_env = {**TOOL_ENV, **os.environ, **(env or {}), worker_side.STACK_FD_ENV: str(self._stack_fd)}
         out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
         try:
             if zygote.enabled():  # forked from a process that has imported torch already
-                fds = [call_r, res_w] + ([out.fileno()] if out else [])
+                fds = [call_r, res_w, self._stack_fd] + ([out.fileno()] if out else [])
                 self.proc: subprocess.Popen | zygote.ForkedProcess = zygote.fork_worker(full_env, fds)
-            else:
+            else:  # the descriptors keep their numbers in the child
                 self.proc = subprocess.Popen(
                     [sys.executable, "-c", _ENTRY, _PACKAGE_PARENT, str(call_r), str(res_w), str(os.getpid())],
                     stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT if out else None,
-                    env=full_env, pass_fds=(call_r, res_w), close_fds=True)
+                    env=full_env, pass_fds=(call_r, res_w, self._stack_fd), close_fds=True)
         except BaseException:
-            Path(self._stack_path).unlink(missing_ok=True)
+            os.close(self._stack_fd)
             raise
         finally:
             os.close(call_r)
@@ -197,14 +199,11 @@ class Worker:
         deadline, size = time.perf_counter() + wait_s, -1
         while time.perf_counter() < deadline:  # written from a signal handler: wait until it stops growing
             time.sleep(0.05)
-            now = os.path.getsize(self._stack_path) if os.path.exists(self._stack_path) else 0
+            now = os.fstat(self._stack_fd).st_size
             if now and now == size:
                 break
             size = now
-        try:
-            text = Path(self._stack_path).read_text(errors="replace")
-        except OSError:
-            return ""
+        text = os.pread(self._stack_fd, max(size, 0), 0).decode(errors="replace") if size > 0 else ""
         return f"Python stacks of the worker's threads (pid {self.pid}) when it was stopped:\n{text}" if text else ""
 
     def kill(self) -> None:
@@ -233,7 +232,9 @@ class Worker:
         for conn in (self._send, self._recv):
             if not conn.closed:
                 conn.close()
-        Path(self._stack_path).unlink(missing_ok=True)  # a child still running keeps its descriptor
+        if self._stack_fd >= 0:
+            os.close(self._stack_fd)
+            self._stack_fd = -1
 
 
 def _send_failed(exc: BaseException) -> Outcome:

@@ -164,17 +164,18 @@ def _become_worker(sock: socket.socket, wake_r: int, wake_w: int, req: dict[str,
         sock.close()
         os.close(wake_r)
         os.close(wake_w)
+        from .worker import STACK_FD_ENV, main
+
         env = req["env"]
         for k in [k for k in os.environ if k not in env]:
             del os.environ[k]
         os.environ.update(env)
-        call_r, res_w, *log = fds
+        call_r, res_w, stack_fd, *log = fds
+        os.environ[STACK_FD_ENV] = str(stack_fd)  # its number here, not the caller's
         if log:
             os.dup2(log[0], 1)
             os.dup2(log[0], 2)
             os.close(log[0])
-        from .worker import main
-
         main([str(call_r), str(res_w), str(os.getppid())])
     finally:
         os._exit(_CHILD_CRASH)
@@ -200,7 +201,7 @@ class Zygote:
         self._lock = threading.Lock()
 
     def spawn(self, env: dict[str, str], fds: list[int]) -> "ForkedProcess":
-        """Ask for a worker with `env` whose call/result pipes (and log, if a third fd) are `fds`.
+        """Ask for a worker with `env` whose call/result pipes, stack file (and log, if a fourth fd) are `fds`.
         Returns at once: the child exists once the zygote has imported torch."""
         with self._lock:
             self._next += 1
