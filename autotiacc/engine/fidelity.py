@@ -222,11 +222,11 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     in its one baseline process, the next at 33-38 ms, with the candidates the same in both
     (the first plan's 2.68x re-measured at 3.66x); a later one, with three baseline processes,
     at 25.0 ms in one and 30.4-32.3 ms in the other two. Five processes (one per round of a
-    short final) cost two builds of eager, about a second; no count helps when the machine
-    runs eager slow for a while (another final: 38.0-40.6 ms in all three, eager in fresh
-    processes afterwards 27-29 ms, its plan over-stated by a third). A candidate's one process is a draw too (convnet's TorchScript bf16
-    plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of 16): its figure then
-    under-states it.
+    short final) cost two builds of eager, about a second; no count helps when the machine runs
+    eager slow for a while (another final: 38.0-40.6 ms in all three, eager in fresh processes
+    afterwards 27-29 ms, its plan over-stated by a third). A candidate's one process is a draw
+    too (convnet's TorchScript bf16 plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of
+    16): its figure then under-states it.
     """
     t0 = time.perf_counter()
     bench = bench or OneShape()

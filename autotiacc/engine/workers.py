@@ -203,7 +203,8 @@ class Worker:
             if now and now == size:
                 break
             size = now
-        text = os.pread(self._stack_fd, max(size, 0), 0).decode(errors="replace") if size > 0 else ""
+        size = os.fstat(self._stack_fd).st_size
+        text = os.pread(self._stack_fd, size, 0).decode(errors="replace") if size else ""
         return f"Python stacks of the worker's threads (pid {self.pid}) when it was stopped:\n{text}" if text else ""
 
     def kill(self) -> None:
