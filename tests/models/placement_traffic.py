@@ -1,9 +1,21 @@
 """A model.py with traffic() that proves placement on the traffic path: its forward raises unless
-every input is on its weights' device, and records (instance id, device, input shape) per call."""
+every input is on its weights' device, and records (instance, device, input shape) per call.
+An instance is named by a serial, never reused: a freed model's id() may be given to the next one."""
+import itertools
+import weakref
+
 import torch
 from torch import nn
 
 CALLS: list = []
+_SERIALS = itertools.count()
+_SERIAL_OF: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+
+
+def _serial(module: nn.Module) -> int:
+    if module not in _SERIAL_OF:  # a copy (deepcopy) is a new instance: a new serial
+        _SERIAL_OF[module] = next(_SERIALS)
+    return _SERIAL_OF[module]
 
 
 class PlacedSeq(nn.Module):
@@ -15,7 +27,7 @@ class PlacedSeq(nn.Module):
         w = self.proj.weight.device
         if x.device != w or mask.device != w:
             raise RuntimeError(f"inputs on {x.device}/{mask.device}, weights on {w}")
-        CALLS.append((id(self), str(x.device), tuple(x.shape)))
+        CALLS.append((_serial(self), str(x.device), tuple(x.shape)))
         keep = mask.unsqueeze(-1).to(x.dtype)
         return self.proj((x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1.0))
 
