@@ -97,17 +97,35 @@ def _study_in_flight(db, *, finished: int) -> bool:
     return states.count("COMPLETE") >= finished and "RUNNING" in states
 
 
-SLOW_FORWARD = '''
+HELD_FORWARD = '''
 
-class Slow(nn.Module):
+class Held(nn.Module):
+    """tiny_mlp, whose forward, in a tune started with AUTOTIACC_TEST_HOLD set, waits once the study
+    STUDY holds 3 finished (COMPLETE) trials, until the file RELEASE exists, having said so in HELD:
+    the tune is held inside its next trial, an event the test waits on instead of racing a clock (a
+    tune of tiny trials ends between two polls)."""
+
     def __init__(self, inner: nn.Module) -> None:
         super().__init__()
         self.inner = inner
+        self.checked = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import os
+        import sqlite3
         import time
 
-        time.sleep(0.02)
+        hold = os.environ.get("AUTOTIACC_TEST_HOLD") and not os.path.exists(RELEASE)
+        if hold and time.monotonic() - self.checked > 0.02:
+            self.checked = time.monotonic()
+            try:
+                with sqlite3.connect(f"file:{STUDY}?mode=ro", uri=True, timeout=1) as con:
+                    done = con.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()[0]
+            except sqlite3.Error:
+                done = 0
+            while done >= 3 and not os.path.exists(RELEASE):
+                open(HELD, "w").close()
+                time.sleep(0.05)
         return self.inner(x)
 
 
@@ -115,8 +133,18 @@ _build = build_model
 
 
 def build_model() -> nn.Module:
-    return Slow(_build())
+    return Held(_build())
 '''
+
+
+def _wait_for(what: str, condition, proc, *, limit_s: float = 600) -> None:
+    """Wait for an event of the tune (a file, the study's state); `limit_s` only guards against a
+    tune that never gets there (a bug), never paces the test."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert proc.poll() is None, f"the tune exited (code {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {limit_s:.0f} s"
+        time.sleep(0.05)
 
 
 def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models_dir):
@@ -124,30 +152,31 @@ def test_kill_minus_nine_then_resume_keeps_every_finished_trial(tmp_path, models
     runs (a second tune is refused, naming the holder); --resume refuses another batch size and
     measures the interrupted trial's configuration again."""
     out = tmp_path / "run"
-    # tiny_mlp's forward, plus 20 ms: every trial takes at least its ten interleaved rounds of
-    # that, so the trial in flight is still running when the kill lands (tiny_mlp's own trials in
-    # a warm worker end within one poll of the study)
-    model = tmp_path / "slow_mlp.py"
-    model.write_text((models_dir / "tiny_mlp.py").read_text() + SLOW_FORWARD)
+    release, held = tmp_path / "release", tmp_path / "held"
+    # tiny_mlp, held inside its 4th measured trial: the kill lands while a trial is in flight,
+    # however fast, slow or loaded the machine
+    model = tmp_path / "held_mlp.py"
+    model.write_text((models_dir / "tiny_mlp.py").read_text() + HELD_FORWARD
+                     + f"\nSTUDY, RELEASE, HELD = {str(out / 'study.db')!r}, {str(release)!r}, {str(held)!r}\n")
     model = str(model)
     # cheap candidates with short windows; patience ends the resumed session (the budgets are bounds)
     strategy = ("--strategy", str(models_dir / "resume_strategy.yaml"))
-    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, *strategy, "--budget", "3m", "--out", str(out),
+    # a budget the kill always comes well within: the search is still asking trials then
+    cmd = [sys.executable, "-m", "autotiacc.cli", "tune", model, *strategy, "--budget", "20m", "--out", str(out),
            "--quiet"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "AUTOTIACC_TEST_HOLD": "1"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and not (out / "run.json").exists():
-        time.sleep(0.2)
+    _wait_for("run.json", (out / "run.json").exists, proc)
     second = run_cli("tune", model, *strategy, "--budget", "1m", "--out", str(out), "--resume", "--quiet", timeout=120)
     assert second.returncode == 2 and f"pid {proc.pid} on " in second.stderr, second.stderr
     assert second.stderr.count("\n") == 1 and "Traceback" not in second.stderr
-    # kill the moment the study itself has 3 finished trials and one in flight (trials.csv lags
-    # the study: with trials of ~1 s, a trial it showed running had often been told already)
-    while time.monotonic() < deadline and not _study_in_flight(out / "study.db", finished=3):
-        time.sleep(0.05)
+    # the tune holds itself once the study has 3 finished trials: kill it while a trial is held in
+    # flight (its forward waits, HELD is written, and the study has it RUNNING)
+    _wait_for("a trial held in flight", lambda: held.exists() and _study_in_flight(out / "study.db", finished=3),
+              proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
+    release.touch()
     import optuna
 
     # what was in flight is what the study says was RUNNING at the kill (the files lag behind it)
