@@ -71,7 +71,17 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         fp["onnxruntime"] = onnxruntime.__version__
     except ImportError:
         fp["onnxruntime"] = None
+    fp["openvino"] = _package_version("openvino")  # read from its metadata: importing it costs 0.3 s
     return fp
+
+
+def _package_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def gpu_info(index: int) -> dict[str, Any]:

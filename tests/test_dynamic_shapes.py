@@ -13,7 +13,7 @@ from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWa
                                quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.inference.evaluate import evaluate
-from autotiacc.knobs import SearchContext, configs_from_params
+from autotiacc.knobs import SearchContext, configs_from_params, get_knob
 from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.inference.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
 from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
@@ -438,8 +438,11 @@ def test_per_bucket_backend_and_precision_are_searched(tiny):
 
     st = shape_tuning_for(tiny, strategy=load_strategy("inference-latency"))
     ctx = SearchContext(level=1, onnxruntime=True)
-    assert set(st.bucket_choices(ctx)) == {"eager", "torchscript", "compile", "onnxruntime"}
+    engines = {"onnxruntime"} | ({"openvino"} if get_knob("openvino").applies(ctx) else set())
+    assert set(st.bucket_choices(ctx)) == {"eager", "torchscript", "compile", *engines}
     assert "bf16_autocast" not in st.bucket_choices(ctx)["onnxruntime"]  # incompatible, as the knob says
+    if "openvino" in engines:  # the openvino knob's refusals count too: torch's precision modes do not carry
+        assert "bf16_autocast" not in st.bucket_choices(ctx)["openvino"]
     assert st.bucket_choices(ctx)["eager"] == ["fp32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights"]
     assert st.bucket_choices(SearchContext(level=0)) != {}  # backends still differ at level 0
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
@@ -498,7 +501,8 @@ def test_plan_schema_2_carries_buckets_and_their_configs(tiny, tmp_path):
     assert [b["edge"] for b in raw["shapes"]["buckets"]] == [{"batch_size": 3, "seq_len": 16},
                                                             {"batch_size": 3, "seq_len": 40}]
     assert raw["shapes"]["buckets"][1]["knobs"] == [{"_type": "PrecisionConfig", "_version": 1,
-                                                     "_data": {"mode": "bf16_weights", "groups": []}}]
+                                                     "_data": {"mode": "bf16_weights", "groups": [],
+                                                               "keep_fp32": []}}]
     again = load_plan(path)
     assert again.shapes.spec.knobs == spec.knobs and _json(again.to_dict()) == raw
     model = tiny.build_model()

@@ -149,7 +149,8 @@ class OneShape(Bench):
         from ..knobs import configs_from_params
 
         torch._dynamo.reset()
-        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device,
+                              calibration=[x for x, _ in ref.test])
         acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
                               metric=workload.metric, targets=[y for _, y in ref.test])
         if not acc.ok:

@@ -1,5 +1,5 @@
-"""Deployment engines outside PyTorch that the execution knob can hand a model to (ONNX Runtime;
-more plug in the same way): one module each, registered here by name.
+"""Deployment engines outside PyTorch that the execution knob can hand a model to (ONNX Runtime,
+OpenVINO; more plug in the same way): one module each, registered here by name.
 
 An engine is what a user would otherwise deploy by hand. Its module holds everything about it
 in one place: building a runner from the model for a trial, saving the artifact a plan exports,
@@ -8,8 +8,8 @@ artifact served are made by the same code with the same options.
 
 Call order: `available()` in the tuner's process (is it searched at all); `build(state, config)`
 in the process that builds a candidate (a worker), after the other knobs prepared `state`;
-`save(module, inputs, path, config, device)` when a plan exports its artifact; `load(path, entry,
-device)` wherever an artifact is served. Engines import their package lazily, inside these
+`save(state, path, config, device)` when a plan exports its artifact; `load(path, entry, device)`
+wherever an artifact is served. Engines import their package lazily, inside these
 methods: `import autotiacc` never imports them.
 """
 from __future__ import annotations
@@ -26,6 +26,16 @@ class Engine(ABC):
     artifact_format: ClassVar[str]  # the plan's `extra.artifact.format`
     artifact_file: ClassVar[str]  # the artifact's file name in the run directory
     install_hint: ClassVar[str]  # what to pip install when it is missing
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types it is searched on
+    # its runner serves the input shapes it was built at only (traffic buckets must pad to them)
+    fixed_shapes: ClassVar[bool] = True
+    # the knob whose config holds the engine's own options (None: it has none); the plan's artifact
+    # entry records them (`engine_options`) and `load` compiles with exactly those
+    options_knob: ClassVar[str | None] = None
+
+    def companions(self, path: Path) -> list[Path]:
+        """Files written beside the artifact at `path` (hashed and checked with it)."""
+        return []
 
     @abstractmethod
     def available(self) -> bool:
@@ -37,8 +47,9 @@ class Engine(ABC):
         `state.device`), built from `state.example_inputs` with the options in `config`."""
 
     @abstractmethod
-    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str) -> None:
-        """Write the artifact of `module` (precision and layout already applied) to `path`."""
+    def save(self, state: Any, path: Path, config: Any, device: str) -> None:
+        """Write the artifact of `state.model` (a module with precision and layout applied, run at
+        `state.example_inputs`; `state.notes` and `state.calibration` as in `build`) to `path`."""
 
     @abstractmethod
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
@@ -71,6 +82,11 @@ def by_format(fmt: str | None) -> Engine | None:
     return next((e for e in engines().values() if e.artifact_format == fmt), None)
 
 
+def fixed_shape_backends() -> set[str]:
+    """Backends whose runner serves only the shapes it was built at."""
+    return {name for name, e in engines().items() if e.fixed_shapes}
+
+
 def _load_builtin() -> None:
     # explicit, not an import side effect scattered over the package: the built-in engines
-    from . import onnxruntime  # noqa: F401
+    from . import onnxruntime, openvino  # noqa: F401

@@ -100,8 +100,8 @@ class OnnxRuntime(Engine):
         run.onnx_bytes = len(buf.getvalue())
         return run
 
-    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str) -> None:
-        export_onnx(module, inputs, str(path))  # the exporter the backend measured with
+    def save(self, state: Any, path: Path, config: Any, device: str) -> None:
+        export_onnx(state.model, state.example_inputs, str(path))  # the exporter the backend measured with
 
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
         try:

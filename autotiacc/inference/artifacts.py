@@ -4,8 +4,9 @@ search dependencies (no Optuna, no tuner), named in the plan together with its s
 Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
-- an engine (`autotiacc.engines`: `onnxruntime`) -> the engine's own file (ONNX), saved and loaded by
-  the engine's module with the options that were measured;
+- an engine (`autotiacc.engines`: `onnxruntime`, `openvino`) -> the engine's own file (ONNX; OpenVINO
+  IR, `.xml` with its `.bin` beside it), saved and loaded by the engine's module with the options that
+  were measured (`engine_options` in the entry);
 - `eager`        -> `torch.export` program (plain PyTorch);
 - int8 plans torch.export cannot carry (see `artifact_format`) -> TorchScript.
 
@@ -21,8 +22,9 @@ tune measured; an AOTInductor package is loaded with its single-threaded runner,
 can be captured). Where there is no CUDA it runs without them and warns that the plan's speed-up
 was measured with them.
 
-Loading checks the sha256 recorded in the plan *before* handing the file to torch: a tampered
-or swapped artifact raises `PlanError`. `torch.export.load` would unpickle payloads an archive
+Loading checks the sha256 recorded in the plan *before* handing the file to torch (and of every
+file beside it that the artifact needs, `extra_files`): a tampered or swapped artifact raises
+`PlanError`. `torch.export.load` would unpickle payloads an archive
 marks as pickled (weights_only=False), so export archives holding any are refused as well.
 An AOTInductor package is native code: the hash check is what guards it; keep plan.json
 where only you can write it.
@@ -66,6 +68,27 @@ def artifact_format(knobs: dict) -> str:
     return {"compile": "aoti", "torchscript": "torchscript"}.get(backend, "export")
 
 
+def files_problem(art: Path, entry: dict[str, Any]) -> str | None:
+    """What is wrong with the artifact at `art` and the files beside it that it needs, measured
+    against the plan's `entry` (their sha256); None when every file is there as recorded."""
+    from ..engines import by_format
+
+    actual = sha256_of(art)
+    if actual != entry.get("sha256"):
+        return (f"{art}: sha256 {actual[:16]}... does not match the plan's {str(entry.get('sha256'))[:16]}...; "
+                "the artifact was modified or swapped")
+    eng = by_format(entry.get("format"))
+    recorded = entry.get("extra_files") or {}
+    for companion in eng.companions(art) if eng else []:
+        if companion.name not in recorded:
+            return f"{art}: the plan records no sha256 for {companion.name}, which the artifact needs"
+        if not companion.is_file():
+            return f"{companion}: missing beside {art.name}"
+        if sha256_of(companion) != recorded[companion.name]:
+            return f"{companion}: sha256 does not match the plan's; the artifact was modified or swapped"
+    return None
+
+
 def sha256_of(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -74,9 +97,10 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
-    """An nn.Module that is `model` with the graph-level knobs (precision, layout) applied and
-    outputs cast back to the model's dtypes, so it is a drop-in replacement when exported."""
+def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, calibration: list | None = None):
+    """A `BuildState` whose model is an nn.Module: `model` with the graph-level knobs (precision,
+    layout) applied and outputs cast back to the model's dtypes, so it is a drop-in replacement
+    when exported (`module_prefix`: where `model` sits in it); its notes are those knobs' notes."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -85,12 +109,14 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
     with torch.no_grad():
         ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None
                       for t in pytree.tree_flatten(model(*example_inputs))[0]]
-    state = BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
+    state = BuildState(model=model, example_inputs=tuple(example_inputs), device=device, calibration=calibration)
     for knob in all_knobs():
         if knob.name not in ("runtime", "execution"):  # runtime is serving config, execution is the export
             knob.apply(state, knobs.get(knob.name, knob.default()))
 
     class Deployable(torch.nn.Module):
+        module_prefix = "model."
+
         def __init__(self) -> None:
             super().__init__()
             self.model = state.model
@@ -107,13 +133,17 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
                           and t.dtype != d else t for t, d in zip(leaves, ref_dtypes)]
             return pytree.tree_unflatten(leaves, spec)
 
-    return Deployable().eval()
+    # the wrapper casts inputs itself; notes and calibration stay for an engine that quantizes
+    return BuildState(model=Deployable().eval(), example_inputs=tuple(example_inputs), device=device,
+                      notes=state.notes, calibration=calibration)
 
 
 def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     """Build the plan's model, save it as the artifact its backend allows, and return the plan
     entry {"format", "file", "sha256", ...}. Raises on failure (the caller records it)."""
     import torch
+
+    from ..engines import by_format
 
     run_dir = Path(run_dir)
     fmt = artifact_format(plan.knobs)
@@ -122,18 +152,28 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     model = to_device(workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
     t0 = time.perf_counter()
-    wrapper = _deployable(model, plan.knobs, inputs, device)
+    calibrated = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"  # on the data the tune used
+    calibration = [x for x, _ in to_device(list(workload.test_data()), device)] if calibrated else None
+    state = _deployable(model, plan.knobs, inputs, device, calibration)
+    eng = by_format(fmt)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
+    pairs = [(tmp, path)] + (list(zip(eng.companions(tmp), eng.companions(path))) if eng else [])
     try:
-        _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"], device)
-        tmp.replace(path)
+        _save(fmt, eng, state, tmp, plan.knobs["execution"], device)
+        for made, final in pairs:
+            made.replace(final)
     finally:
-        tmp.unlink(missing_ok=True)  # half-written on failure
+        for made, _ in pairs:
+            made.unlink(missing_ok=True)  # half-written on failure
     runtime = dataclasses.asdict(plan.knobs["runtime"]) if "runtime" in plan.knobs else {}
     entry = {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
              "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
              "input_shapes": [list(t.shape) for t in inputs],
              "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+    if len(pairs) > 1:
+        entry["extra_files"] = {final.name: sha256_of(final) for _, final in pairs[1:]}
+    if eng is not None and eng.options_knob in plan.knobs:  # what `load` compiles with, as measured
+        entry["engine_options"] = dataclasses.asdict(plan.knobs[eng.options_knob])
     graphs = cuda_graphs_entry(plan.knobs["execution"])
     if graphs:
         entry["cuda_graphs"] = graphs
@@ -155,14 +195,13 @@ def cuda_graphs_entry(execution) -> dict[str, Any] | None:
             "why": "a CUDA graph is captured in the serving process on its GPU; no saved format holds one"}
 
 
-def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str) -> None:
+def _save(fmt: str, eng, state, tmp: Path, execution, device: str) -> None:
     import torch
 
-    from ..engines import by_format
-
+    wrapper, inputs = state.model, state.example_inputs
     with torch.no_grad():
-        if (eng := by_format(fmt)) is not None:  # the engine writes the artifact it measured
-            eng.save(wrapper, inputs, tmp, execution, device)
+        if eng is not None:  # the engine writes the artifact it measured
+            eng.save(state, tmp, execution, device)
         elif fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
             torch.jit.save(traced, str(tmp))
@@ -241,10 +280,9 @@ def load_artifact(path: str | Path, *, sha256: str | None = None):
         art, entry = _entry_for(path)
     if not art.is_file():
         raise PlanError(f"{art}: the artifact the plan names is missing; re-export with `autotiacc tune ... --export`.")
-    actual = sha256_of(art)
-    if actual != entry.get("sha256"):
-        raise PlanError(f"{art}: sha256 {actual[:16]}... does not match the plan's {str(entry.get('sha256'))[:16]}...; "
-                        "the artifact was modified or swapped. Refusing to load it; re-export it.")
+    problem = files_problem(art, entry)
+    if problem:
+        raise PlanError(f"{problem}. Refusing to load it; re-export it.")
     graphs_on = _graphs_device(art, entry)
     runner = _load_verified(art, entry.get("format"), entry, single_threaded=graphs_on is not None)
     if graphs_on is None:

@@ -28,6 +28,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+from ..engines import fixed_shape_backends
 from ..errors import PlanError, UserInputError
 from ..knobs import KnobConfig, config_from_dict, config_to_dict, configs_from_params
 from ..knobs.base import knob_for_config
@@ -312,9 +313,9 @@ class BucketedModel:
             cfg = spec.configs(idx, configs)
             execution = cfg.get("execution")
             backend = getattr(execution, "backend", "eager")
-            if backend == "onnxruntime" and not padded:
-                raise PlanError(f"bucket {bucket_key(spec.buckets()[idx])} runs onnxruntime, whose session has "
-                                "fixed shapes: it must be padded (`padded: true`); re-run the tune.")
+            if backend in fixed_shape_backends() and not padded:
+                raise PlanError(f"bucket {bucket_key(spec.buckets()[idx])} runs {backend}, built at fixed "
+                                "shapes: it must be padded (`padded: true`); re-run the tune.")
             if backend == "compile":  # one graph per padded bucket, one dynamic graph per shared runner
                 compiles += 1
                 cfg = dict(cfg, execution=dataclasses.replace(execution, dynamic=not padded))

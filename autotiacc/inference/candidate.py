@@ -36,13 +36,16 @@ class OptimizedModel:
 
     Built lazily on the first call when no example inputs were given (tracing and
     compiling need real inputs). `build_seconds` is the time the build and first call took.
+    `calibration`: input tuples a calibrated precision mode (int8_static) takes its activation
+    scales from; without them it calibrates on the example inputs.
     """
 
     def __init__(self, model: Any, configs: dict[str, KnobConfig], *, example_inputs: tuple | None = None,
-                 device: str = "cpu", copy_model: bool = True) -> None:
+                 device: str = "cpu", copy_model: bool = True, calibration: list[tuple] | None = None) -> None:
         self.original = model
         self.configs = configs
         self.device = device
+        self.calibration = calibration
         self._copy = copy_model
         self._state: BuildState | None = None
         self._out_like: Any = None
@@ -60,7 +63,8 @@ class OptimizedModel:
             with torch.no_grad():
                 self._out_like = self.original(*example_inputs)  # dtypes/structure to restore
             model = copy.deepcopy(self.original) if self._copy else self.original
-            state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device)
+            state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device,
+                               calibration=self.calibration)
             for knob in all_knobs():
                 knob.apply(state, self.configs.get(knob.name, knob.default()))
             self._state = state

@@ -136,7 +136,7 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
             torch._dynamo.utils.counters.clear()
             with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
                 cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs,
-                                      device=device)
+                                      device=device, calibration=[x for x, _ in ref.test])
                 res["build_s"] = cand.build_seconds
                 outs: list = []
                 paces: list[float] = []  # each test call's time over the baseline's on that batch

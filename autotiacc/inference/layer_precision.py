@@ -16,7 +16,7 @@ import itertools
 import math
 from typing import Any, Callable, Iterable
 
-from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
+from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, keep_fp32_groups, param_name
 
 SEARCHED_GROUPS = 6  # at most this many groups get an Optuna parameter each
 
@@ -382,9 +382,9 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
             prof["unavailable"].append(level_note)
         save_profile(prof, path)
     groups = prof.get("search_groups") or []
-    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
-    # the diagnosis orders the strategy's starting points (autotiacc.profiling.diagnosis.order_seeds)
-    return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, prof.get("sensitivity") or []),
+    sens = prof.get("sensitivity") or []  # strategy entries pin every group to fp32 (precision_fp32)
+    return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, sens),
+            "int8_keep_fp32": keep_fp32_groups(sens),  # the groups calibrated int8 leaves in fp32
             "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis")}
 
 

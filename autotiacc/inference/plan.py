@@ -136,8 +136,14 @@ class Plan:
         return diffs
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
-              device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None):
+              device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None,
+              calibration_data: Any = None):
         """Return the optimized callable for `model` (built on the first call if no inputs given).
+
+        A plan with calibrated int8 (`int8_static`) takes its activation scales from
+        `calibration_data` (input tuples: those of the test data the tune used,
+        `[x for x, _ in test_data()]`); without them it calibrates on the first call's inputs and
+        warns (the artifact, `load_artifact`, keeps the scales the tune measured).
 
         A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
         other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
@@ -160,7 +166,12 @@ class Plan:
 
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device)
+        calibration = [to_device(tuple(x), device) for x in calibration_data] if calibration_data is not None else None
+        if calibration is None and getattr(self.knobs.get("precision"), "mode", "") == "int8_static":
+            warnings.warn("the plan's int8_static scales are calibrated on the first call's inputs, not on the test "
+                          "data the tune used: pass calibration_data=[x for x, _ in test_data()] to get the accuracy "
+                          "it measured, or serve its artifact (load_artifact).", UserWarning, stacklevel=2)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device, calibration=calibration)
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
@@ -191,7 +202,8 @@ def _jsonable(x: Any) -> Any:
 _WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
                     "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
 _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
-                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any]}
+                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any], "extra_files": dict[str, str],
+                    "engine_options": dict[str, Any]}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 

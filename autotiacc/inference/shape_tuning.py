@@ -36,8 +36,9 @@ from typing import Any, Callable
 
 from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, Bench, evaluate_alternating,
                                final_rounds_s)
+from ..engines import fixed_shape_backends
 from ..errors import UserInputError
-from ..knobs import SearchContext, configs_from_params, get_knob
+from ..knobs import SearchContext, all_knobs, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
 from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
 from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
@@ -172,13 +173,14 @@ class ShapeTuning(_AlternatingFinal):
             return {}
         execution, precision = get_knob("execution"), get_knob("precision")
         space = getattr(self.strategy, "space", lambda name: {})
-        backends = [b for b in execution.choices("backend", space("execution"), ctx)
-                    if self.can_pad or b != "onnxruntime"]  # a fixed-shape session needs padding
+        fixed = fixed_shape_backends()  # a fixed-shape session (ONNX Runtime, OpenVINO) needs padding
+        backends = [b for b in execution.choices("backend", space("execution"), ctx) if self.can_pad or b not in fixed]
         out = {}
         for b in backends:
             modes = [m for m in precision.choices("mode", space("precision"), ctx)
-                     if precision.incompatible(configs_from_params({"execution": {"backend": b},
-                                                                    "precision": {"mode": m}}), ctx) is None]
+                     if not any(k.incompatible(configs_from_params({"execution": {"backend": b},
+                                                                    "precision": {"mode": m}}), ctx)
+                                for k in all_knobs())]
             out[b] = modes
         return out if sum(len(m) for m in out.values()) > 1 else {}
 
@@ -350,9 +352,10 @@ FIXED_SHAPES = "fixed shapes"  # a runner that serves one input shape: its bucke
 
 def _runner_kind(execution: dict[str, Any]) -> str:
     """A bucket's execution values as `_padded` sees them: its backend, or `FIXED_SHAPES` for an
-    ONNX Runtime session (exported at one shape) or a CUDA graph (captured per input shape:
-    padding keeps it to one graph per bucket instead of one per request shape, up to its limit)."""
-    if execution.get("backend") == "onnxruntime" or execution.get("cuda_graphs"):
+    engine's fixed-shape runner (an ONNX Runtime session or OpenVINO model, built at one shape) or a
+    CUDA graph (captured per input shape: padding keeps it to one graph per bucket instead of one
+    per request shape, up to its limit)."""
+    if execution.get("backend") in fixed_shape_backends() or execution.get("cuda_graphs"):
         return FIXED_SHAPES
     return execution.get("backend", "eager")
 

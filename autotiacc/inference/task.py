@@ -108,6 +108,7 @@ class InferenceTask(Task):
         self.ctx = search_context(facts, self.options.device, self.options.level)
         self._identity = facts.identity
         self._fingerprint = machine_fingerprint(self.options.device)
+        self.ctx.extras["cpu_flags"] = tuple(self._fingerprint.get("cpu_flags") or ())  # the units knobs may need
         self.pool: WorkerPool | None = None
 
     def prepare(self, run_dir, left_s: float) -> float:

@@ -51,7 +51,7 @@ def _check_artifact(plan, plan_dir: Path, workload, timeout_s: float) -> tuple[l
     inputs within the plan's tolerance of eager fp32. Returns (problems, a line of findings).
     Loading and running it (native code, the user's model) happen in a child under `timeout_s`."""
     from ..engine.workers import run_isolated
-    from .artifacts import sha256_of
+    from .artifacts import files_problem
 
     entry = plan.extra.get("artifact")
     if not entry or "file" not in entry:
@@ -59,8 +59,9 @@ def _check_artifact(plan, plan_dir: Path, workload, timeout_s: float) -> tuple[l
     path = plan_dir / entry["file"]
     if not path.is_file():
         return [f"artifact {entry['file']} named by the plan is missing from {plan_dir}"], None
-    if sha256_of(path) != entry.get("sha256"):
-        return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped)"], None
+    problem = files_problem(path, entry)
+    if problem:  # the artifact's file, or one beside it that it needs (an OpenVINO IR's .bin)
+        return [f"artifact {entry['file']} does not match the plan's sha256 (modified or swapped): {problem}"], None
     tolerance = plan.tolerance if plan.tolerance is not None else 2e-2
     out = run_isolated(_artifact_accuracy, str(plan_dir), workload, entry.get("input_shapes"), tolerance,
                        timeout=timeout_s)

@@ -52,6 +52,8 @@ class BuildState:
 
     `input_casts` transform each input tensor per call; `build_contexts` wrap tracing or
     compiling; `call_contexts` wrap every call; the execution knob sets `runner` last.
+    `calibration`: input tuples a calibrated mode (int8_static) takes its activation scales from
+    (the test data's; None: the example inputs).
     """
 
     model: Any
@@ -62,6 +64,7 @@ class BuildState:
     call_contexts: list[Callable[[], Any]] = field(default_factory=list)
     runner: Callable[..., Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    calibration: list[tuple] | None = None
 
     def cast_inputs(self, inputs: tuple) -> tuple:
         for cast in self.input_casts:
@@ -86,6 +89,9 @@ class Knob(ABC):
     # choice -> lowest --level at which it may be searched
     choice_levels: ClassVar[dict[str, dict[Any, int]]] = {}
     cuda_only: ClassVar[dict[str, set]] = {}
+    # an engine's options: sampled only for candidates of this execution backend (after the
+    # other knobs), the default config for every other candidate
+    for_backend: ClassVar[str | None] = None
 
     def applies(self, ctx: SearchContext) -> bool:
         return True

@@ -1,6 +1,6 @@
 """Execution knob: eager, TorchScript (trace + freeze + optimize_for_inference), torch.compile
-(modes, Inductor freezing), an engine outside PyTorch (`autotiacc.engines`: ONNX Runtime; the user
-still calls a PyTorch callable), and on CUDA a captured CUDA graph around the eager or TorchScript
+(modes, Inductor freezing), an engine outside PyTorch (`autotiacc.engines`: ONNX Runtime, OpenVINO;
+the user still calls a PyTorch callable), and on CUDA a captured CUDA graph around the eager or TorchScript
 runner (`cuda_graphs`).
 
 This knob runs last: it turns the model prepared by the other knobs into `state.runner`.
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 TORCH_BACKENDS = ("eager", "torchscript", "compile")
-BACKENDS = (*TORCH_BACKENDS, "onnxruntime")  # the rest are `autotiacc.engines`
+BACKENDS = (*TORCH_BACKENDS, "onnxruntime", "openvino")  # the rest are `autotiacc.engines`
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHED_BACKENDS = ("eager", "torchscript")
 
@@ -85,8 +85,11 @@ class ExecutionKnob(Knob):
             from ..engines import engine
 
             # an engine is searched only where its package imports (ctx.onnxruntime: read once per tune)
+            # and on the devices it runs on
+            device = "cuda" if ctx.cuda else "cpu"
             out = [b for b in out if b in TORCH_BACKENDS or (b == "onnxruntime" and ctx.onnxruntime)
-                   or (b != "onnxruntime" and (e := engine(b)) is not None and e.available())] or ["eager"]
+                   or (b != "onnxruntime" and (e := engine(b)) is not None and e.available()
+                       and device in e.devices)] or ["eager"]
         return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> ExecutionConfig:

@@ -1,0 +1,107 @@
+"""OpenVINO knob: the options the openvino engine (`autotiacc.engines.openvino`) compiles its model
+with, searched only for candidates whose backend is openvino (the default config elsewhere).
+
+- `inference_precision`: OpenVINO's `INFERENCE_PRECISION_HINT`, f32 or bf16 (bf16 offered only on
+  a CPU with bf16 units, avx512_bf16 or amx_bf16: OpenVINO would emulate it elsewhere). f32 is the
+  default here, not OpenVINO's own (bf16 wherever the CPU has the units): a plan names what it ran.
+- `performance_hint`: `PERFORMANCE_HINT`, LATENCY or THROUGHPUT.
+- `num_streams`, `num_threads`: `NUM_STREAMS`, `INFERENCE_NUM_THREADS` (0: the hint decides).
+
+int8 is not an option here: it is the precision knob's `int8_static` mode (NNCF, calibrated), run
+by OpenVINO's int8 kernels. The config is recorded in the plan and in its artifact entry, and
+`apply`, the artifact and `verify` compile with exactly these properties.
+"""
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+from .base import BuildState, Knob, KnobConfig, SearchContext, register
+
+PRECISIONS = ("f32", "bf16")
+HINTS = ("LATENCY", "THROUGHPUT")
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of units that run bf16 natively
+MAX_COUNT = 4096  # streams or threads beyond any machine: a typo or a corrupt plan
+BACKEND = "openvino"
+
+
+@dataclass(frozen=True)
+class OpenVINOConfig(KnobConfig):
+    inference_precision: str = "f32"
+    performance_hint: str = "LATENCY"
+    num_streams: int = 0  # 0: the performance hint decides
+    num_threads: int = 0  # 0: OpenVINO's default (every core it may use)
+
+    def __post_init__(self) -> None:
+        if self.inference_precision not in PRECISIONS:
+            raise ValueError(f"`inference_precision` got {self.inference_precision!r}: use one of "
+                             f"{', '.join(PRECISIONS)} (int8 is the precision knob's int8_static mode).")
+        if self.performance_hint not in HINTS:
+            raise ValueError(f"`performance_hint` got {self.performance_hint!r}: use one of {', '.join(HINTS)}.")
+        for name in ("num_streams", "num_threads"):
+            value = getattr(self, name)
+            if not 0 <= value <= MAX_COUNT:
+                raise ValueError(f"`{name}` got {value}: use 0 (the hint decides) or a count up to {MAX_COUNT}.")
+
+    def properties(self) -> dict[str, str]:
+        """The compile properties of OpenVINO's CPU plugin that this config sets."""
+        props = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": self.performance_hint}
+        if self.num_streams:
+            props["NUM_STREAMS"] = str(self.num_streams)
+        if self.num_threads:
+            props["INFERENCE_NUM_THREADS"] = str(self.num_threads)
+        return props
+
+
+def openvino_available() -> bool:
+    """Whether openvino can be imported here (looked up, not imported)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def has_bf16_units(ctx: SearchContext) -> bool:
+    return any(f in ctx.extras.get("cpu_flags", ()) for f in BF16_FLAGS)
+
+
+@register
+class OpenVINOKnob(Knob):
+    name = "openvino"
+    config_cls = OpenVINOConfig
+    order = 90  # before the execution knob (100), which builds the engine with this config
+    for_backend = BACKEND
+    choice_levels = {"inference_precision": {"bf16": 1}}  # level 0 changes no precision
+    counts = ("num_streams", "num_threads")  # `auto` in a strategy: 0 and 1..cores
+
+    def applies(self, ctx: SearchContext) -> bool:
+        return not ctx.cuda and openvino_available()
+
+    def param(self, field_name: str) -> str:
+        return f"openvino_{field_name}"  # `num_threads` beside the runtime knob's `threads`
+
+    def choices(self, param, space, ctx):
+        if param in self.counts and space.get(param) in (["auto"], "auto"):
+            return [0] + list(range(1, ctx.cores + 1)) if ctx.cores > 1 else [0]
+        out = super().choices(param, space, ctx)
+        if param == "inference_precision" and not has_bf16_units(ctx):
+            out = [p for p in out if p != "bf16"]  # emulated without the units: never faster
+        return out
+
+    def suggest(self, trial, space, ctx: SearchContext) -> OpenVINOConfig:
+        return OpenVINOConfig(**{f: self.pick(trial, f, space, ctx) for f in
+                                 ("inference_precision", "performance_hint", "num_streams", "num_threads")})
+
+    def apply(self, state: BuildState, config: OpenVINOConfig) -> None:
+        state.notes[self.name] = config  # read by the engine when the execution knob builds it
+
+    def incompatible(self, configs, ctx):
+        if configs["execution"].backend != BACKEND:
+            return None
+        precision = configs["precision"]
+        if precision.mode not in ("fp32", "int8_static") or precision.groups:
+            return ("the openvino engine runs f32, bf16 (its `inference_precision`) or int8_static; torch's "
+                    f"precision mode {precision.mode}{' with per-layer groups' if precision.groups else ''} "
+                    "does not carry into it")
+        if getattr(configs.get("layout"), "channels_last", False):
+            return "OpenVINO chooses its own memory layouts: channels_last does not carry into it"
+        if getattr(configs.get("runtime"), "threads", 0):
+            return "OpenVINO runs its own threads: set them with the openvino knob's num_threads, not torch's"
+        return None
