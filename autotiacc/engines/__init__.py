@@ -57,6 +57,28 @@ class Engine(ABC):
         recorded in the plan's artifact `entry`, exactly as they were measured."""
 
 
+def require(package: str, eng: Engine) -> None:
+    """Import `package` or raise an ImportError that says what to install for backend `eng.name`."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(f"backend={eng.name} needs `{eng.install_hint}`.") from exc
+
+
+def example_io(state: Any) -> tuple[tuple, Any]:
+    """`state`'s example inputs after its input casts, and the pytree spec of the model's output
+    at them (the structure an engine's runner returns its outputs in)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    inputs = state.cast_inputs(state.example_inputs)
+    with torch.no_grad():
+        _, spec = pytree.tree_flatten(state.model(*inputs))
+    return inputs, spec
+
+
 _ENGINES: dict[str, Engine] = {}
 
 

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ..device import is_cuda, to_device
 from ..errors import PlanError
-from . import Engine, register_engine
+from . import Engine, example_io, register_engine, require
 
 OPSET = 17
 
@@ -82,17 +82,8 @@ class OnnxRuntime(Engine):
         return True
 
     def build(self, state: Any, config: Any) -> Callable[..., Any]:
-        import torch
-        import torch.utils._pytree as pytree
-
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise ImportError(f"backend=onnxruntime needs `{self.install_hint}`.") from exc
-        inputs = state.cast_inputs(state.example_inputs)
-        with torch.no_grad():
-            ref = state.model(*inputs)
-        _, out_spec = pytree.tree_flatten(ref)
+        require("onnxruntime", self)
+        inputs, out_spec = example_io(state)
         buf = io.BytesIO()
         export_onnx(state.model, inputs, buf)
         sess = session(buf.getvalue(), threads=state.notes.get("threads", 0), device=state.device)

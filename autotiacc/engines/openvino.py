@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PlanError
-from . import Engine, register_engine
+from . import Engine, example_io, register_engine, require
 
 INSTALL = "pip install 'autotiacc[openvino]' (openvino; nncf for int8_static)"
 
@@ -155,16 +155,8 @@ class OpenVINO(Engine):
         return [path.with_suffix(".bin")]  # the IR's weights; OpenVINO reads them beside the .xml
 
     def build(self, state: Any, config: Any) -> Callable[..., Any]:
-        import torch
-        import torch.utils._pytree as pytree
-
-        try:
-            import openvino  # noqa: F401
-        except ImportError as exc:
-            raise ImportError(f"backend=openvino needs `{self.install_hint}`.") from exc
-        inputs = state.cast_inputs(state.example_inputs)
-        with torch.no_grad():
-            _, out_spec = pytree.tree_flatten(state.model(*inputs))
+        require("openvino", self)
+        inputs, out_spec = example_io(state)
         return runner(compiled(_openvino_model(state, inputs), _options(state)), state.device, out_spec)
 
     def save(self, state: Any, path: Path, config: Any, device: str) -> None:
