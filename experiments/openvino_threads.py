@@ -112,15 +112,18 @@ def final_figure(workload, values: dict, rounds: int) -> dict:
     return {"speedup": res.speedup("c"), "eager_ms": res.median_ms("baseline"), "cand_ms": res.median_ms("c")}
 
 
-def _write(rows: list[dict], fp: dict) -> Path:
-    out = HERE / "results" / "openvino" / f"threads-{fingerprint_id(fp)}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+KEYS = ["rep", "variant", "how", "load1", "E<E", "E<O", "O<O", "O<E", "speedup", "eager_ms", "cand_ms", "error"]
+
+
+def _append(out: Path, row: dict) -> None:
+    """One row more in the CSV (written as it comes: a run stopped early keeps what it measured)."""
+    new = not out.exists()
     out.parent.mkdir(parents=True, exist_ok=True)
-    keys = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("rep", "variant", "how", "load1"), k))
-    with open(out, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    return out
+    with open(out, "a", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=KEYS)
+        if new:
+            w.writeheader()
+        w.writerow(row)
 
 
 def _med(rows: list[dict], name: str, how: str, key: str) -> str:
@@ -140,21 +143,23 @@ def main() -> None:
     args = ap.parse_args()
     workload = load_workload(args.model, batch_size=args.batch_size)
     fp = fingerprint()
-    rows = []
+    out = HERE / "results" / "openvino" / f"threads-{fingerprint_id(fp)}-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    rows: list[dict] = []
     for rep in range(args.reps):
         for name, (values, spinning) in DIRECT.items():
             load = os.getloadavg()[0]
             out = run_isolated(direct, workload, values, spinning, args.calls, timeout=600)
             fig = out.value if out.ok else {"error": out.reason()}
             rows.append({"rep": rep, "variant": name, "how": "direct", "load1": round(load, 2), **fig})
+            _append(out, rows[-1])
             print(rows[-1], flush=True)
         for name, values in TUNED.items() if args.tune_figures else ():
             for how, fn in (("search", lambda: search_figure(workload, values, args.measure_s)),
                             ("final", lambda: final_figure(workload, values, args.rounds))):
                 load = os.getloadavg()[0]
                 rows.append({"rep": rep, "variant": name, "how": how, "load1": round(load, 2), **fn()})
+                _append(out, rows[-1])
                 print(rows[-1], flush=True)
-    out = _write(rows, fp)
     loads = [r["load1"] for r in rows]
     print(f"\n{fp['cpu_model']}, {fp['cpu_count']} cores, flags {' '.join(fp['cpu_flags'])}; 1-min load "
           f"{min(loads)}-{max(loads)}; medians over {args.reps} processes of per-call medians (ms)\n"
