@@ -148,8 +148,8 @@ def main() -> None:
     for rep in range(args.reps):
         for name, (values, spinning) in DIRECT.items():
             load = os.getloadavg()[0]
-            out = run_isolated(direct, workload, values, spinning, args.calls, timeout=600)
-            fig = out.value if out.ok else {"error": out.reason()}
+            done = run_isolated(direct, workload, values, spinning, args.calls, timeout=600)
+            fig = done.value if done.ok else {"error": done.reason()}
             rows.append({"rep": rep, "variant": name, "how": "direct", "load1": round(load, 2), **fig})
             _append(out, rows[-1])
             print(rows[-1], flush=True)
