@@ -78,10 +78,11 @@ def _traits(entry: dict[str, dict[str, Any]]) -> dict[str, bool]:
     ex, prec = entry.get("execution", {}), entry.get("precision", {})
     mode = ex.get("compile_mode", "default") if ex.get("backend") == "compile" else ""
     return {"graphs": bool(ex.get("cuda_graphs")) or mode in ("reduce-overhead", "max-autotune"),
-            "reduced": str(prec.get("mode", "fp32")).startswith(("fp16", "bf16")),
+            "reduced": str(prec.get("mode", "fp32")).startswith(("fp16", "bf16"))
+                       or entry.get("openvino", {}).get("inference_precision") == "bf16",
             "autotuned": mode.startswith("max-autotune"),
             "layout": bool(entry.get("layout", {}).get("channels_last")),
-            "compiled": ex.get("backend") in ("torchscript", "compile", "onnxruntime")}
+            "compiled": ex.get("backend", "eager") != "eager"}  # TorchScript, compile, an engine: a graph
 
 
 def _priority(kind: str | None, t: dict[str, bool]) -> int:
