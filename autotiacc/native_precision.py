@@ -55,7 +55,7 @@ class NativeTypes:
         return self.runs(MODE_TYPE.get(mode, "fp32"))
 
     def why_not(self, kind: str) -> str | None:
-        """"bf16: this CPU has no avx512_bf16/amx_bf16/bf16", or None when `kind` runs natively."""
+        """E.g. "bf16: this CPU has no avx512_bf16/amx_bf16"; None when `kind` runs natively."""
         if self.runs(kind):
             return None
         need = "/".join(self.needs.get(kind, ())) or "unit for it"
