@@ -138,7 +138,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3, help="fresh processes per variant, taken in turns")
     ap.add_argument("--calls", type=int, default=50, help="calls of each kind after each kind, per process")
     ap.add_argument("--tune-figures", action="store_true", help="also the search's and the final's speed-ups")
-    ap.add_argument("--measure-s", type=float, default=2.0, help="the search's timing target (the strategy's measure_s)")
+    ap.add_argument("--measure-s", type=float, default=2.0, help="the search's timing target (strategy measure_s)")
     ap.add_argument("--rounds", type=int, default=6, help="rounds of the final's alternating windows")
     args = ap.parse_args()
     workload = load_workload(args.model, batch_size=args.batch_size)

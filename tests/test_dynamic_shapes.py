@@ -501,8 +501,7 @@ def test_plan_schema_2_carries_buckets_and_their_configs(tiny, tmp_path):
     assert [b["edge"] for b in raw["shapes"]["buckets"]] == [{"batch_size": 3, "seq_len": 16},
                                                             {"batch_size": 3, "seq_len": 40}]
     assert raw["shapes"]["buckets"][1]["knobs"] == [{"_type": "PrecisionConfig", "_version": 1,
-                                                     "_data": {"mode": "bf16_weights", "groups": [],
-                                                               "keep_fp32": []}}]
+                                                     "_data": {"mode": "bf16_weights", "groups": []}}]
     again = load_plan(path)
     assert again.shapes.spec.knobs == spec.knobs and _json(again.to_dict()) == raw
     model = tiny.build_model()

@@ -79,8 +79,7 @@ def test_openvino_candidate_builds_passes_the_guard_and_its_ir_round_trips_throu
     assert entry["format"] == "openvino" and entry["file"] == "artifact.xml"
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["artifact.bin", "artifact.xml", "plan.json"]
     assert set(entry["extra_files"]) == {"artifact.bin"} and len(entry["sha256"]) == 64
-    assert entry["engine_options"] == {"inference_precision": "f32", "performance_hint": "LATENCY",
-                                       "num_streams": 0, "num_threads": 0}
+    assert config_from_dict(entry["engine_options"]) == OpenVINOConfig()
     wl = load_workload(tiny)
     x = wl.example_inputs()  # the shapes the IR was exported at
     assert torch.allclose(autotiacc.load_artifact(tmp_path / "run")(*x), wl.build_model()(*x), atol=1e-5)
@@ -175,7 +174,7 @@ def test_keep_fp32_groups_become_nncfs_ignored_scope_in_the_trial_and_the_artifa
     kept = _fake_quantized_inputs(quantize(convert(model, x), batches, keep_fp32=("3",)))
     assert {n.split("/")[0] for n in kept} == {"__module.0"}
 
-    _plan_with_artifact(tiny, tmp_path, {**INT8, "precision": {"mode": "int8_static", "keep_fp32": ["3"]}})
+    _plan_with_artifact(tiny, tmp_path, {**INT8, "precision": {"mode": "int8_static", "groups": [["3", "fp32"]]}})
     saved = _fake_quantized_inputs(ov.Core().read_model(str(tmp_path / "artifact.xml")))
     assert {n.split("/")[0] for n in saved} == {"__module.model.0"}
 
@@ -292,9 +291,7 @@ def test_combinations_the_engine_cannot_run_are_refused_before_a_trial():
     assert "does not carry into it" in reason({**OPENVINO, "precision": {"mode": "bf16_autocast"}})
     assert "channels_last" in reason({**OPENVINO, "layout": {"channels_last": True}})
     assert "num_threads" in reason({**OPENVINO, "runtime": {"threads": 1}})
-    assert "int8_static runs in openvino" in reason({"precision": {"mode": "int8_static"}})
-    with pytest.raises(ValueError, match="`keep_fp32` needs `mode` int8_static"):
-        configs_from_params({"precision": {"keep_fp32": ("a",)}})
+    assert "quantizer (openvino" in reason({"precision": {"mode": "int8_static"}})
 
 
 def test_openvino_is_a_fixed_shape_engine_for_traffic_buckets():

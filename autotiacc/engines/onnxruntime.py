@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ..device import is_cuda, to_device
 from ..errors import PlanError
-from . import Engine, example_io, register_engine, require
+from .base import Engine, register_engine
 
 OPSET = 17
 
@@ -82,8 +82,17 @@ class OnnxRuntime(Engine):
         return True
 
     def build(self, state: Any, config: Any) -> Callable[..., Any]:
-        require("onnxruntime", self)
-        inputs, out_spec = example_io(state)
+        import torch
+        import torch.utils._pytree as pytree
+
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"backend=onnxruntime needs `{self.install_hint}`.") from exc
+        inputs = state.cast_inputs(state.example_inputs)
+        with torch.no_grad():
+            ref = state.model(*inputs)
+        _, out_spec = pytree.tree_flatten(ref)
         buf = io.BytesIO()
         export_onnx(state.model, inputs, buf)
         sess = session(buf.getvalue(), threads=state.notes.get("threads", 0), device=state.device)
@@ -91,8 +100,9 @@ class OnnxRuntime(Engine):
         run.onnx_bytes = len(buf.getvalue())
         return run
 
-    def save(self, state: Any, path: Path, config: Any, device: str) -> None:
-        export_onnx(state.model, state.example_inputs, str(path))  # the exporter the backend measured with
+    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
+             state: Any = None) -> None:
+        export_onnx(module, inputs, str(path))  # the exporter the backend measured with
 
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
         try:

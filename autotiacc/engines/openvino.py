@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import PlanError
-from . import Engine, example_io, register_engine, require
+from .base import Engine, example_io, register_engine, require
 
 INSTALL = "pip install 'autotiacc[openvino]' (openvino; nncf for int8_static)"
 
@@ -44,10 +44,10 @@ def _same_signature(batch: tuple, like: tuple) -> bool:
                                            for a, b in zip(batch, like))
 
 
-def calibration_batches(state: Any, inputs: tuple) -> list[tuple]:
+def calibration_batches(state: Any, inputs: tuple, *, cast: bool = True) -> list[tuple]:
     """The calibration inputs the fixed-shape model can take: those of `state.calibration` with the
-    shapes and dtypes of `inputs` (after the candidate's input casts), else `inputs` alone."""
-    batches = [state.cast_inputs(tuple(b)) for b in state.calibration or []]
+    shapes and dtypes of `inputs` (after the candidate's input casts when `cast`), else `inputs` alone."""
+    batches = [state.cast_inputs(tuple(b)) if cast else tuple(b) for b in state.calibration or []]
     return [b for b in batches if _same_signature(b, inputs)] or [inputs]
 
 
@@ -120,20 +120,23 @@ def runner(compiled_model: Any, device: str, out_spec: Any = None) -> Callable[.
 
 
 def _options(state: Any) -> Any:
-    from ..knobs.openvino import OpenVINOConfig
+    from ..knobs.openvino import BACKEND, OpenVINOConfig
 
-    return state.notes.get("openvino") or OpenVINOConfig()
+    return (state.engine_options.get(BACKEND) if state is not None else None) or OpenVINOConfig()
 
 
-def _openvino_model(state: Any, inputs: tuple, prefix: str = "") -> Any:
-    """The converted model of `state`, quantized when the precision knob asked for int8_static."""
-    ov_model = convert(state.model, inputs)
-    int8 = state.notes.get("int8_static")
+def _openvino_model(model: Any, inputs: tuple, state: Any, *, exported: bool = False) -> Any:
+    """`model` converted at `inputs`, quantized when the precision knob asked for int8_static
+    (`state.notes`). `exported`: `model` is the deployable wrapper of an export (it casts its
+    inputs itself and holds the tuned model at `state.notes["export_scope"]`)."""
+    ov_model = convert(model, inputs)
+    int8 = state.notes.get("int8_static") if state is not None else None
     if int8 is not None:
-        batches = calibration_batches(state, inputs)
+        batches = calibration_batches(state, inputs, cast=not exported)
         int8["calibration_batches"] = len(batches)
-        ov_model = quantize(ov_model, batches, keep_fp32=int8.get("keep_fp32", ()), prefix=prefix,
-                            torch_model=state.model)
+        scope = state.notes.get("export_scope") if exported else None
+        ov_model = quantize(ov_model, batches, keep_fp32=tuple(int8.get("keep_fp32") or ()),
+                            prefix=f"{scope}." if scope else "", torch_model=model)
     return ov_model
 
 
@@ -143,8 +146,8 @@ class OpenVINO(Engine):
     artifact_format = "openvino"
     artifact_file = "artifact.xml"
     install_hint = INSTALL
+    static_int8 = True  # NNCF's post-training quantization
     devices = ("cpu",)  # the CPU plugin; OpenVINO's GPU plugin drives Intel GPUs, not CUDA devices
-    options_knob = "openvino"
 
     def available(self) -> bool:
         from ..knobs.openvino import openvino_available
@@ -157,14 +160,17 @@ class OpenVINO(Engine):
     def build(self, state: Any, config: Any) -> Callable[..., Any]:
         require("openvino", self)
         inputs, out_spec = example_io(state)
-        return runner(compiled(_openvino_model(state, inputs), _options(state)), state.device, out_spec)
+        return runner(compiled(_openvino_model(state.model, inputs, state), _options(state)), state.device, out_spec)
 
-    def save(self, state: Any, path: Path, config: Any, device: str) -> None:
+    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
+             state: Any = None) -> dict[str, Any]:
         import openvino as ov
 
-        prefix = getattr(state.model, "module_prefix", "")  # the deployable wrapper holds the model as `model`
+        from ..knobs.base import config_to_dict
+
         # f32 weights as measured (save_model compresses them to f16 by default)
-        ov.save_model(_openvino_model(state, state.example_inputs, prefix), str(path), compress_to_fp16=False)
+        ov.save_model(_openvino_model(module, inputs, state, exported=True), str(path), compress_to_fp16=False)
+        return {"engine_options": config_to_dict(_options(state))}  # what `load` compiles with, as measured
 
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
         try:
@@ -176,14 +182,13 @@ class OpenVINO(Engine):
 
 def options_from_entry(path: Path, entry: dict[str, Any]) -> Any:
     """The openvino knob's config recorded in the artifact entry (defaults where it has none)."""
-    from ..knobs.base import field_type_errors
+    from ..knobs.base import config_from_dict
     from ..knobs.openvino import OpenVINOConfig
 
-    data = entry.get("engine_options") or {}
-    wrong = field_type_errors(OpenVINOConfig, data)
+    recorded = entry.get("engine_options")
+    if recorded is None:
+        return OpenVINOConfig()
     try:
-        if wrong:
-            raise ValueError("; ".join(wrong))
-        return OpenVINOConfig(**data)
-    except (TypeError, ValueError) as exc:
-        raise PlanError(f"{path}: the plan's `engine_options` for OpenVINO are invalid ({exc}); re-export it.") from None
+        return config_from_dict(recorded, allowed={"OpenVINOConfig": OpenVINOConfig})
+    except PlanError as exc:
+        raise PlanError(f"{path}: the plan's `engine_options` for OpenVINO: {exc} Re-export it.") from None

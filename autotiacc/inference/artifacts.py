@@ -97,10 +97,10 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, calibration: list | None = None):
-    """A `BuildState` whose model is an nn.Module: `model` with the graph-level knobs (precision,
-    layout) applied and outputs cast back to the model's dtypes, so it is a drop-in replacement
-    when exported (`module_prefix`: where `model` sits in it); its notes are those knobs' notes."""
+def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, state: Any = None):
+    """An nn.Module that is `model` with the graph-level knobs (precision, layout) applied to
+    `state` (a `BuildState`; a new one by default) and outputs cast back to the model's dtypes,
+    so it is a drop-in replacement when exported. Engine options and int8 notes stay in `state`."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -109,14 +109,14 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, cal
     with torch.no_grad():
         ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None
                       for t in pytree.tree_flatten(model(*example_inputs))[0]]
-    state = BuildState(model=model, example_inputs=tuple(example_inputs), device=device, calibration=calibration)
+    state = state or BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
     for knob in all_knobs():
         if knob.name not in ("runtime", "execution"):  # runtime is serving config, execution is the export
             knob.apply(state, knobs.get(knob.name, knob.default()))
 
-    class Deployable(torch.nn.Module):
-        module_prefix = "model."
+    state.notes["export_scope"] = "model"  # the module path of `state.model` in the exported graph
 
+    class Deployable(torch.nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = state.model
@@ -133,9 +133,7 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, cal
                           and t.dtype != d else t for t, d in zip(leaves, ref_dtypes)]
             return pytree.tree_unflatten(leaves, spec)
 
-    # the wrapper casts inputs itself; notes and calibration stay for an engine that quantizes
-    return BuildState(model=Deployable().eval(), example_inputs=tuple(example_inputs), device=device,
-                      notes=state.notes, calibration=calibration)
+    return Deployable().eval()
 
 
 def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
@@ -144,6 +142,7 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     import torch
 
     from ..engines import by_format
+    from ..knobs import BuildState
 
     run_dir = Path(run_dir)
     fmt = artifact_format(plan.knobs)
@@ -152,14 +151,16 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     model = to_device(workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
     t0 = time.perf_counter()
-    calibrated = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"  # on the data the tune used
-    calibration = [x for x, _ in to_device(list(workload.test_data()), device)] if calibrated else None
-    state = _deployable(model, plan.knobs, inputs, device, calibration)
+    # an engine that calibrates (int8_static) does so on the data the tune used
+    calibrates = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"
+    state = BuildState(model=model, example_inputs=tuple(inputs), device=device,
+                       calibration=[x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None)
+    wrapper = _deployable(model, plan.knobs, inputs, device, state)
     eng = by_format(fmt)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
     pairs = [(tmp, path)] + (list(zip(eng.companions(tmp), eng.companions(path))) if eng else [])
     try:
-        _save(fmt, eng, state, tmp, plan.knobs["execution"], device)
+        engine_entry = _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"], device, state)
         for made, final in pairs:
             made.replace(final)
     finally:
@@ -169,11 +170,10 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     entry = {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
              "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
              "input_shapes": [list(t.shape) for t in inputs],
-             "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
-    if len(pairs) > 1:
+             "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime,
+             **(engine_entry or {})}
+    if len(pairs) > 1:  # files the artifact needs beside it (an OpenVINO IR's weights)
         entry["extra_files"] = {final.name: sha256_of(final) for _, final in pairs[1:]}
-    if eng is not None and eng.options_knob in plan.knobs:  # what `load` compiles with, as measured
-        entry["engine_options"] = dataclasses.asdict(plan.knobs[eng.options_knob])
     graphs = cuda_graphs_entry(plan.knobs["execution"])
     if graphs:
         entry["cuda_graphs"] = graphs
@@ -195,13 +195,14 @@ def cuda_graphs_entry(execution) -> dict[str, Any] | None:
             "why": "a CUDA graph is captured in the serving process on its GPU; no saved format holds one"}
 
 
-def _save(fmt: str, eng, state, tmp: Path, execution, device: str) -> None:
+def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str, state=None) -> dict[str, Any] | None:
     import torch
 
-    wrapper, inputs = state.model, state.example_inputs
+    from ..engines import by_format
+
     with torch.no_grad():
-        if eng is not None:  # the engine writes the artifact it measured
-            eng.save(state, tmp, execution, device)
+        if (eng := by_format(fmt)) is not None:  # the engine writes the artifact it measured
+            return eng.save(wrapper, inputs, tmp, execution, device, state=state)
         elif fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
             torch.jit.save(traced, str(tmp))

@@ -314,8 +314,7 @@ class BucketedModel:
             execution = cfg.get("execution")
             backend = getattr(execution, "backend", "eager")
             if backend in fixed_shape_backends() and not padded:
-                raise PlanError(f"bucket {bucket_key(spec.buckets()[idx])} runs {backend}, built at fixed "
-                                "shapes: it must be padded (`padded: true`); re-run the tune.")
+                raise PlanError(f"bucket {bucket_key(spec.buckets()[idx])} runs {backend}: it must be padded; re-tune.")
             if backend == "compile":  # one graph per padded bucket, one dynamic graph per shared runner
                 compiles += 1
                 cfg = dict(cfg, execution=dataclasses.replace(execution, dynamic=not padded))

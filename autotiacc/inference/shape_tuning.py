@@ -173,15 +173,12 @@ class ShapeTuning(_AlternatingFinal):
             return {}
         execution, precision = get_knob("execution"), get_knob("precision")
         space = getattr(self.strategy, "space", lambda name: {})
-        fixed = fixed_shape_backends()  # a fixed-shape session (ONNX Runtime, OpenVINO) needs padding
-        backends = [b for b in execution.choices("backend", space("execution"), ctx) if self.can_pad or b not in fixed]
         out = {}
-        for b in backends:
-            modes = [m for m in precision.choices("mode", space("precision"), ctx)
-                     if not any(k.incompatible(configs_from_params({"execution": {"backend": b},
-                                                                    "precision": {"mode": m}}), ctx)
-                                for k in all_knobs())]
-            out[b] = modes
+        for b in execution.choices("backend", space("execution"), ctx):
+            if self.can_pad or b not in fixed_shape_backends():  # a fixed-shape session needs padding
+                out[b] = [m for m in precision.choices("mode", space("precision"), ctx) if not any(  # any knob refuses
+                    k.incompatible(configs_from_params({"execution": {"backend": b}, "precision": {"mode": m}}), ctx)
+                    for k in all_knobs())]
         return out if sum(len(m) for m in out.values()) > 1 else {}
 
     def _size_quantile(self, q: float) -> int:
@@ -352,9 +349,8 @@ FIXED_SHAPES = "fixed shapes"  # a runner that serves one input shape: its bucke
 
 def _runner_kind(execution: dict[str, Any]) -> str:
     """A bucket's execution values as `_padded` sees them: its backend, or `FIXED_SHAPES` for an
-    engine's fixed-shape runner (an ONNX Runtime session or OpenVINO model, built at one shape) or a
-    CUDA graph (captured per input shape: padding keeps it to one graph per bucket instead of one
-    per request shape, up to its limit)."""
+    engine's runner (built at one shape: ONNX Runtime, OpenVINO) or a CUDA graph (captured per input
+    shape: padding keeps it to one graph per bucket instead of one per request shape, up to its limit)."""
     if execution.get("backend") in fixed_shape_backends() or execution.get("cuda_graphs"):
         return FIXED_SHAPES
     return execution.get("backend", "eager")

@@ -52,8 +52,6 @@ class BuildState:
 
     `input_casts` transform each input tensor per call; `build_contexts` wrap tracing or
     compiling; `call_contexts` wrap every call; the execution knob sets `runner` last.
-    `calibration`: input tuples a calibrated mode (int8_static) takes its activation scales from
-    (the test data's; None: the example inputs).
     """
 
     model: Any
@@ -64,6 +62,9 @@ class BuildState:
     call_contexts: list[Callable[[], Any]] = field(default_factory=list)
     runner: Callable[..., Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # engine name -> its options knob's config (`autotiacc.engines`: e.g. the `ort` knob's)
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    # input tuples an engine calibrates int8 scales on (the test data); None: `example_inputs`
     calibration: list[tuple] | None = None
 
     def cast_inputs(self, inputs: tuple) -> tuple:
@@ -76,8 +77,9 @@ class Knob(ABC):
     """One optimization family.
 
     Call order: `applies(ctx)` once per tune, in the tuner's process, decides whether the knob
-    is searched; `suggest(trial, space, ctx)` once per trial, in the tuner's process, samples a
-    config with Optuna (ask/tell: the trial is then built elsewhere); `apply(state, config)` in
+    is searched; `suggest_given(trial, space, ctx, chosen)` (by default `suggest(trial, space,
+    ctx)`) once per trial, in the tuner's process, samples a config with Optuna (ask/tell: the
+    trial is then built elsewhere), after the knobs named in `conditional_on`; `apply(state, config)` in
     the process that builds the candidate, knobs in ascending `order`; the execution knob
     (highest order) turns the prepared model into the runner. `default()` is the baseline.
     """
@@ -89,9 +91,8 @@ class Knob(ABC):
     # choice -> lowest --level at which it may be searched
     choice_levels: ClassVar[dict[str, dict[Any, int]]] = {}
     cuda_only: ClassVar[dict[str, set]] = {}
-    # an engine's options: sampled only for candidates of this execution backend (after the
-    # other knobs), the default config for every other candidate
-    for_backend: ClassVar[str | None] = None
+    # knobs whose configs this one's space depends on: sampled first, passed to `suggest_given`
+    conditional_on: ClassVar[tuple[str, ...]] = ()
 
     def applies(self, ctx: SearchContext) -> bool:
         return True
@@ -126,6 +127,12 @@ class Knob(ABC):
     @abstractmethod
     def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> KnobConfig:
         ...
+
+    def suggest_given(self, trial, space: dict[str, list], ctx: SearchContext,
+                      chosen: dict[str, KnobConfig]) -> KnobConfig:
+        """`suggest`, knowing the configs already sampled for this trial (`chosen`, which holds
+        every knob named in `conditional_on`): a conditional space overrides this."""
+        return self.suggest(trial, space, ctx)
 
     @abstractmethod
     def apply(self, state: BuildState, config: KnobConfig) -> None:

@@ -67,7 +67,7 @@ class OpenVINOKnob(Knob):
     name = "openvino"
     config_cls = OpenVINOConfig
     order = 90  # before the execution knob (100), which builds the engine with this config
-    for_backend = BACKEND
+    conditional_on = ("execution",)
     choice_levels = {"inference_precision": {"bf16": 1}}  # level 0 changes no precision
     counts = ("num_streams", "num_threads")  # `auto` in a strategy: 0 and 1..cores
 
@@ -86,19 +86,27 @@ class OpenVINOKnob(Knob):
         return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> OpenVINOConfig:
+        return self.default()  # sampled only beside backend openvino: see `suggest_given`
+
+    def suggest_given(self, trial, space, ctx: SearchContext, chosen: dict[str, KnobConfig]) -> OpenVINOConfig:
+        """A conditional space: no parameter at all unless the backend is openvino, so TPE's model
+        of the other backends is not diluted."""
+        if getattr(chosen.get("execution"), "backend", None) != BACKEND or not self.applies(ctx):
+            return self.default()
         return OpenVINOConfig(**{f: self.pick(trial, f, space, ctx) for f in
                                  ("inference_precision", "performance_hint", "num_streams", "num_threads")})
 
     def apply(self, state: BuildState, config: OpenVINOConfig) -> None:
-        state.notes[self.name] = config  # read by the engine when the execution knob builds it
+        state.engine_options[BACKEND] = config  # read by the engine when the execution knob builds it
 
     def incompatible(self, configs, ctx):
         if configs["execution"].backend != BACKEND:
             return None
         precision = configs["precision"]
-        if precision.mode not in ("fp32", "int8_static") or precision.groups:
+        lowered = precision.groups if precision.mode != "int8_static" else ()  # under int8_static: kept fp32
+        if precision.mode not in ("fp32", "int8_static") or lowered:
             return ("the openvino engine runs f32, bf16 (its `inference_precision`) or int8_static; torch's "
-                    f"precision mode {precision.mode}{' with per-layer groups' if precision.groups else ''} "
+                    f"precision mode {precision.mode}{' with per-layer groups' if lowered else ''} "
                     "does not carry into it")
         if getattr(configs.get("layout"), "channels_last", False):
             return "OpenVINO chooses its own memory layouts: channels_last does not carry into it"

@@ -1,9 +1,9 @@
 """Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, int8 weights
 of `nn.Linear` layers (`int8_dynamic` on CPU, weight-only `int8_weights` with torchao: see
-autotiacc.knobs.int8), calibrated static int8 (`int8_static`: activation scales calibrated on the
-test data, run by the engine's int8 kernels; the openvino engine quantizes with NNCF), and
-per-layer precision: `groups` lowers chosen submodules only (see autotiacc.knobs.precision_groups);
-under `int8_static`, `keep_fp32` names the submodules left in fp32 (the profile's sensitive groups).
+autotiacc.knobs.int8), calibrated static int8 by an engine's own quantizer (`int8_static`:
+weights and activations, scales calibrated on the test data; OpenVINO's through NNCF, see
+autotiacc.engines.openvino), and per-layer precision: `groups` lowers chosen submodules only
+(see autotiacc.knobs.precision_groups), or under `int8_static` names those kept in fp32.
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -21,17 +21,16 @@ from .precision_groups import GROUP_MODES, apply_group_precision, param_name
 # New modes go at the end: Optuna's categorical choices keep their order.
 MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights", "int8_dynamic",
          "int8_weights", "int8_static")
-INT8_MODES = ("int8_dynamic", "int8_weights")  # nn.Linear weights only
-STATIC_INT8 = "int8_static"
+STATIC_INT8 = "int8_static"  # built by an engine with a static quantizer (`Engine.static_int8`)
+INT8_MODES = ("int8_dynamic", "int8_weights")
 
 
 @dataclass(frozen=True)
 class PrecisionConfig(KnobConfig):
     mode: str = "fp32"
-    # ((module path, group mode), ...): per-layer precision under a fp32/tf32 global mode
+    # ((module path, group mode), ...): per-layer precision under a fp32/tf32 global mode; under
+    # int8_static, the groups kept in fp32 ((path, "fp32"), ...), the rest quantized
     groups: tuple = ()
-    # module paths int8_static leaves in fp32 (the profile's groups that no lowered type passed)
-    keep_fp32: tuple = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -42,17 +41,13 @@ class PrecisionConfig(KnobConfig):
             if len(g) != 2 or not isinstance(g[0], str) or g[1] not in GROUP_MODES:
                 raise ValueError(f"`groups` entry {list(g)!r}: use [module path, mode] with mode one of "
                                  f"{', '.join(GROUP_MODES)}.")
-        if groups and self.mode not in ("fp32", "tf32"):
+        if self.mode == STATIC_INT8 and any(m != "fp32" for _, m in groups):
+            raise ValueError("under `mode` int8_static, `groups` lists the layers kept in fp32: use [module path, "
+                             "fp32] entries only.")
+        if groups and self.mode not in ("fp32", "tf32", STATIC_INT8):
             raise ValueError(f"`groups` needs `mode` fp32 or tf32 (got {self.mode!r}): per-layer precision "
                              "lowers layers of a full-precision model.")
         object.__setattr__(self, "groups", groups)
-        keep = tuple(self.keep_fp32)
-        if keep and self.mode != STATIC_INT8:
-            raise ValueError(f"`keep_fp32` needs `mode` {STATIC_INT8} (got {self.mode!r}): it names the layers "
-                             "static int8 leaves in fp32.")
-        if not all(isinstance(p, str) and p for p in keep):
-            raise ValueError(f"`keep_fp32` got {list(keep)!r}: use module paths, e.g. ['layer4', 'fc'].")
-        object.__setattr__(self, "keep_fp32", keep)
 
     @property
     def dtype_name(self) -> str | None:
@@ -82,13 +77,13 @@ class PrecisionKnob(Knob):
             # int8 lowers nn.Linear layers only; torch.ao's dynamic int8 kernels are CPU kernels;
             # weight-only int8 needs the optional torchao
             out = [m for m in out if m not in INT8_MODES or (ctx.has_linear and not _int8_refused(m, ctx))]
-            out = [m for m in out if m != STATIC_INT8 or not _int8_refused(m, ctx)]
+            out = [m for m in out if m != STATIC_INT8 or not _static_int8_refused(ctx)]
         return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> PrecisionConfig:
         mode = self.pick(trial, "mode", space, ctx)
-        if mode == STATIC_INT8:  # the groups no lowered type passed stay fp32 (from the profile)
-            return PrecisionConfig(mode=mode, keep_fp32=tuple(ctx.extras.get("int8_keep_fp32") or ()))
+        if mode == STATIC_INT8:  # the groups the sensitivity pass saw break int8 alone stay fp32
+            return PrecisionConfig(mode=mode, groups=tuple((p, "fp32") for p in ctx.extras.get("int8_static_fp32", [])))
         layers = ctx.extras.get("precision_groups") or []
         if mode not in ("fp32", "tf32") or ctx.level < 1 or not layers:
             return PrecisionConfig(mode=mode)
@@ -114,8 +109,8 @@ class PrecisionKnob(Knob):
         if config.mode == "int8_weights":
             state.model = quantize_int8_weights(state.model)
             return
-        if config.mode == STATIC_INT8:  # the engine quantizes what it builds, calibrated on `state.calibration`
-            state.notes[STATIC_INT8] = {"keep_fp32": config.keep_fp32}
+        if config.mode == STATIC_INT8:  # the engine quantizes the graph it exports (the model stays fp32)
+            state.notes[STATIC_INT8] = {"keep_fp32": [p for p, m in config.groups if m == "fp32"]}
             return
         name = config.dtype_name
         if name is None:
@@ -142,9 +137,28 @@ class PrecisionKnob(Knob):
             # ORT's CPU provider has no bf16 Gemm/MatMul kernel (NOT_IMPLEMENTED at session
             # creation), and ONNX opset 17's Conv does not admit bf16 inputs (INVALID_GRAPH)
             return "ONNX Runtime's CPU provider has no bf16 kernels for Gemm/MatMul or Conv"
-        if cfg.mode in (*INT8_MODES, STATIC_INT8):
+        if cfg.mode in INT8_MODES:
             return _int8_refused(cfg.mode, ctx, execution)
+        if cfg.mode == STATIC_INT8:
+            return _static_int8_refused(ctx, execution.backend)
         return None
+
+def _static_int8_refused(ctx: SearchContext, backend: str | None = None) -> str | None:
+    """Why calibrated static int8 cannot be built here or with `backend` (None when it can)."""
+    from ..engines import engines
+
+    quantizers = [e.name for e in engines().values() if e.static_int8
+                  and (ctx.onnxruntime if e.name == "onnxruntime" else e.available())]
+    if ctx.cuda:
+        return "int8_static is built for the CPU providers of the engines' quantizers here"
+    if ctx.extras.get("traffic"):  # each bucket would calibrate on its first request, unrecorded
+        return "int8_static calibrates at one input shape; a traffic tune's buckets have many"
+    if not quantizers:
+        return "int8_static needs an engine with a static int8 quantizer: pip install 'autotiacc[openvino]'"
+    if backend is not None and backend not in quantizers:
+        return (f"int8_static is calibrated static int8 by an engine's quantizer ({', '.join(quantizers)}); "
+                f"backend {backend} runs PyTorch's kernels")
+    return None
 
 
 def _int8_refused(mode: str, ctx: SearchContext, execution=None) -> str | None:
@@ -153,28 +167,9 @@ def _int8_refused(mode: str, ctx: SearchContext, execution=None) -> str | None:
         return "torch.ao's dynamic int8 kernels (fbgemm/qnnpack) run on the CPU only"
     if mode == "int8_weights" and not ctx.torchao:
         return "int8_weights needs torchao: pip install 'autotiacc[quant]'"
-    if mode == STATIC_INT8:
-        if not static_int8_backends(ctx):
-            return ("int8_static needs an engine with calibrated int8: pip install 'autotiacc[openvino]' "
-                    "(OpenVINO and NNCF)")
-        if execution is not None and execution.backend not in static_int8_backends(ctx):
-            return (f"int8_static runs in {', '.join(static_int8_backends(ctx))} (calibrated int8 kernels); "
-                    f"backend {execution.backend} has none here")
-        return None
     if execution is not None and execution.backend in INT8_BACKEND_REFUSALS.get(mode, {}):
         return INT8_BACKEND_REFUSALS[mode][execution.backend]
     return None
-
-
-def static_int8_backends(ctx: SearchContext) -> list[str]:
-    """The backends that build `int8_static` here: OpenVINO with NNCF (CPU)."""
-    import importlib.util
-
-    from .openvino import BACKEND, openvino_available
-
-    if ctx.cuda or not openvino_available() or importlib.util.find_spec("nncf") is None:
-        return []
-    return [BACKEND]
 
 
 # Backends an int8 mode never builds with, or builds without its point (checked on torch 2.13

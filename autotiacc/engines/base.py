@@ -1,0 +1,78 @@
+"""The `Engine` interface and the registry engines add themselves to (`autotiacc.engines` looks
+them up; the engines' modules import only this one, so no engine imports the package that lists it)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+
+class Engine(ABC):
+    """One deployment engine; subclasses are registered with `register_engine`."""
+
+    name: ClassVar[str]  # the execution knob's `backend` value
+    artifact_format: ClassVar[str]  # the plan's `extra.artifact.format`
+    artifact_file: ClassVar[str]  # the artifact's file name in the run directory
+    install_hint: ClassVar[str]  # what to pip install when it is missing
+    static_int8: ClassVar[bool] = False  # builds the precision knob's `int8_static` (its own quantizer)
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")  # device types it is searched on
+    # its runner serves the input shapes it was built at only (traffic buckets must pad to them)
+    fixed_shapes: ClassVar[bool] = True
+
+    def companions(self, path: Path) -> list[Path]:
+        """Files `save` writes beside the artifact at `path`, which loading needs (hashed and
+        checked with it)."""
+        return []
+
+    @abstractmethod
+    def available(self) -> bool:
+        """Whether the engine's package imports here (it is searched only then)."""
+
+    @abstractmethod
+    def build(self, state: Any, config: Any) -> Callable[..., Any]:
+        """A callable used like the prepared model `state.model` (torch tensors in and out, on
+        `state.device`), built from `state.example_inputs` with the options in `config`."""
+
+    @abstractmethod
+    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
+             state: Any = None) -> dict[str, Any] | None:
+        """Write the artifact of `module` (precision and layout already applied) to `path`;
+        `state` is the `BuildState` the other knobs prepared (engine options, int8 notes, the
+        calibration data). Returns fields for the plan's artifact entry (e.g. the options the
+        artifact must be loaded with), or None."""
+
+    @abstractmethod
+    def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
+        """A callable over the artifact at `path` (sha256 already checked), run with the options
+        recorded in the plan's artifact `entry`, exactly as they were measured."""
+
+
+def require(package: str, eng: Engine) -> None:
+    """Import `package` or raise an ImportError that says what to install for backend `eng.name`."""
+    import importlib
+
+    try:
+        importlib.import_module(package)
+    except ImportError as exc:
+        raise ImportError(f"backend={eng.name} needs `{eng.install_hint}`.") from exc
+
+
+def example_io(state: Any) -> tuple[tuple, Any]:
+    """`state`'s example inputs after its input casts, and the pytree spec of the model's output
+    at them (the structure an engine's runner returns its outputs in)."""
+    import torch
+    import torch.utils._pytree as pytree
+
+    inputs = state.cast_inputs(state.example_inputs)
+    with torch.no_grad():
+        _, spec = pytree.tree_flatten(state.model(*inputs))
+    return inputs, spec
+
+
+_ENGINES: dict[str, Engine] = {}
+
+
+def register_engine(cls: type[Engine]) -> type[Engine]:
+    """Class decorator: make an engine known by its `name`."""
+    _ENGINES[cls.name] = cls()
+    return cls
