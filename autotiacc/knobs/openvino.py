@@ -20,7 +20,6 @@ from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 PRECISIONS = ("f32", "bf16")
 HINTS = ("LATENCY", "THROUGHPUT")
-BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # CPU flags of units that run bf16 natively
 MAX_COUNT = 4096  # streams or threads beyond any machine: a typo or a corrupt plan
 BACKEND = "openvino"
 
@@ -59,7 +58,10 @@ def openvino_available() -> bool:
 
 
 def has_bf16_units(ctx: SearchContext) -> bool:
-    return any(f in ctx.extras.get("cpu_flags", ()) for f in BF16_FLAGS)
+    """Whether the CPU flags the tune read (`ctx.extras["cpu_flags"]`) name bf16 units."""
+    from ..native_precision import native_types
+
+    return native_types({"device": "cpu", "cpu_flags": ctx.extras.get("cpu_flags", ())}).runs("bf16")
 
 
 @register
