@@ -19,6 +19,7 @@ the figure the plan keeps (see experiments/openvino_threads.py for the measured 
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 from pathlib import Path
@@ -84,13 +85,23 @@ def quantize(ov_model: Any, batches: list[tuple], *, keep_fp32: tuple = (), pref
         return nncf.quantize(ov_model, data, subset_size=len(batches), ignored_scope=scope, **kwargs)
 
 
-def compiled(ov_model: Any, config: Any) -> Any:
-    """`ov_model` (an `openvino.Model` or an IR path) compiled for the CPU plugin with `config`'s properties."""
+@functools.lru_cache(maxsize=1)
+def core() -> Any:
+    """This process's one `openvino.Core`, kept for its lifetime. Each Core loads its own CPU plugin,
+    which installs an alternate signal stack on the calling thread and, when its last compiled
+    model is freed, puts back the one it found: plugins freed out of order (a Core per candidate,
+    candidates dropped in any order) left the thread on a freed stack, and the next signal handled
+    there killed the process (SIGSEGV, si_code SI_KERNEL: pytest died in the NNCF test after ~300
+    others)."""
     import openvino as ov
 
-    core = ov.Core()
-    model = core.read_model(str(ov_model)) if isinstance(ov_model, (str, Path)) else ov_model
-    return core.compile_model(model, "CPU", config.properties())
+    return ov.Core()
+
+
+def compiled(ov_model: Any, config: Any) -> Any:
+    """`ov_model` (an `openvino.Model` or an IR path) compiled for the CPU plugin with `config`'s properties."""
+    model = core().read_model(str(ov_model)) if isinstance(ov_model, (str, Path)) else ov_model
+    return core().compile_model(model, "CPU", config.properties())
 
 
 def runner(compiled_model: Any, device: str, out_spec: Any = None) -> Callable[..., Any]:
