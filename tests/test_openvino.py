@@ -310,3 +310,27 @@ def test_importing_autotiacc_imports_neither_openvino_nor_nncf():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+ALTSTACK = '''
+import gc, os, signal, torch
+from autotiacc.inference.candidate import OptimizedModel
+from autotiacc.knobs import configs_from_params
+model, x = torch.nn.Linear(4, 4).eval(), (torch.randn(2, 4),)
+first = OptimizedModel(model, configs_from_params({"execution": {"backend": "openvino"}}), example_inputs=x)
+second = OptimizedModel(model, configs_from_params({"execution": {"backend": "openvino"}}), example_inputs=x)
+del first; gc.collect()  # candidates dropped in the order they were built, not the reverse
+del second; gc.collect()
+signal.signal(signal.SIGUSR1, lambda *_: None)  # Python's handlers run on the thread's alternate stack
+for _ in range(20):
+    os.kill(os.getpid(), signal.SIGUSR1)
+print("survived")
+'''
+
+
+def test_candidates_freed_in_any_order_leave_the_process_able_to_handle_signals():
+    """OpenVINO's CPU plugin swaps the thread's alternate signal stack per Core: with a Core per
+    candidate, freeing two candidates in build order left a freed stack behind and the next
+    handled signal killed the process with SIGSEGV (a worker between trials, or pytest itself)."""
+    out = subprocess.run([sys.executable, "-c", ALTSTACK], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "survived", (out.returncode, out.stderr[-2000:])
