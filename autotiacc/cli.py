@@ -153,16 +153,17 @@ def tune(
         from .engine.storage import open_storage
 
         open_storage(storage, heartbeat_s=heartbeat)
-    # the user's code runs first in a child killed at the end of the budget (a hanging forward)
-    left = max(budget_s, MIN_BUDGET_S) - (time.monotonic() - started)
-    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget")
-    out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    _STATE["run_dir"] = out
+    out = out or Path("runs") / f"{file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
                           storage=storage, study_name=study, resume=resume, seed=seed, device=device,
                           command=_command(), traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms,
                           heartbeat_s=heartbeat, started=started, max_memory_mib=max_memory_mib)
+    # the check of the user's whole contract runs first, in a child killed at the end of the budget
+    left = max(budget_s, MIN_BUDGET_S) - (time.monotonic() - started)
+    workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
+                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget", device=device,
+                             tolerance=options.effective_tolerance, budget_s=budget_s)
+    _STATE["run_dir"] = out
     bar = _Bar(budget_s, quiet)
     try:
         result = run_tune(workload, options, bar)
@@ -355,7 +356,8 @@ def profile_cmd(
         raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
+                             timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit", device=device,
+                             tolerance=tolerance)
     # in a worker process, in the environment of this command, as in a tune
     outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)

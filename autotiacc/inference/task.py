@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit
 from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
@@ -23,7 +23,8 @@ from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
-from .workload import ModelFacts, Workload
+from .contract import ModelFacts
+from .workload import Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
 
@@ -103,8 +104,12 @@ class InferenceTask(Task):
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
-        # the user's code runs first in a child, under the budget
-        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
+        # the check of the user's whole contract runs first, in a child, under the budget
+        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget",
+                                       device=self.options.device, tolerance=self.options.effective_tolerance,
+                                       budget_s=self.options.budget_s)
+        check_memory_limit(self.options.max_memory_mib, facts.baseline_peak_mib, device=self.options.device,
+                           source=facts.memory_source, what="its build and its calls on the test data")
         self.ctx = search_context(facts, self.options.device, self.options.level)
         self._identity = facts.identity
         self._fingerprint = machine_fingerprint(self.options.device)
@@ -150,7 +155,7 @@ class InferenceTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
-                "tolerance": self.options.effective_tolerance}
+                "tolerance": self.options.effective_tolerance, "guard_data": self.workload.facts.guard_data}
 
     def seeds(self) -> list[dict[str, Any]]:
         from ..profiling.diagnosis import order_seeds
@@ -237,6 +242,10 @@ class InferenceTask(Task):
         return TrialResult(state, res["ratio"] if state == "complete" else None, attrs)
 
     def check_baseline(self, result: TrialResult, budget_s: float) -> None:
+        reason = str(result.attrs.get("reason") or "")
+        if result.attrs.get("status") == "rejected" and "--max-memory" in reason:  # the check measured less
+            raise UserInputError(f"`--max-memory` is below what the baseline itself needs: its trial was rejected "
+                                 f"({reason}); give more than its peak, or drop --max-memory.")
         if result.state != "complete" and result.attrs.get("status") == "timeout":
             wall = result.attrs["wall_s"]
             raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {wall:.0f}s without "
@@ -285,7 +294,7 @@ class InferenceTask(Task):
         plan = Plan(knobs=configs_from_params({}), fingerprint=self._fingerprint, workload=self._identity,
                     device=self.options.device, tolerance=self.options.effective_tolerance, level=self.options.level,
                     extra={"strategy": self.strategy.name, "trials": len(trials), "measured_env": measured_env(),
-                           **self.plan_extra})
+                           "guard_data": self.workload.facts.guard_data, **self.plan_extra})
         base_trial = next((t for t in trials if t.user_attrs.get("baseline")
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
