@@ -140,7 +140,7 @@ class InferenceTask(Task):
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=cached.reuse, start=cached.start)
         self.ctx.extras.update(extras)
-        self.plan_extra = {"layer_precision": plan_summary(run_dir.path)}
+        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "guard_data": self.workload.facts.guard_data}
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
         return time.monotonic() - t0
 
@@ -294,7 +294,7 @@ class InferenceTask(Task):
         plan = Plan(knobs=configs_from_params({}), fingerprint=self._fingerprint, workload=self._identity,
                     device=self.options.device, tolerance=self.options.effective_tolerance, level=self.options.level,
                     extra={"strategy": self.strategy.name, "trials": len(trials), "measured_env": measured_env(),
-                           "guard_data": self.workload.facts.guard_data, **self.plan_extra})
+                           **self.plan_extra})
         base_trial = next((t for t in trials if t.user_attrs.get("baseline")
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
