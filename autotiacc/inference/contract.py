@@ -142,8 +142,11 @@ def check_metric(metric: Any, refs: list, targets: list, where: Any) -> None:
         return
     for i, (ref, y) in enumerate(zip(refs, targets)):
         value = metric(ref, y)
-        number = value.item() if hasattr(value, "item") and getattr(value, "numel", lambda: 0)() == 1 else value
-        if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        try:  # a one-element tensor or array, or a NumPy scalar, is a number
+            number = value.item() if hasattr(value, "item") else value
+        except (ValueError, RuntimeError):  # more than one element
+            number = value
+        if not isinstance(number, numbers.Real):
             raise WorkloadError(f"{where}: metric() returned {type(value).__name__} {_short(value)} on the reference "
                                 f"outputs of test batch {i}; it must return a float (higher is better).")
         if not math.isfinite(float(number)):
