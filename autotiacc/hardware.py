@@ -36,6 +36,11 @@ def _cpu_info() -> tuple[str, list[str]]:
     return model, flags
 
 
+def cpu_flags() -> list[str]:
+    """This CPU's flags among those that decide which kernels are fast (`_INTERESTING_FLAGS`)."""
+    return _cpu_info()[1]
+
+
 def usable_cores() -> int:
     """Cores this process may run on (affinity-aware), the ceiling for thread-count knobs."""
     try:

@@ -140,6 +140,8 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     res = outcome.value["candidates"]["plan"]
     acc = (res.get("accuracy") or {}).get("rel_l2")
     measured["rel_l2"] = acc
+    if res.get("ort_session"):  # read back from the session it timed: the plan's `ort` options
+        measured["ort_session"] = res["ort_session"]
     if res["status"] != "ok":
         problems.append(f"the plan {res['status']} here: {res.get('reason', '')}")
         return VerifyResult(False, problems, lines, measured)
