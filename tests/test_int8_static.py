@@ -163,3 +163,23 @@ def test_plan_apply_and_the_artifact_run_the_scales_that_were_measured(tmp_path)
     (tmp_path / "plan.json").write_text(json.dumps(data))
     with pytest.raises(PlanError, match="int8_static.ranges"):
         load_plan(tmp_path).apply(w.build_model(), x)
+
+
+def test_the_report_shows_each_groups_int8_static_error_and_what_the_plan_kept():
+    from types import SimpleNamespace
+
+    from autotiacc.report.profile import profile_sections
+
+    ok = {"ok": True, "finite": True, "rel_l2": 0.009, "quick_speedup": None, "reason": ""}
+    bad = {"ok": False, "finite": True, "rel_l2": 0.49, "quick_speedup": None, "reason": "exceeds tolerance 0.05"}
+    prof = {"method": "profiler_attribution", "forward": {}, "modules": [],
+            "sensitivity": [{"path": "smooth.0", "type": "Linear", "inclusive_share": 0.4, "score": 0.0,
+                             "sensitivity": {"int8_static": ok}},
+                            {"path": "spiky.lin", "type": "Linear", "inclusive_share": 0.2, "score": 0.0,
+                             "sensitivity": {"int8_static": bad}}]}
+    plan = {"knobs": [config_to_dict(PrecisionConfig(mode="int8_static", groups=(("spiky.lin", "fp32"),)))]}
+    sections = dict(profile_sections(SimpleNamespace(profile=prof, plan=plan, trials=None)))
+    rows = [line for line in sections["Per-layer precision"] if line.startswith("| ")]
+    assert rows[0].split("|")[4].strip() == "int8_static"
+    assert rows[1].startswith("| smooth.0 ") and "0.009" in rows[1] and rows[1].rstrip(" |").endswith("int8_static")
+    assert rows[2].startswith("| spiky.lin ") and "excluded (0.49)" in rows[2] and rows[2].rstrip(" |").endswith("fp32")

@@ -57,6 +57,16 @@ def test_ort_config_round_trips_and_older_plans_keep_the_measured_defaults(tmp_p
         data["knobs"].pop()
 
 
+def test_a_strategy_with_a_bad_ort_choice_is_one_clear_error():
+    from autotiacc.errors import StrategyError
+    from autotiacc.strategy import strategy_from_dict
+
+    with pytest.raises(StrategyError, match="`ort.graph_optimization` choice 'fast'.*use one of all"):
+        strategy_from_dict({"name": "x", "knobs": {"ort": {"graph_optimization": ["all", "fast"]}}}, "x.yaml")
+    with pytest.raises(StrategyError, match="did you mean `execution_mode`"):
+        strategy_from_dict({"name": "x", "knobs": {"ort": {"execution_mod": ["parallel"]}}}, "x.yaml")
+
+
 def test_ort_options_are_sampled_only_beside_backend_onnxruntime_and_spinning_never():
     from autotiacc.engine.space import sample
 

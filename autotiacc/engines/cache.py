@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 BUILD_CACHE_ENV = "AUTOTIACC_BUILD_CACHE"
 MEMORY_BYTES = 512 << 20  # ~5 resnet50 fp32 exports; older entries go first
-MEMORY_OBJECTS = 2  # live objects (TorchScript modules) hold a model's weights each
+MEMORY_OBJECTS = 1  # a live object (a TorchScript module) holds a copy of the model's weights
 
 
 def digest(key: Any) -> str:

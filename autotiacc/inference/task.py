@@ -333,9 +333,7 @@ class InferenceTask(Task):
         plan.baseline = final.baseline.to_dict()
         if getattr(self, "final_alternating", None):
             plan.extra["final_alternating"] = self.final_alternating
-        plan.extra["final"] = {f"trial_{n}": {k: r.get(k) for k in ("status", "ratio", "reason", "build_s", "twin")
-                                              if k != "twin" or k in r}
-                               for n, (_, _, r) in final.candidates.items()}
+        plan.extra["final"] = final_summary(final)
         plan.fell_back, plan.speedup = True, 1.0
         if kind == "all_failed":
             plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
@@ -363,6 +361,14 @@ class InferenceTask(Task):
                      f"re-measured {how}, in the environment of the tune.")
         return plan
 
+
+
+def final_summary(final: FinalMeasure) -> dict[str, Any]:
+    """The plan's record of the final: each finalist's status, ratio, reason, build seconds and,
+    where the final timed one, what its spinning twin gave (`inference.twins`)."""
+    return {f"trial_{n}": {**{k: r.get(k) for k in ("status", "ratio", "reason", "build_s")},
+                           **({"twin": r["twin"]} if "twin" in r else {})}
+            for n, (_, _, r) in final.candidates.items()}
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:
