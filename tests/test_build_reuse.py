@@ -21,7 +21,8 @@ ORT = {"execution": {"backend": "onnxruntime"}}
 PARALLEL = {**ORT, "ort": {"execution_mode": "parallel", "inter_threads": 1}}
 STATIC = {**ORT, "precision": {"mode": "int8_static"}}
 STATIC_1T = {**STATIC, "runtime": {"threads": 1}}
-TS, TS_1T = {"execution": {"backend": "torchscript"}}, {"execution": {"backend": "torchscript"}, "runtime": {"threads": 1}}
+TS = {"execution": {"backend": "torchscript"}}
+TS_1T = {**TS, "runtime": {"threads": 1}}
 
 
 def test_a_worker_reuses_exports_calibration_and_traces_across_candidates():

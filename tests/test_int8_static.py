@@ -183,3 +183,18 @@ def test_the_report_shows_each_groups_int8_static_error_and_what_the_plan_kept()
     assert rows[0].split("|")[4].strip() == "int8_static"
     assert rows[1].startswith("| smooth.0 ") and "0.009" in rows[1] and rows[1].rstrip(" |").endswith("int8_static")
     assert rows[2].startswith("| spiky.lin ") and "excluded (0.49)" in rows[2] and rows[2].rstrip(" |").endswith("fp32")
+
+
+def test_an_encoders_artifact_replays_the_scales_the_final_recorded(tmp_path):
+    """The artifact's graph holds the model under its wrapper's scope, parameters included
+    (`model.encoder.layers.0.norm1.bias`): every recorded range is found there under its new name."""
+    import autotiacc
+    from autotiacc.engine.fidelity import OneShape
+    from autotiacc.inference.artifacts import export_for_plan
+
+    w = load_workload(MODELS.parent.parent / "examples" / "transformer.py")
+    values = _static()
+    runner, info = OneShape().build(w, values, device="cpu", tolerance=0.5)
+    Plan(knobs=configs_from_params(values), extra=info["engine_records"]).save(tmp_path / "plan.json")
+    assert export_for_plan(tmp_path, w)["int8_static"]["calibrated_on"] == "recorded ranges"
+    assert torch.equal(autotiacc.load_artifact(tmp_path)(*w.example_inputs()), runner())

@@ -90,14 +90,20 @@ def recorded_ranges(record: dict[str, Any] | None) -> dict[str, list] | None:
 def in_scope(ranges: dict[str, list] | None, graph: bytes, scope: str) -> dict[str, list] | None:
     """`ranges` recorded on the candidate's graph, renamed for `graph`, which holds that model
     under the module `scope` (an artifact's wrapper: `/x/Gemm_output_0` is `/model/x/Gemm_output_0`
-    there); None when they do not name every tensor `graph`'s nodes produce (then it calibrates)."""
+    there); None when they do not name every float tensor `graph`'s nodes produce (then it calibrates)."""
     if not ranges or not scope:
         return ranges
     import onnx
 
-    renamed = {(f"/{scope}{k}" if k.startswith("/") else k): v for k, v in ranges.items()}
-    produced = {o for n in onnx.load_from_string(graph).graph.node for o in n.output}
-    return renamed if produced <= set(renamed) else None
+    inferred = onnx.shape_inference.infer_shapes(onnx.load_from_string(graph)).graph
+    floats = {v.name for v in [*inferred.value_info, *inferred.output]
+              if v.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)}
+
+    def name(k: str) -> str:  # node outputs `/a/Op_output_0`; parameters `a.weight`; inputs as they are
+        return f"/{scope}{k}" if k.startswith("/") else f"{scope}.{k}" if f"{scope}.{k}" in floats else k
+
+    renamed = {name(k): v for k, v in ranges.items()}
+    return renamed if floats <= set(renamed) else None
 
 
 def module_path(node_name: str) -> str:
@@ -188,8 +194,9 @@ def _cache_file(ranges: dict[str, list], path: Path) -> Path:
 
     data = {name: {"lowest": array(lo, dt), "highest": array(hi, dt), "CLS": "TensorData"}
             for name, (lo, hi, dt) in ranges.items()}
+    method = {"CLS": "CalibrationMethod", "value": "CalibrationMethod.MinMax"}
     path.write_text(json.dumps({"CLS": "TensorsData", "data": data, "smooth_quant": False,
-                                "calibration_method": {"CLS": "CalibrationMethod", "value": "CalibrationMethod.MinMax"}}))
+                                "calibration_method": method}))
     return path
 
 
@@ -247,7 +254,8 @@ def static_int8_graph(graph: bytes, key: Any, state: Any, int8: dict[str, Any], 
 
         warnings.warn("this onnxruntime's quantize_static cannot replay the int8 scales the plan recorded (it has no "
                       "calibration_cache_path); calibrating on the inputs at hand instead, so its accuracy may differ "
-                      "from what was measured. Upgrade onnxruntime, or serve the plan's exported artifact.", stacklevel=3)
+                      "from what was measured. Upgrade onnxruntime, or serve the plan's exported artifact.",
+                      stacklevel=3)
         ranges = None
     if ranges is None:
         names = [f"input_{i}" for i in range(len(state.example_inputs))]

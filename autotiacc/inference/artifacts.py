@@ -129,8 +129,9 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
 
     # an engine that calibrates (int8_static) replays the plan's scales, else the tune's data
     calibrates = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"
+    calibration = [x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None
     state = BuildState(model=model, example_inputs=tuple(inputs), device=device, recorded=plan.engine_records(),
-                       calibration=[x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None)
+                       calibration=calibration)
     wrapper = _deployable(model, plan.knobs, inputs, device, state)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
     try:

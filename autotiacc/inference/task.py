@@ -276,7 +276,8 @@ class InferenceTask(Task):
         # each finalist, and the twins of options only a process of its own can judge (inference.twins)
         cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
         builds = self.run_dir.path / "cache" / "builds"  # a finalist and its twin export their graph once
-        try:  # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
+        try:
             outcome = self.shape_tuning.final_measure(
                 self.workload, cands, device=self.options.device, tolerance=self.options.effective_tolerance,
                 warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), BUILD_CACHE_ENV: str(builds)},

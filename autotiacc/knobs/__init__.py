@@ -10,5 +10,6 @@ from .runtime import RuntimeConfig, RuntimeKnob
 __all__ = [
     "BuildState", "Knob", "KnobConfig", "SearchContext", "all_knobs", "config_from_dict", "config_to_dict",
     "configs_from_params", "describe", "get_knob", "register", "ExecutionConfig", "ExecutionKnob",
-    "LayoutConfig", "LayoutKnob", "OrtConfig", "OrtKnob", "PrecisionConfig", "PrecisionKnob", "RuntimeConfig", "RuntimeKnob",
+    "LayoutConfig", "LayoutKnob", "OrtConfig", "OrtKnob", "PrecisionConfig", "PrecisionKnob", "RuntimeConfig",
+    "RuntimeKnob",
 ]
