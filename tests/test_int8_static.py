@@ -198,3 +198,11 @@ def test_an_encoders_artifact_replays_the_scales_the_final_recorded(tmp_path):
     Plan(knobs=configs_from_params(values), extra=info["engine_records"]).save(tmp_path / "plan.json")
     assert export_for_plan(tmp_path, w)["int8_static"]["calibrated_on"] == "recorded ranges"
     assert torch.equal(autotiacc.load_artifact(tmp_path)(*w.example_inputs()), runner())
+
+
+@pytest.mark.parametrize("flags,reduce_range", [("avx avx2 fma", True), ("avx2 avx512f avx512_vnni", False),
+                                                ("avx2 avx_vnni", False), ("avx2 amx_int8", False)])
+def test_weights_use_7_bits_only_on_a_cpu_without_vnni(monkeypatch, flags, reduce_range):
+    """u8 x s8 products summed in pairs saturate int16 without VNNI (vpmaddubsw): reduce_range there."""
+    monkeypatch.setenv("AUTOTIACC_CPU_FLAGS", flags)
+    assert QuantSettings.for_this_cpu() == QuantSettings(reduce_range=reduce_range)

@@ -1,4 +1,5 @@
-"""The `Engine` interface and its registry (see the package doc for the call order)."""
+"""The `Engine` interface and the registry engines add themselves to (`autotiacc.engines` looks
+them up; the engines' modules import only this one, so no engine imports the package that lists it)."""
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

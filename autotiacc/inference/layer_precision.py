@@ -42,16 +42,17 @@ PARTIAL_WHY = "the profile's share of the budget ran out; a later tune of this w
 
 def analysis_order(modes: Iterable[str], device: str) -> list[str]:
     """The order the modes are analysed in, one mode over every group before the next, so a cut
-    leaves every group with the modes analysed first. On a CPU the fp16 modes go last: without
-    native fp16 kernels they ran 25-45x the fp32 forward here, so they cost the most to analyse
-    and pay the least (trial logs in experiments/results/trials_per_minute/session15); and
-    int8_static goes first: its check is a quantization pass and a few ONNX Runtime forwards (no
-    slow kernels), and it decides which groups the int8 candidates, often a CPU's fastest, keep
-    in fp32."""
+    leaves every group with the modes analysed first: those this device runs natively first,
+    and on a CPU int8_static before them: its check is a quantization pass and a few ONNX Runtime
+    forwards (no slow kernels), and it decides which groups the int8 candidates, often a CPU's
+    fastest, keep in fp32."""
     from ..device import is_cuda
+    from ..native_precision import native_first, native_types_here
 
-    modes = [m for m in ANALYSED_MODES if m in set(modes)]
-    return modes if is_cuda(device) else sorted(modes, key=lambda m: (m != STATIC_INT8, m.startswith("fp16")))
+    ordered = [m for m in ANALYSED_MODES if m in set(modes)]
+    if not is_cuda(device):
+        ordered.sort(key=lambda m: m != STATIC_INT8)
+    return native_first(ordered, native_types_here(device))
 
 
 def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
