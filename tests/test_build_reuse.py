@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from autotiacc.engine.fidelity import evaluate_alternating, time_window
 from autotiacc.engine.workers import run_isolated
-from autotiacc.engines.cache import BUILD_CACHE_ENV, BUILDS
+from autotiacc.engines.cache import BUILD_CACHE_ENV, BUILDS, shared_builds
 from autotiacc.inference.evaluate import evaluate
 from autotiacc.inference.plan import Plan
 from autotiacc.inference.twins import TWIN, merge_twins, with_twins
@@ -55,13 +55,16 @@ def test_the_finals_processes_share_exports_on_disk_and_the_twin_spins(tmp_path)
     first's export from the run's cache folder, and its session really spins."""
     w = load_workload(MODELS / "tiny_mlp.py")
     cands = with_twins({"trial_1": {**ORT, "ort": {}}}, load_strategy("inference-latency").space("ort"))
-    env = {BUILD_CACHE_ENV: str(tmp_path / "builds")}
     built = {}
-    for name, values in cands.items():
-        out = run_isolated(time_window, w, name, values, device="cpu", window_s=0, warmup_s=0.01, tolerance=0.1,
-                           build_only=True, timeout=120, env=env)
-        assert out.ok, out.reason()
-        built[name] = out.value
+    with shared_builds(tmp_path) as env:  # as the tune's final does, for its run directory
+        assert env == {BUILD_CACHE_ENV: str(tmp_path / "cache" / "builds")}
+        for name, values in cands.items():
+            out = run_isolated(time_window, w, name, values, device="cpu", window_s=0, warmup_s=0.01, tolerance=0.1,
+                               build_only=True, timeout=120, env=env)
+            assert out.ok, out.reason()
+            built[name] = out.value
+        assert any((tmp_path / "cache" / "builds").iterdir())
+    assert not (tmp_path / "cache").exists()  # exported graphs are not left in the run directory
     assert built["trial_1"]["reused_s"] == 0 and built["trial_1" + TWIN]["reused_s"] > 0
     assert built["trial_1"]["ort_session"]["spinning"] is False
     assert built["trial_1" + TWIN]["ort_session"]["spinning"] is True

@@ -15,12 +15,14 @@ took to `saved_s`, which the candidate's notes report.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import shutil
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 BUILD_CACHE_ENV = "AUTOTIACC_BUILD_CACHE"
 MEMORY_BYTES = 512 << 20  # ~5 resnet50 fp32 exports; older entries go first
@@ -99,3 +101,16 @@ class BuildCache:
 
 
 BUILDS = BuildCache()  # this process's
+
+
+@contextlib.contextmanager
+def shared_builds(run_dir: str | Path) -> Iterator[dict[str, str]]:
+    """The environment that lets fresh processes share builds through `<run_dir>/cache/builds`,
+    removed afterwards (exported graphs: hundreds of MB on big models)."""
+    folder = Path(run_dir) / "cache" / "builds"
+    try:
+        yield {BUILD_CACHE_ENV: str(folder)}
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            folder.parent.rmdir()  # unless something else keeps its cache there

@@ -4,8 +4,6 @@ plan (`Plan`) at the end. The search loop itself is `engine.loop.Search`.
 """
 from __future__ import annotations
 
-import contextlib
-import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +15,7 @@ from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
-from ..engines.cache import BUILD_CACHE_ENV
+from ..engines.cache import shared_builds
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
@@ -27,7 +25,7 @@ from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
-from .twins import merge_twins, twin_trials, with_twins
+from .twins import final_summary, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -305,17 +303,13 @@ class InferenceTask(Task):
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         # each finalist, and the twins of options only a process of its own can judge (inference.twins)
         cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
-        builds = self.run_dir.path / "cache" / "builds"  # a finalist and its twin export their graph once
-        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
-        try:
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape
+        # hook's; a finalist and its twin export their graph once (engines.cache)
+        with shared_builds(self.run_dir.path) as builds_env:
             outcome = self.shape_tuning.final_measure(
                 self.workload, cands, device=self.options.device, tolerance=self.options.effective_tolerance,
-                warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), BUILD_CACHE_ENV: str(builds)},
-                timeout=timeout, log_path=self.run_dir.trial_log("final"))
-        finally:
-            shutil.rmtree(builds, ignore_errors=True)  # exported graphs: hundreds of MB on big models
-            with contextlib.suppress(OSError):
-                builds.parent.rmdir()  # unless something else keeps its cache there
+                warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), **builds_env}, timeout=timeout,
+                log_path=self.run_dir.trial_log("final"))
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
@@ -392,14 +386,6 @@ class InferenceTask(Task):
                      f"re-measured {how}, in the environment of the tune.")
         return plan
 
-
-
-def final_summary(final: FinalMeasure) -> dict[str, Any]:
-    """The plan's record of the final: each finalist's status, ratio, reason, build seconds and,
-    where the final timed one, what its spinning twin gave (`inference.twins`)."""
-    return {f"trial_{n}": {**{k: r.get(k) for k in ("status", "ratio", "reason", "build_s")},
-                           **({"twin": r["twin"]} if "twin" in r else {})}
-            for n, (_, _, r) in final.candidates.items()}
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:

@@ -61,3 +61,11 @@ def merge_twins(results: dict[str, dict], windows: dict[str, list[float]]) -> di
                      "twin": {"spinning": {"status": twin.get("status"), "ratio": twin.get("ratio"),
                                            "reason": twin.get("reason"), "kept": wins}}}
     return out
+
+
+def final_summary(final) -> dict[str, Any]:
+    """The plan's record of the final (`engine.task.FinalMeasure`): each finalist's status,
+    ratio, reason, build seconds and, where the final timed one, what its spinning twin gave."""
+    return {f"trial_{n}": {**{k: r.get(k) for k in ("status", "ratio", "reason", "build_s")},
+                           **({"twin": r["twin"]} if "twin" in r else {})}
+            for n, (_, _, r) in final.candidates.items()}
