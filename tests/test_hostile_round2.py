@@ -39,7 +39,8 @@ def with_test_data(body: str) -> str:
 
 
 def metric(body: str) -> str:
-    return with_test_data("return [((torch.randn(2, 4),), torch.tensor([0, 1]))]") + f"def metric(out, y):\n    {body}\n"
+    batches = with_test_data("return [((torch.randn(2, 4),), torch.tensor([0, 1]))]")
+    return batches + f"def metric(out, y):\n    {body}\n"
 
 
 DISAGREE = "two forwards on the same inputs disagree"
@@ -56,7 +57,8 @@ INFERENCE = {
                                           "on test batch 0 holds no finite value"),
     "test_data() items are not pairs": (with_test_data("return [(torch.randn(2, 4),)]"), [],
                                         "must yield (inputs, target) pairs"),
-    "test_data() raises": (with_test_data("raise OSError('no data folder')"), [], "test_data() raised OSError: no data folder"),
+    "test_data() raises": (with_test_data("raise OSError('no data folder')"), [],
+                           "test_data() raised OSError: no data folder"),
     "metric() returns a string": (metric("return 'good'"), [], "metric() returned str 'good'"),
     "metric() returns NaN": (metric("return float('nan')"), [], "metric() returned nan"),
     "metric() returns None": (metric("return None"), [], "metric() returned NoneType"),
@@ -339,7 +341,8 @@ def traffic():
 
 def _tune(*args: str, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "autotiacc.cli", "tune", *args, "--quiet"], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                          text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
 @pytest.mark.slow
@@ -349,8 +352,9 @@ def test_a_thread_started_at_import_does_not_keep_tune_alive(tmp_path):
     pids = tmp_path / "pids"
     budget = 45  # set-up took 30 s with the machine loaded 5x over its cores
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "autotiacc.cli", "tune", str(write(tmp_path / "m.py", THREAD_AT_IMPORT)),
-                             "--budget", f"{budget}s", "--out", str(tmp_path / "run"), "--quiet"],
+    model = write(tmp_path / "m.py", THREAD_AT_IMPORT)
+    proc = subprocess.Popen([sys.executable, "-m", "autotiacc.cli", "tune", str(model), "--budget", f"{budget}s",
+                             "--out", str(tmp_path / "run"), "--quiet"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT), "AUTOTIACC_TEST_PIDS": str(pids)})
     try:

@@ -44,3 +44,12 @@ def check_memory_limit(limit_mib: float | None, need_mib: float, *, device: str,
         raise UserInputError(f"`--max-memory` of {limit_mib:.4g} MiB is below what the baseline itself needs: "
                              f"{need_mib:.4g} MiB peak on {device} ({source}) over {what}, as its trial measures it; "
                              "give more than that, or drop --max-memory.")
+
+
+def refuse_baseline_over_limit(attrs: dict[str, Any]) -> None:
+    """The baseline's trial rejected over `--max-memory` (an up-front check can measure less
+    than the trial: a CPU's RSS high-water mark is coarse): the limit is below its need."""
+    reason = str(attrs.get("reason") or "")
+    if attrs.get("status") == "rejected" and "--max-memory" in reason:
+        raise UserInputError(f"`--max-memory` is below what the baseline itself needs: its trial was rejected "
+                             f"({reason}); give more than its peak, or drop --max-memory.")

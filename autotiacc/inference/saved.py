@@ -104,8 +104,8 @@ def forward_problem(kind: str, path: Path, message: str, inputs: tuple, exported
         want = ", ".join(str(s) for s in exported)
         fix = " ".join(f"--input-shape {'x'.join(str(d) for d in s)}" for s in exported)
         return (f"{path}: this torch.export program is specialised to the input shapes it was exported with ({want}) "
-                f"and got {shown} ({first_line(message)}); re-export it with dynamic dims (torch.export.export(m, args, "
-                f"dynamic_shapes=...)), or tune it at those shapes: {fix}.")
+                f"and got {shown} ({first_line(message)}); re-export it with dynamic dims "
+                f"(torch.export.export(m, args, dynamic_shapes=...)), or tune it at those shapes: {fix}.")
     return (f"{path}: the saved model raised on inputs {shown} (from --input-shape, --input-dtype): "
             f"{torchscript_error(message)}; give the shapes (--input-shape, --input-dtype) it takes.")
 

@@ -236,6 +236,7 @@ class Workload:
         --budget"); `tolerance` is the accuracy guard's, which the baseline must pass. With the
         tune's `budget_s`, a model whose forward ran but whose check outlasted the budget is a
         budget too small (`BudgetError`, naming one that fits), not a hang."""
+        limit = limit or (f"the {budget_s:.0f} s --budget" if budget_s is not None else "")
         try:
             value, _ = run_user_code(_checked, self, device, tolerance, where=self.path or self.name, timeout=timeout,
                                      limit=limit, stage="importing it, building the model and running it on its "

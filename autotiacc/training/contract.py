@@ -65,7 +65,8 @@ def check_training(workload: Any, device: str, nproc: int, stage: Stage) -> dict
     stage.now = "reading the model"
     facts = TrainFacts(identity=workload.identity(model), samples=samples, batch_size=workload.batch_size,
                        has_conv=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
-                       fused_ok="fused" in getattr(opt, "defaults", {}), device_decode=device_decode_unavailable(workload),
+                       fused_ok="fused" in getattr(opt, "defaults", {}),
+                       device_decode=device_decode_unavailable(workload),
                        loss=float(loss), peak_mib=round(mem.peak_mib, 2), memory_source=mem.source,
                        first_run_s=round(first_run_s, 3))
     return asdict(facts)
