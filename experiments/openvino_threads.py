@@ -50,7 +50,6 @@ TUNED = {"openvino f32": OPENVINO, "onnxruntime": {"execution": {"backend": "onn
 
 def _engine_runner(workload, values: dict, spinning: str | None):
     """The candidate as the tune builds it; ORT rebuilt with `spinning` when given."""
-    import torch
 
     from autotiacc.inference.candidate import OptimizedModel
     from autotiacc.knobs import configs_from_params

@@ -180,7 +180,7 @@ def test_keep_fp32_groups_become_nncfs_ignored_scope_in_the_trial_and_the_artifa
 
 
 def test_keep_fp32_groups_come_from_the_sensitivity_pass():
-    from autotiacc.knobs.precision_groups import keep_fp32_groups
+    from autotiacc.inference.static_int8 import keep_fp32_groups, kept_fp32
 
     sens = [{"path": "a", "sensitivity": {"bf16_autocast": {"ok": True}, "int8_dynamic": {"ok": False}}},
             {"path": "b", "sensitivity": {"bf16_autocast": {"ok": False}, "fp16_autocast": {"ok": False}}},
@@ -189,6 +189,9 @@ def test_keep_fp32_groups_come_from_the_sensitivity_pass():
             {"path": "e", "sensitivity": {"int8_dynamic": {"ok": True}, "bf16_autocast": {"ok": False}}},
             {"path": "f", "sensitivity": {}}]
     assert keep_fp32_groups(sens) == ["a", "b"]
+    assert kept_fp32(sens) == ["a", "b"]  # no group checked in int8_static (no ONNX Runtime quantizer): these
+    checked = sens + [{"path": "g", "sensitivity": {"int8_static": {"ok": False}}}]
+    assert kept_fp32(checked) == ["g"]  # the per-group int8_static check decides where it ran
 
 
 def test_calibration_takes_the_test_batches_the_fixed_shape_model_can_run():
@@ -217,7 +220,7 @@ def test_apply_of_an_int8_static_plan_asks_for_its_calibration_data():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         fast = plan.apply(model, calibration_data=[(torch.randn(2, 4),) for _ in range(2)])
-    assert fast.calibration is not None and len(fast.calibration) == 2
+    assert len(fast._engine_inputs["calibration"]) == 2
 
 
 # -- the knob and the search space -----------------------------------------------------------------------

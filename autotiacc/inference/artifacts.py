@@ -42,6 +42,7 @@ from typing import Any
 from ..device import cuda_available, is_cuda, to_device
 from ..errors import HardwareMismatchWarning, PlanError
 
+EXPORT_TIMEOUT_S = 1800.0  # an AOTInductor build of a large model on 2 cores; not counted against --budget
 TORCH_FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
 
 
@@ -151,10 +152,11 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     model = to_device(workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
     t0 = time.perf_counter()
-    # an engine that calibrates (int8_static) does so on the data the tune used
+    # an engine that calibrates (int8_static) replays the plan's scales, else the tune's data
     calibrates = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"
-    state = BuildState(model=model, example_inputs=tuple(inputs), device=device,
-                       calibration=[x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None)
+    calibration = [x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None
+    state = BuildState(model=model, example_inputs=tuple(inputs), device=device, recorded=plan.engine_records(),
+                       calibration=calibration)
     wrapper = _deployable(model, plan.knobs, inputs, device, state)
     eng = by_format(fmt)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
@@ -221,22 +223,27 @@ def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str, s
                 torch.export.save(program, str(tmp))
 
 
+class ExportFailed(RuntimeError):
+    """The artifact could not be built or saved (the child's error, as recorded in the plan)."""
+
+
 def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
     """Export the artifact of the plan at `plan_path` next to it and record it in the plan
     (`extra["artifact"]`). A failure is recorded there too (`{"error": ...}`) and re-raised."""
+    from ..engine.workers import run_isolated
     from .plan import load_plan
 
     plan_path = Path(plan_path)
     if plan_path.is_dir():
         plan_path = plan_path / "plan.json"
     plan = load_plan(plan_path)
-    try:
-        entry = export_artifact(plan, workload, plan_path.parent)
-    except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
-        plan.extra["artifact"] = {"format": artifact_format(plan.knobs),
-                                  "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+    # in a child: it builds the user's model (their code never runs in the tuner's process)
+    outcome = run_isolated(export_artifact, plan, workload, plan_path.parent, timeout=EXPORT_TIMEOUT_S)
+    if not outcome.ok:  # recorded in the plan, then reported by the caller
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs), "error": outcome.error.strip()[:500]}
         plan.save(plan_path)
-        raise
+        raise ExportFailed(outcome.error.strip()[:500])
+    entry = outcome.value
     plan.extra["artifact"] = entry
     plan.save(plan_path)
     return entry

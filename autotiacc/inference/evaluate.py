@@ -36,10 +36,14 @@ class _Reference:
         import torch
 
         # a module is a pytree leaf: to_device moves it too (a tensor-only map left it on the CPU)
+        self.device = device
         with PeakMemory(device) as self.memory:
             self.model = to_device(workload.build_model(), device)
             self.inputs = to_device(workload.example_inputs(), device)
             self.test = to_device(list(workload.test_data()), device)  # targets too, for the user's metric
+            # what the tuner's processes build candidates of this model with (`build_candidate`)
+            token = getattr(workload, "token", None)
+            self.reuse_key = (token, device) if token else None
             with torch.no_grad():
                 self.refs = [self.model(*x) for x, _ in self.test]
                 # warm calls' times pace the candidates' (a first call can take 100x a tiny model's)
@@ -65,6 +69,31 @@ def worker_cached(key: Any, build: Callable[[], Any]) -> Any:
         _CACHE[:] = [None, None]  # free the old model before building the new one
         _CACHE[:] = [key, build()]
     return _CACHE[1]
+
+
+def build_candidate(ref: _Reference, values: dict[str, dict]) -> OptimizedModel:
+    """A candidate of `ref`'s model as the tuner's processes build it: an engine that calibrates
+    (int8_static) does so on the test data, and graphs of earlier candidates of this workload
+    are reused where only run settings differ (`engines.cache`); `build_report` says what."""
+    from ..engines.cache import BUILDS
+
+    saved = BUILDS.saved_s
+    cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=ref.device,
+                          calibration=[x for x, _ in ref.test], reuse_key=ref.reuse_key)
+    cand.reused_s = BUILDS.saved_s - saved
+    return cand
+
+
+def build_report(cand: OptimizedModel) -> dict[str, Any]:
+    """Trial attributes of a built candidate: the build seconds its reuse saved, the options its
+    ONNX Runtime session really has (read back from it), what int8_static quantized."""
+    out: dict[str, Any] = {"reused_s": round(getattr(cand, "reused_s", 0.0), 3)}
+    if "session" in cand.notes:
+        out["ort_session"] = cand.notes["session"]
+    record = (cand.notes.get("int8_static") or {}).get("record")
+    if record:
+        out["int8_static"] = {k: v for k, v in record.items() if k != "ranges"}
+    return out
 
 
 def workload_key(workload) -> Any:
@@ -135,8 +164,7 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
         try:
             torch._dynamo.utils.counters.clear()
             with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
-                cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs,
-                                      device=device, calibration=[x for x, _ in ref.test])
+                cand = build_candidate(ref, values)
                 res["build_s"] = cand.build_seconds
                 outs: list = []
                 paces: list[float] = []  # each test call's time over the baseline's on that batch
@@ -144,7 +172,7 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                     paces.append(time_once(lambda x=x: outs.append(cand(*x)), device) / max(base_ms, 1e-6))
                     check_pace(paces, hopeless)
             res["compile"] = compile_stats()
-            res["trial_attrs"] = memory_attrs(mem, ref.memory)
+            res["trial_attrs"] = {**memory_attrs(mem, ref.memory), **build_report(cand)}
             if is_meta(device):
                 res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
                 runners[name] = (lambda c=cand: c(*ref.inputs))

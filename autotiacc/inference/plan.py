@@ -25,6 +25,7 @@ from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
+ENGINE_RECORDS = ("int8_static",)  # `extra` keys an engine's build recorded and replays (int8 scales)
 SCHEMA_VERSION = 2
 READS_VERSIONS = (1, 2)
 
@@ -167,11 +168,19 @@ class Plan:
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)
         calibration = [to_device(tuple(x), device) for x in calibration_data] if calibration_data is not None else None
-        if calibration is None and getattr(self.knobs.get("precision"), "mode", "") == "int8_static":
+        records = self.engine_records()
+        mode = getattr(self.knobs.get("precision"), "mode", "")
+        if mode == "int8_static" and calibration is None and "int8_static" not in records:  # no scales to replay
             warnings.warn("the plan's int8_static scales are calibrated on the first call's inputs, not on the test "
                           "data the tune used: pass calibration_data=[x for x, _ in test_data()] to get the accuracy "
                           "it measured, or serve its artifact (load_artifact).", UserWarning, stacklevel=2)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device, calibration=calibration)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device, calibration=calibration,
+                              recorded=records)
+
+    def engine_records(self) -> dict[str, Any]:
+        """What the build of the plan's candidate recorded for its engine to replay, by kind
+        (`int8_static`: the calibrated scales and quantizer settings, `engines.ort_int8`)."""
+        return {k: self.extra[k] for k in ENGINE_RECORDS if isinstance(self.extra.get(k), dict)}
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
@@ -202,15 +211,30 @@ def _jsonable(x: Any) -> Any:
 _WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
                     "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
 _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
-                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any], "extra_files": dict[str, str],
-                    "engine_options": dict[str, Any]}
+                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any], "engine_options": dict[str, Any],
+                    "int8_static": dict[str, Any], "extra_files": dict[str, str]}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
+
+
+# What to say when a plan of the other kind is handed over (`verify` of a training plan).
+_OTHER_PLANS = {
+    "autotiacc.training_plan": "this is a training plan (from `tune --mode train`), not an inference plan; apply it "
+                               "in your training loop with autotiacc.training.load_training_plan(path) and "
+                               "autotiacc.training.apply(plan, model, optimizer, dataset, loss_fn) (`verify` and "
+                               "load_plan take inference plans).",
+    "autotiacc.plan": "this is an inference plan, not a training plan; load it with autotiacc.load_plan(path) and "
+                      "plan.apply(model), or re-measure it with `autotiacc verify`.",
+}
 
 
 def check_plan_header(d: Any, schema: str, version: int | tuple[int, ...], origin: str, *, what: str,
                       retune: str) -> None:
     """The schema name and version (or the versions read), shared by inference and training plans."""
     versions = (version,) if isinstance(version, int) else tuple(version)
+    found = d.get("schema") if isinstance(d, dict) else None
+    other = _OTHER_PLANS.get(found) if isinstance(found, str) and found != schema else None
+    if other:
+        raise PlanError(f"{origin}: {other}")
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
     got = d.get("schema_version")
@@ -253,8 +277,8 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     if bad:
         raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
-    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
-                  "extra", origin)
+    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any],
+                          **{k: dict[str, Any] for k in ENGINE_RECORDS}}, "extra", origin)
     _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
                   "extra.shapes", origin)
     artifact = extra.get("artifact") or {}

@@ -10,11 +10,12 @@ from typing import Any, Callable
 
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
 from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
+from ..engines.cache import shared_builds
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
@@ -24,6 +25,7 @@ from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
+from .twins import final_summary, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -130,8 +132,10 @@ class InferenceTask(Task):
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
-        # the user's code runs first in a child, under the budget
-        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
+        facts = self.workload.validate(timeout=max(1.0, left_s), budget_s=self.options.budget_s,
+                                       device=self.options.device, tolerance=self.options.effective_tolerance)
+        check_memory_limit(self.options.max_memory_mib, facts.baseline_peak_mib, device=self.options.device,
+                           source=facts.memory_source, what="its build and its calls on the test data")
         self.ctx = search_context(facts, self.options.device, self.options.level)
         self.ctx.extras["traffic"] = isinstance(self.shape_tuning, ShapeTuning)  # int8_static calibrates one shape
         self._identity = facts.identity
@@ -149,7 +153,8 @@ class InferenceTask(Task):
         spend nothing on it."""
         from ..profile import SCHEMA_VERSION
         from ..version import __version__
-        from .layer_precision import plan_summary, prepare_search
+        from .layer_choice import plan_summary
+        from .layer_precision import prepare_search
 
         self.run_dir = run_dir
         t0 = time.monotonic()
@@ -164,7 +169,8 @@ class InferenceTask(Task):
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=cached.reuse, start=cached.start)
         self.ctx.extras.update(extras)
-        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order()}
+        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order(),
+                           "guard_data": self.workload.facts.guard_data}  # which data the accuracy guard used
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
         return time.monotonic() - t0
 
@@ -185,7 +191,8 @@ class InferenceTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
-                "tolerance": self.options.effective_tolerance, "seed_order": self.plan_extra.get("seed_order")}
+                "tolerance": self.options.effective_tolerance,
+                **{k: self.plan_extra.get(k) for k in ("seed_order", "guard_data")}}
 
     def seeds(self) -> list[dict[str, Any]]:
         return self.stage_one()[0]
@@ -269,6 +276,7 @@ class InferenceTask(Task):
         return TrialResult(state, res["ratio"] if state == "complete" else None, attrs)
 
     def check_baseline(self, result: TrialResult, budget_s: float) -> None:
+        refuse_baseline_over_limit(result.attrs)  # the up-front check measured less than its trial did
         if result.state != "complete" and result.attrs.get("status") == "timeout":
             wall = result.attrs["wall_s"]
             raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {wall:.0f}s without "
@@ -281,6 +289,7 @@ class InferenceTask(Task):
         if not tops:  # nothing to re-measure: the plan is written at once
             return 2.0
         # the model check timed a build and a forward in a child, on this machine, at this load
+        tops = tops + twin_trials(tops, self.strategy.space("ort"))  # each twin is one more process
         return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s) + 3.0
 
     def family(self, values: dict[str, Any]) -> Any:
@@ -293,24 +302,28 @@ class InferenceTask(Task):
         return values.get("execution", {}).get("backend", "eager")
 
     def final_candidates(self, tops: list, trials: list) -> list:
-        from .layer_precision import best_full_precision
+        from .layer_choice import best_full_precision
 
         return best_full_precision(tops, trials)
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
-        cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
-        outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
-                                                  tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
-                                                  env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"))
+        # each finalist, and the twins of options only a process of its own can judge (inference.twins)
+        cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape
+        # hook's; a finalist and its twin export their graph once (engines.cache)
+        with shared_builds(self.run_dir.path) as builds_env:
+            outcome = self.shape_tuning.final_measure(
+                self.workload, cands, device=self.options.device, tolerance=self.options.effective_tolerance,
+                warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), **builds_env}, timeout=timeout,
+                log_path=self.run_dir.trial_log("final"))
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
+        merged = merge_twins(outcome.value["candidates"], (self.final_alternating or {}).get("windows_ms") or {})
         return FinalMeasure(baseline=Timing.from_dict(outcome.value["baseline"]),
                             candidates={int(n.split("_")[1]): (r["status"], Timing.from_dict(r["timing"])
                                                                if "timing" in r else None, r)
-                                        for n, r in outcome.value["candidates"].items()})
+                                        for n, r in merged.items()})
 
     def make_plan(self, decision: Decision, study) -> Plan:
         trials = study.get_trials(deepcopy=False)
@@ -351,8 +364,7 @@ class InferenceTask(Task):
         plan.baseline = final.baseline.to_dict()
         if getattr(self, "final_alternating", None):
             plan.extra["final_alternating"] = self.final_alternating
-        plan.extra["final"] = {f"trial_{n}": {k: r.get(k) for k in ("status", "ratio", "reason", "build_s")}
-                               for n, (_, _, r) in final.candidates.items()}
+        plan.extra["final"] = final_summary(final)
         plan.fell_back, plan.speedup = True, 1.0
         if kind == "all_failed":
             plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
@@ -369,10 +381,11 @@ class InferenceTask(Task):
         plan.knobs = configs_from_params(res["knobs"])
         plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
         plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
+        plan.extra.update(res.get("engine_records") or {})  # int8_static's scales: `plan.apply` replays them
         self.shape_tuning.record(plan, res["knobs"], res)
         alt = getattr(self, "final_alternating", None)
         how = "each alone in its own process, measured in turns" if alt else "interleaved in a fresh process"
-        spread = ((alt or {}).get("speedup_range") or {}).get(f"trial_{t.number}")
+        spread = ((alt or {}).get("speedup_range") or {}).get(res.get("variant", f"trial_{t.number}"))
         if spread:  # each process runs at its own pace: what one round (a process of each) gave
             how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
         plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "

@@ -66,6 +66,11 @@ class BuildState:
     engine_options: dict[str, Any] = field(default_factory=dict)
     # input tuples an engine calibrates int8 scales on (the test data); None: `example_inputs`
     calibration: list[tuple] | None = None
+    # what an earlier build of this plan recorded for the engine to replay (int8 scales)
+    recorded: dict[str, Any] = field(default_factory=dict)
+    # set by a process that builds many candidates of one model (a trial worker): engines may
+    # reuse what they built for an earlier candidate with this key and the same graph (exports)
+    reuse_key: Any = None
 
     def cast_inputs(self, inputs: tuple) -> tuple:
         for cast in self.input_casts:
@@ -93,6 +98,12 @@ class Knob(ABC):
     cuda_only: ClassVar[dict[str, set]] = {}
     # knobs whose configs this one's space depends on: sampled first, passed to `suggest_given`
     conditional_on: ClassVar[tuple[str, ...]] = ()
+    changes_graph: ClassVar[bool] = True  # False: settings of a run (threads, session options), not of the model
+
+    def graph_key(self, config: KnobConfig) -> Any:
+        """What of `config` changes the model a backend traces or exports (None: nothing): with
+        the caller's `BuildState.reuse_key`, what a build may be reused by (`engines.cache`)."""
+        return config if self.changes_graph else None
 
     def applies(self, ctx: SearchContext) -> bool:
         return True

@@ -17,10 +17,10 @@ import importlib.util
 from dataclasses import dataclass
 
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
+from .runtime import MAX_THREADS, thread_choices
 
 PRECISIONS = ("f32", "bf16")
 HINTS = ("LATENCY", "THROUGHPUT")
-MAX_COUNT = 4096  # streams or threads beyond any machine: a typo or a corrupt plan
 BACKEND = "openvino"
 
 
@@ -39,8 +39,8 @@ class OpenVINOConfig(KnobConfig):
             raise ValueError(f"`performance_hint` got {self.performance_hint!r}: use one of {', '.join(HINTS)}.")
         for name in ("num_streams", "num_threads"):
             value = getattr(self, name)
-            if not 0 <= value <= MAX_COUNT:
-                raise ValueError(f"`{name}` got {value}: use 0 (the hint decides) or a count up to {MAX_COUNT}.")
+            if not 0 <= value <= MAX_THREADS:  # beyond any machine: a typo or a corrupt plan
+                raise ValueError(f"`{name}` got {value}: use 0 (the hint decides) or a count up to {MAX_THREADS}.")
 
     def properties(self) -> dict[str, str]:
         """The compile properties of OpenVINO's CPU plugin that this config sets."""
@@ -70,6 +70,7 @@ class OpenVINOKnob(Knob):
     config_cls = OpenVINOConfig
     order = 90  # before the execution knob (100), which builds the engine with this config
     conditional_on = ("execution",)
+    changes_graph = False  # compile properties: a build's converted model does not depend on them
     choice_levels = {"inference_precision": {"bf16": 1}}  # level 0 changes no precision
     counts = ("num_streams", "num_threads")  # `auto` in a strategy: 0 and 1..cores
 
@@ -81,7 +82,7 @@ class OpenVINOKnob(Knob):
 
     def choices(self, param, space, ctx):
         if param in self.counts and space.get(param) in (["auto"], "auto"):
-            return [0] + list(range(1, ctx.cores + 1)) if ctx.cores > 1 else [0]
+            return thread_choices(ctx)
         out = super().choices(param, space, ctx)
         if param == "inference_precision" and not has_bf16_units(ctx):
             out = [p for p in out if p != "bf16"]  # emulated without the units: never faster

@@ -1,9 +1,10 @@
 """Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, int8 weights
 of `nn.Linear` layers (`int8_dynamic` on CPU, weight-only `int8_weights` with torchao: see
 autotiacc.knobs.int8), calibrated static int8 by an engine's own quantizer (`int8_static`:
-weights and activations, scales calibrated on the test data; OpenVINO's through NNCF, see
-autotiacc.engines.openvino), and per-layer precision: `groups` lowers chosen submodules only
-(see autotiacc.knobs.precision_groups), or under `int8_static` names those kept in fp32.
+weights and activations, scales calibrated on the test data; ONNX Runtime's, see
+autotiacc.engines.ort_int8, or OpenVINO's through NNCF, see autotiacc.engines.openvino), and
+per-layer precision: `groups` lowers chosen submodules only (see autotiacc.knobs.precision_groups),
+or under `int8_static` names those kept in fp32.
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -143,6 +144,11 @@ class PrecisionKnob(Knob):
             return _static_int8_refused(ctx, execution.backend)
         return None
 
+    def graph_key(self, config: PrecisionConfig):
+        # int8_static quantizes the fp32 export: candidates of either mode share it
+        return PrecisionConfig() if config.mode == STATIC_INT8 else config
+
+
 def _static_int8_refused(ctx: SearchContext, backend: str | None = None) -> str | None:
     """Why calibrated static int8 cannot be built here or with `backend` (None when it can)."""
     from ..engines import engines
@@ -154,10 +160,12 @@ def _static_int8_refused(ctx: SearchContext, backend: str | None = None) -> str 
     if ctx.extras.get("traffic"):  # each bucket would calibrate on its first request, unrecorded
         return "int8_static calibrates at one input shape; a traffic tune's buckets have many"
     if not quantizers:
-        return "int8_static needs an engine with a static int8 quantizer: pip install 'autotiacc[openvino]'"
+        return ("int8_static needs an engine with a static int8 quantizer: pip install 'autotiacc[onnx]' or "
+                "'autotiacc[openvino]'")
     if backend is not None and backend not in quantizers:
+        runs = "runs PyTorch's kernels" if backend in ("eager", "torchscript", "compile") else "is not installed here"
         return (f"int8_static is calibrated static int8 by an engine's quantizer ({', '.join(quantizers)}); "
-                f"backend {backend} runs PyTorch's kernels")
+                f"backend {backend} {runs}")
     return None
 
 

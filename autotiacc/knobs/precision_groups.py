@@ -104,22 +104,3 @@ def apply_group_precision(model: Any, groups: Iterable[tuple[str, str]], device:
             raise ValueError(f"precision group {path!r} is not a submodule of this model ({exc}).") from None
         setattr(parent, name, region(inner, mode, device_type))
     return model
-
-
-def keep_fp32_groups(sensitivity: list[dict[str, Any]]) -> list[str]:
-    """The groups calibrated int8 (`int8_static`) leaves in fp32, from the profile's sensitivity
-    pass: those it saw leave the tolerance (or overflow, or raise) in int8 (`int8_dynamic`, checked on
-    Linear groups), or, where int8 was not checked, in every lowered type it checked (a group that
-    breaks in bf16 and fp16 will not survive int8's coarser steps). A type given up as far slower
-    says nothing about accuracy and does not count."""
-    out = []
-    for group in sensitivity:
-        checks = {m: r for m, r in (group.get("sensitivity") or {}).items()
-                  if not str(r.get("reason", "")).startswith("far slower")}
-        if "int8_dynamic" in checks:
-            broke = not checks["int8_dynamic"].get("ok")
-        else:
-            broke = bool(checks) and not any(r.get("ok") for r in checks.values())
-        if broke:
-            out.append(group["path"])
-    return out

@@ -204,7 +204,8 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     wl = run.get("workload", {})
     sess = run.get("sessions", [{}])
     head = [f"- model: `{wl.get('name')}` ({wl.get('kind')}), inputs {wl.get('input_shapes')} {wl.get('input_dtypes')}",
-            f"- strategy `{run.get('strategy')}`, level {run.get('level')}, tolerance {run.get('tolerance')} (relative L2 error vs fp32 eager)",
+            f"- strategy `{run.get('strategy')}`, level {run.get('level')}, tolerance {run.get('tolerance')} (relative L2 error vs fp32 eager)"
+            + (f"; accuracy guarded on {run['guard_data']}" if run.get("guard_data") else ""),
             f"- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall {fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
     out.append(("Run", head))
     if p is None:
@@ -218,7 +219,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
         lines = [f"**{p.get('note', '')}**", ""] + table(
             ["variant", "median ms", "p90 ms", "p99 ms", "spread (IQR/median)", "n", "speed-up", "rel. error", "build s"], rows)
         lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
-        out.append(("Result", lines))
+        out.append(("Result", lines + _twin_lines(p)))
     if not t.empty and "status" in t:
         ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
@@ -244,6 +245,17 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
     return out
+
+
+def _twin_lines(plan: dict[str, Any]) -> list[str]:
+    """What the spinning twins of ONNX Runtime finalists gave in the final (`inference.twins`)."""
+    twins = {n: r["twin"]["spinning"] for n, r in ((plan.get("extra") or {}).get("final") or {}).items()
+             if (r or {}).get("twin")}
+    return ["", "ONNX Runtime finalists were also timed with spinning pool threads (ORT's default), alone in "
+            "their own processes; the plan keeps spinning only if that is faster beyond noise:", ""] + [
+        f"- {n}: spinning {fmt(t.get('ratio'), '.3f')}x the baseline's latency ({t.get('status')}"
+        + (f": {t.get('reason')}" if t.get("reason") else "") + f"), {'kept' if t.get('kept') else 'not kept'}"
+        for n, t in twins.items()] if twins else []
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:
