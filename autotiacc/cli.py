@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from .errors import AutotiaccError
+from .outputs import check_output_dir, check_output_file, write_or_keep, written_or_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
@@ -206,6 +207,7 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
     if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
         raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
                    "from a copy, or start a new tune with another --out.")
+    check_output_dir(out or Path("runs"))  # writable (the default goes under runs/), before any work
 
 
 def _is_sqlite_db(path: Path) -> bool:
@@ -244,10 +246,16 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
 
         if run_dir is not None:
             raise _bad(f"give either RUN_DIR ({run_dir}) or `--storage`, not both; with --storage use --out DIR.")
-        run_dir = materialize_run_dir(storage, study, out or Path("runs") / f"{study}-report")
+        out = out or Path("runs") / f"{study}-report"
+        check_output_dir(out)
+        run_dir = written_or_error(lambda: materialize_run_dir(storage, study, out), out, what="the study's records")
     elif run_dir is None:
         raise _bad("`RUN_DIR` is missing: give a tune's run directory, or --storage URL --study NAME.")
-    written = write_training_report(run_dir) if is_training_run(run_dir) else write_report(run_dir)
+    elif run_dir.is_dir():  # the report is written into it
+        check_output_dir(run_dir, flag="`RUN_DIR`", fix="the report is written into it: copy the run directory to a "
+                         "folder you can write, and report the copy")
+    written = written_or_error(lambda: (write_training_report if is_training_run(run_dir) else write_report)(run_dir),
+                               run_dir, what="the report")
     for path in written.values():
         typer.echo(str(path))
 
@@ -272,7 +280,8 @@ def compare(
     """Table and plots across tuning runs and experiment CSVs."""
     from .report import write_comparison
 
-    for path in write_comparison(runs, out).values():
+    check_output_dir(out)
+    for path in written_or_error(lambda: write_comparison(runs, out), out, what="the comparison").values():
         typer.echo(str(path))
 
 
@@ -343,16 +352,20 @@ def profile_cmd(
     top: int = typer.Option(10, "--top", help="modules to list"),
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
+    if batch_size is not None and batch_size <= 0:  # flags and the output first: refused before torch loads
+        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
+    if not tolerance > 0:
+        raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
+    if out is not None and out.suffix == ".json":
+        check_output_file(out)
+    else:
+        check_output_dir(out or Path("runs"), accept="a folder (created if missing) or a .json file name")
     from .device import resolve_device
     from .engine.workers import run_isolated
     from .inference.layer_precision import LOWERED_MODES, profile_for_search
     from .inference.workload import CHECK_TIMEOUT_S, load_workload
     from .profile import PROFILE_FILE, save_profile, summary_lines
 
-    if batch_size is not None and batch_size <= 0:
-        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
-    if not tolerance > 0:
-        raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
                              timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
@@ -363,18 +376,14 @@ def profile_cmd(
         raise _bad(f"profiling {file} failed in its process: {outcome.reason()}")
     prof = outcome.value
     out = out or Path("runs") / f"{workload.name}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.suffix != ".json":
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / PROFILE_FILE
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = out if out.suffix == ".json" else out / PROFILE_FILE
     for line in summary_lines(prof, top):
         typer.echo(line)
     for g in prof.get("sensitivity", []):
         typer.echo(f"  sensitivity {g['path']}: allowed {', '.join(g['allowed']) or 'none'}; "
                    + "; ".join(f"{m} {s['rel_l2']:.2g}" + ("" if s["ok"] else f" ({s['reason'][:40]})")
                                for m, s in g["sensitivity"].items()))
-    typer.echo(f"written: {save_profile(prof, out)}")
+    typer.echo(f"written: {write_or_keep(lambda path: save_profile(prof, path), out, what='the profile')}")
 
 
 def main() -> None:

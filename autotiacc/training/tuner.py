@@ -286,6 +286,7 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
              progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training") -> TrainTuneResult:
     """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin."""
     from ..durations import parse_duration
+    from ..outputs import check_output_dir
     from ..report import write_training_report
     from .workload import load_train_workload
 
@@ -294,6 +295,7 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
     max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
+    check_output_dir(out or Path("runs"))  # writable (the default goes under runs/), before any work
     # the user's code runs first in a child killed at the end of the budget (a hanging import or build)
     workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s, 5.0),
                                    limit=f"the {budget_s:.0f} s --budget")
