@@ -97,8 +97,9 @@ class FakeTask(Task):
         x = candidate.values["x"]
         attrs: dict[str, Any] = {"wall_s": 0.01, "build_s": 0.002, "measure_s": 0.005}
         if x in self.isolated:
-            out = self.pool.call(_engine_targets.scripted, self.isolated[x], self.gains.get(x, 1.0),
-                                 timeout=min(timeout, 10.0))
+            # the trial's own timeout (the budget left): a worker's start on a loaded machine took
+            # longer than the 10 s this was capped at, and a crash was recorded as a timeout
+            out = self.pool.call(_engine_targets.scripted, self.isolated[x], self.gains.get(x, 1.0), timeout=timeout)
             if not out.ok:
                 return TrialResult("fail", attrs={**attrs, "status": out.status, "reason": out.error})
             attrs["pid"] = out.value["pid"]

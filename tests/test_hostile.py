@@ -352,13 +352,16 @@ def test_accuracy_check_fails_an_output_with_no_tensor():
 
 def test_budget_too_short_for_the_baseline_says_so_and_suggests_one(tmp_path):
     out = tmp_path / "run"
-    # a forward of 1 s: the baseline's warm-up and timing alone need more than the 10 s budget
+    # a process's first two forwards are quick (the up-front check's: a loaded machine still gets
+    # through it), each later one takes 5 s: the baseline's test batches, warm-up and timing
+    # alone need more than the 20 s budget
     slow = GOOD.replace("    return torch.nn.Linear(4, 2)\n", "    return Slow()\n") + (
-        "import time\nclass Slow(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(4, 2)\n"
-        "    def forward(self, x):\n        time.sleep(1.0)\n        return super().forward(x)\n")
-    res = run_cli("tune", str(_write(tmp_path / "m.py", slow)), "--budget", "10s", "--out", str(out), "--quiet",
+        "import time\nCALLS = []\nclass Slow(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(4, 2)\n"
+        "    def forward(self, x):\n        CALLS.append(1)\n        if len(CALLS) > 2:\n            time.sleep(5.0)\n"
+        "        return super().forward(x)\n")
+    res = run_cli("tune", str(_write(tmp_path / "m.py", slow)), "--budget", "20s", "--out", str(out), "--quiet",
                   timeout=180)
-    line = _one_line(res, "`--budget` of 10s ")  # "ended before the baseline could be measured" or, once
+    line = _one_line(res, "`--budget` of 20s ")  # "ended before the baseline could be measured" or, once
     # the baseline's trial started, "is too small to measure the baseline (it ran Ns without finishing)"
     assert "the baseline" in line and "give --budget " in line and "no candidate passed" not in res.stdout + res.stderr
 
