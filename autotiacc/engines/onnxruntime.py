@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from ..device import is_cuda, to_device
 from ..errors import PlanError
-from . import Engine, register_engine
+from .base import Engine, register_engine
 
 OPSET = 17
 

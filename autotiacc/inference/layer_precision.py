@@ -40,13 +40,10 @@ PARTIAL_WHY = "the profile's share of the budget ran out; a later tune of this w
 
 def analysis_order(modes: Iterable[str], device: str) -> list[str]:
     """The order the modes are analysed in, one mode over every group before the next, so a cut
-    leaves every group with the modes analysed first. On a CPU the fp16 modes go last: without
-    native fp16 kernels they ran 25-45x the fp32 forward here, so they cost the most to analyse
-    and pay the least (trial logs in experiments/results/trials_per_minute/session15)."""
-    from ..device import is_cuda
+    leaves every group with the modes analysed first: those this device runs natively first."""
+    from ..native_precision import native_first, native_types_here
 
-    modes = [m for m in LOWERED_MODES if m in set(modes)]
-    return modes if is_cuda(device) else sorted(modes, key=lambda m: m.startswith("fp16"))
+    return native_first([m for m in LOWERED_MODES if m in set(modes)], native_types_here(device))
 
 
 def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,

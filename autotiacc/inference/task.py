@@ -12,13 +12,14 @@ from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import MIN_BUDGET_S, RunOptions
 from ..engine.profile_cache import cached_profile
-from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..knobs.int8 import torchao_available
+from ..knobs.precision_groups import is_group_param
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
@@ -67,6 +68,32 @@ def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
         ort = False
     return SearchContext(device=device, level=level, cores=usable_cores(), has_conv=facts.has_conv, onnxruntime=ort,
                          torchao=torchao_available(), has_linear=facts.has_linear, module_names=facts.module_names)
+
+
+def stage_one(strategy, ctx: SearchContext, native) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(Optuna params of stage 1, the seeds moved to its end for this hardware with why).
+
+    The profile's diagnosis (in `ctx.extras`) puts the seeds that pay for this model first;
+    strategy entries pin every per-layer group to fp32; then the per-layer starting points.
+    Seeds that compute in a type `native` (a `NativeTypes`) has no units for go last: bf16 on a
+    CPU without avx512_bf16/amx_bf16 ran 60x slower than eager on resnet50."""
+    from ..native_precision import by_hardware
+    from ..profiling.diagnosis import order_seeds
+
+    entries = order_seeds(strategy.seeds(cuda=ctx.cuda), ctx.extras.get("diagnosis"))
+    fp32 = ctx.extras.get("precision_fp32", {})
+    items = [({**fp32, **seed_params(e, all_knobs())}, describe(configs_from_params(e))) for e in entries
+             if seed_allowed(e, all_knobs(), strategy, ctx)]
+    baseline = seed_params({}, all_knobs())
+    items += [({**baseline, **p}, "per-layer " + ", ".join(f"{k}={m}" for k, m in p.items() if m != "fp32"))
+              for p in ctx.extras.get("precision_enqueue", [])]
+    ordered, moved = by_hardware(items, native, lambda it: _modes(it[0]))
+    return [p for p, _ in ordered], [{"seed": label, "why": why} for (_, label), why in moved]
+
+
+def _modes(params: dict[str, Any]) -> list[str]:
+    """The precision modes a stage-1 seed's Optuna params compute in: global and per layer."""
+    return [params.get("mode", "fp32")] + [m for k, m in params.items() if is_group_param(k)]
 
 
 def family_of(values: dict[str, Any]) -> str:
@@ -135,9 +162,15 @@ class InferenceTask(Task):
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
                                     timeout=timeout, resume=cached.reuse, start=cached.start)
         self.ctx.extras.update(extras)
-        self.plan_extra = {"layer_precision": plan_summary(run_dir.path)}
+        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order()}
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
         return time.monotonic() - t0
+
+    def _seed_order(self) -> dict[str, Any]:
+        """run.json's and the plan's record of what the hardware did to stage 1."""
+        from ..native_precision import native_types
+
+        return native_types(self._fingerprint).seed_record(self.stage_one()[1])
 
     def identity(self) -> dict[str, Any]:
         return self._identity
@@ -150,18 +183,15 @@ class InferenceTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
-                "tolerance": self.options.effective_tolerance}
+                "tolerance": self.options.effective_tolerance, "seed_order": self.plan_extra.get("seed_order")}
 
     def seeds(self) -> list[dict[str, Any]]:
-        from ..profiling.diagnosis import order_seeds
+        return self.stage_one()[0]
 
-        # the profile's diagnosis puts the seeds that pay for this model first; strategy entries
-        # pin every per-layer group to fp32; then the per-layer starting points
-        entries = order_seeds(self.strategy.seeds(cuda=self.ctx.cuda), self.ctx.extras.get("diagnosis"))
-        out = seeds(self.strategy, all_knobs(), self.ctx, entries=entries,
-                    extra=self.ctx.extras.get("precision_fp32", {}))
-        baseline = seed_params({}, all_knobs())
-        return out + [{**baseline, **params} for params in self.ctx.extras.get("precision_enqueue", [])]
+    def stage_one(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from ..native_precision import native_types
+
+        return stage_one(self.strategy, self.ctx, native_types(self._fingerprint))
 
     # -- one trial ---------------------------------------------------------------------------
     def propose(self, trial) -> Candidate:

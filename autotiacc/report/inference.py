@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
 from ..errors import UserInputError
-from .format import fmt, table
+from .format import fmt, seed_order_section, table
 from .plotting import figure
 from .profile import PROFILE_PLOTS, profile_sections
 
@@ -237,6 +237,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
             out.append(("Compile statistics (torch.compile trials)",
                         table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
+    out += seed_order_section(run)
     out += shape_sections(data)
     out += profile_sections(data)
     out += budget_section(run)
