@@ -140,6 +140,7 @@ def tune(
     from .inference.task import tune as run_tune
     from .inference.workload import load_workload
     from .report import write_report
+    from .result_lines import tune_lines, wall_line
 
     started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
     budget_s = parse_duration(budget)
@@ -169,18 +170,8 @@ def tune(
     finally:
         bar.close()
     exported = _export_hook(result.run_dir, workload) if export else None
-    written = write_report(result.run_dir)
-    p = result.plan
-    typer.echo(f"plan: {p.label}")
-    typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
-    if p.shapes is not None:
-        sh = p.shapes.measured
-        p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
-        typer.echo(f"dynamic shapes: {p.shapes.label}; the speed-up is over the traffic mix, p99 over the mix {p99}")
-        if sh.get("samples_per_s"):
-            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {p.shapes.serve_batch}")
-    typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
-    typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
+    for line in tune_lines(result, write_report(result.run_dir), budget_s) + [wall_line(started, budget_s)]:
+        typer.echo(line)
     if exported is False:
         raise typer.Exit(1)
 
@@ -279,14 +270,17 @@ def compare(
 def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
     from .durations import parse_duration
+    from .result_lines import wall_line
     from .training.tuner import cli_tune
 
     bar = _Bar(parse_duration(kwargs["budget"]), quiet)
+    started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
     try:
         cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
-                 command=_command(), echo=typer.echo, progress=bar)
+                 command=_command(), echo=typer.echo, progress=bar, started=started)
     finally:
         bar.close()
+    typer.echo(wall_line(started, parse_duration(kwargs["budget"])))
 
 
 def _export_hook(run_dir: Path, workload) -> bool:

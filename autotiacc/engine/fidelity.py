@@ -17,20 +17,34 @@ workload's example inputs, one window = calls for `window_s`) or a traffic mix
 traffic-weighted figure). The alternation, the baseline's processes and the statistics are
 the same for both, here.
 
-`fresh=True` starts a new process for every window (what `verify` and the fidelity experiment
-use: nothing survives from one window to the next); `fresh=False` keeps one warm process per
-variant, built once (what a tune can afford at its end).
+`fresh=True` starts a new process for every window (the fidelity experiment: nothing survives
+from one window to the next); `fresh=False` keeps one warm process per variant, built once
+(what a tune's final and `verify` can afford).
+
+Every window is taken with the machine's load sampled around it (`machine_load`); a busy window
+is taken again once, after a bounded wait for the machine to go quiet, while the run's allowance
+for that lasts. What stays busy is counted per variant, and a comparison whose windows were
+busy beyond `machine_load.BUSY_WINDOWS_SHARE`, or whose rounds span more than
+`machine_load.ROUNDS_SPAN`, is marked not reliable (`AlternatingResult.verdict`).
+
+Each step (a build, a warm-up, a window) has a limit derived from the variant's measured cost
+(`engine.limits`, given as `costs`), and nothing starts or runs past the `deadline`: what does not
+fit is cut, in this order: the baseline's extra processes, the lower-ranked candidates, rounds.
 """
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..machine_load import merge_loads, reliability
+from . import limits
+from .bench import Bench, OneShape, time_window
 from .workers import Outcome, WorkerPool, run_isolated
+
+__all__ = ["AlternatingResult", "Bench", "OneShape", "measure_alternating", "measured_env", "time_window"]
 
 # Environment variables that change how fast the same model runs; a plan records them as
 # they were when it was measured, and `apply` warns when the production process differs.
@@ -41,7 +55,7 @@ BASELINE = "baseline"
 BASELINE_PROCESSES = 5  # an odd process cannot set the baseline's median of windows alone; see measure_alternating
 FINAL_WINDOW_S = 0.3  # one window of the tune's final
 MIN_ROUNDS = 4  # the fewest windows per variant: with 3 vs 3, Mann-Whitney U cannot reach p < 0.05
-MIN_BUILD_S = 10.0  # the least time a variant's build and warm-up get, whatever the deadline
+BUSY_WAIT_SHARE = 0.25  # of the rounds' expected time: the most a run spends waiting out busy windows
 FINAL_ROUNDS = 5  # the fewest windows per variant a final re-measurement aims for
 
 
@@ -66,6 +80,8 @@ class AlternatingResult:
     seconds: float = 0.0
     window: str = ""  # what one window times (the bench's `describe`)
     phases: dict[str, float] = field(default_factory=dict)  # seconds in builds, warm-ups, rounds
+    loads: dict[str, list[dict]] = field(default_factory=dict)  # the machine's load around each window
+    cut: str = ""  # what the deadline cut, in words ("" when nothing)
 
     def median_ms(self, name: str) -> float:
         return statistics.median(self.windows[name])
@@ -84,115 +100,31 @@ class AlternatingResult:
         pairs = [b / c for b, c in zip(self.windows[BASELINE], self.windows[name])]
         return min(pairs), max(pairs)
 
+    def load(self, *names: str) -> dict[str, Any] | None:
+        """The load summary (`machine_load.merge_loads`) of the windows of `names`."""
+        return merge_loads([x for n in names for x in self.loads.get(n, [])])
+
+    def verdict(self, name: str) -> dict[str, Any]:
+        """Whether `name`'s speed-up can be trusted (`machine_load.reliability`): the load over its
+        and the baseline's windows, and the span of its rounds."""
+        span = self.speedup_range(name) if self.windows.get(name) and self.windows.get(BASELINE) else None
+        return reliability(self.load(BASELINE, name), span)
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"method": "alternating processes", "window": self.window, "rounds": self.rounds,
                                "seconds": round(self.seconds, 1),
                                "phases_s": {k: round(v, 1) for k, v in self.phases.items()}, "windows_ms": self.windows,
-                               "window_pids": self.pids}
+                               "window_pids": self.pids, "load": {n: self.load(n) for n in self.windows}}
         if self.failures:
             out["failures"] = self.failures
+        if self.cut:
+            out["cut"] = self.cut
         if BASELINE in self.windows:
             out["speedup"] = {n: self.speedup(n) for n in self.windows if n != BASELINE}
             out["p_faster"] = {n: self.p_faster(n) for n in self.windows if n != BASELINE}
             out["speedup_range"] = {n: list(self.speedup_range(n)) for n in self.windows if n != BASELINE}
+            out["reliability"] = {n: self.verdict(n) for n in self.windows if n != BASELINE}
         return out
-
-
-# -- what runs in a variant's process ------------------------------------------------------------
-class Bench:
-    """What a variant's process builds and what one window times.
-
-    Called in this order: in each variant's process, `build` once, then `window` for each of its
-    windows; in the parent, `figures` for each candidate still standing, then `summary` once. A
-    bench travels to the processes with every call: keep it small, picklable, and its repr stable
-    (it keys the process's build).
-    """
-
-    describe: str = ""  # what one window times, in words (recorded with the result)
-
-    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-        """The variant (None: the eager fp32 baseline) as a runner to warm up (a call runs it once)
-        and to time, and what the build reports; raises when the variant fails (its accuracy included)."""
-        raise NotImplementedError
-
-    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
-        """One window: {"samples_ms": the figures whose median is the window's, "parts": optional
-        {part: per-call ms} they were made of}."""
-        raise NotImplementedError
-
-    def figures(self, result: AlternatingResult, name: str) -> dict[str, Any]:
-        """Fields a candidate's result adds beyond its timing and speed-up (a `status` and `reason` reject it)."""
-        return {}
-
-    def summary(self, result: AlternatingResult) -> dict[str, Any]:
-        """Fields the whole result adds."""
-        return {}
-
-
-@dataclass(frozen=True)
-class OneShape(Bench):
-    """One input shape, the workload's example inputs; a window is calls for `window_s` (at
-    least 5), its figure their median."""
-
-    describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
-
-    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-        import torch
-
-        from ..inference.evaluate import reference_for
-
-        ref = reference_for(workload, device)
-        if values is None:
-            return ref.baseline, {}
-        from ..inference.accuracy import compare_outputs
-        from ..inference.candidate import OptimizedModel
-        from ..knobs import configs_from_params
-
-        torch._dynamo.reset()
-        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
-        acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
-                              metric=workload.metric, targets=[y for _, y in ref.test])
-        if not acc.ok:
-            raise ValueError(f"accuracy: {acc.reason}")
-        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict()}
-
-    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
-        from ..measure import measure
-
-        return {"samples_ms": measure(runner, device, min_reps=5, target_s=window_s, warmup_s=0).samples_ms}
-
-
-_BUILT: dict[tuple, Any] = {}  # (workload token, variant, device, bench) -> [runner, warm], in a variant process
-
-
-def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
-                tolerance: float, build_only: bool = False, bench: Bench | None = None) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) with `bench` (default `OneShape`) once in
-    this process, warm it up once, then time one window of `window_s` (none when 0).
-    `build_only`: build (and check accuracy) now, warm up at the next call: the parent overlaps
-    builds but never warm-ups.
-
-    Returns {"samples_ms", "pid", "window_s" (its duration), the window's "parts" if any, plus
-    what the build reported ("accuracy", "build_s", ...) when this call built the variant}.
-    """
-    from ..measure import warm_up
-
-    bench = bench or OneShape()
-    key = (getattr(workload, "token", None), name, device, repr(bench))
-    info: dict[str, Any] = {}
-    if key not in _BUILT:
-        _BUILT.clear()  # one variant per process
-        runner, info = bench.build(workload, values, device=device, tolerance=tolerance)
-        _BUILT[key] = [runner, False]
-    runner, warm = _BUILT[key]
-    if build_only:
-        return {"samples_ms": [], "pid": os.getpid(), **info}
-    if not warm:
-        warm_up(runner, device, max_s=warmup_s)
-        _BUILT[key][1] = True
-    t0 = time.perf_counter()
-    timed = bench.window(runner, device=device, window_s=window_s) if window_s else {"samples_ms": []}
-    return {**timed, "pid": os.getpid(), "window_s": time.perf_counter() - t0, **info}
 
 
 # -- the parent's side ---------------------------------------------------------------------------
@@ -200,7 +132,8 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
                         deadline: float | None = None, build_parallel: int | None = None,
-                        target_s: float | None = None, bench: Bench | None = None) -> AlternatingResult:
+                        target_s: float | None = None, bench: Bench | None = None,
+                        costs: dict[str, limits.Cost] | None = None, busy_wait_s: float = 0.0) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round. `bench`
     (default `OneShape`) builds a variant and times a window: see the module doc.
@@ -208,67 +141,48 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     With `fresh=False` every variant's process builds its variant before the first round
     (`build_parallel` builds at a time: by default all of them on CUDA, one at a time on the
     CPU, whose cores the builds' forward passes fight over), then warms up alone, so no process
-    starts or compiles while another is timed. A
-    variant that fails (build, accuracy, crash) is dropped with its reason in `failures`.
-    Stops after `rounds`; earlier once `MIN_ROUNDS` are in and the next round would end past
-    `deadline` (time.monotonic(); judged by the last round's duration), or once `FINAL_ROUNDS`
+    starts or compiles while another is timed. A variant that fails (build, accuracy, crash) is
+    dropped with its reason in `failures`. Stops after `rounds`; earlier once `FINAL_ROUNDS`
     are in and each variant's windows took `target_s` (windows longer than `window_s`, e.g.
-    whole rounds of a slow traffic mix, then cost no more in all than short ones).
-    The baseline gets fresh processes too, never a tune's trial worker, and
-    `BASELINE_PROCESSES` of them (fewer with fewer rounds) taking its windows in turn: how fast
-    eager runs depends on the process's allocation history (glibc's dynamic mmap threshold;
-    convnet bs 8 faulted in 10,576 pages per call fresh, 2,885 after a bf16 candidate had run
-    in the process), and even fresh processes differ: one tune's final timed eager at 21-25 ms
-    in its one baseline process, the next at 33-38 ms, with the candidates the same in both
-    (the first plan's 2.68x re-measured at 3.66x); a later one, with three baseline processes,
-    at 25.0 ms in one and 30.4-32.3 ms in the other two. Five processes (one per round of a
-    short final) cost two builds of eager, about a second; no count helps when the machine runs
-    eager slow for a while (another final: 38.0-40.6 ms in all three, eager in fresh processes
-    afterwards 27-29 ms, its plan over-stated by a third). A candidate's one process is a draw
-    too (convnet's TorchScript bf16 plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of
-    16): its figure then under-states it.
+    whole rounds of a slow traffic mix, then cost no more in all than short ones), or when the
+    next round would end past `deadline` (time.monotonic(); judged by the last round).
+
+    `costs` ({name: `limits.Cost`}, the baseline's under "baseline"): what each variant was
+    measured to cost; each step's limit derives from it (`engine.limits`), and each process
+    warms up for `limits.warmup_s` of its forward. Without, every step gets `timeout_s` and
+    `warmup_s`. `busy_wait_s`: the most one window waits for a busy machine to go quiet before
+    it is retaken; all windows together wait at most `BUSY_WAIT_SHARE` of the rounds' time.
+
+    The baseline gets fresh processes too, never a tune's trial worker, and `BASELINE_PROCESSES`
+    of them (fewer with fewer rounds, for a model whose eager process costs more than its rounds,
+    or when the deadline leaves no time to build them) taking its windows in turn: how fast eager
+    runs depends on the process's allocation history (glibc's dynamic mmap threshold; convnet
+    bs 8 faulted in 10,576 pages per call fresh, 2,885 after a bf16 candidate had run in the
+    process), and even fresh processes differ: one tune's final timed eager at 21-25 ms in its one
+    baseline process, the next at 33-38 ms, the candidates the same in both (the first plan's
+    2.68x re-measured at 3.66x). Five processes cost two builds of eager, about a second; no count
+    helps when the machine runs eager slow for a while (another final: 38.0-40.6 ms in all three,
+    27-29 ms in fresh processes afterwards). A candidate's one process is a draw too (convnet's
+    TorchScript bf16 plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of 16).
     """
     t0 = time.perf_counter()
     bench = bench or OneShape()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
     result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants},
                                window=bench.describe)
-    baseline_processes = min(BASELINE_PROCESSES, rounds)  # each takes a window
-    pools = {} if fresh else {n: [WorkerPool(env=env) for _ in range(baseline_processes if n == BASELINE else 1)]
-                              for n in variants}
-    kwargs = {"device": device, "warmup_s": warmup_s, "tolerance": tolerance, "bench": bench}
-    if build_parallel is None:
-        build_parallel = sum(map(len, pools.values())) if device.startswith("cuda") else 1
+    run = _Alternation(workload, variants, result, bench=bench, device=device, window_s=window_s, warmup_s=warmup_s,
+                       tolerance=tolerance, timeout_s=timeout_s, env=env, deadline=deadline, costs=costs,
+                       busy_wait_s=busy_wait_s, processes=0 if fresh else min(BASELINE_PROCESSES, rounds),
+                       rounds=rounds)
     try:
-        _start(pools, result, workload, variants, kwargs, timeout_s=timeout_s, parallel=build_parallel,
-               deadline=deadline)
+        if not fresh:
+            run.start(parallel=build_parallel if build_parallel is not None
+                      else (len(variants) + BASELINE_PROCESSES if device.startswith("cuda") else 1))
         t_rounds = time.perf_counter()
-        round_s = 0.0
-        for r in range(rounds):
-            if BASELINE in result.failures or (r >= MIN_ROUNDS and (
-                    (deadline is not None and time.monotonic() + round_s > deadline)
-                    or (target_s is not None and r >= FINAL_ROUNDS
-                        and min(result.timed_s.get(n, 0.0) for n in variants if n not in result.failures)
-                        >= target_s))):
-                break
-            t_round = time.monotonic()
-            names = [n for n in variants if n not in result.failures]
-            shift = r % len(names)
-            for name in names[shift:] + names[:shift]:
-                if fresh:
-                    out = run_isolated(time_window, workload, name, variants[name], timeout=timeout_s, env=env,
-                                       window_s=window_s, **kwargs)
-                else:  # the baseline's windows come from its processes in turn
-                    out = pools[name][r % len(pools[name])].call(time_window, workload, name, variants[name],
-                                                                 timeout=timeout_s, window_s=window_s, **kwargs)
-                _record(result, name, out)
-            result.rounds = r + 1
-            round_s = time.monotonic() - t_round
+        run.take_rounds(rounds, target_s=target_s, fresh=fresh)
         result.phases["rounds"] = time.perf_counter() - t_rounds
     finally:
-        for group in pools.values():
-            for pool in group:
-                pool.close()
+        run.close()
     for name in result.failures:
         for per_variant in (result.windows, result.samples, result.parts):
             per_variant.pop(name, None)
@@ -276,43 +190,156 @@ def measure_alternating(workload, variants: dict[str, dict | None], *, device: s
     return result
 
 
-def _start(pools: dict[str, list[WorkerPool]], result: AlternatingResult, workload, variants: dict[str, dict | None],
-           kwargs: dict[str, Any], *, timeout_s: float, parallel: int, deadline: float | None = None) -> None:
-    """Build every variant in its processes, `parallel` builds at a time, then warm each process
-    up alone. Overlapping builds pays (much of a compile is single-threaded Python) up to a
-    point: six processes building and warming up at once on two cores took 23 s where one after
-    another took 13 s, since every forward pass of each spins its OpenMP threads against the
-    others'. Warm-ups never overlap: each settles on the timing it will be measured at.
-    A baseline process that fails to build takes no windows and ends at once. With `deadline`,
-    a build still running when it has passed (but never before MIN_BUILD_S) fails by timeout:
-    one slow rebuild does not take the others' windows."""
+class _Alternation:
+    """The parent's side of one `measure_alternating`: the variants' processes, each step's
+    limit (`limit`), the deadline and the allowance for retaking busy windows."""
 
-    def timeout() -> float:
-        return timeout_s if deadline is None else max(MIN_BUILD_S, min(timeout_s, deadline - time.monotonic()))
+    def __init__(self, workload, variants: dict[str, dict | None], result: AlternatingResult, *, bench: Bench,
+                 device: str, window_s: float, warmup_s: float, tolerance: float, timeout_s: float,
+                 env: dict[str, str] | None, deadline: float | None, costs: dict[str, limits.Cost] | None,
+                 busy_wait_s: float, processes: int, rounds: int) -> None:
+        self.workload, self.variants, self.result, self.env = workload, variants, result, env
+        self.window_s, self.warmup_s, self.timeout_s, self.deadline = window_s, warmup_s, timeout_s, deadline
+        self.costs, self.busy_wait_s = costs, busy_wait_s
+        self.kwargs = {"device": device, "tolerance": tolerance, "bench": bench}
+        if processes and costs is not None:  # fewer for a model whose eager process costs more than its rounds
+            processes = limits.baseline_processes(processes, limits.final_process_s(None, self.base()),
+                                                  self.round_s() * rounds)
+        self.pools = {n: [WorkerPool(env=env) for _ in range(processes if n == BASELINE else 1)]
+                      for n in variants} if processes else {}
+        self.busy_left = BUSY_WAIT_SHARE * self.round_s() * rounds if busy_wait_s else 0.0
 
-    jobs = [(name, pool) for name, group in pools.items() for pool in group]
-    outs: dict[WorkerPool, Outcome] = {}
-    t0 = time.perf_counter()
-    for i in range(0, len(jobs), max(1, parallel)):
-        batch = jobs[i:i + max(1, parallel)]
-        pending = [pool.submit(time_window, workload, name, variants[name], window_s=0, build_only=True, **kwargs)
-                   for name, pool in batch]
-        for (name, pool), p in zip(batch, pending):
-            outs[pool] = pool.collect(p, timeout=timeout())
-    t1 = time.perf_counter()
-    result.phases["builds"] = t1 - t0
-    for name, pool in jobs:
-        if outs[pool].ok:
-            outs[pool] = _merge(outs[pool], pool.call(time_window, workload, name, variants[name],
-                                                              window_s=0, timeout=timeout(), **kwargs))
-    result.phases["warm_ups"] = time.perf_counter() - t1
-    for name, group in pools.items():
-        kept = [pool for pool in group if outs[pool].ok] or group[:1]
-        for pool in group:
-            if pool not in kept:
+    # -- limits -------------------------------------------------------------------------------
+    def cost(self, name: str) -> limits.Cost | None:
+        return None if self.costs is None or name == BASELINE else self.costs.get(name, limits.Cost())
+
+    def base(self) -> limits.Cost:
+        return (self.costs or {}).get(BASELINE, limits.Cost())
+
+    def warmup(self, name: str) -> float:
+        if self.costs is None:
+            return self.warmup_s
+        cost = self.cost(name) or self.base()
+        return limits.warmup_s(cost.forward_s)
+
+    def left(self) -> float:
+        return float("inf") if self.deadline is None else self.deadline - time.monotonic()
+
+    def limit(self, step: str, name: str) -> float:
+        """The limit on `step` (build, warm_up, window) of variant `name`: derived from its cost
+        (`engine.limits`), else `timeout_s`; never past the deadline."""
+        return max(0.0, min(self.own_limit(step, name), self.left()))
+
+    def own_limit(self, step: str, name: str) -> float:
+        if self.costs is None:
+            return self.timeout_s
+        cost, base = self.cost(name), self.base()
+        forward = (cost or base).forward_s
+        if step == "build":
+            return limits.build_limit(cost, base)
+        if step == "warm_up":
+            return limits.warmup_limit(forward, base)
+        return limits.window_limit(self.window_s, forward, base, busy_wait_s=self.busy_wait_s)
+
+    def round_s(self) -> float:
+        """Expected seconds of one round: a window of each variant still standing."""
+        names = [n for n in self.variants if n not in self.result.failures]
+        return sum(limits.window_s(self.window_s, (self.cost(n) or self.base()).forward_s) * 1.2 for n in names)
+
+    # -- builds ---------------------------------------------------------------------------------
+    def start(self, *, parallel: int) -> None:
+        """Build every variant in its processes, `parallel` builds at a time, then warm each process
+        up alone. Overlapping builds pays (much of a compile is single-threaded Python) up to a
+        point: six processes building and warming up at once on two cores took 23 s where one after
+        another took 13 s, since every forward pass of each spins its OpenMP threads against the
+        others'. Warm-ups never overlap: each settles on the timing it will be measured at.
+
+        Order: the baseline's first process, the candidates in the order given (the best first),
+        then the baseline's other processes; with a deadline, a step that cannot end before it
+        is not started (the best candidate is always tried), and a step past it is cut."""
+        first = [(BASELINE, self.pools[BASELINE][0])]
+        cands = [(n, group[0]) for n, group in self.pools.items() if n != BASELINE]
+        extra = [(BASELINE, p) for p in self.pools[BASELINE][1:]]
+        outs: dict[WorkerPool, Outcome] = {}
+        t0 = time.perf_counter()
+        for i, (name, pool) in enumerate(first + cands + extra):
+            if i > 1 and not self._fits(name):
+                outs[pool] = Outcome("timeout", error=f"cut by the budget: no time left to rebuild it "
+                                                      f"({max(0.0, self.left()):.0f} s left)")
+                continue
+            pending = pool.submit(time_window, self.workload, name, self.variants[name], window_s=0,
+                                  warmup_s=0, build_only=True, **self.kwargs)
+            outs[pool] = pool.collect(pending, timeout=self.limit("build", name))
+        t1 = time.perf_counter()
+        self.result.phases["builds"] = t1 - t0
+        for name, pool in first + cands + extra:
+            if outs[pool].ok:
+                outs[pool] = _merge(outs[pool], pool.call(
+                    time_window, self.workload, name, self.variants[name], window_s=0, warmup_s=self.warmup(name),
+                    timeout=self.limit("warm_up", name), **self.kwargs))
+        self.result.phases["warm_ups"] = time.perf_counter() - t1
+        self._keep_built(outs)
+
+    def _fits(self, name: str) -> bool:
+        """Whether `name`'s build, warm-up and the fewest rounds can still end before the deadline."""
+        need = limits.final_process_s(self.cost(name), self.base()) + MIN_ROUNDS * self.round_s()
+        return need <= self.left()
+
+    def _keep_built(self, outs: dict[WorkerPool, Outcome]) -> None:
+        for name, group in self.pools.items():
+            kept = [pool for pool in group if outs[pool].ok] or group[:1]
+            for pool in group:
+                if pool not in kept:
+                    pool.close()
+            self.pools[name] = kept
+            _record(self.result, name, next((outs[p] for p in group if outs[p].ok), outs[group[0]]))
+
+    # -- rounds ---------------------------------------------------------------------------------
+    def take_rounds(self, rounds: int, *, target_s: float | None, fresh: bool) -> None:
+        result = self.result
+        round_s = self.round_s()
+        for r in range(rounds):
+            standing = [n for n in self.variants if n not in result.failures]
+            if BASELINE in result.failures or (target_s is not None and r >= FINAL_ROUNDS and r >= MIN_ROUNDS
+                                               and min(result.timed_s.get(n, 0.0) for n in standing) >= target_s):
+                break
+            if self.left() < round_s:
+                result.cut = f"the deadline ended the rounds after {r} of {rounds}"
+                break
+            t_round = time.monotonic()
+            shift = r % len(standing)
+            for name in standing[shift:] + standing[:shift]:
+                if not self._window(name, r, fresh=fresh):
+                    result.cut = f"the deadline cut round {r + 1} of {rounds}"
+                    return
+            result.rounds = r + 1
+            round_s = time.monotonic() - t_round
+
+    def _window(self, name: str, r: int, *, fresh: bool) -> bool:
+        """Take `name`'s window of round `r`; False when the deadline stopped it (not its failure)."""
+        wait = min(self.busy_wait_s, self.busy_left)
+        capped = self.left() < self.own_limit("window", name)
+        kwargs = dict(window_s=self.window_s, busy_wait_s=wait, **self.kwargs)
+        if fresh:
+            limit = self.timeout_s if self.costs is None else (
+                self.limit("build", name) + self.limit("warm_up", name) + self.limit("window", name))
+            out = run_isolated(time_window, self.workload, name, self.variants[name], timeout=min(limit, max(
+                0.0, self.left())), env=self.env, warmup_s=self.warmup(name), **kwargs)
+        else:  # the baseline's windows come from its processes in turn
+            group = self.pools[name]
+            out = group[r % len(group)].call(time_window, self.workload, name, self.variants[name],
+                                             timeout=self.limit("window", name), warmup_s=0, **kwargs)
+        if out.status == "timeout" and capped:
+            return False
+        if out.ok:
+            self.busy_left -= float(((out.value or {}).get("load") or {}).get("retake_s") or 0.0)
+        _record(self.result, name, out)
+        return True
+
+    def close(self) -> None:
+        for group in self.pools.values():
+            for pool in group:
                 pool.close()
-        pools[name] = kept
-        _record(result, name, next((outs[p] for p in group if outs[p].ok), outs[group[0]]))
 
 
 def _merge(built: Outcome, warmed: Outcome) -> Outcome:
@@ -328,57 +355,14 @@ def _record(result: AlternatingResult, name: str, out: Outcome) -> None:
         return
     value = dict(out.value)
     samples, pid, parts = value.pop("samples_ms"), value.pop("pid", None), value.pop("parts", None) or {}
-    timed_s = value.pop("window_s", 0.0)
+    timed_s, load = value.pop("window_s", 0.0), value.pop("load", None)
     if samples:
         result.timed_s[name] = result.timed_s.get(name, 0.0) + timed_s
         result.samples[name] += samples
         result.windows[name].append(statistics.median(samples))
         result.pids.setdefault(name, []).append(pid)
+        result.loads.setdefault(name, []).append(load)
         for part, xs in parts.items():
             result.parts.setdefault(name, {}).setdefault(part, []).extend(xs)
     if value:  # what the build reported
         result.info.setdefault(name, {}).update(value)
-
-
-def final_rounds(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> int:
-    """Rounds of the final: `target_s` of windows in all, at least `FINAL_ROUNDS`."""
-    return max(FINAL_ROUNDS, math.ceil(target_s / (window_s * (n_candidates + 1))))
-
-
-def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S) -> float:
-    """Seconds the final's rounds take: each window, plus ~20 % for the call and the switch."""
-    return final_rounds(n_candidates, target_s, window_s) * (n_candidates + 1) * window_s * 1.2
-
-
-def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,
-                         target_s: float = 6.0, window_s: float = FINAL_WINDOW_S, warmup_s: float = 2.0,
-                         env: dict[str, str] | None = None, timeout: float = 300.0,
-                         bench: Bench | None = None) -> Outcome:
-    """The final re-measurement of a tune: `candidates` and the baseline, each in its own process
-    (`measure_alternating`, with `bench`: one shape by default, or a traffic mix), in `evaluate`'s
-    result format plus the bench's figures; a candidate is `faster` when its windows beat the
-    baseline's beyond noise (Mann-Whitney U, 5 %) by 2 % or more. Ends within `timeout`."""
-    bench = bench or OneShape()
-    deadline = time.monotonic() + timeout - 1.0  # a margin for closing the processes
-    rounds = final_rounds(len(candidates), target_s, window_s)
-    res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,
-                              warmup_s=warmup_s, tolerance=tolerance, env=env, timeout_s=timeout,
-                              deadline=deadline, target_s=target_s / (len(candidates) + 1), bench=bench)
-    if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
-        return Outcome("exception", error=res.failures.get(BASELINE, f"only {res.rounds} rounds in time"),
-                       seconds=res.seconds)
-    from ..measure import Timing
-
-    out: dict[str, Any] = {}
-    for name, values in candidates.items():
-        r: dict[str, Any] = {"knobs": values, **res.info.get(name, {})}
-        if name in res.failures:
-            r.update(status="failed", reason=res.failures[name])
-        else:
-            ratio = 1 / res.speedup(name)
-            r.update(status="ok", ratio=ratio, speedup=1 / ratio, p_faster=res.p_faster(name),
-                     faster=ratio < 0.98 and res.p_faster(name) < 0.05, timing=Timing(res.samples[name]).to_dict())
-            r.update(bench.figures(res, name))  # may reject it (a traffic mix: p99 over the budget)
-        out[name] = r
-    return Outcome("ok", value={"baseline": Timing(res.samples[BASELINE]).to_dict(), "candidates": out,
-                                "alternating": res.to_dict(), **bench.summary(res)}, seconds=res.seconds)

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..engine import limits
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import MIN_BUDGET_S, RunOptions
@@ -19,9 +20,12 @@ from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..knobs.int8 import torchao_available
+from ..hardware import usable_cores
+from ..machine_load import load_attrs, reliability, unreliable_sentence
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
+from .final_costs import final_costs_of, pending_stand_in
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .workload import ModelFacts, Workload
 
@@ -133,7 +137,8 @@ class InferenceTask(Task):
             timeout = max(0.0, share - (time.monotonic() - t0) - PROFILE_WRITE_S)
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
-                                    timeout=timeout, resume=cached.reuse, start=cached.start)
+                                    timeout=timeout, resume=cached.reuse, start=cached.start,
+                                    min_s=limits.profile_min_s(self.workload.check_s))
         self.ctx.extras.update(extras)
         self.plan_extra = {"layer_precision": plan_summary(run_dir.path)}
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
@@ -147,6 +152,9 @@ class InferenceTask(Task):
 
     def study_attrs(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level}
+
+    def opened(self, study) -> None:
+        self.study = study  # its baseline trial scales the limits of the others
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
@@ -175,9 +183,19 @@ class InferenceTask(Task):
     def trial_timeout(self, left_s: float, budget_s: float, candidate: Candidate) -> float:
         if candidate.is_baseline:
             return left_s  # the baseline is the one trial every plan needs
-        # One slow candidate (a compile on a loaded machine) must not eat the whole budget.
-        cap = max(self.strategy.max_trial_share * budget_s, SPAWN_OVERHEAD_S + 10)
-        return min(self.strategy.trial_timeout_s, left_s, cap)
+        # One slow candidate (a compile on a loaded machine) must not eat the whole budget, nor
+        # be stopped sooner than the baseline's own trial could finish (a model with a slow forward)
+        base = self._baseline_trial()
+        return min(left_s, limits.trial_limit(strategy_limit_s=self.strategy.trial_timeout_s,
+                                              share_s=self.strategy.max_trial_share * budget_s,
+                                              baseline_trial_s=float(base.user_attrs["wall_s"]) if base else None))
+
+    def _baseline_trial(self):
+        """The measured baseline trial of this study, or None."""
+        study = getattr(self, "study", None)
+        trials = study.get_trials(deepcopy=False) if study is not None else []
+        return next((t for t in trials if t.user_attrs.get("baseline") and t.user_attrs.get("status") == "ok"
+                     and t.user_attrs.get("wall_s")), None)
 
     def start_search(self) -> None:
         # One warm worker for the whole search (replaced only after a crash, hang or OOM).
@@ -222,13 +240,15 @@ class InferenceTask(Task):
             attrs.update(status=outcome.status, reason=outcome.error)
             if outcome.status == "timeout" and timeout < self.strategy.trial_timeout_s:
                 attrs["reason"] = (f"stopped after {outcome.seconds:.0f} s, its share of the budget "
-                                   f"(max_trial_share={self.strategy.max_trial_share:g} or the time left)")
+                                   f"(max_trial_share={self.strategy.max_trial_share:g}, at least {limits.SLACK:g}x "
+                                   "the baseline's trial, or the time left)")
             return TrialResult("fail", attrs=attrs)
         res = outcome.value["candidates"]["candidate"]
         base = Timing.from_dict(outcome.value["baseline"])
         attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
                      measure_s=outcome.value.get("measure_s"), baseline_ms=base.median, compile=res.get("compile"),
-                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"), test_batches=outcome.value.get("test_batches"),
+                     **load_attrs(base.load))
         attrs.update(res.get("trial_attrs", {}))  # the shape hook's figures (traffic p99, its timing seconds)
         if "timing" in res:
             cand = Timing.from_dict(res["timing"])
@@ -243,13 +263,17 @@ class InferenceTask(Task):
                                               "finishing)", trial_s=wall * 1.5))
 
     # -- the end -----------------------------------------------------------------------------
-    def final_reserve(self, tops: list) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False) -> float:
         """Time kept for the final re-measurement (fresh processes rebuilding the top candidates and
-        the baseline, warm-ups, the timing windows; the shape hook's estimate) and the plan/report."""
+        the baseline, warm-ups, the timing windows; the shape hook's estimate). A `pending` trial
+        may join the tops: `final_costs.pending_stand_in`."""
+        base = self._baseline_trial()
+        if pending and base is not None and len(tops) < self.final_top_k:
+            tops = [*tops, pending_stand_in(base, self.workload.check_s)]
         if not tops:  # nothing to re-measure: the plan is written at once
-            return 2.0
+            return 0.0
         # the model check timed a build and a forward in a child, on this machine, at this load
-        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s) + 3.0
+        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s)
 
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)
@@ -271,7 +295,8 @@ class InferenceTask(Task):
         outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
                                                   tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
                                                   env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"))
+                                                  log_path=self.run_dir.trial_log("final"),
+                                                  costs=final_costs_of(tops, self.workload.check_s))
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
@@ -290,49 +315,47 @@ class InferenceTask(Task):
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
-        kind, t = decision.kind, decision.trial
-        if kind == "nothing":
-            counts: dict[str, int] = {}
-            for x in trials:  # say what stopped them: the accuracy guard is one reason of several
-                status = x.user_attrs.get("status")
-                if status not in ("ok", "duplicate", "skipped", None) and not x.user_attrs.get("baseline"):
-                    counts[status] = counts.get(status, 0) + 1
-            if any(x.user_attrs.get("status") == "ok" and not x.user_attrs.get("baseline")
-                   for x in trials):
-                counts["not faster"] = sum(1 for x in trials if x.user_attrs.get("status") == "ok"
-                                           and not x.user_attrs.get("baseline"))
-            why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
+        if decision.kind == "nothing":
             plan.fell_back, plan.speedup = True, 1.0
-            plan.note = f"no candidate beat the baseline ({why}); keeping the baseline. " + failure_note(trials)
-            return plan
-        if kind == "final_failed":  # keep best-so-far from the search rather than ending with nothing
-            a = t.user_attrs
-            plan.knobs, plan.speedup, plan.compile_s = configs_from_params(a["knobs"]), a.get("speedup"), a.get("build_s")
-            plan.baseline = {"median_ms": a.get("baseline_ms"), "source": "search"}
-            plan.best = {"median_ms": a.get("latency_ms"), "p90_ms": a.get("p90_ms"), "spread": a.get("spread"),
-                         "source": "search"}
-            self.shape_tuning.record(plan, a["knobs"], a)
-            plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {t.number}, "
-                         "the best of the search, with its search-time figures.")
-            return plan
-        final = decision.final
+            plan.note = f"no candidate beat the baseline ({_why_none(trials)}); keeping the baseline. " + failure_note(trials)
+        elif decision.kind == "final_failed":  # keep best-so-far from the search rather than ending with nothing
+            self._plan_search_best(plan, decision)
+        else:
+            self._plan_from_final(plan, decision)
+        return plan
+
+    def _plan_search_best(self, plan: Plan, decision: Decision) -> None:
+        t = decision.trial
+        a = t.user_attrs
+        plan.knobs, plan.speedup, plan.compile_s = configs_from_params(a["knobs"]), a.get("speedup"), a.get("build_s")
+        plan.baseline = {"median_ms": a.get("baseline_ms"), "source": "search"}
+        plan.best = {"median_ms": a.get("latency_ms"), "p90_ms": a.get("p90_ms"), "spread": a.get("spread"),
+                     "source": "search"}
+        self.shape_tuning.record(plan, a["knobs"], a)
+        plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {t.number}, "
+                     "the best of the search, with its search-time figures.")
+        load = {k: a.get(k) for k in ("busy", "load1", "others_cores")} if a.get("busy") is not None else None
+        _judge(plan, reliability({**load, "cores": usable_cores()} if load else None))
+
+    def _plan_from_final(self, plan: Plan, decision: Decision) -> None:
+        final, t = decision.final, decision.trial
         plan.baseline = final.baseline.to_dict()
         if getattr(self, "final_alternating", None):
             plan.extra["final_alternating"] = self.final_alternating
         plan.extra["final"] = {f"trial_{n}": {k: r.get(k) for k in ("status", "ratio", "reason", "build_s")}
                                for n, (_, _, r) in final.candidates.items()}
         plan.fell_back, plan.speedup = True, 1.0
-        if kind == "all_failed":
+        if decision.kind == "all_failed":
             plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
-            return plan
+            return
         res, cand = decision.result, decision.timing
-        if kind == "not_faster":
+        if decision.kind == "not_faster":
             plan.best = cand.to_dict()
             plan.note = (f"best candidate ({describe(configs_from_params(res['knobs']))}) was "
                          f"{res.get('speedup', final.baseline.median / cand.median):.2f}x the baseline in the final "
-                         "re-measurement: not "
-                         "faster beyond noise, so the plan keeps the baseline.")
-            return plan
+                         "re-measurement: not faster beyond noise, so the plan keeps the baseline.")
+            _judge(plan, res.get("reliability"))
+            return
         plan.fell_back = False
         plan.knobs = configs_from_params(res["knobs"])
         plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
@@ -345,8 +368,29 @@ class InferenceTask(Task):
             how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
         plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
                      f"re-measured {how}, in the environment of the tune.")
-        return plan
+        _judge(plan, res.get("reliability"))
 
+
+def _why_none(trials: list) -> str:
+    """What stopped every candidate, counted by status (the accuracy guard is one reason of several)."""
+    counts: dict[str, int] = {}
+    for x in trials:
+        status = x.user_attrs.get("status")
+        if status not in ("ok", "duplicate", "skipped", None) and not x.user_attrs.get("baseline"):
+            counts[status] = counts.get(status, 0) + 1
+    ok = sum(1 for x in trials if x.user_attrs.get("status") == "ok" and not x.user_attrs.get("baseline"))
+    if ok:
+        counts["not faster"] = ok
+    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
+
+
+def _judge(plan: Plan, verdict: dict[str, Any] | None) -> None:
+    """Record whether the plan's figure can be trusted (`machine_load.reliability`): a typed field,
+    and, when it cannot, the reason at the end of its note."""
+    if not verdict:
+        return
+    plan.reliable, plan.reliability = bool(verdict["reliable"]), verdict
+    plan.note += unreliable_sentence(verdict)
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:

@@ -17,3 +17,18 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(fmt(c).replace("|", "/") for c in r) + " |" for r in rows]
     return out
+
+
+def reliability_lines(plan: dict[str, Any]) -> list[str]:
+    """Whether the plan's figure can be trusted (its `reliable` and `reliability` fields; see
+    `machine_load`), as report lines: none for a plan that was not judged (older plans)."""
+    verdict = plan.get("reliability") or {}
+    load = verdict.get("load") or {}
+    seen = (f" ({load.get('busy_windows', 0)} of {load['windows']} timing windows busy, load up to "
+            f"{fmt(load.get('load1'), '.1f')} on {load.get('cores')} cores)") if load.get("windows") else ""
+    if plan.get("reliable") is False:
+        return ["", "**Not reliable:** " + "; ".join(verdict.get("reasons") or []) + ". Re-measure it on a quiet "
+                "machine (`autotiacc verify`)."]
+    if plan.get("reliable"):
+        return ["", f"Measured while the machine was quiet enough{seen}."]
+    return []

@@ -1,0 +1,50 @@
+"""The budget is a bound (issue 18 item 4): a tune's wall time, measured from outside (the CLI
+subprocess, its start and the report included), stays within budget + max(5 %, 10 s), for tunes
+of several sizes, resumed, and training. The final and the profile take what is left and are
+cut rather than overrun; the output prints the wall time against the budget."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from . import _training_targets as targets
+from .conftest import MODELS, ROOT, run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def slack_s(budget_s: float) -> float:
+    return max(0.05 * budget_s, 10.0)
+
+
+def _tune(*args: str, budget_s: float) -> tuple[float, str]:
+    t0 = time.monotonic()
+    res = run_cli("tune", *args, "--budget", f"{budget_s:.0f}s", "--quiet", timeout=budget_s * 3 + 120)
+    wall = time.monotonic() - t0
+    assert res.returncode == 0, res.stderr
+    assert wall <= budget_s + slack_s(budget_s), f"budget {budget_s:.0f}s, took {wall:.0f}s\n{res.stdout}"
+    assert "wall time:" in res.stdout and f"of a {budget_s:.0f}s budget" in res.stdout
+    return wall, res.stdout
+
+
+@pytest.mark.parametrize("model, budget_s, extra", [
+    (MODELS / "tiny_mlp.py", 20, []),  # the default strategy keeps asking trials until the budget ends it
+    (ROOT / "examples" / "convnet.py", 45, ["--batch-size", "8"]),
+], ids=["tiny-20s", "convnet-45s"])
+def test_a_tune_ends_within_its_budget(tmp_path, model: Path, budget_s: float, extra: list[str]):
+    _tune(str(model), *extra, "--out", str(tmp_path / "run"), budget_s=budget_s)
+
+
+def test_a_resumed_tune_ends_within_its_budget(tmp_path):
+    out = str(tmp_path / "run")
+    _tune(str(MODELS / "tiny_mlp.py"), "--out", out, budget_s=20)
+    _, stdout = _tune(str(MODELS / "tiny_mlp.py"), "--out", out, "--resume", budget_s=20)
+    assert "trials measured:" in stdout
+
+
+def test_a_training_tune_ends_within_its_budget(tmp_path):
+    train = tmp_path / "train.py"
+    train.write_text(targets.TINY_TRAIN)
+    _tune(str(train), "--mode", "train", "--out", str(tmp_path / "run"), budget_s=30)
