@@ -30,21 +30,21 @@ def _tune(*args: str, budget_s: float) -> tuple[float, str]:
 
 
 @pytest.mark.parametrize("model, budget_s, extra", [
-    (MODELS / "tiny_mlp.py", 20, []),  # the default strategy keeps asking trials until the budget ends it
-    (ROOT / "examples" / "convnet.py", 45, ["--batch-size", "8"]),
-], ids=["tiny-20s", "convnet-45s"])
+    (MODELS / "tiny_mlp.py", 40, []),  # the default strategy keeps asking trials until the budget ends it
+    (ROOT / "examples" / "convnet.py", 60, ["--batch-size", "8"]),
+], ids=["tiny-40s", "convnet-60s"])
 def test_a_tune_ends_within_its_budget(tmp_path, model: Path, budget_s: float, extra: list[str]):
     _tune(str(model), *extra, "--out", str(tmp_path / "run"), budget_s=budget_s)
 
 
 def test_a_resumed_tune_ends_within_its_budget(tmp_path):
     out = str(tmp_path / "run")
-    _tune(str(MODELS / "tiny_mlp.py"), "--out", out, budget_s=20)
-    _, stdout = _tune(str(MODELS / "tiny_mlp.py"), "--out", out, "--resume", budget_s=20)
+    _tune(str(MODELS / "tiny_mlp.py"), "--out", out, budget_s=30)
+    _, stdout = _tune(str(MODELS / "tiny_mlp.py"), "--out", out, "--resume", budget_s=30)
     assert "trials measured:" in stdout
 
 
 def test_a_training_tune_ends_within_its_budget(tmp_path):
     train = tmp_path / "train.py"
     train.write_text(targets.TINY_TRAIN)
-    _tune(str(train), "--mode", "train", "--out", str(tmp_path / "run"), budget_s=30)
+    _tune(str(train), "--mode", "train", "--out", str(tmp_path / "run"), budget_s=45)

@@ -68,3 +68,20 @@ def _final_costs(tops, check_s):
     from autotiacc.inference.final_costs import final_costs_of
 
     return final_costs_of(tops, check_s)
+
+
+def test_calls_that_compile_are_never_slow_calls():
+    """A compiled model meeting new input shapes recompiles: those calls take far longer than the
+    pace limit, yet are set aside and counted as compiling, not as two slow calls in a row."""
+    import torch
+
+    from autotiacc.measure import Pace
+
+    torch._dynamo.reset()
+    model = torch.compile(torch.nn.Linear(4, 4))
+    pace = Pace(limit=500.0)  # ms: a compile takes seconds, a call of this Linear microseconds
+    with torch.no_grad():
+        for rows in (2, 3, 5, 7):  # a compile, a recompile (dynamic from then on), two plain calls
+            pace.time(lambda rows=rows: model(torch.randn(rows, 4)), "cpu")
+    assert pace.compiling_calls >= 2 and len(pace.values) + pace.compiling_calls == 4
+    torch._dynamo.reset()
