@@ -4,7 +4,8 @@ search dependencies (no Optuna, no tuner), named in the plan together with its s
 Which form depends on the plan's backend:
 - `compile`      -> AOTInductor package (`torch._inductor.aoti_compile_and_package`), C++ compiled;
 - `torchscript`  -> TorchScript archive (traced, frozen);
-- `onnxruntime`  -> ONNX model (loads with onnxruntime, the runtime that was measured);
+- an engine (`autotiacc.engines`: `onnxruntime`) -> the engine's own file (ONNX), saved and loaded by
+  the engine's module with the options that were measured;
 - `eager`        -> `torch.export` program (plain PyTorch);
 - int8 plans torch.export cannot carry (see `artifact_format`) -> TorchScript.
 
@@ -39,8 +40,14 @@ from typing import Any
 from ..device import cuda_available, is_cuda, to_device
 from ..errors import HardwareMismatchWarning, PlanError
 
-FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts",
-           "onnx": "artifact.onnx"}
+TORCH_FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
+
+
+def formats() -> dict[str, str]:
+    """Artifact format -> file name: PyTorch's own, and each engine's (`autotiacc.engines`)."""
+    from ..engines import engines
+
+    return {**TORCH_FORMATS, **{e.artifact_format: e.artifact_file for e in engines().values()}}
 
 
 def artifact_format(knobs: dict) -> str:
@@ -52,7 +59,11 @@ def artifact_format(knobs: dict) -> str:
     mode = getattr(knobs.get("precision"), "mode", "")
     if (mode == "int8_dynamic" and backend in ("eager", "compile")) or (mode == "int8_weights" and backend == "eager"):
         return "torchscript"
-    return {"compile": "aoti", "torchscript": "torchscript", "onnxruntime": "onnx"}.get(backend, "export")
+    from ..engines import engine
+
+    if (eng := engine(backend)) is not None:
+        return eng.artifact_format
+    return {"compile": "aoti", "torchscript": "torchscript"}.get(backend, "export")
 
 
 def sha256_of(path: str | Path) -> str:
@@ -106,7 +117,7 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
 
     run_dir = Path(run_dir)
     fmt = artifact_format(plan.knobs)
-    path = run_dir / FORMATS[fmt]
+    path = run_dir / formats()[fmt]
     device = plan.target_device()  # a CUDA plan exported where there is no CUDA: PlanError, says why
     model = to_device(workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
@@ -114,7 +125,7 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     wrapper = _deployable(model, plan.knobs, inputs, device)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
     try:
-        _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"])
+        _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"], device)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # half-written on failure
@@ -144,17 +155,17 @@ def cuda_graphs_entry(execution) -> dict[str, Any] | None:
             "why": "a CUDA graph is captured in the serving process on its GPU; no saved format holds one"}
 
 
-def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution) -> None:
+def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str) -> None:
     import torch
 
+    from ..engines import by_format
+
     with torch.no_grad():
-        if fmt == "torchscript":
+        if (eng := by_format(fmt)) is not None:  # the engine writes the artifact it measured
+            eng.save(wrapper, inputs, tmp, execution, device)
+        elif fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
             torch.jit.save(traced, str(tmp))
-        elif fmt == "onnx":  # same legacy exporter the onnxruntime backend measured with
-            names = [f"input_{i}" for i in range(len(inputs))]
-            torch.onnx.export(wrapper, inputs, str(tmp), dynamo=False, input_names=names, opset_version=17,
-                              do_constant_folding=True)
         else:
             program = torch.export.export(wrapper, inputs)
             if fmt == "aoti":
@@ -224,7 +235,7 @@ def load_artifact(path: str | Path, *, sha256: str | None = None):
     if not path.exists():
         raise PlanError(f"`path` {path}: no such file or directory; give a run directory, plan.json or artifact.")
     if sha256 is not None and path.is_file() and path.suffix != ".json":
-        fmt = next((f for f, name in FORMATS.items() if path.name.endswith(name[len("artifact"):])), None)
+        fmt = next((f for f, name in formats().items() if path.name.endswith(name[len("artifact"):])), None)
         art, entry = path, {"sha256": sha256, "format": fmt}
     else:
         art, entry = _entry_for(path)
@@ -282,38 +293,11 @@ def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any], *, single
         # optimize_for_inference (as the torchscript backend measured) does not survive
         # save/load ("required keyword attribute 'value'"), so it is applied after loading.
         return torch.jit.optimize_for_inference(module)
-    if fmt == "onnx":
-        return _onnx_runner(path, threads=int((entry.get("runtime") or {}).get("threads") or 0),
-                            device=_load_device(entry))
-    raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(FORMATS)}.")
+    from ..engines import by_format
 
-
-def _onnx_runner(path: Path, *, threads: int = 0, device: str = "cpu"):
-    """A callable over an ONNX Runtime session: torch tensors in, torch tensors out (on `device`);
-    session options and providers as the tune measured them (no spinning threads, the plan's
-    thread count, CUDA's provider first for a CUDA plan)."""
-    import torch
-
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise PlanError(f"{path}: an ONNX artifact needs onnxruntime: pip install 'autotiacc[onnx]'.") from None
-    opts = ort.SessionOptions()
-    # Spinning ORT threads starve torch ops in the same process: examples/convnet eager ran at
-    # 257 ms instead of ~7 ms beside a spinning session here (torch also needs OMP_WAIT_POLICY=PASSIVE).
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = (["CUDAExecutionProvider"] if is_cuda(device) else []) + ["CPUExecutionProvider"]
-    session = ort.InferenceSession(str(path), opts, providers=providers)
-    names = [i.name for i in session.get_inputs()]
-
-    def run(*args):
-        feed = {n: a.detach().cpu().contiguous().numpy() for n, a in zip(names, args)}
-        outs = [to_device(torch.from_numpy(o), device) for o in session.run(None, feed)]
-        return outs[0] if len(outs) == 1 else tuple(outs)
-
-    return run
+    if (eng := by_format(fmt)) is not None:
+        return eng.load(path, entry, _load_device(entry))
+    raise PlanError(f"{path}: unknown artifact format {fmt!r}; expected one of {', '.join(formats())}.")
 
 
 def _refuse_pickled_payloads(path: Path) -> None:

@@ -1,18 +1,19 @@
 """Execution knob: eager, TorchScript (trace + freeze + optimize_for_inference), torch.compile
-(modes, Inductor freezing), ONNX Runtime (optional; the user still calls a PyTorch callable),
-and on CUDA a captured CUDA graph around the eager or TorchScript runner (`cuda_graphs`).
+(modes, Inductor freezing), an engine outside PyTorch (`autotiacc.engines`: ONNX Runtime; the user
+still calls a PyTorch callable), and on CUDA a captured CUDA graph around the eager or TorchScript
+runner (`cuda_graphs`).
 
 This knob runs last: it turns the model prepared by the other knobs into `state.runner`.
 """
 from __future__ import annotations
 
 import contextlib
-import io
 from dataclasses import dataclass
 
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
-BACKENDS = ("eager", "torchscript", "compile", "onnxruntime")
+TORCH_BACKENDS = ("eager", "torchscript", "compile")
+BACKENDS = (*TORCH_BACKENDS, "onnxruntime")  # the rest are `autotiacc.engines`
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 GRAPHED_BACKENDS = ("eager", "torchscript")
 
@@ -64,50 +65,6 @@ def _torchscript(state: BuildState):
         return torch.jit.optimize_for_inference(frozen)
 
 
-def _onnxruntime(state: BuildState, threads: int):
-    import numpy as np
-    import torch
-    import torch.utils._pytree as pytree
-
-    try:
-        import onnxruntime as ort
-    except ImportError as exc:
-        raise ImportError("backend=onnxruntime needs `pip install onnxruntime` (extra: autotiacc[onnx]).") from exc
-    inputs = state.cast_inputs(state.example_inputs)
-    with torch.no_grad():
-        ref = state.model(*inputs)
-    _, out_spec = pytree.tree_flatten(ref)
-    buf = io.BytesIO()
-    names = [f"input_{i}" for i in range(len(inputs))]
-    # nn.TransformerEncoder's fused fast path (`_transformer_encoder_layer_fwd`) has no ONNX
-    # export: trace the equivalent composite ops instead; the session fuses them itself.
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad():
-            torch.onnx.export(state.model, inputs, buf, dynamo=False, input_names=names,
-                              opset_version=17, do_constant_folding=True)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # Spinning intra-op threads slowed interleaved torch candidates 2x here; turn it off.
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if threads:
-        opts.intra_op_num_threads = threads
-    providers = (["CUDAExecutionProvider"] if state.device.startswith("cuda") else []) + ["CPUExecutionProvider"]
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=providers)
-    dev = torch.device(state.device)
-
-    def run(*args):
-        feed = {n: np.ascontiguousarray(a.detach().cpu().numpy()) for n, a in zip(names, args)}
-        outs = [torch.from_numpy(o).to(dev) for o in sess.run(None, feed)]
-        return pytree.tree_unflatten(outs, out_spec)
-
-    run.onnx_bytes = len(buf.getvalue())
-    return run
-
-
 @register
 class ExecutionKnob(Knob):
     name = "execution"
@@ -124,8 +81,12 @@ class ExecutionKnob(Knob):
 
     def choices(self, param, space, ctx):
         out = super().choices(param, space, ctx)
-        if param == "backend" and not ctx.onnxruntime:
-            out = [b for b in out if b != "onnxruntime"] or ["eager"]
+        if param == "backend":
+            from ..engines import engine
+
+            # an engine is searched only where its package imports (ctx.onnxruntime: read once per tune)
+            out = [b for b in out if b in TORCH_BACKENDS or (b == "onnxruntime" and ctx.onnxruntime)
+                   or (b != "onnxruntime" and (e := engine(b)) is not None and e.available())] or ["eager"]
         return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> ExecutionConfig:
@@ -146,9 +107,10 @@ class ExecutionKnob(Knob):
             state.runner = _torchscript(state)
         elif config.backend == "compile":
             state.runner = torch.compile(state.model, options=compile_options(config), dynamic=config.dynamic)
-        elif config.backend == "onnxruntime":
-            threads = state.notes.get("threads", 0)
-            state.runner = _onnxruntime(state, threads)
+        else:
+            from ..engines import engine
+
+            state.runner = engine(config.backend).build(state, config)
         if config.cuda_graphs:  # captured on the first call, inside the call contexts
             from .cuda_graphs import CUDAGraphRunner
 
