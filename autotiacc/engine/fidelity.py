@@ -263,16 +263,17 @@ class _Alternation:
         outs: dict[WorkerPool, Outcome] = {}
         t0 = time.perf_counter()
         for i, (name, pool) in enumerate(first + cands + extra):
-            if i > 1 and not self._fits(name):
-                outs[pool] = Outcome("timeout", error=f"cut by the budget: no time left to rebuild it "
-                                                      f"({max(0.0, self.left()):.0f} s left)")
+            if i > 1 and not self._fits(limits.final_process_s(self.cost(name), self.base())):
+                outs[pool] = _cut("rebuild it", self.left())
                 continue
             pending = pool.submit(time_window, self.workload, name, self.variants[name], window_s=0,
                                   warmup_s=0, build_only=True, **self.kwargs)
             outs[pool] = pool.collect(pending, timeout=self.limit("build", name))
         t1 = time.perf_counter()
         self.result.phases["builds"] = t1 - t0
-        for name, pool in first + cands + extra:
+        for i, (name, pool) in enumerate(first + cands + extra):
+            if outs[pool].ok and i > 1 and not self._fits(self.warmup(name)):
+                outs[pool] = _cut("warm it up", self.left())
             if outs[pool].ok:
                 outs[pool] = _merge(outs[pool], pool.call(
                     time_window, self.workload, name, self.variants[name], window_s=0, warmup_s=self.warmup(name),
@@ -280,10 +281,9 @@ class _Alternation:
         self.result.phases["warm_ups"] = time.perf_counter() - t1
         self._keep_built(outs)
 
-    def _fits(self, name: str) -> bool:
-        """Whether `name`'s build, warm-up and the fewest rounds can still end before the deadline."""
-        need = limits.final_process_s(self.cost(name), self.base()) + MIN_ROUNDS * self.round_s()
-        return need <= self.left()
+    def _fits(self, step_s: float) -> bool:
+        """Whether a step of `step_s` and then the fewest rounds can still end before the deadline."""
+        return step_s + MIN_ROUNDS * self.round_s() <= self.left()
 
     def _keep_built(self, outs: dict[WorkerPool, Outcome]) -> None:
         for name, group in self.pools.items():
@@ -340,6 +340,10 @@ class _Alternation:
         for group in self.pools.values():
             for pool in group:
                 pool.close()
+
+
+def _cut(what: str, left_s: float) -> Outcome:
+    return Outcome("timeout", error=f"cut by the budget: no time left to {what} ({max(0.0, left_s):.0f} s left)")
 
 
 def _merge(built: Outcome, warmed: Outcome) -> Outcome:
