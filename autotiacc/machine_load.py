@@ -214,7 +214,7 @@ def busy_reason(load: dict[str, Any] | None) -> str | None:
         parts.append(f"load {summary['load1']:.1f} on {summary['cores']} cores")
     if summary.get("others_cores") is not None:
         parts.append(f"other processes used up to {summary['others_cores']:.1f} of them")
-    if summary.get("steal"):
+    if (summary.get("steal") or 0) >= 0.005:
         parts.append(f"steal up to {100 * summary['steal']:.0f} %")
     parts.append(f"{summary['busy_windows']} of {summary['windows']} timing windows busy")
     return "the machine was busy (" + ", ".join(parts) + ")"

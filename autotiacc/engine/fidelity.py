@@ -282,8 +282,9 @@ class _Alternation:
         self._keep_built(outs)
 
     def _fits(self, step_s: float) -> bool:
-        """Whether a step of `step_s` and then the fewest rounds can still end before the deadline."""
-        return step_s + MIN_ROUNDS * self.round_s() <= self.left()
+        """Whether a step of `step_s` and then the rounds a final aims for at least can still end
+        before the deadline (an extra process is worth less than those rounds)."""
+        return step_s + FINAL_ROUNDS * self.round_s() <= self.left()
 
     def _keep_built(self, outs: dict[WorkerPool, Outcome]) -> None:
         for name, group in self.pools.items():

@@ -24,12 +24,16 @@ def final_rounds(n_candidates: int, target_s: float, window_s: float = FINAL_WIN
 
 
 def final_rounds_s(n_candidates: int, target_s: float, window_s: float = FINAL_WINDOW_S, *,
-                   forwards_s: list[float] | None = None) -> float:
+                   forwards_s: list[float] | None = None, rounds: int | None = None) -> float:
     """Seconds the final's rounds take: each window (`limits.window_s`: `window_s`, or its fewest
     calls of each variant's forward in `forwards_s`, the baseline's included), plus ~20 % for
-    the call and the switch."""
+    the call and the switch; as many rounds as the final takes (it stops once each variant's
+    windows took its share of `target_s`, `FINAL_ROUNDS` at least), or `rounds`."""
     windows = [limits.window_s(window_s, f) for f in forwards_s] if forwards_s else [window_s] * (n_candidates + 1)
-    return final_rounds(n_candidates, target_s, window_s) * sum(windows) * 1.2
+    if rounds is None:
+        share_met = max(FINAL_ROUNDS, math.ceil(target_s / (n_candidates + 1) / min(windows)))
+        rounds = min(final_rounds(n_candidates, target_s, window_s), share_met)
+    return rounds * sum(windows) * 1.2
 
 
 def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str = "cpu", tolerance: float = 2e-2,

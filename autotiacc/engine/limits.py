@@ -88,11 +88,11 @@ def final_process_s(cost: Cost | None, baseline: Cost, test_batches: int = TEST_
 
 def baseline_processes(most: int, process_s: float, rounds_s: float) -> int:
     """How many processes take the baseline's windows in a final: `most`, fewer when the extra
-    ones' builds and warm-ups (`process_s` each) would take longer than the rounds (`rounds_s`):
-    on a slow model one process's build is many windows' worth."""
+    ones' builds and warm-ups (`process_s` each) would take more than half as long as the rounds
+    (`rounds_s`): on a slow model one process's build is many windows' worth."""
     if process_s <= 0:
         return most
-    return max(1, min(most, 1 + int(rounds_s / process_s)))
+    return max(1, min(most, 1 + int(0.5 * rounds_s / process_s)))
 
 
 def trial_limit(*, strategy_limit_s: float, share_s: float, baseline_trial_s: float | None) -> float:

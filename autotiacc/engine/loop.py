@@ -107,7 +107,7 @@ class Search:
         stale = skips = 0
         best = self._best_gain(study)
         while True:
-            left = self.left() - self.task.final_reserve(self._final_set(study), pending=True) - END_S
+            left = self.left() - self._reserve(study)
             if left < max(SPAWN_OVERHEAD_S + 2, 0.8 * self._typical_trial_s(study)):
                 stop = "budget"
                 break
@@ -150,6 +150,15 @@ class Search:
         if shared:
             recover_interrupted(study, shared=True)
         return stop
+
+    def _reserve(self, study) -> float:
+        """Time kept for the end: the final's whole plan while that is at most FINAL_SHARE of the
+        budget, never less than what it cannot do without (it cuts the rest to what it gets),
+        and END_S for the plan and the report."""
+        tops = self._final_set(study)
+        whole = self.task.final_reserve(tops, pending=True)
+        least = self.task.final_reserve(tops, pending=True, least=True)
+        return max(least, min(whole, FINAL_SHARE * self.options.budget_s)) + END_S
 
     def _measure(self, study, trial, cand: Candidate, *, timeout: float, best: float) -> None:
         self.progress({"event": "trial_start", "number": trial.number, "label": cand.label})

@@ -173,9 +173,10 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def final_reserve(self, tops: list, *, pending: bool = False) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
         """Seconds the final re-measurement of `tops` needs; `pending`: a trial about to run may
-        join them (the search keeps that much before it starts one)."""
+        join them (the search keeps that much before it starts one); `least`: only what the final
+        cannot do without (it cuts the rest to fit the time it gets)."""
 
     @abstractmethod
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:

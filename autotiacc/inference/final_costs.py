@@ -6,7 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..engine import limits
-from ..engine.fidelity import BASELINE_PROCESSES
+from ..engine.fidelity import BASELINE_PROCESSES, MIN_ROUNDS
 from ..engine.final import final_rounds_s
 
 
@@ -31,19 +31,21 @@ def test_batches_of(trials: list) -> int:
     return max((int(t.user_attrs.get("test_batches") or 0) for t in trials), default=0) or limits.TEST_BATCHES
 
 
-def one_shape_reserve(tops: list, check_s: float, final_measure_s: float) -> float:
+def one_shape_reserve(tops: list, check_s: float, final_measure_s: float, *, least: bool = False) -> float:
     """Seconds the final of `tops` needs: a process per candidate, built one after another (the
     model, its outputs on the test data, the candidate's build and check), and the baseline's
     processes (`limits.baseline_processes`: the model alone), each warming up alone
     (`limits.warmup_s`); then the rounds (`engine.final.final_rounds_s`). All from the trials'
-    measured figures (`final_costs_of`), as the final's limits are."""
+    measured figures (`final_costs_of`), as the final's limits are. `least`: what the final
+    cannot do without (one baseline process, `MIN_ROUNDS` rounds); it cuts the rest to fit."""
     costs = final_costs_of(tops, check_s)
     base, n = costs["baseline"], test_batches_of(tops)
     cands = [costs[f"trial_{t.number}"] for t in tops]
-    rounds = final_rounds_s(len(tops), final_measure_s, forwards_s=[base.forward_s] + [c.forward_s for c in cands])
+    forwards = [base.forward_s] + [c.forward_s for c in cands]
+    rounds = final_rounds_s(len(tops), final_measure_s, forwards_s=forwards, rounds=MIN_ROUNDS if least else None)
     eager = limits.final_process_s(None, base, n)
-    return (sum(limits.final_process_s(c, base, n) for c in cands)
-            + limits.baseline_processes(BASELINE_PROCESSES, eager, rounds) * eager + rounds)
+    processes = 1 if least else limits.baseline_processes(BASELINE_PROCESSES, eager, rounds)
+    return sum(limits.final_process_s(c, base, n) for c in cands) + processes * eager + rounds
 
 
 def pending_stand_in(baseline_trial: Any, check_s: float) -> SimpleNamespace:

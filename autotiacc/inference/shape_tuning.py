@@ -96,11 +96,11 @@ class StaticShapes(_AlternatingFinal):
             return evaluate, {"target_s": self.final_measure_s}
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
-    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
+    def final_reserve(self, tops: list, *, process_s: float = 0.0, least: bool = False) -> float:
         """Seconds the final re-measurement of `tops` needs (`final_costs.one_shape_reserve`)."""
         from .final_costs import one_shape_reserve
 
-        return one_shape_reserve(tops, process_s, self.final_measure_s)
+        return one_shape_reserve(tops, process_s, self.final_measure_s, least=least)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         return None  # `engine.fidelity.OneShape`: the workload's example inputs
@@ -262,7 +262,7 @@ class ShapeTuning(_AlternatingFinal):
         shapes = values.get("shapes")
         return f"; {shapes['label']}" if shapes else ""
 
-    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
+    def final_reserve(self, tops: list, *, process_s: float = 0.0, least: bool = False) -> float:
         """Seconds the final re-measurement needs (`evaluate_alternating` with `bench`), as one
         shape's (`StaticShapes.final_reserve`) but over the mix: each of its processes (a
         candidate's, BASELINE_PROCESSES for the baseline), built one after another, also makes

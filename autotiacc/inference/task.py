@@ -263,7 +263,7 @@ class InferenceTask(Task):
                                               "finishing)", trial_s=wall * 1.5))
 
     # -- the end -----------------------------------------------------------------------------
-    def final_reserve(self, tops: list, *, pending: bool = False) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
         """Time kept for the final re-measurement (fresh processes rebuilding the top candidates and
         the baseline, warm-ups, the timing windows; the shape hook's estimate). A `pending` trial
         may join the tops: `final_costs.pending_stand_in`."""
@@ -273,7 +273,7 @@ class InferenceTask(Task):
         if not tops:  # nothing to re-measure: the plan is written at once
             return 0.0
         # the model check timed a build and a forward in a child, on this machine, at this load
-        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s)
+        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s, least=least)
 
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)

@@ -174,7 +174,7 @@ class TrainingTask(Task):
                               "larger `--budget` or check the training file (see the trial logs in the run directory).")
 
     # -- the end -----------------------------------------------------------------------------
-    def final_reserve(self, tops: list, *, pending: bool = False) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
         """Time kept for the final re-measurement (a baseline and the winner, longer windows): a
         top trial's wall time scaled to the final's rounds; with a `pending` trial and no top yet,
         the baseline trial's (the pending one may become the top). None before the baseline ran."""
