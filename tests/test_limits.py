@@ -29,7 +29,7 @@ def test_limits_scale_with_the_measured_model():
     # a cheap candidate of an expensive model still gets the baseline's own limit
     assert limits.build_limit(limits.Cost(), slow) >= limits.build_limit(None, slow) > slow.build_s
     # a slow model's final takes its baseline's windows from fewer processes
-    assert limits.baseline_processes(5, 0.5, 10.0) == 5 and limits.baseline_processes(5, 20.0, 30.0) == 2
+    assert limits.baseline_processes(5, 0.5, 10.0) == 5 and limits.baseline_processes(5, 10.0, 30.0) == 2
     # a trial is never stopped sooner than the baseline's own trial could end
     assert limits.trial_limit(strategy_limit_s=300, share_s=7.0, baseline_trial_s=40.0) >= 40.0
     assert limits.trial_limit(strategy_limit_s=300, share_s=7.0, baseline_trial_s=None) == 7.0
