@@ -311,12 +311,15 @@ def verify(
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
     from .inference.verify import verify_plan
+    from .machine_load import unreliable_text
 
     result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s, device=device)
     for line in result.lines:
         typer.echo(line)
     if result.ok:
-        typer.echo("verify: OK — the plan holds on this machine.")
+        busy = f", but {unreliable_text(result.measured.get('reliability'))}: re-run it on a quiet machine" \
+            if unreliable_text(result.measured.get("reliability")) else ""
+        typer.echo(f"verify: OK — the plan holds on this machine{busy}.")
         return
     for problem in result.problems:
         typer.echo(f"verify: DRIFT: {problem}", err=True)

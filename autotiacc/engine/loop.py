@@ -30,9 +30,9 @@ FINAL_WITHIN = 0.6
 FINAL_SHARE = 0.2  # the most of the budget the final should take, by the task's estimate
 # A replacement worker's start: ~0.05 s forked by the zygote, ~1.5 s importing torch without it
 SPAWN_OVERHEAD_S = 2.0
-# Kept after the final for plan.json, trials.csv, run.json and the report (its plots take 2-5 s
+# Kept after the final for plan.json, trials.csv, run.json and the report (its plots took 3.7 s
 # on 2 loaded cores): the budget is a bound on the whole command.
-END_S = 4.0
+END_S = 3.0
 RANDOM_AFTER = 3  # duplicates in a row before the next candidate is drawn at random
 MAX_SKIPS = 40  # duplicates/skips in a row that mean the space is exhausted
 MIN_GAIN = 1.01  # a new best must beat the old one by this factor to reset patience

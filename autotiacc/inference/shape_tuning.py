@@ -36,7 +36,7 @@ from typing import Any, Callable
 
 from ..engine import limits
 from ..engine.bench import Bench
-from ..engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S
+from ..engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS
 from ..engine.final import evaluate_alternating, final_rounds_s
 from ..errors import UserInputError
 from ..knobs import SearchContext, configs_from_params, get_knob
@@ -270,17 +270,18 @@ class ShapeTuning(_AlternatingFinal):
         rounds, a candidate checks every shape (unseen too) and its padding (two rounds) and
         rebuilds its buckets in full (ONNX exports and traces are not cached); then windows of
         at least `min_rounds` rounds each. A round is the traffic's calls at the slower of the
-        trial's weighted mean latencies (per sample when throughput: times the largest batch)."""
+        trial's weighted mean latencies (per sample when throughput: times the largest batch).
+        `least`: one baseline process and MIN_ROUNDS windows, what the final cannot do without."""
         mean_ms = max((max(float(t.user_attrs.get("baseline_ms") or 0.0), float(t.user_attrs.get("latency_ms") or 0.0))
                        for t in tops), default=0.0)
         batch = max([*(self.serve_batches or []), max(self.hist[BATCH])]) if self.serve_batches else 1
         round_s = len(self.traffic) * batch * mean_ms / 1e3
         warm = max(3 * round_s, min(FINAL_WARMUP_S, 6 * round_s))
-        processes = len(tops) + BASELINE_PROCESSES
+        processes = len(tops) + (1 if least else BASELINE_PROCESSES)
         rebuild = sum(float(t.user_attrs.get("build_s") or 0.0) + 2 * round_s for t in tops)
         window = max(FINAL_WINDOW_S, self.bench_rounds() * round_s)
         return (rebuild + processes * (max(FINAL_PROCESS_S, process_s / 2) + round_s + warm)
-                + final_rounds_s(len(tops), self.final_measure_s, window))
+                + final_rounds_s(len(tops), self.final_measure_s, window, rounds=MIN_ROUNDS if least else None))
 
     def final_costs(self, costs: dict[str, limits.Cost] | None) -> dict[str, limits.Cost] | None:
         return None  # a window is whole rounds of the mix: every step gets the final's own limit
