@@ -300,7 +300,7 @@ def test_tune_with_traffic_end_to_end(tmp_path, models_dir):
     traffic = tmp_path / "traffic.csv"
     traffic.write_text("batch_size,seq_len,weight\n1,6,5\n2,12,3\n3,24,2\n4,40,1\n")
     out = tmp_path / "run"
-    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(traffic), "--budget", "45s",
+    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(traffic), "--budget", "60s",
                   "--strategy", "quick", "--out", str(out), "--quiet", timeout=300)
     assert res.returncode == 0, res.stderr
     plan = json.loads((out / "plan.json").read_text())
