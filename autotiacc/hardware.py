@@ -12,11 +12,29 @@ from typing import Any
 
 # Fields that must be equal for two measurements to be comparable.
 COMPARABLE_KEYS = ("device", "device_name", "cpu_model", "cpu_count", "torch", "cuda")
-# CPU flags that decide which kernels (and precisions) are fast.
+# CPU flags that decide which kernels (and precisions) are fast (autotiacc.native_precision reads them).
 _INTERESTING_FLAGS = (
     "avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni",
     "amx_bf16", "amx_int8", "amx_tile", "avx_vnni", "neon", "asimd", "sve",
+    "amx_fp16", "bf16", "asimdhp", "asimddp", "i8mm",
 )
+FLAGS_ENV = "AUTOTIACC_CPU_FLAGS"  # replaces the flags read from /proc/cpuinfo (tests, what-if tunes)
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags of `_INTERESTING_FLAGS` this machine has, or those `AUTOTIACC_CPU_FLAGS`
+    lists (comma- or space-separated; empty: none), which every process of a tune inherits."""
+    injected = os.environ.get(FLAGS_ENV)
+    if injected is None:
+        return _cpu_info()[1]
+    given = set(injected.replace(",", " ").split())
+    unknown = sorted(given.difference(_INTERESTING_FLAGS))
+    if unknown:
+        from .errors import UserInputError
+
+        raise UserInputError(f"`{FLAGS_ENV}` names unknown flag(s) {', '.join(unknown)}: use names from "
+                             f"/proc/cpuinfo among {', '.join(_INTERESTING_FLAGS)}, or unset it.")
+    return [f for f in _INTERESTING_FLAGS if f in given]
 
 
 def _cpu_info() -> tuple[str, list[str]]:
@@ -48,7 +66,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
     """Describe the machine and software a measurement was taken on."""
     import torch
 
-    cpu_model, flags = _cpu_info()
+    cpu_model, flags = _cpu_info()[0], cpu_flags()
     fp: dict[str, Any] = {
         "device": "cuda" if str(device).startswith("cuda") else "cpu",
         "device_name": cpu_model,
@@ -61,6 +79,8 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
     }
+    if FLAGS_ENV in os.environ:  # said, so no figure passes for one of this CPU's own flags
+        fp["cpu_flags_source"] = FLAGS_ENV
     if fp["device"] == "cuda" and torch.cuda.is_available():
         gpu = gpu_info(torch.device(device).index or 0)
         fp["device_name"] = gpu["name"]

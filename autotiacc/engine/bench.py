@@ -53,22 +53,23 @@ class OneShape(Bench):
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
         import torch
 
-        from ..inference.evaluate import reference_for
+        from ..inference.evaluate import build_candidate, build_report, reference_for
 
         if values is None:  # the eager baseline alone: no reference outputs to compute
             return _eager_baseline(workload, device), {}
         ref = reference_for(workload, device)
         from ..inference.accuracy import compare_outputs
-        from ..inference.candidate import OptimizedModel
-        from ..knobs import configs_from_params
 
         torch._dynamo.reset()
-        cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+        cand = build_candidate(ref, values)
         acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
                               metric=workload.metric, targets=[y for _, y in ref.test])
         if not acc.ok:
             raise ValueError(f"accuracy: {acc.reason}")
-        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict()}
+        # the int8 scales it was built with go into the plan, which replays them (`Plan.engine_records`)
+        records = {k: r["record"] for k, r in cand.notes.items() if isinstance(r, dict) and "record" in r}
+        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict(),
+                                             **build_report(cand), "engine_records": records}
 
     def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
         from ..measure import measure

@@ -8,51 +8,15 @@ artifact served are made by the same code with the same options.
 
 Call order: `available()` in the tuner's process (is it searched at all); `build(state, config)`
 in the process that builds a candidate (a worker), after the other knobs prepared `state`;
-`save(module, inputs, path, config, device)` when a plan exports its artifact; `load(path, entry,
-device)` wherever an artifact is served. Engines import their package lazily, inside these
-methods: `import autotiacc` never imports them.
+`save(module, inputs, path, config, device, state=...)` when a plan exports its artifact;
+`load(path, entry, device)` wherever an artifact is served. Engines import their package
+lazily, inside these methods: `import autotiacc` never imports them.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from .base import _ENGINES, Engine, register_engine
 
-
-class Engine(ABC):
-    """One deployment engine; subclasses are registered with `register_engine`."""
-
-    name: ClassVar[str]  # the execution knob's `backend` value
-    artifact_format: ClassVar[str]  # the plan's `extra.artifact.format`
-    artifact_file: ClassVar[str]  # the artifact's file name in the run directory
-    install_hint: ClassVar[str]  # what to pip install when it is missing
-
-    @abstractmethod
-    def available(self) -> bool:
-        """Whether the engine's package imports here (it is searched only then)."""
-
-    @abstractmethod
-    def build(self, state: Any, config: Any) -> Callable[..., Any]:
-        """A callable used like the prepared model `state.model` (torch tensors in and out, on
-        `state.device`), built from `state.example_inputs` with the options in `config`."""
-
-    @abstractmethod
-    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str) -> None:
-        """Write the artifact of `module` (precision and layout already applied) to `path`."""
-
-    @abstractmethod
-    def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
-        """A callable over the artifact at `path` (sha256 already checked), run with the options
-        recorded in the plan's artifact `entry`, exactly as they were measured."""
-
-
-_ENGINES: dict[str, Engine] = {}
-
-
-def register_engine(cls: type[Engine]) -> type[Engine]:
-    """Class decorator: make an engine known by its `name`."""
-    _ENGINES[cls.name] = cls()
-    return cls
+__all__ = ["Engine", "register_engine", "engine", "engines", "by_format"]
 
 
 def engine(name: str) -> Engine | None:

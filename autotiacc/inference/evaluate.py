@@ -40,13 +40,16 @@ class _Reference:
 
     def __init__(self, workload, device: str) -> None:
         # a module is a pytree leaf: to_device moves it too (a tensor-only map left it on the CPU)
+        self.device = device
         with PeakMemory(device) as self.memory:
             self.model = to_device(workload.build_model(), device)
             self.inputs = to_device(workload.example_inputs(), device)
             self.baseline = EagerBaseline(self.model, self.inputs)
             self.test = to_device(list(workload.test_data()), device)  # targets too, for the user's metric
+            # what the tuner's processes build candidates of this model with (`build_candidate`)
+            token = getattr(workload, "token", None)
+            self.reuse_key = (token, device) if token else None
             self.refs = [eager_call(self.model, x) for x, _ in self.test]
-        self.device = device
         self.warmed = False
 
     @functools.cached_property
@@ -70,6 +73,31 @@ def worker_cached(key: Any, build: Callable[[], Any]) -> Any:
         _CACHE[:] = [None, None]  # free the old model before building the new one
         _CACHE[:] = [key, build()]
     return _CACHE[1]
+
+
+def build_candidate(ref: _Reference, values: dict[str, dict]) -> OptimizedModel:
+    """A candidate of `ref`'s model as the tuner's processes build it: an engine that calibrates
+    (int8_static) does so on the test data, and graphs of earlier candidates of this workload
+    are reused where only run settings differ (`engines.cache`); `build_report` says what."""
+    from ..engines.cache import BUILDS
+
+    saved = BUILDS.saved_s
+    cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=ref.device,
+                          calibration=[x for x, _ in ref.test], reuse_key=ref.reuse_key)
+    cand.reused_s = BUILDS.saved_s - saved
+    return cand
+
+
+def build_report(cand: OptimizedModel) -> dict[str, Any]:
+    """Trial attributes of a built candidate: the build seconds its reuse saved, the options its
+    ONNX Runtime session really has (read back from it), what int8_static quantized."""
+    out: dict[str, Any] = {"reused_s": round(getattr(cand, "reused_s", 0.0), 3)}
+    if "session" in cand.notes:
+        out["ort_session"] = cand.notes["session"]
+    record = (cand.notes.get("int8_static") or {}).get("record")
+    if record:
+        out["int8_static"] = {k: v for k, v in record.items() if k != "ranges"}
+    return out
 
 
 def workload_key(workload) -> Any:
@@ -180,14 +208,14 @@ def _build_checked(ref: _Reference, workload, values: dict[str, dict], *, device
     try:
         torch._dynamo.utils.counters.clear()
         with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
-            cand = OptimizedModel(ref.model, configs_from_params(values), example_inputs=ref.inputs, device=device)
+            cand = build_candidate(ref, values)
             res["build_s"] = cand.build_seconds
             outs: list = []
             pace = Pace(hopeless)  # each test call's time over the baseline's on that batch; compiles set aside
             for (x, _), base_ms in zip(ref.test, ref.test_ms):
                 pace.time(lambda x=x: outs.append(cand(*x)), device, scale=max(base_ms, 1e-6))
         res["compile"] = {**compile_stats(), "compiling_calls": pace.compiling_calls}
-        res["trial_attrs"] = memory_attrs(mem, ref.memory)
+        res["trial_attrs"] = {**memory_attrs(mem, ref.memory), **build_report(cand)}
         if is_meta(device):
             res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
             return res, (lambda c=cand: c(*ref.inputs))

@@ -25,6 +25,7 @@ from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
+ENGINE_RECORDS = ("int8_static",)  # `extra` keys an engine's build recorded and replays (int8 scales)
 SCHEMA_VERSION = 2
 READS_VERSIONS = (1, 2)
 
@@ -180,7 +181,13 @@ class Plan:
 
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device,
+                              recorded=self.engine_records())
+
+    def engine_records(self) -> dict[str, Any]:
+        """What the build of the plan's candidate recorded for its engine to replay, by kind
+        (`int8_static`: the calibrated scales and quantizer settings, `engines.ort_int8`)."""
+        return {k: self.extra[k] for k in ENGINE_RECORDS if isinstance(self.extra.get(k), dict)}
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
@@ -211,7 +218,8 @@ def _jsonable(x: Any) -> Any:
 _WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
                     "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
 _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
-                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any]}
+                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any], "engine_options": dict[str, Any],
+                    "int8_static": dict[str, Any]}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 
@@ -261,8 +269,8 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     if bad:
         raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
-    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
-                  "extra", origin)
+    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any],
+                          **{k: dict[str, Any] for k in ENGINE_RECORDS}}, "extra", origin)
     _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
                   "extra.shapes", origin)
     artifact = extra.get("artifact") or {}

@@ -10,23 +10,26 @@ from typing import Any, Callable
 
 from ..engine import limits
 from ..engine.fidelity import measured_env
-from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
 from ..engine.options import MIN_BUDGET_S, RunOptions
 from ..engine.profile_cache import cached_profile
-from ..engine.space import as_values, config_key, sample, seed_params, seeds, strategy_for
+from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
+from ..engines.cache import shared_builds
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..knobs.int8 import torchao_available
-from ..hardware import usable_cores
-from ..machine_load import load_attrs, reliability, unreliable_sentence
+from ..knobs.precision_groups import is_group_param
+from ..machine_load import load_attrs
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .final_costs import final_costs_of, pending_stand_in
+from .plan_choice import fill_plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
+from .twins import TWIN, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -73,6 +76,32 @@ def search_context(facts: ModelFacts, device: str, level: int) -> SearchContext:
                          torchao=torchao_available(), has_linear=facts.has_linear, module_names=facts.module_names)
 
 
+def stage_one(strategy, ctx: SearchContext, native) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(Optuna params of stage 1, the seeds moved to its end for this hardware with why).
+
+    The profile's diagnosis (in `ctx.extras`) puts the seeds that pay for this model first;
+    strategy entries pin every per-layer group to fp32; then the per-layer starting points.
+    Seeds that compute in a type `native` (a `NativeTypes`) has no units for go last: bf16 on a
+    CPU without avx512_bf16/amx_bf16 ran 60x slower than eager on resnet50."""
+    from ..native_precision import by_hardware
+    from ..profiling.diagnosis import order_seeds
+
+    entries = order_seeds(strategy.seeds(cuda=ctx.cuda), ctx.extras.get("diagnosis"))
+    fp32 = ctx.extras.get("precision_fp32", {})
+    items = [({**fp32, **seed_params(e, all_knobs())}, describe(configs_from_params(e))) for e in entries
+             if seed_allowed(e, all_knobs(), strategy, ctx)]
+    baseline = seed_params({}, all_knobs())
+    items += [({**baseline, **p}, "per-layer " + ", ".join(f"{k}={m}" for k, m in p.items() if m != "fp32"))
+              for p in ctx.extras.get("precision_enqueue", [])]
+    ordered, moved = by_hardware(items, native, lambda it: _modes(it[0]))
+    return [p for p, _ in ordered], [{"seed": label, "why": why} for (_, label), why in moved]
+
+
+def _modes(params: dict[str, Any]) -> list[str]:
+    """The precision modes a stage-1 seed's Optuna params compute in: global and per layer."""
+    return [params.get("mode", "fp32")] + [m for k, m in params.items() if is_group_param(k)]
+
+
 def family_of(values: dict[str, Any]) -> str:
     """Backend (its compile mode, CUDA graphs), precision (its groups), layout and shapes: the
     final re-measures one of each. Runtime settings (threads, inference_mode, cudnn.benchmark)
@@ -110,6 +139,7 @@ class InferenceTask(Task):
         # the user's code runs first in a child, under the budget
         facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
         self.ctx = search_context(facts, self.options.device, self.options.level)
+        self.ctx.extras["traffic"] = isinstance(self.shape_tuning, ShapeTuning)  # int8_static calibrates one shape
         self._identity = facts.identity
         self._fingerprint = machine_fingerprint(self.options.device)
         self.pool: WorkerPool | None = None
@@ -124,7 +154,8 @@ class InferenceTask(Task):
         spend nothing on it."""
         from ..profile import SCHEMA_VERSION
         from ..version import __version__
-        from .layer_precision import plan_summary, prepare_search
+        from .layer_choice import plan_summary
+        from .layer_precision import prepare_search
 
         self.run_dir = run_dir
         t0 = time.monotonic()
@@ -140,9 +171,15 @@ class InferenceTask(Task):
                                     timeout=timeout, resume=cached.reuse, start=cached.start,
                                     min_s=limits.profile_min_s(self.workload.check_s))
         self.ctx.extras.update(extras)
-        self.plan_extra = {"layer_precision": plan_summary(run_dir.path)}
+        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order()}
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
         return time.monotonic() - t0
+
+    def _seed_order(self) -> dict[str, Any]:
+        """run.json's and the plan's record of what the hardware did to stage 1."""
+        from ..native_precision import native_types
+
+        return native_types(self._fingerprint).seed_record(self.stage_one()[1])
 
     def identity(self) -> dict[str, Any]:
         return self._identity
@@ -158,18 +195,15 @@ class InferenceTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
-                "tolerance": self.options.effective_tolerance}
+                "tolerance": self.options.effective_tolerance, "seed_order": self.plan_extra.get("seed_order")}
 
     def seeds(self) -> list[dict[str, Any]]:
-        from ..profiling.diagnosis import order_seeds
+        return self.stage_one()[0]
 
-        # the profile's diagnosis puts the seeds that pay for this model first; strategy entries
-        # pin every per-layer group to fp32; then the per-layer starting points
-        entries = order_seeds(self.strategy.seeds(cuda=self.ctx.cuda), self.ctx.extras.get("diagnosis"))
-        out = seeds(self.strategy, all_knobs(), self.ctx, entries=entries,
-                    extra=self.ctx.extras.get("precision_fp32", {}))
-        baseline = seed_params({}, all_knobs())
-        return out + [{**baseline, **params} for params in self.ctx.extras.get("precision_enqueue", [])]
+    def stage_one(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        from ..native_precision import native_types
+
+        return stage_one(self.strategy, self.ctx, native_types(self._fingerprint))
 
     # -- one trial ---------------------------------------------------------------------------
     def propose(self, trial) -> Candidate:
@@ -273,6 +307,7 @@ class InferenceTask(Task):
         if not tops:  # nothing to re-measure: the plan is written at once
             return 0.0
         # the model check timed a build and a forward in a child, on this machine, at this load
+        tops = tops + twin_trials(tops, self.strategy.space("ort"))  # each twin is one more process
         return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s, least=least)
 
     def family(self, values: dict[str, Any]) -> Any:
@@ -285,25 +320,30 @@ class InferenceTask(Task):
         return values.get("execution", {}).get("backend", "eager")
 
     def final_candidates(self, tops: list, trials: list) -> list:
-        from .layer_precision import best_full_precision
+        from .layer_choice import best_full_precision
 
         return best_full_precision(tops, trials)
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
-        cands = {f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}
-        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape hook's
-        outcome = self.shape_tuning.final_measure(self.workload, cands, device=self.options.device,
-                                                  tolerance=self.options.effective_tolerance, warmup_s=FINAL_WARMUP_S,
-                                                  env=worker_env(self.run_dir.path), timeout=timeout,
-                                                  log_path=self.run_dir.trial_log("final"),
-                                                  costs=final_costs_of(tops, self.workload.check_s))
+        # each finalist, and the twins of options only a process of its own can judge (inference.twins)
+        cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
+        costs = final_costs_of(tops, self.workload.check_s)  # a twin costs what its finalist does
+        costs.update({n: costs[n.removesuffix(TWIN)] for n in cands if n.endswith(TWIN)})
+        # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape
+        # hook's; a finalist and its twin export their graph once (engines.cache)
+        with shared_builds(self.run_dir.path) as builds_env:
+            outcome = self.shape_tuning.final_measure(
+                self.workload, cands, device=self.options.device, tolerance=self.options.effective_tolerance,
+                warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), **builds_env}, timeout=timeout,
+                log_path=self.run_dir.trial_log("final"), costs=costs)
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
+        merged = merge_twins(outcome.value["candidates"], (self.final_alternating or {}).get("windows_ms") or {})
         return FinalMeasure(baseline=Timing.from_dict(outcome.value["baseline"]),
                             candidates={int(n.split("_")[1]): (r["status"], Timing.from_dict(r["timing"])
                                                                if "timing" in r else None, r)
-                                        for n, r in outcome.value["candidates"].items()})
+                                        for n, r in merged.items()})
 
     def make_plan(self, decision: Decision, study) -> Plan:
         trials = study.get_trials(deepcopy=False)
@@ -315,82 +355,9 @@ class InferenceTask(Task):
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
-        if decision.kind == "nothing":
-            plan.fell_back, plan.speedup = True, 1.0
-            plan.note = f"no candidate beat the baseline ({_why_none(trials)}); keeping the baseline. " + failure_note(trials)
-        elif decision.kind == "final_failed":  # keep best-so-far from the search rather than ending with nothing
-            self._plan_search_best(plan, decision)
-        else:
-            self._plan_from_final(plan, decision)
+        fill_plan(plan, decision, trials, shape_tuning=self.shape_tuning,
+                  final_alternating=getattr(self, "final_alternating", None))
         return plan
-
-    def _plan_search_best(self, plan: Plan, decision: Decision) -> None:
-        t = decision.trial
-        a = t.user_attrs
-        plan.knobs, plan.speedup, plan.compile_s = configs_from_params(a["knobs"]), a.get("speedup"), a.get("build_s")
-        plan.baseline = {"median_ms": a.get("baseline_ms"), "source": "search"}
-        plan.best = {"median_ms": a.get("latency_ms"), "p90_ms": a.get("p90_ms"), "spread": a.get("spread"),
-                     "source": "search"}
-        self.shape_tuning.record(plan, a["knobs"], a)
-        plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {t.number}, "
-                     "the best of the search, with its search-time figures.")
-        load = {k: a.get(k) for k in ("busy", "load1", "others_cores")} if a.get("busy") is not None else None
-        _judge(plan, reliability({**load, "cores": usable_cores()} if load else None))
-
-    def _plan_from_final(self, plan: Plan, decision: Decision) -> None:
-        final, t = decision.final, decision.trial
-        plan.baseline = final.baseline.to_dict()
-        if getattr(self, "final_alternating", None):
-            plan.extra["final_alternating"] = self.final_alternating
-        plan.extra["final"] = {f"trial_{n}": {k: r.get(k) for k in ("status", "ratio", "reason", "build_s")}
-                               for n, (_, _, r) in final.candidates.items()}
-        plan.fell_back, plan.speedup = True, 1.0
-        if decision.kind == "all_failed":
-            plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
-            return
-        res, cand = decision.result, decision.timing
-        if decision.kind == "not_faster":
-            plan.best = cand.to_dict()
-            plan.note = (f"best candidate ({describe(configs_from_params(res['knobs']))}) was "
-                         f"{res.get('speedup', final.baseline.median / cand.median):.2f}x the baseline in the final "
-                         "re-measurement: not faster beyond noise, so the plan keeps the baseline.")
-            _judge(plan, res.get("reliability"))
-            return
-        plan.fell_back = False
-        plan.knobs = configs_from_params(res["knobs"])
-        plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
-        plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
-        self.shape_tuning.record(plan, res["knobs"], res)
-        alt = getattr(self, "final_alternating", None)
-        how = "each alone in its own process, measured in turns" if alt else "interleaved in a fresh process"
-        spread = ((alt or {}).get("speedup_range") or {}).get(f"trial_{t.number}")
-        if spread:  # each process runs at its own pace: what one round (a process of each) gave
-            how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
-        plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
-                     f"re-measured {how}, in the environment of the tune.")
-        _judge(plan, res.get("reliability"))
-
-
-def _why_none(trials: list) -> str:
-    """What stopped every candidate, counted by status (the accuracy guard is one reason of several)."""
-    counts: dict[str, int] = {}
-    for x in trials:
-        status = x.user_attrs.get("status")
-        if status not in ("ok", "duplicate", "skipped", None) and not x.user_attrs.get("baseline"):
-            counts[status] = counts.get(status, 0) + 1
-    ok = sum(1 for x in trials if x.user_attrs.get("status") == "ok" and not x.user_attrs.get("baseline"))
-    if ok:
-        counts["not faster"] = ok
-    return ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
-
-
-def _judge(plan: Plan, verdict: dict[str, Any] | None) -> None:
-    """Record whether the plan's figure can be trusted (`machine_load.reliability`): a typed field,
-    and, when it cannot, the reason at the end of its note."""
-    if not verdict:
-        return
-    plan.reliable, plan.reliability = bool(verdict["reliable"]), verdict
-    plan.note += unreliable_sentence(verdict)
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:

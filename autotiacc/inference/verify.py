@@ -152,7 +152,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         return VerifyResult(False, problems, lines, measured)
     res = outcome.value["candidates"]["plan"]
     acc = (res.get("accuracy") or {}).get("rel_l2")
-    measured["rel_l2"] = acc
+    measured.update(rel_l2=acc, ort_session=res.get("ort_session"))  # ORT: the options read back from its session
     if res["status"] != "ok":
         problems.append(f"the plan {res['status']} here: {res.get('reason', '')}")
         return VerifyResult(False, problems, lines, measured)

@@ -20,6 +20,10 @@ def param_name(path: str) -> str:
     return f"prec[{path}]"
 
 
+def is_group_param(name: str) -> bool:
+    return name.startswith("prec[") and name.endswith("]")
+
+
 def _dtype(mode: str):
     import torch
 

@@ -32,3 +32,19 @@ def reliability_lines(plan: dict[str, Any]) -> list[str]:
     if plan.get("reliable"):
         return ["", f"Measured while the machine was quiet enough{seen}."]
     return []
+
+
+def seed_order_section(run: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """Which reduced types this device computes in natively, and the stage-1 seeds moved last for it."""
+    order = run.get("seed_order")
+    if not isinstance(order, dict):  # runs from before this record
+        return []
+    units = "; ".join(f"{k}: {'/'.join(v) if v else 'none'}" for k, v in (order.get("native_types") or {}).items())
+    lines = [f"Units for reduced types here: {units}."]
+    moved = order.get("moved_last") or []
+    if moved:
+        lines += ["", "Seeds moved to the end of stage 1 (measured after every native one; not removed):", ""]
+        lines += table(["seed", "why"], [[m.get("seed"), "; ".join(m.get("why") or [])] for m in moved])
+    else:
+        lines.append("No seed was moved: each computes in a type this device runs natively.")
+    return [("Stage 1 and this hardware", lines)]

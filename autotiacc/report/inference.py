@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
 from ..errors import UserInputError
-from .format import fmt, reliability_lines, table
+from .format import fmt, reliability_lines, seed_order_section, table
 from .plotting import figure
 from .profile import PROFILE_PLOTS, profile_sections
 
@@ -219,7 +219,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
             ["variant", "median ms", "p90 ms", "p99 ms", "spread (IQR/median)", "n", "speed-up", "rel. error", "build s"], rows)
         lines += reliability_lines(p)
         lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
-        out.append(("Result", lines))
+        out.append(("Result", lines + _twin_lines(p)))
     if not t.empty and "status" in t:
         ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
@@ -240,12 +240,24 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
             out.append(("Compile statistics (torch.compile trials)",
                         table(["#", "candidate", "dynamo graphs / breaks / recompiles, calls that compiled"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
+    out += seed_order_section(run)
     out += shape_sections(data)
     out += profile_sections(data)
     out += budget_section(run)
     fp = run.get("fingerprint", {})
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in fp.items()]))
     return out
+
+
+def _twin_lines(plan: dict[str, Any]) -> list[str]:
+    """What the spinning twins of ONNX Runtime finalists gave in the final (`inference.twins`)."""
+    twins = {n: r["twin"]["spinning"] for n, r in ((plan.get("extra") or {}).get("final") or {}).items()
+             if (r or {}).get("twin")}
+    return ["", "ONNX Runtime finalists were also timed with spinning pool threads (ORT's default), alone in "
+            "their own processes; the plan keeps spinning only if that is faster beyond noise:", ""] + [
+        f"- {n}: spinning {fmt(t.get('ratio'), '.3f')}x the baseline's latency ({t.get('status')}"
+        + (f": {t.get('reason')}" if t.get("reason") else "") + f"), {'kept' if t.get('kept') else 'not kept'}"
+        for n, t in twins.items()] if twins else []
 
 
 def write_report(run_dir: str | Path) -> dict[str, Path]:

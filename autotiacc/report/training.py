@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
-from .format import fmt, reliability_lines, table
+from .format import fmt, reliability_lines, seed_order_section, table
 from .inference import read_run_dir, render
 from .plotting import figure
 
@@ -120,6 +120,7 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed or rejected trials", table(["#", "candidate", "status", "reason"], rows) if rows else ["None."]))
+    out += seed_order_section(run)
     out += budget_section(run)
     out.append(("Hardware and software fingerprint", [f"- {k}: {v}" for k, v in run.get("fingerprint", {}).items()]))
     return out

@@ -80,6 +80,7 @@ class TrainingTask(Task):
         self.trial_timeout_s = options.trial_timeout_s or self.strategy.trial_timeout_s
         self.knobs = all_knobs("training")
         self.device_decode_note: str | None = None  # whether decode=device is searched; set by validate
+        self.seed_order: dict[str, Any] | None = None  # the seeds the hardware moved last; set by validate
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
@@ -99,6 +100,7 @@ class TrainingTask(Task):
                                  device_decode=why_not is None)
         self._identity = self.workload.identity(model)
         self._fingerprint = machine_fingerprint(self.options.device)
+        self.seed_order = self._stage_one()[1]
 
     def prepare(self, run_dir, left_s: float) -> float:
         self.run_dir = run_dir
@@ -119,10 +121,21 @@ class TrainingTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "nproc": self.options.nproc, "tolerance": self.options.tolerance,
-                "max_memory_mib": self.options.max_memory_mib, "device_decode": self.device_decode_note}
+                "max_memory_mib": self.options.max_memory_mib, "device_decode": self.device_decode_note,
+                "seed_order": self.seed_order}
 
     def seeds(self) -> list[dict[str, Any]]:
-        return seeds(self.strategy, self.knobs, self.ctx)
+        return self._stage_one()[0]
+
+    def _stage_one(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """The strategy's seeds, those computing in a type without units here (bf16 on a CPU
+        without avx512_bf16/amx_bf16) last; and run.json's record of what moved, and why."""
+        from ..native_precision import by_hardware, native_types
+
+        native = native_types(self._fingerprint)
+        ordered, moved = by_hardware(seeds(self.strategy, self.knobs, self.ctx), native,
+                                     lambda p: [p.get("precision.mode", "fp32")])
+        return ordered, native.seed_record([{"seed": TrainConfig.from_flat(p).label(), "why": why} for p, why in moved])
 
     # -- one trial ---------------------------------------------------------------------------
     def propose(self, trial) -> Candidate:
