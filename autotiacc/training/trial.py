@@ -213,11 +213,14 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
         out["build_s"] = time.perf_counter() - t0
         losses += [float(cand.step(next(cand.batches))) for _ in range(guard_steps - 1)]
     out.update(losses=losses, peak_mem_mib=round(mem.peak_mib, 2), mem_source=mem.source)
-    rejected = _guard(out, mem, max_memory_mib=max_memory_mib, reference=reference_losses, tolerance=tolerance)
+    rejected = _guard(out, mem, max_memory_mib=max_memory_mib, reference=None, tolerance=tolerance)
     if rejected:
         return {**out, "status": "rejected", **rejected}
     if workload.eval_fn is not None and rank == 0:  # the user's metric after the guard steps, for the report
         out.update(run_eval(workload.eval_fn, cand.model))
+    rejected = _guard(out, mem, max_memory_mib=None, reference=reference_losses, tolerance=tolerance)
+    if rejected:  # off the baseline's loss curve: its metric above still tells how far
+        return {**out, "status": "rejected", **rejected}
 
     steps = max(4, cand.buffer)
     runners = {"candidate": cand.window(steps)}
