@@ -3,8 +3,8 @@ final re-measurement's result format; the noise test is scipy's Mann-Whitney U."
 import pytest
 
 from autotiacc.engine import limits
-from autotiacc.engine.fidelity import BASELINE, BASELINE_PROCESSES, AlternatingResult, measure_alternating
-from autotiacc.engine.final import evaluate_alternating
+from autotiacc.engine.fidelity import (BASELINE, BASELINE_PROCESSES, AlternatingResult, evaluate_alternating,
+                                      measure_alternating)
 from autotiacc.inference.workload import load_workload
 
 TS = {"execution": {"backend": "torchscript"}}

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..engine import limits
-from ..engine.fidelity import BASELINE_PROCESSES, MIN_ROUNDS
-from ..engine.final import final_rounds_s
+from ..engine.fidelity import BASELINE_PROCESSES, MIN_ROUNDS, final_rounds_s
 
 
 def final_costs_of(tops: list, check_s: float) -> dict[str, limits.Cost]:
@@ -35,7 +34,7 @@ def one_shape_reserve(tops: list, check_s: float, final_measure_s: float, *, lea
     """Seconds the final of `tops` needs: a process per candidate, built one after another (the
     model, its outputs on the test data, the candidate's build and check), and the baseline's
     processes (`limits.baseline_processes`: the model alone), each warming up alone
-    (`limits.warmup_s`); then the rounds (`engine.final.final_rounds_s`). All from the trials'
+    (`limits.warmup_s`); then the rounds (`engine.fidelity.final_rounds_s`). All from the trials'
     measured figures (`final_costs_of`), as the final's limits are. `least`: what the final
     cannot do without (one baseline process, `MIN_ROUNDS` rounds); it cuts the rest to fit."""
     costs = final_costs_of(tops, check_s)

@@ -36,8 +36,8 @@ from typing import Any, Callable
 
 from ..engine import limits
 from ..engine.bench import Bench
-from ..engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS
-from ..engine.final import evaluate_alternating, final_rounds_s
+from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, evaluate_alternating,
+                               final_rounds_s)
 from ..errors import UserInputError
 from ..knobs import SearchContext, configs_from_params, get_knob
 from ..knobs.base import knob_for_config
