@@ -71,8 +71,9 @@ def test_other_processes_on_the_cores_are_seen_as_contention():
 
 
 def test_a_busy_timing_is_taken_again_once_the_machine_is_quiet():
-    """The hogs stop inside the first timing (its 20th call): the rounds were busy, the machine
-    then goes quiet, and the rounds are taken again. Needs a machine quiet without the hogs."""
+    """The hogs stop inside the first timing (its 45th call of 60): the rounds were busy, the
+    machine then goes quiet, and the rounds are taken again. Needs a machine quiet without the
+    hogs. Calls of 5 ms make the first window 0.3 s, above `MIN_WINDOW_S` on a quiet machine too."""
     if not wait_quiet(3.0):
         pytest.skip("this machine is busy without the test's load: a retake cannot be shown here")
     with cpu_hogs(3) as procs:
@@ -80,14 +81,14 @@ def test_a_busy_timing_is_taken_again_once_the_machine_is_quiet():
 
         def fn():
             calls.append(1)
-            time.sleep(0.002)
-            if len(calls) == 20:
+            time.sleep(0.005)
+            if len(calls) == 45:
                 for p in procs:
                     p.kill()
                     p.wait()
 
         t = measure_interleaved({"x": fn}, min_rounds=60, max_rounds=60, warmup_s=0, busy_wait_s=5.0)
-    assert t["x"].load.get("retaken") and not t["x"].busy and t["x"].n == 60 and len(calls) == 120
+    assert t["x"].load.get("retaken") and not t["x"].busy and t["x"].n == 60 and len(calls) >= 120  # warm-up calls besides
 
 
 @pytest.mark.slow

@@ -40,6 +40,7 @@ from typing import Any
 from ..device import cuda_available, is_cuda, to_device
 from ..errors import HardwareMismatchWarning, PlanError
 
+EXPORT_TIMEOUT_S = 1800.0  # an AOTInductor build of a large model on 2 cores; not counted against --budget
 TORCH_FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
 
 
@@ -192,22 +193,27 @@ def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str, s
                 torch.export.save(program, str(tmp))
 
 
+class ExportFailed(RuntimeError):
+    """The artifact could not be built or saved (the child's error, as recorded in the plan)."""
+
+
 def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
     """Export the artifact of the plan at `plan_path` next to it and record it in the plan
     (`extra["artifact"]`). A failure is recorded there too (`{"error": ...}`) and re-raised."""
+    from ..engine.workers import run_isolated
     from .plan import load_plan
 
     plan_path = Path(plan_path)
     if plan_path.is_dir():
         plan_path = plan_path / "plan.json"
     plan = load_plan(plan_path)
-    try:
-        entry = export_artifact(plan, workload, plan_path.parent)
-    except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
-        plan.extra["artifact"] = {"format": artifact_format(plan.knobs),
-                                  "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+    # in a child: it builds the user's model (their code never runs in the tuner's process)
+    outcome = run_isolated(export_artifact, plan, workload, plan_path.parent, timeout=EXPORT_TIMEOUT_S)
+    if not outcome.ok:  # recorded in the plan, then reported by the caller
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs), "error": outcome.error.strip()[:500]}
         plan.save(plan_path)
-        raise
+        raise ExportFailed(outcome.error.strip()[:500])
+    entry = outcome.value
     plan.extra["artifact"] = entry
     plan.save(plan_path)
     return entry

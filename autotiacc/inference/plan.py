@@ -223,10 +223,25 @@ _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "in
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
 
 
+# What to say when a plan of the other kind is handed over (`verify` of a training plan).
+_OTHER_PLANS = {
+    "autotiacc.training_plan": "this is a training plan (from `tune --mode train`), not an inference plan; apply it "
+                               "in your training loop with autotiacc.training.load_training_plan(path) and "
+                               "autotiacc.training.apply(plan, model, optimizer, dataset, loss_fn) (`verify` and "
+                               "load_plan take inference plans).",
+    "autotiacc.plan": "this is an inference plan, not a training plan; load it with autotiacc.load_plan(path) and "
+                      "plan.apply(model), or re-measure it with `autotiacc verify`.",
+}
+
+
 def check_plan_header(d: Any, schema: str, version: int | tuple[int, ...], origin: str, *, what: str,
                       retune: str) -> None:
     """The schema name and version (or the versions read), shared by inference and training plans."""
     versions = (version,) if isinstance(version, int) else tuple(version)
+    found = d.get("schema") if isinstance(d, dict) else None
+    other = _OTHER_PLANS.get(found) if isinstance(found, str) and found != schema else None
+    if other:
+        raise PlanError(f"{origin}: {other}")
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
     got = d.get("schema_version")

@@ -124,11 +124,11 @@ class ShapeTuning(_AlternatingFinal):
         self.max_buckets, self.rounds, self.final_rounds = max_buckets, rounds, final_rounds
         self.names = dim_names(traffic)
         probe = {n: max(2, min(histogram(traffic, n))) for n in self.names}
-        self.axes = infer_axes(workload, self.names, probe)
+        self.axes = workload.in_child(infer_axes, self.names, probe, stage="example_inputs() at the traffic's sizes")
         self.hist = {n: histogram(traffic, n) for n in self.names}
         # Without pad_inputs only the batch can be padded, and a graph specialised on the batch
         # would still see every size of the other dims: such workloads get shared runners only.
-        self.can_pad = len(self.names) == 1 or workload.user_hook("pad_inputs") is not None
+        self.can_pad = len(self.names) == 1 or workload.hook_defined("pad_inputs")
         self._checked = False
 
     # -- search ---------------------------------------------------------------------------------

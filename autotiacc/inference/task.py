@@ -11,7 +11,7 @@ from typing import Any, Callable
 from ..engine import limits
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
-from ..engine.options import MIN_BUDGET_S, RunOptions
+from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
 from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
@@ -136,8 +136,10 @@ class InferenceTask(Task):
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
-        # the user's code runs first in a child, under the budget
-        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget")
+        facts = self.workload.validate(timeout=max(1.0, left_s), budget_s=self.options.budget_s,
+                                       device=self.options.device, tolerance=self.options.effective_tolerance)
+        check_memory_limit(self.options.max_memory_mib, facts.baseline_peak_mib, device=self.options.device,
+                           source=facts.memory_source, what="its build and its calls on the test data")
         self.ctx = search_context(facts, self.options.device, self.options.level)
         self.ctx.extras["traffic"] = isinstance(self.shape_tuning, ShapeTuning)  # int8_static calibrates one shape
         self._identity = facts.identity
@@ -171,7 +173,8 @@ class InferenceTask(Task):
                                     timeout=timeout, resume=cached.reuse, start=cached.start,
                                     min_s=limits.profile_min_s(self.workload.check_s))
         self.ctx.extras.update(extras)
-        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order()}
+        self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order(),
+                           "guard_data": self.workload.facts.guard_data}  # which data the accuracy guard used
         self.knobs = [k for k in all_knobs() if k.applies(self.ctx) or k.name in ("execution", "precision", "runtime")]
         return time.monotonic() - t0
 
@@ -195,7 +198,8 @@ class InferenceTask(Task):
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
-                "tolerance": self.options.effective_tolerance, "seed_order": self.plan_extra.get("seed_order")}
+                "tolerance": self.options.effective_tolerance,
+                **{k: self.plan_extra.get(k) for k in ("seed_order", "guard_data")}}
 
     def seeds(self) -> list[dict[str, Any]]:
         return self.stage_one()[0]
@@ -291,6 +295,7 @@ class InferenceTask(Task):
         return TrialResult(state, res["ratio"] if state == "complete" else None, attrs)
 
     def check_baseline(self, result: TrialResult, budget_s: float) -> None:
+        refuse_baseline_over_limit(result.attrs)  # the up-front check measured less than its trial did
         if result.state != "complete" and result.attrs.get("status") == "timeout":
             wall = result.attrs["wall_s"]
             raise BudgetError(self._too_short(f"is too small to measure the baseline (it ran {wall:.0f}s without "

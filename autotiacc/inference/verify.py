@@ -35,8 +35,8 @@ class VerifyResult:
     measured: dict[str, Any] = field(default_factory=dict)
 
 
-def _workload_for(plan, model_file: str | Path, timeout_s: float):
-    """The model file, checked by running it once in a child (its exits and hangs are errors)."""
+def _workload_for(plan, model_file: str | Path, timeout_s: float, device: str):
+    """The model file, its contract checked in a child (its exits and hangs are errors)."""
     from .workload import load_workload
 
     wl = plan.workload or {}
@@ -45,7 +45,8 @@ def _workload_for(plan, model_file: str | Path, timeout_s: float):
     return load_workload(model_file, batch_size=wl.get("batch_size"),
                          input_shapes=shapes if is_saved else None,
                          input_dtypes=wl.get("input_dtypes") if is_saved else None,
-                         timeout=timeout_s, limit="verify's limit")
+                         timeout=timeout_s, limit="verify's limit", device=device,
+                         tolerance=plan.tolerance if plan.tolerance is not None else 2e-2)
 
 
 def _check_artifact(plan, plan_dir: Path, workload, timeout_s: float) -> tuple[list[str], str | None]:
@@ -124,7 +125,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     plan = load_plan(plan_path)
     device = plan.target_device(device)  # before any work: a CUDA plan here without CUDA says so
     plan_dir = plan_path if plan_path.is_dir() else plan_path.parent
-    workload = _workload_for(plan, model_file, timeout_s)
+    workload = _workload_for(plan, model_file, timeout_s, device)
     identity = workload.facts.identity
     recorded_id = (plan.workload or {}).get("param_shapes_sha256")
     if recorded_id and recorded_id != identity["param_shapes_sha256"]:

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from ..device import parse_memory
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
-from ..engine.options import RunOptions
+from ..engine.options import RunOptions, check_memory_limit
 from ..engine.space import config_key, sample, seeds, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..errors import BudgetError, UserInputError
@@ -46,11 +46,17 @@ class TrainTuneOptions(RunOptions):
     compile: bool = True
 
     def __post_init__(self) -> None:
+        from ..hardware import usable_cores
+
         if self.nproc < 1:
             raise UserInputError(f"`--nproc` got {self.nproc}: use 1 or more processes.")
         if not self.tolerance > 0:
             raise UserInputError(f"`--tolerance` got {self.tolerance!r}: use a positive number, e.g. 0.05.")
         super().__post_init__()  # resolves --device (auto too)
+        cores = usable_cores()
+        if not self.device.startswith("cuda") and self.nproc > cores:  # ranks would queue for cores, timing nothing
+            raise UserInputError(f"`--nproc` {self.nproc} is more than the {cores} CPU cores this process may use; "
+                                 f"each rank needs a core of its own: use --nproc {cores} or fewer.")
         if self.device.startswith("cuda") and self.nproc > 1:
             import torch
 
@@ -84,21 +90,18 @@ class TrainingTask(Task):
 
     # -- set-up ------------------------------------------------------------------------------
     def validate(self, left_s: float) -> None:
-        import torch
-
         from ..hardware import usable_cores
 
-        from .jpeg import device_decode_unavailable
-
-        model = self.workload.build_model()
-        opt = self.workload.make_optimizer(model.parameters())
-        why_not = device_decode_unavailable(self.workload)
-        self.device_decode_note = "searched" if why_not is None else f"not searched: {why_not}"
+        # the check of the training file runs first, in a child, under the budget (module doc of contract.py)
+        facts = self.workload.validate(timeout=max(1.0, left_s), limit=f"the {self.options.budget_s:.0f} s --budget",
+                                       device=self.options.device, nproc=self.options.nproc)
+        check_memory_limit(self.options.max_memory_mib, facts.peak_mib, device=self.options.device,
+                           source=facts.memory_source, what="building the model and one training step")
+        self.device_decode_note = "searched" if facts.device_decode is None else f"not searched: {facts.device_decode}"
         self.ctx = train_context(cores=usable_cores(), nproc=self.options.nproc, device=self.options.device,
-                                 has_conv=any(isinstance(m, torch.nn.Conv2d) for m in model.modules()),
-                                 fused_ok="fused" in getattr(opt, "defaults", {}), compile=self.options.compile,
-                                 device_decode=why_not is None)
-        self._identity = self.workload.identity(model)
+                                 has_conv=facts.has_conv, fused_ok=facts.fused_ok, compile=self.options.compile,
+                                 device_decode=facts.device_decode is None)
+        self._identity = facts.identity
         self._fingerprint = machine_fingerprint(self.options.device)
         self.seed_order = self._stage_one()[1]
 
@@ -182,9 +185,13 @@ class TrainingTask(Task):
         return TrialResult("complete", attrs.get("speedup", 1.0), attrs)
 
     def check_baseline(self, result: TrialResult, budget_s: float) -> None:
-        if result.state != "complete":
-            raise BudgetError(f"the baseline training trial did not finish ({result.attrs.get('reason')}); give a "
-                              "larger `--budget` or check the training file (see the trial logs in the run directory).")
+        if result.state == "complete":
+            return
+        reason = result.attrs.get("reason")
+        if result.attrs.get("status") == "timeout":
+            raise BudgetError(f"the baseline training trial did not finish ({reason}); give a larger `--budget`.")
+        raise UserInputError(f"the baseline training trial failed ({reason}), so no candidate can be compared with "
+                             "it; fix the training file (the trial logs in the run directory say where).")
 
     # -- the end -----------------------------------------------------------------------------
     def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
@@ -325,15 +332,15 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
     max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
-    # the user's code runs first in a child killed at the end of the budget (a hanging import or build)
-    workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s - (time.monotonic() - started), 5.0),
-                                   limit=f"the {budget_s:.0f} s --budget")
-    out = out or Path("runs") / f"{workload.name}-train-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = out or Path("runs") / f"{Path(file).stem}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TrainTuneOptions(budget_s=budget_s, out_dir=Path(out), nproc=nproc,
                                max_memory_mib=max_memory_mib,
                                tolerance=tolerance if tolerance is not None else 0.05, storage=storage,
                                study_name=study or STUDY_NAME, resume=resume, seed=seed, device=device, command=command,
                                heartbeat_s=heartbeat, strategy=strategy, started=started)
+    # the check of the training file runs first, in a child killed at the end of the budget
+    workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s - (time.monotonic() - started), 5.0),
+                                   limit=f"the {budget_s:.0f} s --budget", device=options.device, nproc=nproc)
     result = tune_training(workload, options, progress)
     written = write_training_report(result.run_dir)
     p = result.plan
