@@ -12,6 +12,7 @@ import typer
 
 from .errors import AutotiaccError
 from .outputs import check_output_dir, check_output_file, write_or_keep, written_or_error
+from .progress import ProgressBar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Profiling-guided auto-tuning of PyTorch models, measured on this machine.")
@@ -49,47 +50,6 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.callback()
 def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
     _STATE["debug"] = debug
-
-
-class _Bar:
-    """Rich progress: budget as the bar, trials done and best speed-up in the text."""
-
-    def __init__(self, budget_s: float, quiet: bool) -> None:
-        self.quiet, self.budget_s, self.t0 = quiet, budget_s, time.monotonic()
-        self.done, self.best = 0, 1.0
-        self.progress = None
-        if not quiet:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TimeElapsedColumn(),
-                                     TextColumn("{task.fields[info]}"), transient=False)
-            self.task = self.progress.add_task("tuning", total=budget_s, info="starting")
-            self.progress.start()
-
-    def __call__(self, e: dict[str, Any]) -> None:
-        if self.progress is None:
-            return
-        elapsed = time.monotonic() - self.t0
-        ev = e["event"]
-        if ev == "trial_end":
-            self.done += 1
-            self.best = max(self.best, e.get("best_speedup") or 1.0)
-            sp = e.get("speedup")
-            self.progress.console.print(
-                f"trial {e['number']:>3}: {e['status']:<9} "
-                + (f"{sp:5.2f}x" if sp else "      ")
-                + (f"  build {e['build_s']:.1f}s" if e.get("build_s") else "")
-                + (f"  {e['reason'][:90]}" if e.get("reason") and e["status"] != "ok" else ""))
-        elif ev == "trial_start":
-            self.progress.console.print(f"trial {e['number']:>3}: {e['label']}", style="dim")
-        elif ev == "final_start":
-            self.progress.console.print("final re-measurement vs baseline: " + " | ".join(e["candidates"]))
-        info = f"trials {self.done} · best {self.best:.2f}x · left {max(0, self.budget_s - elapsed):.0f}s"
-        self.progress.update(self.task, completed=min(elapsed, self.budget_s), info=info)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 @app.command()
@@ -134,19 +94,40 @@ def tune(
                        quiet=quiet, heartbeat=heartbeat,
                        strategy="training" if strategy == "inference-latency" else strategy)
         return
+    from .inference.task import tune as run_tune
+
+    workload, options = _inference_setup(
+        file, budget=budget, out=out, level=level, strategy=strategy, batch_size=batch_size, tolerance=tolerance,
+        storage=storage, study=study, resume=resume, seed=seed, input_shape=input_shape, input_dtype=input_dtype,
+        device=device, traffic=traffic, p99_ms=p99_ms, max_memory=max_memory, heartbeat=heartbeat)
+    bar = ProgressBar(options.budget_s, quiet)
+    try:
+        result = run_tune(workload, options, bar)
+    finally:
+        bar.close()
+    exported = _export_hook(result.run_dir, workload) if export else None
+    _print_result(result, options.budget_s)
+    if exported is False:
+        raise typer.Exit(1)
+
+
+def _inference_setup(file: Path, *, budget: str, out: Optional[Path], batch_size: Optional[int],
+                     max_memory: Optional[str], device: str, strategy: str, storage: Optional[str], heartbeat: int,
+                     traffic: Optional[Path], input_shape: Optional[list[str]], input_dtype: Optional[list[str]],
+                     **options: Any) -> tuple[Any, Any]:
+    """`tune`'s flags checked (bad ones refused before any work), then the model file's whole
+    contract, in a child killed at the end of the budget. Returns (workload, TuneOptions)."""
     from .device import parse_memory, resolve_device
     from .durations import parse_duration
     from .engine.space import strategy_for
     from .inference.task import MIN_BUDGET_S, TuneOptions
-    from .inference.task import tune as run_tune
     from .inference.workload import load_workload
-    from .report import write_report
 
-    started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
+    started = _started()
     budget_s = parse_duration(budget)
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
-    _check_out(out, resume)
+    _check_out(out, options["resume"])
     max_memory_mib = parse_memory(max_memory) if max_memory else None
     device = resolve_device(device, allow_meta=False)
     strategy_for("inference", strategy)  # a bad strategy is refused before any work
@@ -154,36 +135,30 @@ def tune(
         from .engine.storage import open_storage
 
         open_storage(storage, heartbeat_s=heartbeat)
-    # the user's code runs first in a child killed at the end of the budget (a hanging forward)
+    out = out or Path("runs") / f"{file.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tune_options = TuneOptions(budget_s=budget_s, out_dir=out, strategy=strategy, storage=storage, device=device,
+                               study_name=options.pop("study"), command=_command(), p99_ms=options.pop("p99_ms"),
+                               traffic_file=str(traffic) if traffic else None, heartbeat_s=heartbeat, started=started,
+                               max_memory_mib=max_memory_mib, **options)
     left = max(budget_s, MIN_BUDGET_S) - (time.monotonic() - started)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget")
-    out = out or Path("runs") / f"{workload.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+                             timeout=max(left, 5.0), limit=f"the {budget_s:.0f} s --budget", device=device,
+                             tolerance=tune_options.effective_tolerance, budget_s=budget_s)
     _STATE["run_dir"] = out
-    options = TuneOptions(budget_s=budget_s, out_dir=out, level=level, strategy=strategy, tolerance=tolerance,
-                          storage=storage, study_name=study, resume=resume, seed=seed, device=device,
-                          command=_command(), traffic_file=str(traffic) if traffic else None, p99_ms=p99_ms,
-                          heartbeat_s=heartbeat, started=started, max_memory_mib=max_memory_mib)
-    bar = _Bar(budget_s, quiet)
-    try:
-        result = run_tune(workload, options, bar)
-    finally:
-        bar.close()
-    exported = _export_hook(result.run_dir, workload) if export else None
-    written = write_report(result.run_dir)
-    p = result.plan
-    typer.echo(f"plan: {p.label}")
-    typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
-    if p.shapes is not None:
-        sh = p.shapes.measured
-        p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
-        typer.echo(f"dynamic shapes: {p.shapes.label}; the speed-up is over the traffic mix, p99 over the mix {p99}")
-        if sh.get("samples_per_s"):
-            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {p.shapes.serve_batch}")
-    typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
-    typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
-    if exported is False:
-        raise typer.Exit(1)
+    return workload, tune_options
+
+
+def _print_result(result: Any, budget_s: float) -> None:
+    from .report import write_report
+    from .result_lines import tune_lines, wall_line
+
+    for line in tune_lines(result, write_report(result.run_dir), budget_s) + [wall_line(_started(), budget_s)]:
+        typer.echo(line)
+
+
+def _started() -> float:
+    """When the command started (time.monotonic()): the budget counts from there."""
+    return _STATE["started"] or time.monotonic()
 
 
 def _command() -> str:
@@ -288,14 +263,17 @@ def compare(
 def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
     from .durations import parse_duration
+    from .result_lines import wall_line
     from .training.tuner import cli_tune
 
-    bar = _Bar(parse_duration(kwargs["budget"]), quiet)
+    bar = ProgressBar(parse_duration(kwargs["budget"]), quiet)
+    started = _started()
     try:
         cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
-                 command=_command(), echo=typer.echo, progress=bar)
+                 command=_command(), echo=typer.echo, progress=bar, started=started)
     finally:
         bar.close()
+    typer.echo(wall_line(started, parse_duration(kwargs["budget"])))
 
 
 def _export_hook(run_dir: Path, workload) -> bool:
@@ -326,12 +304,15 @@ def verify(
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
     from .inference.verify import verify_plan
+    from .machine_load import unreliable_text
 
     result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s, device=device)
     for line in result.lines:
         typer.echo(line)
     if result.ok:
-        typer.echo("verify: OK — the plan holds on this machine.")
+        busy = f", but {unreliable_text(result.measured.get('reliability'))}: re-run it on a quiet machine" \
+            if unreliable_text(result.measured.get("reliability")) else ""
+        typer.echo(f"verify: OK — the plan holds on this machine{busy}.")
         return
     for problem in result.problems:
         typer.echo(f"verify: DRIFT: {problem}", err=True)
@@ -368,7 +349,8 @@ def profile_cmd(
 
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
-                             timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit")
+                             timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit", device=device,
+                             tolerance=tolerance)
     # in a worker process, in the environment of this command, as in a tune
     outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)

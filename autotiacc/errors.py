@@ -17,6 +17,15 @@ class WorkloadError(UserInputError):
     """The user's model file cannot be loaded or does not follow the contract."""
 
 
+class UserCodeTimeout(WorkloadError):
+    """The user's code did not finish within its time in a child; `stages` are the (seconds,
+    stage) marks it passed, so a caller can tell a hang from a model too slow for the budget."""
+
+    def __init__(self, message: str, stages: list[tuple[float, str]] | None = None) -> None:
+        super().__init__(message)
+        self.stages = stages or []
+
+
 class ModelRaisedError(WorkloadError):
     """The user's model raised on its own example inputs (a bug in the user's code)."""
 

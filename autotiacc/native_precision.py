@@ -31,7 +31,8 @@ CUDA_CAPABILITY: dict[str, tuple[int, int]] = {"tf32": (8, 0), "bf16": (8, 0), "
 # precision mode (global or per layer) -> the type it computes in; absent: fp32 compute (int8_weights
 # is weight-only: dequantised into fp32 matmuls)
 MODE_TYPE = {"tf32": "tf32", "bf16_autocast": "bf16", "bf16_weights": "bf16", "fp16_autocast": "fp16",
-             "fp16_weights": "fp16", "int8_dynamic": "int8", "bf16": "bf16", "fp16": "fp16"}  # last two: training
+             "fp16_weights": "fp16", "int8_dynamic": "int8", "int8_static": "int8", "bf16": "bf16",
+             "fp16": "fp16"}  # last two: training
 
 T = TypeVar("T")
 

@@ -25,7 +25,8 @@ EXTRA_KEYS: dict[str, Any] = {"batch_sizes": list[int], "max_buckets": int, "tra
                               "final_traffic_rounds": int}
 # Strategy parameters that are not config fields: the modes offered per precision group.
 EXTRA_PARAMS = {"precision": ("group_modes",)}
-AUTO_PARAMS = {("runtime", "threads"), ("data", "num_workers")}  # may be the string `auto` instead of a list
+# may be the string `auto` instead of a list
+AUTO_PARAMS = {("runtime", "threads"), ("ort", "inter_threads"), ("data", "num_workers")}
 TASKS = ("inference", "training")
 
 

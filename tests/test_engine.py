@@ -121,7 +121,7 @@ class FakeTask(Task):
         if getattr(self, "pool", None) is not None:
             self.pool.close()
 
-    def final_reserve(self, tops: list) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
         return self.reserve + self.reserve_per_top * len(tops) if tops else self.empty_reserve
 
     def family(self, values: dict[str, Any]) -> Any:

@@ -21,7 +21,7 @@ from autotiacc.training.launch import run_ranks
 from autotiacc.training.trial import detect_overflow, heaviest_blocks
 from autotiacc.report import write_training_report
 from autotiacc.training.tuner import TrainTuneOptions, tune_training
-from autotiacc.training.workload import TrainWorkload
+from autotiacc.training.workload import TrainWorkload, load_train_workload
 
 from . import _training_targets as targets
 from .conftest import run_cli, wait_until
@@ -83,7 +83,7 @@ def test_bad_training_values_and_plans_name_the_fix(tmp_path):
     bad = tmp_path / "train.py"
     bad.write_text("def build_model():\n    return None\n")
     with pytest.raises(WorkloadError, match="train_dataset"):
-        TrainWorkload(bad)
+        load_train_workload(bad)  # the file is imported on first use; loading it here is that use
 
 
 # -- apply in a user loop -------------------------------------------------------------------------

@@ -34,3 +34,22 @@ class RunOptions:
                               f"use at least {MIN_BUDGET_S:.0f}s (2m or more is sensible).")
         if self.heartbeat_s < 1:
             raise UserInputError(f"`--heartbeat` got {self.heartbeat_s!r}: use a whole number of seconds >= 1.")
+
+
+def check_memory_limit(limit_mib: float | None, need_mib: float, *, device: str, source: str, what: str) -> None:
+    """Refuse a `--max-memory` below what the baseline itself needs (`need_mib`, measured by
+    the up-front check over `what`, as its trial measures it): every candidate, the baseline
+    too, would be rejected, and the plan would still be the baseline, over the limit."""
+    if limit_mib is not None and need_mib > limit_mib:
+        raise UserInputError(f"`--max-memory` of {limit_mib:.4g} MiB is below what the baseline itself needs: "
+                             f"{need_mib:.4g} MiB peak on {device} ({source}) over {what}, as its trial measures it; "
+                             "give more than that, or drop --max-memory.")
+
+
+def refuse_baseline_over_limit(attrs: dict[str, Any]) -> None:
+    """The baseline's trial rejected over `--max-memory` (an up-front check can measure less
+    than the trial: a CPU's RSS high-water mark is coarse): the limit is below its need."""
+    reason = str(attrs.get("reason") or "")
+    if attrs.get("status") == "rejected" and "--max-memory" in reason:
+        raise UserInputError(f"`--max-memory` is below what the baseline itself needs: its trial was rejected "
+                             f"({reason}); give more than its peak, or drop --max-memory.")

@@ -25,8 +25,12 @@ def strategy_for(task: str, name_or_path: str):
 
 
 def sample(trial, knobs: list[Knob], strategy, ctx: SearchContext) -> dict[str, KnobConfig]:
-    """{knob name: config} for one trial, each knob sampling its strategy's choices."""
-    return {k.name: k.suggest(trial, strategy.space(k.name), ctx) for k in knobs}
+    """{knob name: config} for one trial, each knob sampling its strategy's choices; a knob with
+    a conditional space (`Knob.conditional_on`) after the others, knowing their configs."""
+    chosen: dict[str, KnobConfig] = {}
+    for k in sorted(knobs, key=lambda k: bool(k.conditional_on)):
+        chosen[k.name] = k.suggest_given(trial, strategy.space(k.name), ctx, chosen)
+    return {k.name: chosen[k.name] for k in knobs}
 
 
 def as_values(configs: dict[str, KnobConfig]) -> dict[str, dict[str, Any]]:

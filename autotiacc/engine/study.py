@@ -65,7 +65,10 @@ def open_study(spec: StudySpec, db_path, sampler) -> tuple[Any, bool]:
 _SAME = {"param_shapes_sha256": "a different model (parameter shapes differ)",
          "batch_size": "batch size {old!r}; this run asks for {new!r} (--batch-size)",
          "input_shapes": "input shapes {old}; this run has {new} (--input-shape / example_inputs)",
-         "input_dtypes": "input dtypes {old}; this run has {new} (--input-dtype)"}
+         "input_dtypes": "input dtypes {old}; this run has {new} (--input-dtype)",
+         # the same parameter shapes are not the same model: ReLU swapped for Tanh changes every figure
+         "file_sha256": "the model file as it was then (sha256 {old:.12}...); it has changed since "
+                        "(sha256 {new:.12}... now)"}
 
 
 def check_same_setup(study, fingerprint: dict[str, Any], identity: dict[str, Any]) -> None:

@@ -8,9 +8,9 @@ artifact served are made by the same code with the same options.
 
 Call order: `available()` in the tuner's process (is it searched at all); `build(state, config)`
 in the process that builds a candidate (a worker), after the other knobs prepared `state`;
-`save(module, inputs, path, config, device)` when a plan exports its artifact; `load(path, entry,
-device)` wherever an artifact is served. Engines import their package lazily, inside these
-methods: `import autotiacc` never imports them.
+`save(module, inputs, path, config, device, state=...)` when a plan exports its artifact;
+`load(path, entry, device)` wherever an artifact is served. Engines import their package
+lazily, inside these methods: `import autotiacc` never imports them.
 """
 from __future__ import annotations
 

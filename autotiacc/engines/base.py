@@ -14,6 +14,7 @@ class Engine(ABC):
     artifact_format: ClassVar[str]  # the plan's `extra.artifact.format`
     artifact_file: ClassVar[str]  # the artifact's file name in the run directory
     install_hint: ClassVar[str]  # what to pip install when it is missing
+    static_int8: ClassVar[bool] = False  # builds the precision knob's `int8_static` (its own quantizer)
 
     @abstractmethod
     def available(self) -> bool:
@@ -25,8 +26,12 @@ class Engine(ABC):
         `state.device`), built from `state.example_inputs` with the options in `config`."""
 
     @abstractmethod
-    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str) -> None:
-        """Write the artifact of `module` (precision and layout already applied) to `path`."""
+    def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
+             state: Any = None) -> dict[str, Any] | None:
+        """Write the artifact of `module` (precision and layout already applied) to `path`;
+        `state` is the `BuildState` the other knobs prepared (engine options, int8 notes, the
+        calibration data). Returns fields for the plan's artifact entry (e.g. the options the
+        artifact must be loaded with), or None."""
 
     @abstractmethod
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:

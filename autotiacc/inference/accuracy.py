@@ -1,17 +1,22 @@
-"""Accuracy guard: compare a candidate's outputs with the fp32 eager reference.
+"""Accuracy guard: compare a candidate's outputs with the fp32 eager reference, like with like.
 
-Default measure: relative L2 error per output batch, ||y - ref|| / ||ref||, worst over the
-test data; also max absolute error and cosine similarity. With a user `metric(outputs,
-targets)` (higher is better) the guard is the metric's drop from the reference's value.
+Every non-finite value of the reference (NaN, +inf, -inf: masked logits, log-probabilities)
+must sit at the same position in the output, with the same sign; an output that differs there,
+or holds a non-finite value where the reference is finite, fails with the count and the first
+position. The error is computed over the finite positions only: relative L2 error per output
+batch, ||y - ref|| / ||ref||, worst over the test data; also max absolute error and cosine
+similarity. (Over whole tensors, one -inf in the reference made the error NaN, and a NaN error
+compared as "not worse": the guard passed anything.) With a user `metric(outputs, targets)`
+(higher is better) the guard is the metric's drop from the reference's value.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 # Default tolerance on relative L2 error: tight when precision must not change.
 DEFAULT_TOLERANCE = {0: 1e-3, 1: 2e-2, 2: 2e-2}
+_KINDS = ("finite", "NaN", "+inf", "-inf")  # value_kinds' codes, in order
 
 
 @dataclass
@@ -29,40 +34,77 @@ class AccuracyReport:
         return asdict(self)
 
 
-def _leaves(out: Any) -> list:
+def tensor_leaves(out: Any) -> list:
     import torch
     import torch.utils._pytree as pytree
 
     return [x for x in pytree.tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
 
-def compare_outputs(outputs: list[Any], references: list[Any], *, tolerance: float,
-                    metric: Callable | None = None, targets: list[Any] | None = None) -> AccuracyReport:
-    """Worst-case comparison over all test batches; non-finite output always fails."""
+def value_kinds(t: Any) -> Any:
+    """Per element: 0 finite, 1 NaN, 2 +inf, 3 -inf (see `_KINDS`)."""
     import torch
 
+    kinds = torch.zeros(t.shape, dtype=torch.int8)
+    kinds[torch.isnan(t)] = 1
+    kinds[t == float("inf")] = 2
+    kinds[t == float("-inf")] = 3
+    return kinds
+
+
+def nonfinite_mismatch(got: Any, want: Any) -> str | None:
+    """Where `got` (float64, CPU) holds a NaN/inf the reference `want` does not hold at the same
+    position with the same sign, or a finite value where it holds one; None when they agree."""
+    import torch
+
+    kg, kw = value_kinds(got), value_kinds(want)
+    differ = kg != kw
+    count = int(differ.sum())
+    if not count:
+        return None
+    first = int(differ.flatten().nonzero()[0])
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(first), tuple(got.shape))) if got.dim() else ()
+    return (f"{count} position(s) where the output's non-finite values differ from the reference's, the first at "
+            f"index {list(index)}: output {_KINDS[int(kg.flatten()[first])]}, "
+            f"reference {_KINDS[int(kw.flatten()[first])]}")
+
+
+def finite_errors(got: Any, want: Any) -> tuple[float, float, float]:
+    """(relative L2 error, max abs error, cosine similarity) over the positions where the
+    reference is finite (the output is too there, once `nonfinite_mismatch` found nothing)."""
+    import torch
+
+    mask = torch.isfinite(want)
+    a, b = got[mask], want[mask]
+    diff = a - b
+    denom = b.norm().item()
+    rel = diff.norm().item() / denom if denom > 0 else diff.norm().item()
+    max_abs = diff.abs().max().item() if diff.numel() else 0.0
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=0).item() if a.numel() and denom > 0 else 1.0
+    return rel, max_abs, cos
+
+
+def compare_outputs(outputs: list[Any], references: list[Any], *, tolerance: float,
+                    metric: Callable | None = None, targets: list[Any] | None = None) -> AccuracyReport:
+    """Worst-case comparison over all test batches (see the module doc)."""
     rel_worst, abs_worst, cos_worst, worst = 0.0, 0.0, 1.0, -1
     for i, (out, ref) in enumerate(zip(outputs, references)):
-        got, want = _leaves(out), _leaves(ref)
+        got, want = tensor_leaves(out), tensor_leaves(ref)
         if not want:
             return AccuracyReport(False, worst_batch=i, reason=f"batch {i}: the reference output holds no tensor "
                                   f"(the model returned {type(ref).__name__}); there is nothing to compare")
         if len(got) != len(want):
             return AccuracyReport(False, reason=f"batch {i}: {len(got)} output tensors, reference has {len(want)}")
-        for a, b in zip(got, want):
+        for j, (a, b) in enumerate(zip(got, want)):
+            where = f"batch {i}" + (f", output {j}" if len(want) > 1 else "")
             if a.shape != b.shape:
                 return AccuracyReport(False, worst_batch=i,
-                                      reason=f"batch {i}: output shape {tuple(a.shape)} != reference {tuple(b.shape)}")
+                                      reason=f"{where}: output shape {tuple(a.shape)} != reference {tuple(b.shape)}")
             a64, b64 = a.detach().double().cpu(), b.detach().double().cpu()
-            if not torch.isfinite(a64).all() and torch.isfinite(b64).all():
-                return AccuracyReport(False, rel_l2=math.inf, worst_batch=i,
-                                      reason=f"batch {i}: non-finite values (inf/NaN) in the output")
-            diff = (a64 - b64)
-            denom = b64.norm().item()
-            rel = diff.norm().item() / denom if denom > 0 else diff.norm().item()
-            mab = diff.abs().max().item() if diff.numel() else 0.0
-            cos = torch.nn.functional.cosine_similarity(a64.flatten(), b64.flatten(), dim=0).item() \
-                if a64.numel() and denom > 0 else 1.0
+            mismatch = nonfinite_mismatch(a64, b64)
+            if mismatch:
+                return AccuracyReport(False, rel_l2=float("inf"), worst_batch=i, reason=f"{where}: {mismatch}")
+            rel, mab, cos = finite_errors(a64, b64)
             if rel > rel_worst:
                 rel_worst, worst = rel, i
             abs_worst, cos_worst = max(abs_worst, mab), min(cos_worst, cos)

@@ -40,6 +40,7 @@ from typing import Any
 from ..device import cuda_available, is_cuda, to_device
 from ..errors import HardwareMismatchWarning, PlanError
 
+EXPORT_TIMEOUT_S = 1800.0  # an AOTInductor build of a large model on 2 cores; not counted against --budget
 TORCH_FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
 
 
@@ -74,9 +75,10 @@ def sha256_of(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
-    """An nn.Module that is `model` with the graph-level knobs (precision, layout) applied and
-    outputs cast back to the model's dtypes, so it is a drop-in replacement when exported."""
+def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, state: Any = None):
+    """An nn.Module that is `model` with the graph-level knobs (precision, layout) applied to
+    `state` (a `BuildState`; a new one by default) and outputs cast back to the model's dtypes,
+    so it is a drop-in replacement when exported. Engine options and int8 notes stay in `state`."""
     import torch
     import torch.utils._pytree as pytree
 
@@ -85,10 +87,12 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str):
     with torch.no_grad():
         ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None
                       for t in pytree.tree_flatten(model(*example_inputs))[0]]
-    state = BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
+    state = state or BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
     for knob in all_knobs():
         if knob.name not in ("runtime", "execution"):  # runtime is serving config, execution is the export
             knob.apply(state, knobs.get(knob.name, knob.default()))
+
+    state.notes["export_scope"] = "model"  # the module path of `state.model` in the exported graph
 
     class Deployable(torch.nn.Module):
         def __init__(self) -> None:
@@ -122,10 +126,17 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     model = to_device(workload.build_model(), device)
     inputs = to_device(workload.example_inputs(), device)
     t0 = time.perf_counter()
-    wrapper = _deployable(model, plan.knobs, inputs, device)
+    from ..knobs import BuildState
+
+    # an engine that calibrates (int8_static) replays the plan's scales, else the tune's data
+    calibrates = getattr(plan.knobs.get("precision"), "mode", "") == "int8_static"
+    calibration = [x for x, _ in to_device(list(workload.test_data()), device)] if calibrates else None
+    state = BuildState(model=model, example_inputs=tuple(inputs), device=device, recorded=plan.engine_records(),
+                       calibration=calibration)
+    wrapper = _deployable(model, plan.knobs, inputs, device, state)
     tmp = path.with_name(".tmp-" + path.name)  # torch wants the .pt2 suffix
     try:
-        _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"], device)
+        engine_entry = _save(fmt, wrapper, inputs, tmp, plan.knobs["execution"], device, state)
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)  # half-written on failure
@@ -133,7 +144,8 @@ def export_artifact(plan, workload, run_dir: str | Path) -> dict[str, Any]:
     entry = {"format": fmt, "file": path.name, "sha256": sha256_of(path), "bytes": path.stat().st_size,
              "build_s": round(time.perf_counter() - t0, 2), "torch": torch.__version__, "device": device,
              "input_shapes": [list(t.shape) for t in inputs],
-             "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime}
+             "input_dtypes": [str(t.dtype).replace("torch.", "") for t in inputs], "runtime": runtime,
+             **(engine_entry or {})}
     graphs = cuda_graphs_entry(plan.knobs["execution"])
     if graphs:
         entry["cuda_graphs"] = graphs
@@ -155,14 +167,14 @@ def cuda_graphs_entry(execution) -> dict[str, Any] | None:
             "why": "a CUDA graph is captured in the serving process on its GPU; no saved format holds one"}
 
 
-def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str) -> None:
+def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str, state=None) -> dict[str, Any] | None:
     import torch
 
     from ..engines import by_format
 
     with torch.no_grad():
         if (eng := by_format(fmt)) is not None:  # the engine writes the artifact it measured
-            eng.save(wrapper, inputs, tmp, execution, device)
+            return eng.save(wrapper, inputs, tmp, execution, device, state=state)
         elif fmt == "torchscript":
             traced = torch.jit.freeze(torch.jit.trace(wrapper, inputs, check_trace=False))
             torch.jit.save(traced, str(tmp))
@@ -181,22 +193,27 @@ def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str) -
                 torch.export.save(program, str(tmp))
 
 
+class ExportFailed(RuntimeError):
+    """The artifact could not be built or saved (the child's error, as recorded in the plan)."""
+
+
 def export_for_plan(plan_path: str | Path, workload) -> dict[str, Any]:
     """Export the artifact of the plan at `plan_path` next to it and record it in the plan
     (`extra["artifact"]`). A failure is recorded there too (`{"error": ...}`) and re-raised."""
+    from ..engine.workers import run_isolated
     from .plan import load_plan
 
     plan_path = Path(plan_path)
     if plan_path.is_dir():
         plan_path = plan_path / "plan.json"
     plan = load_plan(plan_path)
-    try:
-        entry = export_artifact(plan, workload, plan_path.parent)
-    except Exception as exc:  # noqa: BLE001 - recorded in the plan, then reported by the caller
-        plan.extra["artifact"] = {"format": artifact_format(plan.knobs),
-                                  "error": f"{type(exc).__name__}: {str(exc).strip()[:500]}"}
+    # in a child: it builds the user's model (their code never runs in the tuner's process)
+    outcome = run_isolated(export_artifact, plan, workload, plan_path.parent, timeout=EXPORT_TIMEOUT_S)
+    if not outcome.ok:  # recorded in the plan, then reported by the caller
+        plan.extra["artifact"] = {"format": artifact_format(plan.knobs), "error": outcome.error.strip()[:500]}
         plan.save(plan_path)
-        raise
+        raise ExportFailed(outcome.error.strip()[:500])
+    entry = outcome.value
     plan.extra["artifact"] = entry
     plan.save(plan_path)
     return entry

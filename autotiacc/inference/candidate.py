@@ -36,14 +36,19 @@ class OptimizedModel:
 
     Built lazily on the first call when no example inputs were given (tracing and
     compiling need real inputs). `build_seconds` is the time the build and first call took.
+    `calibration` (input tuples) and `recorded` (what the plan's build recorded, e.g. int8
+    scales) are for engines that calibrate (precision `int8_static`); `reuse_key` lets a
+    process that builds many candidates of one model reuse their graphs (`engines.cache`).
     """
 
     def __init__(self, model: Any, configs: dict[str, KnobConfig], *, example_inputs: tuple | None = None,
-                 device: str = "cpu", copy_model: bool = True) -> None:
+                 device: str = "cpu", copy_model: bool = True, calibration: list[tuple] | None = None,
+                 recorded: dict[str, Any] | None = None, reuse_key: Any = None) -> None:
         self.original = model
         self.configs = configs
         self.device = device
         self._copy = copy_model
+        self._engine_inputs = {"calibration": calibration, "recorded": dict(recorded or {}), "reuse_key": reuse_key}
         self._state: BuildState | None = None
         self._out_like: Any = None
         self.build_seconds = 0.0
@@ -60,7 +65,11 @@ class OptimizedModel:
             with torch.no_grad():
                 self._out_like = self.original(*example_inputs)  # dtypes/structure to restore
             model = copy.deepcopy(self.original) if self._copy else self.original
-            state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device)
+            state = BuildState(model=model, example_inputs=tuple(example_inputs), device=self.device,
+                               **self._engine_inputs)
+            if state.reuse_key is not None:  # the graph-changing configs too (see engines.cache)
+                state.reuse_key = (state.reuse_key, *((k.name, k.graph_key(self.configs.get(k.name, k.default())))
+                                                      for k in all_knobs()))
             for knob in all_knobs():
                 knob.apply(state, self.configs.get(knob.name, knob.default()))
             self._state = state
@@ -87,13 +96,14 @@ class OptimizedModel:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles."""
+    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles (a guard
+    of a compiled frame failed and it was compiled again: dynamo's `guard_failures`)."""
     try:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters, guard_failures
     except ImportError:  # pragma: no cover
         return {}
     return {
         "graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "recompiles": int(sum(len(v) for v in guard_failures.values())),
     }

@@ -17,14 +17,16 @@ import math
 from typing import Any, Callable, Iterable
 
 from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
+from .static_int8 import STATIC_INT8, analysed, check_group, kept_fp32
 
 SEARCHED_GROUPS = 6  # at most this many groups get an Optuna parameter each
+ANALYSED_MODES = (*LOWERED_MODES, STATIC_INT8)  # int8_static: checked per group, not sampled per group
 
 
 def modes_for(group: dict[str, Any], allowed: Iterable[str]) -> list[str]:
-    """The lowered modes worth trying on `group`: the allowed ones, int8 only for a Linear."""
+    """The modes worth checking on `group`: the allowed ones, dynamic int8 only for a Linear."""
     allowed = set(allowed)
-    return [m for m in LOWERED_MODES if m in allowed and (m != "int8_dynamic" or group.get("linear"))]
+    return [m for m in ANALYSED_MODES if m in allowed and (m != "int8_dynamic" or group.get("linear"))]
 
 
 def _finite(obj: Any) -> bool:
@@ -40,10 +42,17 @@ PARTIAL_WHY = "the profile's share of the budget ran out; a later tune of this w
 
 def analysis_order(modes: Iterable[str], device: str) -> list[str]:
     """The order the modes are analysed in, one mode over every group before the next, so a cut
-    leaves every group with the modes analysed first: those this device runs natively first."""
+    leaves every group with the modes analysed first: those this device runs natively first,
+    and on a CPU int8_static before them: its check is a quantization pass and a few ONNX Runtime
+    forwards (no slow kernels), and it decides which groups the int8 candidates, often a CPU's
+    fastest, keep in fp32."""
+    from ..device import is_cuda
     from ..native_precision import native_first, native_types_here
 
-    return native_first([m for m in LOWERED_MODES if m in set(modes)], native_types_here(device))
+    ordered = [m for m in ANALYSED_MODES if m in set(modes)]
+    if not is_cuda(device):
+        ordered.sort(key=lambda m: m != STATIC_INT8)
+    return native_first(ordered, native_types_here(device))
 
 
 def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
@@ -203,6 +212,8 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
     slow test batch is enough to give up here."""
     import torch
 
+    if mode == STATIC_INT8:  # an engine's quantizer, not a PyTorch region
+        return check_group(model, path, test, refs, tolerance)
     seen = {"group_finite": True}
     try:
         lowered = _lowered(model, path, mode, device)
@@ -264,16 +275,19 @@ def enqueue_params(groups: list[dict[str, Any]], sensitivity: list[dict[str, Any
     return starts
 
 
-def default_group_modes(strategy, level: int) -> list[str]:
-    """Group modes the search may use: the strategy's `precision.group_modes`, else the
-    lowered global modes it lists (per-layer int8 too, for Linear groups); none at level 0."""
+def default_group_modes(strategy, level: int, device: str = "cpu") -> list[str]:
+    """Modes the sensitivity pass checks per group: the group modes the search may use (the
+    strategy's `precision.group_modes`, else the lowered global modes it lists; per-layer int8
+    too, for Linear groups), and `int8_static` where it is searched (`static_int8.analysed`);
+    none at level 0."""
     if level < 1:
         return []
     space = strategy.space("precision")
     if "group_modes" in space:
-        return [m for m in LOWERED_MODES if m in space["group_modes"]]
+        return [m for m in LOWERED_MODES if m in space["group_modes"]] + analysed(strategy, level, device)
     listed = space.get("mode", [])
-    return [m for m in LOWERED_MODES if m in listed and m != "int8_dynamic"] + ["int8_dynamic"]
+    return [m for m in LOWERED_MODES if m in listed and m != "int8_dynamic"] + ["int8_dynamic"] + analysed(
+        strategy, level, device)
 
 
 def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,
@@ -328,12 +342,12 @@ def settle(prof: dict[str, Any], sensitivity: list[dict[str, Any]]) -> dict[str,
     return out
 
 
-MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
+MIN_PROFILE_S = 5.0  # the least time a profile gets by default (a worker barely starts in less); see `min_s`
 PROGRESS_FILE = "profile.partial.json"
 
 
-def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
-                   timeout: float, resume: bool = False, start: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float, timeout: float,
+                   resume: bool = False, start: dict[str, Any] | None = None, min_s: float = MIN_PROFILE_S) -> dict:
     """The tune's profiling step: profile and sensitivity analysis in one isolated process,
     written to `profile.json`; returns SearchContext extras for the precision knob.
 
@@ -341,7 +355,7 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     its analysed groups, marked `partial`); if it is killed at `timeout`, what it had written
     is kept. `start` (a cached partial profile) is completed rather than redone. A failed
     profile is recorded and the tune goes on without per-layer groups. On `--resume` the saved
-    profile is reused so every group keeps the same Optuna choices.
+    profile is reused so every group keeps the same Optuna choices. Below `min_s`, skipped.
     """
     import time
     from pathlib import Path
@@ -353,9 +367,9 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     if resume and path.is_file():
         prof = load_profile(path)
     else:
-        modes = default_group_modes(strategy, level)
-        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it"
-        if timeout >= MIN_PROFILE_S:  # a short budget goes to the baseline and candidates
+        modes = default_group_modes(strategy, level, device)
+        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it, it needs about {min_s:.0f} s"
+        if timeout >= min_s:  # a short budget goes to the baseline and candidates
             progress.unlink(missing_ok=True)
             # its own deadline leaves the time to send the result and exit before the kill
             deadline = time.time() + timeout - min(2.0, max(0.5, 0.1 * timeout))
@@ -382,35 +396,5 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
     # the diagnosis orders the strategy's starting points (autotiacc.profiling.diagnosis.order_seeds)
     return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, prof.get("sensitivity") or []),
-            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis")}
-
-
-def plan_summary(run_dir) -> list[dict[str, Any]]:
-    """What a plan records about the groups: share, allowed modes, why others were excluded."""
-    from ..profile import load_profile
-
-    try:
-        prof = load_profile(run_dir)
-    except Exception:  # noqa: BLE001 - no profile, nothing to summarise
-        return []
-    return [{"path": g["path"], "inclusive_share": g.get("inclusive_share"), "allowed": g.get("allowed", []),
-             "excluded": {m: s.get("reason", "") for m, s in g.get("sensitivity", {}).items() if not s.get("ok")},
-             **({"not_analysed": g["skipped"]} if g.get("skipped") else {})}
-            for g in prof.get("sensitivity") or []]
-
-
-def best_full_precision(top: list, trials: list) -> list:
-    """The fastest measured trial that lowers nothing (global fp32, no groups), when `top`
-    lacks one: re-measured beside the others at the end, so a plan that lowers layers is
-    chosen only if it beats the best all-fp32 configuration side by side."""
-    def full(t) -> bool:  # the trial's precision, and that of each shape bucket with its own
-        values = t.user_attrs.get("knobs") or {}
-        buckets = (values.get("shapes") or {}).get("knobs") or []
-        precs = [values.get("precision", {})] + [k.get("precision", {}) for k in buckets]
-        return all(p.get("mode", "fp32") == "fp32" and not p.get("groups") for p in precs)
-
-    if not top or any(full(t) for t in top):
-        return []
-    ok = [t for t in trials if t.user_attrs.get("status") == "ok" and t.value is not None and full(t)
-          and not t.user_attrs.get("baseline")]
-    return [min(ok, key=lambda t: t.value)] if ok else []
+            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis"),
+            "int8_static_fp32": kept_fp32(prof.get("sensitivity") or [])}

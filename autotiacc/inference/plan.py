@@ -25,6 +25,7 @@ from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
+ENGINE_RECORDS = ("int8_static",)  # `extra` keys an engine's build recorded and replays (int8 scales)
 SCHEMA_VERSION = 2
 READS_VERSIONS = (1, 2)
 
@@ -47,10 +48,26 @@ class Plan:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     extra: dict[str, Any] = field(default_factory=dict)
     shapes: ShapePlan | None = None  # tuned on traffic: buckets, each with its own configs
+    # Whether `speedup` can be trusted: False when the machine was busy while it was measured or
+    # its rounds spanned too much (`reliability["reasons"]`, see `machine_load`); None: not judged
+    reliable: bool | None = None
+    reliability: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
         return describe(self.knobs) + (f"; {self.shapes.label}" if self.shapes else "")
+
+    @property
+    def keeps_baseline(self) -> bool:
+        """The plan changes nothing: every knob at its default, no shape buckets."""
+        return self.shapes is None and all(self.knobs.get(k.name, k.default()) == k.default() for k in all_knobs())
+
+    @property
+    def unreliable(self) -> str:
+        """"not reliable: <why>" when its figure cannot be trusted, else ""."""
+        from ..machine_load import unreliable_text
+
+        return unreliable_text(self.reliability) if self.reliable is False else ""
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -64,6 +81,7 @@ class Plan:
             "accuracy": self.accuracy, "compile_s": self.compile_s, "fell_back": self.fell_back,
             "note": self.note, "tolerance": self.tolerance, "level": self.level, "extra": self.extra,
             "shapes": self.shapes.to_dict() if self.shapes else None,
+            "reliable": self.reliable, "reliability": self.reliability,
         }
 
     @classmethod
@@ -74,7 +92,7 @@ class Plan:
         if not isinstance(d.get("knobs"), list):
             raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
         keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
-                "fell_back", "note", "tolerance", "level", "created", "extra")
+                "fell_back", "note", "tolerance", "level", "created", "extra", "reliable", "reliability")
         fields = {k: d[k] for k in keys if k in d and d[k] is not None}
         check_fields(cls, fields, origin)
         check_plan_details(fields, origin)
@@ -137,7 +155,8 @@ class Plan:
 
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
               device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None):
-        """Return the optimized callable for `model` (built on the first call if no inputs given).
+        """Return the optimized callable for `model` (built on the first call if no inputs given);
+        a plan that keeps the baseline (`keeps_baseline`) returns `model` itself.
 
         A plan tuned on traffic returns a `BucketedModel` dispatcher; when its buckets pad dims
         other than the batch, pass your model file's `pad_inputs` (and optional `unpad_outputs`):
@@ -155,12 +174,20 @@ class Plan:
             example_inputs = to_device(tuple(example_inputs), device)
         if hasattr(model, "eval"):
             model.eval()
+        if self.keeps_baseline:  # nothing to apply: a wrapper would only cost every call
+            return model
         if self.shapes is not None:
             from .buckets import bucketed_from_plan
 
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)
-        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device)
+        return OptimizedModel(model, self.knobs, example_inputs=example_inputs, device=device,
+                              recorded=self.engine_records())
+
+    def engine_records(self) -> dict[str, Any]:
+        """What the build of the plan's candidate recorded for its engine to replay, by kind
+        (`int8_static`: the calibrated scales and quantizer settings, `engines.ort_int8`)."""
+        return {k: self.extra[k] for k in ENGINE_RECORDS if isinstance(self.extra.get(k), dict)}
 
     def target_device(self, device: str | None = None) -> str:
         """`device` (checked), else the device the plan was made for, if this process has it."""
@@ -191,14 +218,30 @@ def _jsonable(x: Any) -> Any:
 _WORKLOAD_FIELDS = {"name": str, "kind": str, "file": str, "file_sha256": str, "param_shapes_sha256": str,
                     "batch_size": int | None, "input_shapes": list[list[int]], "input_dtypes": list[str]}
 _ARTIFACT_FIELDS = {"file": str, "format": str, "sha256": str, "error": str, "input_shapes": list[list[int]],
-                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any]}
+                    "runtime": dict[str, Any], "cuda_graphs": dict[str, Any], "engine_options": dict[str, Any],
+                    "int8_static": dict[str, Any]}
 _DEVICE = re.compile(r"(cpu|cuda|mps|xpu|meta)(:\d+)?")
+
+
+# What to say when a plan of the other kind is handed over (`verify` of a training plan).
+_OTHER_PLANS = {
+    "autotiacc.training_plan": "this is a training plan (from `tune --mode train`), not an inference plan; apply it "
+                               "in your training loop with autotiacc.training.load_training_plan(path) and "
+                               "autotiacc.training.apply(plan, model, optimizer, dataset, loss_fn) (`verify` and "
+                               "load_plan take inference plans).",
+    "autotiacc.plan": "this is an inference plan, not a training plan; load it with autotiacc.load_plan(path) and "
+                      "plan.apply(model), or re-measure it with `autotiacc verify`.",
+}
 
 
 def check_plan_header(d: Any, schema: str, version: int | tuple[int, ...], origin: str, *, what: str,
                       retune: str) -> None:
     """The schema name and version (or the versions read), shared by inference and training plans."""
     versions = (version,) if isinstance(version, int) else tuple(version)
+    found = d.get("schema") if isinstance(d, dict) else None
+    other = _OTHER_PLANS.get(found) if isinstance(found, str) and found != schema else None
+    if other:
+        raise PlanError(f"{origin}: {other}")
     if not isinstance(d, dict) or d.get("schema") != schema:
         raise PlanError(f"{origin}: not an autotiacc {what} (missing \"schema\": \"{schema}\").")
     got = d.get("schema_version")
@@ -241,8 +284,8 @@ def check_plan_details(fields: dict[str, Any], origin: str) -> None:
     if bad:
         raise PlanError(f"{origin}: `workload.input_dtypes` got {bad[0][:40]!r}: expected one of {', '.join(INPUT_DTYPES)}.")
     extra = fields.get("extra") or {}
-    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any]},
-                  "extra", origin)
+    _check_nested(extra, {"measured_env": dict[str, str | None], "artifact": dict[str, Any], "shapes": dict[str, Any],
+                          **{k: dict[str, Any] for k in ENGINE_RECORDS}}, "extra", origin)
     _check_nested(extra.get("shapes"), {"edges": dict[str, list[int]], "axes": dict[str, list[list[int]]]},
                   "extra.shapes", origin)
     artifact = extra.get("artifact") or {}

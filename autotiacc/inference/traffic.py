@@ -112,13 +112,21 @@ def workload_traffic(workload, traffic_file: str | Path | None = None) -> list[S
     """The traffic to tune for: `--traffic FILE` wins over model.py's `traffic()`; None = static shapes."""
     if traffic_file is not None:
         return load_traffic_file(traffic_file)
-    fn = workload.user_hook("traffic")
-    if fn is None:
-        return None
-    try:
-        rows = fn()
-    except Exception as exc:  # noqa: BLE001 - the user's hook failing is the user's bug, reported whole
-        raise UserInputError(f"{workload.path}: traffic() raised {type(exc).__name__}: {exc}") from exc
+    facts = getattr(workload, "facts", None)
+    if facts is not None:  # what traffic() returned in the check's child: the tuner never imports model.py
+        if facts.traffic_error:
+            raise UserInputError(facts.traffic_error)
+        rows = facts.traffic
+        if rows is None:
+            return None
+    else:
+        fn = workload.user_hook("traffic")
+        if fn is None:
+            return None
+        try:
+            rows = fn()
+        except Exception as exc:  # noqa: BLE001 - the user's hook failing is the user's bug, reported whole
+            raise UserInputError(f"{workload.path}: traffic() raised {type(exc).__name__}: {exc}") from exc
     return parse_traffic(rows, origin=f"{workload.path}: traffic()")
 
 

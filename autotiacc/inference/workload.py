@@ -4,27 +4,26 @@ in-memory module) into one `Workload`: a model factory, example inputs, test dat
 A Workload is picklable: file-backed ones pickle as their spec and reload in the trial
 process; in-memory ones carry the module itself. A model.py is imported lazily, on first use.
 
-The user's code can hang, exit or crash the process. `Workload.check(timeout=...)` (and
-`load_workload(..., timeout=...)`) import, build and run the model once in a spawned child
-that is killed after `timeout` seconds, so the first run of the user's code happens there.
+The user's code can hang, exit or crash the process, or keep it alive. `Workload.check(timeout=...)`
+(and `load_workload(..., timeout=...)`) run the up-front check of the whole contract
+(`contract.py`) in a child killed after `timeout` seconds; a checked workload answers the
+tuner's questions from what the child reported (`facts`), so the tuner's process never imports
+the user's file (`engine.usercode`).
 """
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
-import importlib.util
-import logging
-import sys
 import traceback
-import types
 import uuid
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .. import errors
-from ..errors import AutotiaccError, ModelRaisedError, WorkloadError
-from ..knobs.int8 import has_linear
+from ..engine.usercode import Stage, load_module, one_line, reported, run_user_code
+from ..errors import BudgetError, ModelRaisedError, UserCodeTimeout, WorkloadError
+from .accuracy import DEFAULT_TOLERANCE, tensor_leaves
+from .contract import FIRST_FORWARD, ModelFacts, check_contract
+from .saved import load_saved
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
@@ -57,57 +56,7 @@ def as_input_tuple(value: Any, where: str) -> tuple:
     )
 
 
-def load_module(path: Path) -> types.ModuleType:
-    """Import the user's Python file once per path (inference and training workloads share it)."""
-    name = f"autotiacc_user_{hashlib.sha1(str(path).encode()).hexdigest()[:10]}"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise WorkloadError(f"{path}: cannot be imported as a Python file.")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses / pickling inside user code need it registered
-    try:
-        spec.loader.exec_module(module)
-    except SyntaxError as exc:
-        del sys.modules[name]
-        raise WorkloadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's import-time failure, reported whole
-        del sys.modules[name]
-        raise WorkloadError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
-    except SystemExit as exc:
-        del sys.modules[name]
-        raise WorkloadError(f"{path}: importing it called sys.exit({exc.code!r}); {_NO_EXIT}") from None
-    return module
-
-
-_NO_EXIT = ("a model file must define functions, not end the process: put script code under "
-            "`if __name__ == \"__main__\":`.")
-CHECK_TIMEOUT_S = 300.0  # load + one forward when no budget bounds it (profile, verify)
-
-
-@dataclass
-class ModelFacts:
-    """What one run of the user's code in a child found: enough to set up a search."""
-
-    identity: dict[str, Any]
-    module_names: list[str]
-    has_conv: bool
-    output: str  # e.g. "Tensor[2, 3]"
-    has_linear: bool = False  # the int8 precision modes lower nn.Linear layers
-
-
-@contextlib.contextmanager
-def _quiet_torch_loader():
-    """torch.export.load logs a traceback before raising on a corrupt file; the error we raise
-    from it says everything that matters."""
-    log = logging.getLogger("torch.export")
-    level = log.level
-    log.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+CHECK_TIMEOUT_S = 300.0  # load + one pass of the contract when no budget bounds it (profile, verify)
 
 
 class Workload:
@@ -125,6 +74,7 @@ class Workload:
         self._module, self._inputs, self._test_data, self._metric = module, inputs, test_data, metric
         self._user_module = None
         self.facts: ModelFacts | None = None
+        self.exported_shapes: list | None = None  # a .pt2's input shapes, once loaded (in the process that loads it)
         self.check_s = 0.0  # seconds the check took in its child: build, one forward (not the process's start)
         # Names this workload in every process it is sent to: a warm worker reuses its builds by it.
         self.token = uuid.uuid4().hex
@@ -191,20 +141,8 @@ class Workload:
         return model
 
     def _load_saved(self):
-        import torch
-
-        try:
-            with _quiet_torch_loader():
-                if self.kind == "torchscript":
-                    return torch.jit.load(str(self.path), map_location="cpu")
-                return torch.export.load(str(self.path)).module()
-        except Exception as exc:  # noqa: BLE001 - garbage file, wrong format
-            ts = self.kind == "torchscript"
-            hint = ("save it with torch.jit.save(torch.jit.script(m), path)" if ts
-                    else "save it with torch.export.save(torch.export.export(m, args), path)")
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            raise WorkloadError(f"{self.path}: not a readable {'TorchScript archive' if ts else 'torch.export program'} "
-                                f"({type(exc).__name__}: {first}); {hint}.") from None
+        model, self.exported_shapes = load_saved(self.kind, self.path)
+        return model
 
     def example_inputs(self, batch_size: int | None = None, seed: int = 0, **dims: int) -> tuple:
         import torch
@@ -230,18 +168,27 @@ class Workload:
             out.append(torch.randn(shape).to(dtype) if dtype.is_floating_point else torch.randint(0, 10, shape, dtype=dtype))
         return tuple(out)
 
+    @property
+    def has_test_data(self) -> bool:
+        return self._test_data is not None or self.user_hook("test_data") is not None
+
     def test_data(self) -> list[tuple[tuple, Any]]:
-        """The user's test data, else seeded example inputs; targets may be None."""
-        if self._test_data is not None:
-            return [(as_input_tuple(x, "test_data"), y) for x, y in self._test_data]
-        fn = self.user_hook("test_data")
-        if fn is not None:
-            try:
-                items: Iterable = fn()
-                return [(as_input_tuple(x, f"{self.path}: test_data() item"), y) for x, y in items]
-            except (TypeError, ValueError) as exc:
-                raise WorkloadError(f"{self.path}: test_data() must yield (inputs, target) pairs: {exc}") from exc
-        return [(self.example_inputs(seed=s), None) for s in range(DEFAULT_TEST_BATCHES)]
+        """The user's test data, else seeded example inputs; targets may be None. Test data
+        with no batch is refused: the accuracy guard would compare nothing and pass anything."""
+        fn = self.user_hook("test_data") if self._test_data is None else None
+        if self._test_data is None and fn is None:
+            return [(self.example_inputs(seed=s), None) for s in range(DEFAULT_TEST_BATCHES)]
+        where = "`test_data`" if fn is None else f"{self.path}: test_data()"
+        try:
+            items: Iterable = self._test_data if fn is None else fn()
+            batches = [(as_input_tuple(x, f"{where} item"), y) for x, y in items]
+        except (TypeError, ValueError) as exc:
+            raise WorkloadError(f"{where} must yield (inputs, target) pairs: {exc}") from exc
+        if not batches:
+            raise WorkloadError(f"{where} gave no batch, so the accuracy guard would compare nothing and pass any "
+                                "candidate; give at least one (inputs, target) pair, or drop test_data to check on "
+                                "seeded example_inputs.")
+        return batches
 
     @property
     def metric(self) -> Callable | None:
@@ -263,7 +210,7 @@ class Workload:
             ident["file_sha256"] = hashlib.sha256(Path(self.path).read_bytes()).hexdigest()
         return ident
 
-    def run_once(self, model, inputs: tuple) -> Any:
+    def run_once(self, model, inputs: tuple, what: str = "its own example inputs") -> Any:
         """One forward on `inputs`; the user's exception becomes `ModelRaisedError`, an output
         with no tensor in it a `WorkloadError` (the accuracy guard would compare nothing)."""
         import torch
@@ -274,108 +221,84 @@ class Workload:
         except Exception as exc:  # noqa: BLE001
             last = traceback.extract_tb(exc.__traceback__)[-1]
             raise ModelRaisedError(
-                f"the model raised on its own example inputs: {type(exc).__name__}: {exc} "
+                f"the model raised on {what}: {type(exc).__name__}: {one_line(exc)} "
                 f"(at {Path(last.filename).name}:{last.lineno})") from exc
-        if not _tensor_leaves(out):
+        if not tensor_leaves(out):
             raise WorkloadError(f"{self.path or self.name}: the model returned {type(out).__name__} with no tensor in "
                                 "it; forward() must return a tensor (or tensors) for the accuracy check to compare.")
         return out
 
-    def check(self, *, timeout: float, limit: str = "") -> ModelFacts:
-        """Import, build and run the model once in a spawned child killed after `timeout` s;
-        the user's errors, `sys.exit`, `os._exit`, crashes and hangs become one clear error.
-        `limit` says where the timeout came from (e.g. "the 20 s --budget")."""
-        value, seconds = run_user_code(_probe, self, where=self.path or self.name, timeout=timeout, limit=limit,
-                                       stage="importing it, building the model and running it once on its example inputs")
-        self.facts, self.check_s = ModelFacts(**value), seconds
+    def check(self, *, timeout: float, limit: str = "", device: str = "cpu",
+              tolerance: float = DEFAULT_TOLERANCE[1], budget_s: float | None = None) -> ModelFacts:
+        """The up-front check of the whole contract (`contract.check_contract`) on `device`, in a
+        child killed after `timeout` s; the user's errors, `sys.exit`, `os._exit`, crashes and
+        hangs become one clear error. `limit` says where the timeout came from (e.g. "the 20 s
+        --budget"); `tolerance` is the accuracy guard's, which the baseline must pass. With the
+        tune's `budget_s`, a model whose forward ran but whose check outlasted the budget is a
+        budget too small (`BudgetError`, naming one that fits), not a hang."""
+        limit = limit or (f"the {budget_s:.0f} s --budget" if budget_s is not None else "")
+        try:
+            value, _ = run_user_code(_checked, self, device, tolerance, where=self.path or self.name, timeout=timeout,
+                                     limit=limit, stage="importing it, building the model and running it on its "
+                                     "example inputs and test data")
+        except UserCodeTimeout as exc:
+            forward_s = _forward_seconds(exc.stages)
+            if budget_s is None or forward_s is None:
+                raise
+            raise BudgetError(_too_small_to_check(budget_s, forward_s, timeout)) from None
+        self.facts = ModelFacts(**value)
+        self.check_s = self.facts.first_run_s
         return self.facts
 
-    def validate(self, *, timeout: float = CHECK_TIMEOUT_S, limit: str = "") -> ModelFacts:
+    def validate(self, *, timeout: float = CHECK_TIMEOUT_S, limit: str = "", device: str = "cpu",
+                 tolerance: float = DEFAULT_TOLERANCE[1], budget_s: float | None = None) -> ModelFacts:
         """The facts of one checked run (see `check`); checks only once per workload."""
-        return self.facts if self.facts is not None else self.check(timeout=timeout, limit=limit)
+        if self.facts is None:
+            self.check(timeout=timeout, limit=limit, device=device, tolerance=tolerance, budget_s=budget_s)
+        return self.facts
+
+    def hook_defined(self, name: str) -> bool:
+        """Whether the file defines the optional hook `name`: from the check's facts once checked
+        (the tuner's process never imports the file), else by importing it here."""
+        if self.facts is not None:
+            return name in self.facts.hooks
+        return self.user_hook(name) is not None
+
+    def in_child(self, fn: Callable[..., Any], *args: Any, stage: str, timeout: float = CHECK_TIMEOUT_S) -> Any:
+        """`fn(self, *args)`, which runs the user's code: in a child once this workload was
+        checked in one (the tuner's process), else here (library use: the caller's own process)."""
+        if self.facts is None:
+            return fn(self, *args)
+        where = self.path or self.name
+        value, _ = run_user_code(functools.partial(reported, fn, where=where, stage=stage), self, *args, where=where,
+                                 stage=stage, timeout=timeout)
+        return value
 
 
-def run_user_code(probe: Callable[..., dict[str, Any]], *args: Any, where: Any, stage: str, timeout: float,
-                  limit: str = "") -> tuple[dict[str, Any], float]:
-    """Run `probe(*args)` (the first run of a user's file) in a child killed after `timeout` s.
-
-    `probe` returns facts, or {"error": AutotiaccError subclass name, "message"}; those, hangs,
-    `sys.exit`/`os._exit` and crashes become one clear error. Returns (facts, the probe's own
-    seconds in the child)."""
-    import os
-    import tempfile
-
-    from ..engine.workers import run_isolated
-
-    fd, log = tempfile.mkstemp(prefix="autotiacc-check-", suffix=".log")
-    os.close(fd)
-    try:  # the child's output goes to a log: a torch loader's logged traceback is noise here
-        outcome = run_isolated(probe, *args, timeout=timeout, log_path=log)
-        tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] if not outcome.ok else []
-    finally:
-        os.unlink(log)
-    if outcome.ok and "error" in outcome.value:
-        cls = getattr(errors, outcome.value["error"], WorkloadError)
-        raise cls(outcome.value["message"])
-    if outcome.ok:
-        return outcome.value, outcome.call_s or outcome.seconds
-    if outcome.status == "timeout":
-        raise WorkloadError(f"{where}: {stage} did not finish within {timeout:.0f} s"
-                            + (f" ({limit})" if limit else "") + " and was stopped; look for an endless loop or "
-                            "a blocking call (sleep, input(), a lock) in it, or allow more time.")
-    if outcome.status == "exception":  # raised outside the probe: the arguments did not reach the child
-        raise WorkloadError(f"{where}: could not be sent to a child process to run ({outcome.error}).")
-    raise WorkloadError(f"{where}: the process ended while {stage} ({outcome.error}"
-                        + (f"; last output: {tail[0][:200]}" if tail else "")
-                        + f"): os._exit() or a crash in native code; {_NO_EXIT}")
+def _forward_seconds(stages: list[tuple[float, str]]) -> float | None:
+    """How long the first forward took in a stopped check, if it finished."""
+    for (t, stage), (after, _) in zip(stages, stages[1:]):
+        if stage == FIRST_FORWARD:
+            return after - t
+    return None
 
 
-def _tensor_leaves(out: Any) -> list:
-    import torch
-    import torch.utils._pytree as pytree
+def _too_small_to_check(budget_s: float, forward_s: float, ran_s: float) -> str:
+    from ..durations import suggest_budget
 
-    return [x for x in pytree.tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+    # a trial warms up and times the baseline beside a candidate; the final re-builds each in fresh processes
+    trial_s, final_s = 10 * forward_s + 5, 20 * forward_s + 15
+    return (f"`--budget` of {budget_s:.0f}s is too small for this model: one forward takes {forward_s:.1f}s here, and "
+            f"checking its contract (a forward on each test batch, the baseline built as its trial builds it) ran "
+            f"{ran_s:.0f}s, to the end of the budget, before the baseline could be measured; give --budget "
+            f"{suggest_budget(setup_s=ran_s + 10 * forward_s, trial_s=trial_s, final_s=final_s)} or more.")
 
 
-def _probe(workload: Workload) -> dict[str, Any]:
-    """Runs in the child of `Workload.check`: the first run of the user's code."""
-    import torch
-
-    stage = "importing it"
-    try:
-        _ = workload._user
-        stage = "build_model()"
-        model = workload.build_model()
-        stage = "example_inputs()"
-        inputs = workload.example_inputs()
-        stage = "forward() on its example inputs"
-        out = workload.run_once(model, inputs)
-        stage = "reading its parameters"
-        names = [n for n, _ in model.named_modules()] if hasattr(model, "named_modules") else []
-        if workload.kind in ("torchscript", "export"):
-            has_conv = any("conv" in str(getattr(m, "original_name", type(m).__name__)).lower() for m in model.modules())
-        else:
-            has_conv = any(isinstance(m, torch.nn.Conv2d) for m in model.modules()) if hasattr(model, "modules") else False
-        leaves = _tensor_leaves(out)
-        output = ", ".join(f"Tensor{list(t.shape)}" for t in leaves[:4]) + (" ..." if len(leaves) > 4 else "")
-        facts = asdict(ModelFacts(identity=workload.identity(model), module_names=names, has_conv=has_conv,
-                                  output=output, has_linear=has_linear(model)))
-        stage = "traffic()"  # the tuner calls it in its own process: prove here that it returns
-        traffic = workload.user_hook("traffic")
-        if traffic is not None:
-            try:
-                traffic()
-            except Exception:  # noqa: BLE001 - its errors are reported with the traffic checks' messages
-                pass
-        return facts
-    except AutotiaccError as exc:
-        return {"error": type(exc).__name__, "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - anything else of the user's code, with where it happened
-        return {"error": "WorkloadError", "message": f"{workload.path or workload.name}: {stage} raised "
-                f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-    except SystemExit as exc:
-        return {"error": "WorkloadError",
-                "message": f"{workload.path or workload.name}: {stage} called sys.exit({exc.code!r}); {_NO_EXIT}"}
+def _checked(workload: Workload, device: str, tolerance: float) -> dict[str, Any]:
+    """Runs in the child of `Workload.check`: the contract check, its failures as one message."""
+    stage = Stage()
+    return reported(check_contract, workload, device, tolerance, stage, where=workload.path or workload.name,
+                    stage=stage)
 
 
 def _like(t):
@@ -387,11 +310,14 @@ def _like(t):
 
 
 def load_workload(path: str | Path, *, batch_size: int | None = None, input_shapes: list[str] | None = None,
-                  input_dtypes: list[str] | None = None, timeout: float | None = None, limit: str = "") -> Workload:
+                  input_dtypes: list[str] | None = None, timeout: float | None = None, limit: str = "",
+                  device: str = "cpu", tolerance: float = DEFAULT_TOLERANCE[1],
+                  budget_s: float | None = None) -> Workload:
     """Open the user's file; every way it can be wrong raises `WorkloadError` with the fix.
 
-    With `timeout`, nothing of the file runs in this process: it is imported, built and run once
-    in a child (`Workload.check`) killed after `timeout` s. Without, a model.py is imported here."""
+    With `timeout`, nothing of the file runs in this process: its whole contract is checked in a
+    child (`Workload.check`, on `device`, with the guard's `tolerance`) killed after `timeout` s.
+    Without, a model.py is imported here (library use, in the caller's own process)."""
     p = Path(path)
     if not p.exists():
         raise WorkloadError(f"{p}: no such file.")
@@ -414,7 +340,7 @@ def load_workload(path: str | Path, *, batch_size: int | None = None, input_shap
         raise WorkloadError(f"{p}: unsupported file type {p.suffix!r}; give a model.py, a TorchScript .pt/.ts or a "
                             "torch.export .pt2.")
     if timeout is not None:
-        w.check(timeout=timeout, limit=limit)
+        w.check(timeout=timeout, limit=limit, device=device, tolerance=tolerance, budget_s=budget_s)
     elif w.kind == "python":
         _ = w._user  # import now: its errors belong to loading
     else:

@@ -62,6 +62,15 @@ class BuildState:
     call_contexts: list[Callable[[], Any]] = field(default_factory=list)
     runner: Callable[..., Any] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    # engine name -> its options knob's config (`autotiacc.engines`: e.g. the `ort` knob's)
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    # input tuples an engine calibrates int8 scales on (the test data); None: `example_inputs`
+    calibration: list[tuple] | None = None
+    # what an earlier build of this plan recorded for the engine to replay (int8 scales)
+    recorded: dict[str, Any] = field(default_factory=dict)
+    # set by a process that builds many candidates of one model (a trial worker): engines may
+    # reuse what they built for an earlier candidate with this key and the same graph (exports)
+    reuse_key: Any = None
 
     def cast_inputs(self, inputs: tuple) -> tuple:
         for cast in self.input_casts:
@@ -73,8 +82,9 @@ class Knob(ABC):
     """One optimization family.
 
     Call order: `applies(ctx)` once per tune, in the tuner's process, decides whether the knob
-    is searched; `suggest(trial, space, ctx)` once per trial, in the tuner's process, samples a
-    config with Optuna (ask/tell: the trial is then built elsewhere); `apply(state, config)` in
+    is searched; `suggest_given(trial, space, ctx, chosen)` (by default `suggest(trial, space,
+    ctx)`) once per trial, in the tuner's process, samples a config with Optuna (ask/tell: the
+    trial is then built elsewhere), after the knobs named in `conditional_on`; `apply(state, config)` in
     the process that builds the candidate, knobs in ascending `order`; the execution knob
     (highest order) turns the prepared model into the runner. `default()` is the baseline.
     """
@@ -86,6 +96,14 @@ class Knob(ABC):
     # choice -> lowest --level at which it may be searched
     choice_levels: ClassVar[dict[str, dict[Any, int]]] = {}
     cuda_only: ClassVar[dict[str, set]] = {}
+    # knobs whose configs this one's space depends on: sampled first, passed to `suggest_given`
+    conditional_on: ClassVar[tuple[str, ...]] = ()
+    changes_graph: ClassVar[bool] = True  # False: settings of a run (threads, session options), not of the model
+
+    def graph_key(self, config: KnobConfig) -> Any:
+        """What of `config` changes the model a backend traces or exports (None: nothing): with
+        the caller's `BuildState.reuse_key`, what a build may be reused by (`engines.cache`)."""
+        return config if self.changes_graph else None
 
     def applies(self, ctx: SearchContext) -> bool:
         return True
@@ -120,6 +138,12 @@ class Knob(ABC):
     @abstractmethod
     def suggest(self, trial, space: dict[str, list], ctx: SearchContext) -> KnobConfig:
         ...
+
+    def suggest_given(self, trial, space: dict[str, list], ctx: SearchContext,
+                      chosen: dict[str, KnobConfig]) -> KnobConfig:
+        """`suggest`, knowing the configs already sampled for this trial (`chosen`, which holds
+        every knob named in `conditional_on`): a conditional space overrides this."""
+        return self.suggest(trial, space, ctx)
 
     @abstractmethod
     def apply(self, state: BuildState, config: KnobConfig) -> None:

@@ -56,6 +56,16 @@ def compile_options(config: ExecutionConfig) -> dict:
 
 
 def _torchscript(state: BuildState):
+    """The traced, frozen, inference-optimized module; a worker reuses it across candidates that
+    differ only in run settings (threads, inference_mode: `engines.cache`, keyed by the graph)."""
+    from ..engines.cache import BUILDS
+
+    key = None if state.reuse_key is None else (
+        "torchscript", state.reuse_key, [(tuple(t.shape), str(t.dtype)) for t in state.example_inputs])
+    return BUILDS.obj(key, lambda: _trace(state))
+
+
+def _trace(state: BuildState):
     import torch
 
     inputs = state.cast_inputs(state.example_inputs)
@@ -70,6 +80,7 @@ class ExecutionKnob(Knob):
     name = "execution"
     config_cls = ExecutionConfig
     order = 100
+    changes_graph = False
     choice_levels = {"compile_mode": {"max-autotune": 2, "max-autotune-no-cudagraphs": 2}}
     # on CUDA autotuned Inductor kernels are a level-1 choice (they pay there); max-autotune,
     # which adds CUDA graphs on top, stays at level 2

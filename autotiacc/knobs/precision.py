@@ -1,7 +1,9 @@
 """Precision knob: fp32, TF32 (CUDA), bf16/fp16 autocast, bf16/fp16 weight casts, int8 weights
 of `nn.Linear` layers (`int8_dynamic` on CPU, weight-only `int8_weights` with torchao: see
-autotiacc.knobs.int8), and per-layer precision: `groups` lowers chosen submodules only (see
-autotiacc.knobs.precision_groups).
+autotiacc.knobs.int8), calibrated static int8 by an engine's own quantizer (`int8_static`:
+weights and activations, scales calibrated on the test data; ONNX Runtime's, see
+autotiacc.engines.ort_int8), and per-layer precision: `groups` lowers chosen submodules only
+(see autotiacc.knobs.precision_groups), or under `int8_static` names those kept in fp32.
 
 Outputs keep the model's original dtype: the candidate wrapper casts floating outputs back.
 Nothing here is assumed fast: bf16 autocast ran ~30x slower than fp32 on one AVX2-only EPYC
@@ -18,14 +20,16 @@ from .precision_groups import GROUP_MODES, apply_group_precision, param_name
 
 # New modes go at the end: Optuna's categorical choices keep their order.
 MODES = ("fp32", "tf32", "bf16_autocast", "fp16_autocast", "bf16_weights", "fp16_weights", "int8_dynamic",
-         "int8_weights")
+         "int8_weights", "int8_static")
+STATIC_INT8 = "int8_static"  # built by an engine with a static quantizer (`Engine.static_int8`)
 INT8_MODES = ("int8_dynamic", "int8_weights")
 
 
 @dataclass(frozen=True)
 class PrecisionConfig(KnobConfig):
     mode: str = "fp32"
-    # ((module path, group mode), ...): per-layer precision under a fp32/tf32 global mode
+    # ((module path, group mode), ...): per-layer precision under a fp32/tf32 global mode; under
+    # int8_static, the groups kept in fp32 ((path, "fp32"), ...), the rest quantized
     groups: tuple = ()
 
     def __post_init__(self) -> None:
@@ -37,7 +41,10 @@ class PrecisionConfig(KnobConfig):
             if len(g) != 2 or not isinstance(g[0], str) or g[1] not in GROUP_MODES:
                 raise ValueError(f"`groups` entry {list(g)!r}: use [module path, mode] with mode one of "
                                  f"{', '.join(GROUP_MODES)}.")
-        if groups and self.mode not in ("fp32", "tf32"):
+        if self.mode == STATIC_INT8 and any(m != "fp32" for _, m in groups):
+            raise ValueError("under `mode` int8_static, `groups` lists the layers kept in fp32: use [module path, "
+                             "fp32] entries only.")
+        if groups and self.mode not in ("fp32", "tf32", STATIC_INT8):
             raise ValueError(f"`groups` needs `mode` fp32 or tf32 (got {self.mode!r}): per-layer precision "
                              "lowers layers of a full-precision model.")
         object.__setattr__(self, "groups", groups)
@@ -70,10 +77,13 @@ class PrecisionKnob(Knob):
             # int8 lowers nn.Linear layers only; torch.ao's dynamic int8 kernels are CPU kernels;
             # weight-only int8 needs the optional torchao
             out = [m for m in out if m not in INT8_MODES or (ctx.has_linear and not _int8_refused(m, ctx))]
+            out = [m for m in out if m != STATIC_INT8 or not _static_int8_refused(ctx)]
         return out
 
     def suggest(self, trial, space, ctx: SearchContext) -> PrecisionConfig:
         mode = self.pick(trial, "mode", space, ctx)
+        if mode == STATIC_INT8:  # the groups the sensitivity pass saw break int8 alone stay fp32
+            return PrecisionConfig(mode=mode, groups=tuple((p, "fp32") for p in ctx.extras.get("int8_static_fp32", [])))
         layers = ctx.extras.get("precision_groups") or []
         if mode not in ("fp32", "tf32") or ctx.level < 1 or not layers:
             return PrecisionConfig(mode=mode)
@@ -98,6 +108,9 @@ class PrecisionKnob(Knob):
             return
         if config.mode == "int8_weights":
             state.model = quantize_int8_weights(state.model)
+            return
+        if config.mode == STATIC_INT8:  # the engine quantizes the graph it exports (the model stays fp32)
+            state.notes[STATIC_INT8] = {"keep_fp32": [p for p, m in config.groups if m == "fp32"]}
             return
         name = config.dtype_name
         if name is None:
@@ -126,7 +139,31 @@ class PrecisionKnob(Knob):
             return "ONNX Runtime's CPU provider has no bf16 kernels for Gemm/MatMul or Conv"
         if cfg.mode in INT8_MODES:
             return _int8_refused(cfg.mode, ctx, execution)
+        if cfg.mode == STATIC_INT8:
+            return _static_int8_refused(ctx, execution.backend)
         return None
+
+    def graph_key(self, config: PrecisionConfig):
+        # int8_static quantizes the fp32 export: candidates of either mode share it
+        return PrecisionConfig() if config.mode == STATIC_INT8 else config
+
+
+def _static_int8_refused(ctx: SearchContext, backend: str | None = None) -> str | None:
+    """Why calibrated static int8 cannot be built here or with `backend` (None when it can)."""
+    from ..engines import engines
+
+    quantizers = [e.name for e in engines().values() if e.static_int8
+                  and (ctx.onnxruntime if e.name == "onnxruntime" else e.available())]
+    if ctx.cuda:
+        return "int8_static is built for the CPU providers of the engines' quantizers here"
+    if ctx.extras.get("traffic"):  # each bucket would calibrate on its first request, unrecorded
+        return "int8_static calibrates at one input shape; a traffic tune's buckets have many"
+    if not quantizers:
+        return "int8_static needs an engine with a static int8 quantizer: pip install 'autotiacc[onnx]'"
+    if backend is not None and backend not in quantizers:
+        return (f"int8_static is calibrated static int8 by an engine's quantizer ({', '.join(quantizers)}); "
+                f"backend {backend} runs PyTorch's kernels")
+    return None
 
 
 def _int8_refused(mode: str, ctx: SearchContext, execution=None) -> str | None:

@@ -21,6 +21,11 @@ class RuntimeConfig(KnobConfig):
             raise ValueError(f"`threads` got {self.threads}: use 0 (default) or a positive count up to {MAX_THREADS}.")
 
 
+def thread_choices(ctx: SearchContext) -> list[int]:
+    """A strategy's `auto` thread counts: 0 (the library's default), then 1 to the usable cores."""
+    return [0] + list(range(1, ctx.cores + 1)) if ctx.cores > 1 else [0]
+
+
 @contextlib.contextmanager
 def thread_scope(n: int):
     """Set torch's intra-op threads for one call and restore them, so interleaved candidates
@@ -42,11 +47,12 @@ class RuntimeKnob(Knob):
     name = "runtime"
     config_cls = RuntimeConfig
     order = 10
+    changes_graph = False
     cuda_only = {"cudnn_benchmark": {True}}
 
     def choices(self, param, space, ctx):
         if param == "threads" and space.get("threads") in (["auto"], "auto"):
-            return [0] + list(range(1, ctx.cores + 1)) if ctx.cores > 1 else [0]
+            return thread_choices(ctx)
         return super().choices(param, space, ctx)
 
     def suggest(self, trial, space, ctx: SearchContext) -> RuntimeConfig:

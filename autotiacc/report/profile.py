@@ -69,13 +69,16 @@ def plot_pareto(data, path: Path) -> Path | None:
 PROFILE_PLOTS = {"top_modules.png": plot_top_modules, "pareto.png": plot_pareto}
 
 
-def _chosen_groups(plan: dict[str, Any] | None) -> dict[str, str] | None:
+def _chosen_groups(plan: dict[str, Any] | None) -> tuple[dict[str, str], str] | None:
+    """The plan's precision per group and for the groups it does not list (its global mode
+    under int8_static, which lists the groups it keeps in fp32; else fp32)."""
     if not plan:
         return None
     for k in plan.get("knobs", []):
         if k.get("_type") == "PrecisionConfig":
-            return {p: m for p, m in k["_data"].get("groups", [])}
-    return {}
+            mode = k["_data"].get("mode", "fp32")
+            return {p: m for p, m in k["_data"].get("groups", [])}, mode if mode == "int8_static" else "fp32"
+    return {}, "fp32"
 
 
 def _cell(s: dict[str, Any] | None) -> str:
@@ -92,7 +95,7 @@ def _cell(s: dict[str, Any] | None) -> str:
 
 def profile_sections(data) -> list[tuple[str, list[str]]]:
     """Markdown sections: the profile summary, the groups table, what was not available."""
-    from ..inference.layer_precision import LOWERED_MODES
+    from ..inference.layer_precision import ANALYSED_MODES
     from ..profile import opaque_root, top_modules
 
     prof = getattr(data, "profile", None)
@@ -123,10 +126,10 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
     sens = prof.get("sensitivity") or []
     if sens:
         chosen = _chosen_groups(data.plan)
-        modes = [m for m in LOWERED_MODES if any(m in g["sensitivity"] for g in sens)]
+        modes = [m for m in ANALYSED_MODES if any(m in g["sensitivity"] for g in sens)]
         rows = []
         for g in sens:
-            pick = "–" if chosen is None else chosen.get(g["path"], "fp32")
+            pick = "–" if chosen is None else chosen[0].get(g["path"], chosen[1])
             cells = [_cell(g["sensitivity"].get(m)) if m in g["sensitivity"] or not g.get("skipped") else "not analysed"
                      for m in modes]
             rows.append([g["path"], g.get("type"), 100 * (g.get("inclusive_share") or 0.0), *cells, g.get("score"), pick])
@@ -135,7 +138,9 @@ def profile_sections(data) -> list[tuple[str, list[str]]]:
                 "starting point, not a result; where the group was far slower on every test batch, that ratio); "
                 "`overflow`: inf/NaN appeared; `excluded`: failed or beyond tolerance; `far slower`: 5x the fp32 "
                 "forward or more on two test batches, not offered; `not analysed`: left by a profile cut at its "
-                "share of the budget, for a later tune. Score: time share per unit of the smallest allowed error.", ""]
+                "share of the budget, for a later tune. Score: time share per unit of the smallest allowed error. "
+                "`int8_static`: the group alone in calibrated static int8 (an engine's quantizer); a group "
+                "excluded there stays fp32 in int8_static candidates.", ""]
         text += table(["group", "type", "time %", *modes, "score", "chosen"], rows)
         out.append(("Per-layer precision", text))
     missing = [f"- {u}" for u in prof.get("unavailable") or []] + ([f"- {prof['partial']}"] if prof.get("partial") else [])

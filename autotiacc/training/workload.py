@@ -2,7 +2,7 @@
 collate_fn, eval_fn, batch_size, and raw_dataset + device_transform for decoding JPEG on the
 device) into a picklable `TrainWorkload`.
 
-It travels to trial processes as its path and is re-imported there with the core loader.
+It travels to trial processes as its path and is imported there, lazily, with the core loader.
 """
 from __future__ import annotations
 
@@ -11,36 +11,70 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..errors import ModelRaisedError, WorkloadError
-from ..inference.workload import load_module, run_user_code
+from ..engine.usercode import Stage, load_module, reported, run_user_code
+from .contract import TrainFacts, check_training
 
 REQUIRED = ("build_model", "train_dataset", "loss_fn")
 DEFAULT_BATCH_SIZE = 32
 
 
 class TrainWorkload:
-    """One training job to tune, given as a `train.py` following the contract."""
+    """One training job to tune, given as a `train.py` following the contract.
+
+    The file is imported on first use, in the process that uses it: a worker, a rank, or the
+    check's child (`check`). A checked workload answers the tuner from the child's `facts`, so
+    the tuner's process never imports it."""
 
     def __init__(self, path: str | Path, *, batch_size: int | None = None) -> None:
         self.path = Path(path).resolve()
         if not self.path.is_file() or self.path.suffix != ".py":
             raise WorkloadError(f"`FILE` got {str(path)!r}: training mode needs an existing train.py that defines "
                                 "build_model(), train_dataset() and loss_fn(model, batch).")
-        self.name = self.path.stem
-        self._user = load_module(self.path)
-        missing = [fn for fn in REQUIRED if not callable(getattr(self._user, fn, None))]
-        if missing:
-            raise WorkloadError(f"{self.path}: defines no {', '.join(f'`{m}()`' for m in missing)}; a training file "
-                                "must define build_model(), train_dataset() and loss_fn(model, batch).")
         if batch_size is not None and batch_size <= 0:
             raise WorkloadError(f"`--batch-size` got {batch_size}: use a positive integer.")
-        self.batch_size = int(batch_size or getattr(self._user, "batch_size", DEFAULT_BATCH_SIZE))
+        self.name = self.path.stem
+        self._batch_size = int(batch_size) if batch_size else None
+        self._module = None
+        self.facts: TrainFacts | None = None
+        self.check_s = 0.0
+
+    @property
+    def _user(self):
+        if self._module is None:
+            module = load_module(self.path)
+            missing = [fn for fn in REQUIRED if not callable(getattr(module, fn, None))]
+            if missing:
+                raise WorkloadError(f"{self.path}: defines no {', '.join(f'`{m}()`' for m in missing)}; a training "
+                                    "file must define build_model(), train_dataset() and loss_fn(model, batch).")
+            self._module = module
+        return self._module
+
+    @property
+    def batch_size(self) -> int:
+        """`--batch-size`, else the file's `batch_size`, else 32."""
+        if self._batch_size is None:
+            self._batch_size = int(getattr(self._user, "batch_size", DEFAULT_BATCH_SIZE))
+        return self._batch_size
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_user": None}
+        return {**self.__dict__, "_module": None}  # each process imports the file itself, lazily
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._user = load_module(self.path)
+
+    def check(self, *, timeout: float, limit: str = "", device: str = "cpu", nproc: int = 1) -> TrainFacts:
+        """The up-front check (`contract.check_training`) in a child killed after `timeout` s."""
+        value, _ = run_user_code(_checked, self, device, nproc, where=self.path, timeout=timeout, limit=limit,
+                                 stage="importing it, building the model and taking one training step")
+        self.facts = TrainFacts(**value)
+        self._batch_size, self.check_s = self.facts.batch_size, self.facts.first_run_s
+        return self.facts
+
+    def validate(self, *, timeout: float = 300.0, limit: str = "", device: str = "cpu", nproc: int = 1) -> TrainFacts:
+        """The facts of one checked run (see `check`); checks only once per workload."""
+        if self.facts is None:
+            self.check(timeout=timeout, limit=limit, device=device, nproc=nproc)
+        return self.facts
 
     def _call(self, name: str, *args: Any) -> Any:
         try:
@@ -120,30 +154,21 @@ class TrainWorkload:
 
 
 def load_train_workload(path: str | Path, *, batch_size: int | None = None, timeout: float | None = None,
-                        limit: str = "") -> TrainWorkload:
-    """Load and check a training file; errors name the missing function.
+                        limit: str = "", device: str = "cpu", nproc: int = 1) -> TrainWorkload:
+    """Open a training file; errors name the missing function.
 
-    With `timeout`, the file is first imported, its model built and its dataset read once in a
-    child killed after `timeout` s, so a hang or an exit there is one clear error, not a stuck tune."""
-    if timeout is not None and Path(path).is_file() and Path(path).suffix == ".py":  # else the error below
-        run_user_code(_probe, str(path), batch_size, where=Path(path).resolve(), timeout=timeout, limit=limit,
-                      stage="importing it, building the model and reading its dataset")
-    return TrainWorkload(path, batch_size=batch_size)
+    With `timeout`, its contract is checked in a child killed after `timeout` s (`check`): a
+    hang, an exit, an empty dataset or a NaN loss is one clear error, and nothing of the file
+    runs in this process. Without, it is imported here (library use)."""
+    workload = TrainWorkload(path, batch_size=batch_size)
+    if timeout is not None:
+        workload.check(timeout=timeout, limit=limit, device=device, nproc=nproc)
+    else:
+        _ = workload._user
+    return workload
 
 
-def _probe(path: str, batch_size: int | None) -> dict[str, Any]:
-    """Runs in the child of `load_train_workload`: the first run of the user's train.py."""
-    from ..errors import AutotiaccError
-
-    try:
-        workload = TrainWorkload(path, batch_size=batch_size)
-        workload.build_model()
-        dataset = workload.train_dataset()
-        return {"samples": len(dataset)}
-    except AutotiaccError as exc:
-        return {"error": type(exc).__name__, "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001 - anything else of the user's code
-        return {"error": "WorkloadError", "message": f"{path}: raised {type(exc).__name__}: {' '.join(str(exc).split())[:300]}"}
-    except SystemExit as exc:
-        return {"error": "WorkloadError", "message": f"{path}: called sys.exit({exc.code!r}) at import; a training file "
-                "must define functions, not end the process."}
+def _checked(workload: TrainWorkload, device: str, nproc: int) -> dict[str, Any]:
+    """Runs in the child of `TrainWorkload.check`: the contract check, its failures as one message."""
+    stage = Stage()
+    return reported(check_training, workload, device, nproc, stage, where=workload.path, stage=stage)
