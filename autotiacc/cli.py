@@ -11,6 +11,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from .errors import AutotiaccError
+from .outputs import check_output_dir, check_output_file, write_or_keep, written_or_error
 from .progress import ProgressBar
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -122,7 +123,7 @@ def _inference_setup(file: Path, *, budget: str, out: Optional[Path], batch_size
     from .inference.task import MIN_BUDGET_S, TuneOptions
     from .inference.workload import load_workload
 
-    started = _STATE["started"] or time.monotonic()  # the budget counts from the command's start
+    started = _started()
     budget_s = parse_duration(budget)
     if batch_size is not None and batch_size <= 0:
         raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
@@ -149,19 +150,15 @@ def _inference_setup(file: Path, *, budget: str, out: Optional[Path], batch_size
 
 def _print_result(result: Any, budget_s: float) -> None:
     from .report import write_report
+    from .result_lines import tune_lines, wall_line
 
-    written = write_report(result.run_dir)
-    p = result.plan
-    typer.echo(f"plan: {p.label}")
-    typer.echo(f"speed-up: {p.speedup:.2f}x over eager fp32 — {p.note}" if p.speedup else f"result: {p.note}")
-    if p.shapes is not None:
-        sh = p.shapes.measured
-        p99 = f"{sh['p99_mix_ms']:.2f} ms" if sh.get("p99_mix_ms") is not None else "–"
-        typer.echo(f"dynamic shapes: {p.shapes.label}; the speed-up is over the traffic mix, p99 over the mix {p99}")
-        if sh.get("samples_per_s"):
-            typer.echo(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {p.shapes.serve_batch}")
-    typer.echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)")
-    typer.echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
+    for line in tune_lines(result, write_report(result.run_dir), budget_s) + [wall_line(_started(), budget_s)]:
+        typer.echo(line)
+
+
+def _started() -> float:
+    """When the command started (time.monotonic()): the budget counts from there."""
+    return _STATE["started"] or time.monotonic()
 
 
 def _command() -> str:
@@ -185,6 +182,7 @@ def _check_out(out: Optional[Path], resume: bool) -> None:
     if resume and (Path(out) / "study.db").is_file() and not _is_sqlite_db(Path(out) / "study.db"):
         raise _bad(f"`--resume`: {Path(out) / 'study.db'} is not a readable SQLite database (damaged); restore it "
                    "from a copy, or start a new tune with another --out.")
+    check_output_dir(out or Path("runs"))  # writable (the default goes under runs/), before any work
 
 
 def _is_sqlite_db(path: Path) -> bool:
@@ -223,10 +221,16 @@ def report(run_dir: Optional[Path] = typer.Argument(None, help="a tune's run dir
 
         if run_dir is not None:
             raise _bad(f"give either RUN_DIR ({run_dir}) or `--storage`, not both; with --storage use --out DIR.")
-        run_dir = materialize_run_dir(storage, study, out or Path("runs") / f"{study}-report")
+        out = out or Path("runs") / f"{study}-report"
+        check_output_dir(out)
+        run_dir = written_or_error(lambda: materialize_run_dir(storage, study, out), out, what="the study's records")
     elif run_dir is None:
         raise _bad("`RUN_DIR` is missing: give a tune's run directory, or --storage URL --study NAME.")
-    written = write_training_report(run_dir) if is_training_run(run_dir) else write_report(run_dir)
+    elif run_dir.is_dir():  # the report is written into it
+        check_output_dir(run_dir, flag="`RUN_DIR`", fix="the report is written into it: copy the run directory to a "
+                         "folder you can write, and report the copy")
+    written = written_or_error(lambda: (write_training_report if is_training_run(run_dir) else write_report)(run_dir),
+                               run_dir, what="the report")
     for path in written.values():
         typer.echo(str(path))
 
@@ -251,21 +255,25 @@ def compare(
     """Table and plots across tuning runs and experiment CSVs."""
     from .report import write_comparison
 
-    for path in write_comparison(runs, out).values():
+    check_output_dir(out)
+    for path in written_or_error(lambda: write_comparison(runs, out), out, what="the comparison").values():
         typer.echo(str(path))
 
 
 def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
     from .durations import parse_duration
+    from .result_lines import wall_line
     from .training.tuner import cli_tune
 
     bar = ProgressBar(parse_duration(kwargs["budget"]), quiet)
+    started = _started()
     try:
         cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
-                 command=_command(), echo=typer.echo, progress=bar)
+                 command=_command(), echo=typer.echo, progress=bar, started=started)
     finally:
         bar.close()
+    typer.echo(wall_line(started, parse_duration(kwargs["budget"])))
 
 
 def _export_hook(run_dir: Path, workload) -> bool:
@@ -296,12 +304,15 @@ def verify(
 ) -> None:
     """Re-measure a saved plan here vs the eager baseline; exit 1 on drift (speed, accuracy, hardware)."""
     from .inference.verify import verify_plan
+    from .machine_load import unreliable_text
 
     result = verify_plan(plan, file, tolerance=tolerance, measure_s=measure_s, device=device)
     for line in result.lines:
         typer.echo(line)
     if result.ok:
-        typer.echo("verify: OK — the plan holds on this machine.")
+        busy = f", but {unreliable_text(result.measured.get('reliability'))}: re-run it on a quiet machine" \
+            if unreliable_text(result.measured.get("reliability")) else ""
+        typer.echo(f"verify: OK — the plan holds on this machine{busy}.")
         return
     for problem in result.problems:
         typer.echo(f"verify: DRIFT: {problem}", err=True)
@@ -322,16 +333,20 @@ def profile_cmd(
     top: int = typer.Option(10, "--top", help="modules to list"),
 ) -> None:
     """Per-module time share (self and inclusive), FLOPs, bytes and peak memory of FILE."""
+    if batch_size is not None and batch_size <= 0:  # flags and the output first: refused before torch loads
+        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
+    if not tolerance > 0:
+        raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
+    if out is not None and out.suffix == ".json":
+        check_output_file(out)
+    else:
+        check_output_dir(out or Path("runs"), accept="a folder (created if missing) or a .json file name")
     from .device import resolve_device
     from .engine.workers import run_isolated
     from .inference.layer_precision import LOWERED_MODES, profile_for_search
     from .inference.workload import CHECK_TIMEOUT_S, load_workload
     from .profile import PROFILE_FILE, save_profile, summary_lines
 
-    if batch_size is not None and batch_size <= 0:
-        raise _bad(f"`--batch-size` got {batch_size}: use a positive integer.")
-    if not tolerance > 0:
-        raise _bad(f"`--tolerance` got {tolerance}: use a positive number, e.g. 0.02.")
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
                              timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit", device=device,
@@ -343,18 +358,14 @@ def profile_cmd(
         raise _bad(f"profiling {file} failed in its process: {outcome.reason()}")
     prof = outcome.value
     out = out or Path("runs") / f"{workload.name}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.suffix != ".json":
-        out.mkdir(parents=True, exist_ok=True)
-        out = out / PROFILE_FILE
-    else:
-        out.parent.mkdir(parents=True, exist_ok=True)
+    out = out if out.suffix == ".json" else out / PROFILE_FILE
     for line in summary_lines(prof, top):
         typer.echo(line)
     for g in prof.get("sensitivity", []):
         typer.echo(f"  sensitivity {g['path']}: allowed {', '.join(g['allowed']) or 'none'}; "
                    + "; ".join(f"{m} {s['rel_l2']:.2g}" + ("" if s["ok"] else f" ({s['reason'][:40]})")
                                for m, s in g["sensitivity"].items()))
-    typer.echo(f"written: {save_profile(prof, out)}")
+    typer.echo(f"written: {write_or_keep(lambda path: save_profile(prof, path), out, what='the profile')}")
 
 
 def main() -> None:

@@ -38,6 +38,11 @@ class BudgetError(UserInputError):
     """The `--budget` string is malformed or too small for the work asked."""
 
 
+class OutputError(AutotiaccError):
+    """An output could not be written where asked, after the work; the message says where what
+    was measured was kept (or that the inputs are unchanged)."""
+
+
 class PlanError(AutotiaccError):
     """A plan file is missing, corrupt, of an unknown schema, or does not fit this machine."""
 

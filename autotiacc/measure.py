@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,6 +23,8 @@ class Timing:
     """Latency samples (milliseconds) of one callable and their summary."""
 
     samples_ms: list[float] = field(default_factory=list)
+    # the machine's load while they were taken (`machine_load.LoadWindow.to_dict()`; None: not sampled)
+    load: dict[str, Any] | None = None
 
     @property
     def n(self) -> int:
@@ -67,12 +70,20 @@ class Timing:
             "mean_ms": self.mean, "stdev_ms": self.stdev, "spread": self.iqr_rel, "n": self.n,
         }
 
+    @property
+    def busy(self) -> bool:
+        """The machine was busy while these samples were taken (see `machine_load`)."""
+        return bool(self.load and self.load.get("busy"))
+
     def to_dict(self) -> dict[str, Any]:
-        return {**self.summary(), "samples_ms": [round(x, 5) for x in self.samples_ms]}
+        out = {**self.summary(), "samples_ms": [round(x, 5) for x in self.samples_ms]}
+        if self.load is not None:
+            out["load"] = self.load
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Timing":
-        return cls(samples_ms=[float(x) for x in d.get("samples_ms", [])])
+        return cls(samples_ms=[float(x) for x in d.get("samples_ms", [])], load=d.get("load"))
 
 
 def time_once(fn: Runner, device: str) -> float:
@@ -103,46 +114,80 @@ class TooSlow(Exception):
 
 def check_pace(values: Sequence[float], limit: float | None) -> None:
     """Raise TooSlow when the last two of `values` are both over `limit` (one slow call may be
-    a recompile, a CUDA-graph capture or a page fault; two in a row are the candidate's pace)."""
+    a CUDA-graph capture or a page fault; two in a row are the candidate's pace)."""
     if limit is not None and len(values) >= 2 and values[-1] > limit and values[-2] > limit:
         raise TooSlow(values[-1], limit)
 
 
+def compile_events() -> int:
+    """Frames torch.compile (dynamo) has compiled in this process so far, recompiles included;
+    0 while dynamo is not loaded. A call during which it grows compiled: its time is no pace."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    counters = getattr(utils, "counters", None)
+    return int(counters["frames"]["total"]) if counters is not None else 0
+
+
+class Pace:
+    """The calls of one candidate against a limit (`check_pace`), in the unit of the limit: a
+    call's ms over `scale`. A call that compiled or recompiled (`compile_events`) is never a
+    slow call: it is set aside and counted in `compiling_calls`."""
+
+    def __init__(self, limit: float | None = None) -> None:
+        self.limit, self.values, self.compiling_calls = limit, [], 0
+
+    def time(self, fn: Runner, device: str, *, scale: float = 1.0) -> float | None:
+        """Time one call of `fn` (ms); None when it compiled. Raises TooSlow (see `check_pace`)."""
+        before = compile_events()
+        ms = time_once(fn, device)
+        if compile_events() != before:
+            self.compiling_calls += 1
+            return None
+        self.values.append(ms / scale)
+        check_pace(self.values, self.limit)
+        return ms
+
+
 def warm_up(fn: Runner, device: str = "cpu", *, max_s: float = 5.0, min_iters: int = 3,
-            tol: float = 0.05, give_up_ms: float | None = None) -> int:
+            tol: float = 0.05, give_up_ms: float | None = None, pace: Pace | None = None) -> int:
     """Call `fn` until two consecutive windows of 3 calls agree within `tol` (or `max_s`).
 
     Returns the number of warm-up calls made. The first calls of a compiled model include
-    compilation and autotuning; they must never be counted as latency. With `give_up_ms`,
-    raises TooSlow as soon as two calls in a row take longer than that.
+    compilation and autotuning; they must never be counted as latency. With `give_up_ms` (or
+    a `pace`, whose limit is in ms), raises TooSlow as soon as two calls in a row that did not
+    compile take longer than that; calls that compiled count in `pace.compiling_calls`.
     """
     deadline = time.perf_counter() + max_s
+    pace = pace or Pace(give_up_ms)
     times: list[float] = []
+    calls = 0
     if min_iters <= 0 and max_s <= 0:
         return 0
     while True:
-        times.append(time_once(fn, device))
-        check_pace(times, give_up_ms)
+        ms = pace.time(fn, device)
+        calls += 1
+        if ms is not None:
+            times.append(ms)
         if len(times) >= max(min_iters, 6):
             prev, last = statistics.median(times[-6:-3]), statistics.median(times[-3:])
             if abs(last - prev) <= tol * max(prev, 1e-9):
                 break
-        if time.perf_counter() > deadline and len(times) >= min_iters:
+        if time.perf_counter() > deadline and calls >= min_iters:
             break
-    return len(times)
+    return calls
 
 
 def measure(fn: Runner, device: str = "cpu", *, min_reps: int = 10, max_reps: int = 1000,
-            target_s: float = 1.0, warmup_s: float = 5.0) -> Timing:
+            target_s: float = 1.0, warmup_s: float = 5.0, min_warmup: int = 3, busy_wait_s: float = 0.0) -> Timing:
     """Warm up, then time `fn` until `target_s` has passed (at least `min_reps` samples)."""
-    return measure_interleaved({"x": fn}, device, min_rounds=min_reps, max_rounds=max_reps,
-                               target_s=target_s, warmup_s=warmup_s)["x"]
+    return measure_interleaved({"x": fn}, device, min_rounds=min_reps, max_rounds=max_reps, target_s=target_s,
+                               warmup_s=warmup_s, min_warmup=min_warmup, busy_wait_s=busy_wait_s)["x"]
 
 
 def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_rounds: int = 10,
                         max_rounds: int = 1000, target_s: float = 2.0, warmup_s: float = 5.0,
                         block: int = 1, settle: float | None = None, reference: str | None = None,
-                        initial: dict[str, Timing] | None = None, min_warmup: int = 3) -> dict[str, Timing]:
+                        initial: dict[str, Timing] | None = None, min_warmup: int = 3,
+                        busy_wait_s: float = 0.0, peers: int = 1) -> dict[str, Timing]:
     """Time several callables round-robin (A B C A B C ...) so drift hits all alike.
 
     The order rotates every round so no callable always runs right after another one.
@@ -152,10 +197,35 @@ def measure_interleaved(fns: dict[str, Runner], device: str = "cpu", *, min_roun
     more rounds would not change a ranking that precise. `initial` samples (a quick look taken
     the same way) count towards the rounds and the interval. `min_warmup`: the fewest warm-up
     calls of each callable (0 with `warmup_s=0`: none, for callables that have just run).
+
+    The machine's load is sampled around the rounds (`machine_load.LoadProbe`; `peers`: see
+    there) and lands in each Timing's `load`. When it was busy and `busy_wait_s` > 0, waits up
+    to that long for the machine to go quiet and, if it did, takes the rounds once more (without
+    `initial`); else, or if that is busy too, the figures stand with the load marked busy.
     """
+    from .machine_load import LoadProbe, wait_quiet
+
     names = list(fns)
     for name in names:
         warm_up(fns[name], device, max_s=warmup_s, min_iters=min_warmup)
+    kwargs = dict(min_rounds=min_rounds, max_rounds=max_rounds, target_s=target_s, block=block, settle=settle,
+                  reference=reference)
+    with LoadProbe(peers=peers) as probe:
+        out = _rounds(fns, device, initial=initial, **kwargs)
+    load = probe.window.to_dict() if probe.window else None
+    if load and load["busy"] and busy_wait_s > 0 and wait_quiet(busy_wait_s, peers=peers):
+        with LoadProbe(peers=peers) as probe:
+            out = _rounds(fns, device, initial=None, **kwargs)
+        load = {**probe.window.to_dict(), "retaken": True} if probe.window else load
+    for t in out.values():
+        t.load = load
+    return out
+
+
+def _rounds(fns: dict[str, Runner], device: str, *, min_rounds: int, max_rounds: int, target_s: float, block: int,
+            settle: float | None, reference: str | None, initial: dict[str, Timing] | None) -> dict[str, Timing]:
+    """The timed rounds of `measure_interleaved`, after its warm-up."""
+    names = list(fns)
     out = {name: Timing(list(initial[name].samples_ms) if initial else []) for name in names}
     have = min(t.n for t in out.values()) // block
     t_end = time.perf_counter() + target_s

@@ -60,10 +60,21 @@ def inductor_cache_dir():
     return cache_dir()
 
 
-def sleeps_then_returns(seconds, value):
-    import time
+def hangs_after_saying(entered):
+    """Writes the file `entered` once inside, then never returns: the caller knows it is stuck here."""
+    open(entered, "w").close()
+    time.sleep(600)
 
-    time.sleep(seconds)
+
+def meets(mine, other, value):
+    """Writes the file `mine`, then returns `value` once the file `other` exists: two such calls
+    return only when they ran at the same time (one after the other, the first gives up)."""
+    open(mine, "w").close()
+    deadline = time.monotonic() + 300
+    while not os.path.exists(other):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no call wrote {other} while this one ran")
+        time.sleep(0.01)
     return value
 
 

@@ -81,6 +81,11 @@ def rank1_dies():
     return "unreachable"
 
 
+def rank_pid():
+    """Every rank returns at once."""
+    return os.getpid()
+
+
 def rank0_hangs():
     """Rank 0 never returns; rank 1 returns at once."""
     if os.environ["RANK"] == "0":

@@ -2,7 +2,9 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -23,3 +25,15 @@ def run_cli(*args: str, timeout: float = 300, cwd: Path | None = None) -> subpro
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "autotiacc.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd or ROOT, env=env)
+
+
+def wait_until(what: str, condition: Callable[[], object], *, proc: subprocess.Popen | None = None,
+               limit_s: float = 600) -> None:
+    """Wait for an event (a file, a process's end, the study's state), polling; `limit_s` only
+    guards against one that never comes (a bug), it never paces a test. With `proc`: fail at
+    once when that process exits first."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert proc is None or proc.poll() is None, f"the process exited (code {proc.returncode}) before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {limit_s:.0f} s"
+        time.sleep(0.05)

@@ -12,15 +12,34 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import wait_until
 from .postgres_server import start_or_find_postgres
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = '''
+import os
+import time
+
 import torch
 from torch import nn
 
+
+class Held(nn.Sequential):
+    """In a worker started with AUTOTIACC_TEST_HOLD=FILE, the first forward run inside a trial (a
+    trial log in AUTOTIACC_TEST_TRIALS) writes FILE and never returns: that worker is killed while
+    a trial of its is in flight, however fast or slow the machine."""
+
+    def forward(self, x):
+        held, trials = os.environ.get("AUTOTIACC_TEST_HOLD"), os.environ.get("AUTOTIACC_TEST_TRIALS")
+        if held and os.path.isdir(trials) and any(n[:4].isdigit() for n in os.listdir(trials)):
+            open(held, "w").close()
+            while True:
+                time.sleep(0.05)
+        return super().forward(x)
+
+
 def build_model():
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    return Held(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
 
 def example_inputs(batch_size: int = 2):
     return (torch.randn(batch_size, 3, 8, 8),)
@@ -47,12 +66,15 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
 
 
-def _worker(file: Path, url: str, study: str, out: Path, budget: str) -> subprocess.Popen:
+def _worker(file: Path, url: str, study: str, out: Path, budget: str, hold: Path | None = None) -> subprocess.Popen:
+    """A tune joining the study; with `hold`, its first trial's forward writes that file and waits (see TINY)."""
     cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(file), "--budget", budget, "--strategy", "quick",
            "--storage", url, "--study", study, "--out", str(out), "--quiet", "--heartbeat", "1"]
     log = open(out.with_suffix(".log"), "w")
+    env = _env() if hold is None else {**_env(), "AUTOTIACC_TEST_HOLD": str(hold),
+                                       "AUTOTIACC_TEST_TRIALS": str(out / "trials")}
     # own session: kill -9 takes the worker and its trial process, as when a machine dies
-    return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _load(url: str, study: str):
@@ -132,24 +154,17 @@ def test_two_workers_one_killed(pg_url, tiny, tmp_path):
 
     name = _study_name("two")
     out_a, out_b, out_c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    held = tmp_path / "b-held"
     a = _worker(tiny, pg_url, name, out_a, "45s")
-    b = _worker(tiny, pg_url, name, out_b, "45s")
+    b = _worker(tiny, pg_url, name, out_b, "45s", hold=held)  # held inside its first trial until killed
     c = None
-    killed_trial = None
     try:
-        t_end = time.monotonic() + 60
-        while killed_trial is None and time.monotonic() < t_end and b.poll() is None:
-            time.sleep(0.3)
-            try:
-                study = _load(pg_url, name)
-            except KeyError:
-                continue
-            mine = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                    if t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
-            if mine and (out_b / "trials" / f"{mine[0].number:04d}.log").exists():
-                killed_trial = mine[0].number
-                os.killpg(b.pid, signal.SIGKILL)
-        assert killed_trial is not None, "worker B never ran a trial: " + out_b.with_suffix(".log").read_text()[-2000:]
+        wait_until("worker B held inside a trial", held.exists, proc=b)
+        mine = [t for t in _load(pg_url, name).get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                if t.user_attrs.get("worker", "").endswith(f":{b.pid}")]
+        assert len(mine) == 1 and (out_b / "trials" / f"{mine[0].number:04d}.log").exists(), mine
+        killed_trial = mine[0].number
+        os.killpg(b.pid, signal.SIGKILL)
         c = _worker(tiny, pg_url, name, out_c, "45s")  # a replacement joins the running study
         assert a.wait(timeout=200) == 0, out_a.with_suffix(".log").read_text()[-3000:]
         assert c.wait(timeout=200) == 0, out_c.with_suffix(".log").read_text()[-3000:]

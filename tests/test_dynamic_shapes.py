@@ -300,8 +300,10 @@ def test_tune_with_traffic_end_to_end(tmp_path, models_dir):
     traffic = tmp_path / "traffic.csv"
     traffic.write_text("batch_size,seq_len,weight\n1,6,5\n2,12,3\n3,24,2\n4,40,1\n")
     out = tmp_path / "run"
-    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(traffic), "--budget", "45s",
-                  "--strategy", "quick", "--out", str(out), "--quiet", timeout=300)
+    # the short strategy's patience ends the tune, not the budget: beside two CPU-bound processes
+    # a 45 s quick tune measured only the baseline (its trial alone took 17 s)
+    res = run_cli("tune", str(models_dir / "tiny_encoder_traffic.py"), "--traffic", str(traffic), "--budget", "5m",
+                  "--strategy", str(models_dir / "short_strategy.yaml"), "--out", str(out), "--quiet", timeout=600)
     assert res.returncode == 0, res.stderr
     plan = json.loads((out / "plan.json").read_text())
     trials = __import__("pandas").read_csv(out / "trials.csv")

@@ -300,14 +300,17 @@ def test_report_states_the_diagnosis_and_the_attribution():
     assert "busy share 27%" in text
 
 
-def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
-    """What runs around the capture, on CPU: one graph per input signature, inputs copied into
-    the static buffers, outputs cloned (the next replay overwrites the static ones), a warned
-    fallback past MAX_GRAPHS. The stand-in replays the runner on the static buffers, writing
-    into the static outputs, as a CUDA graph does; torch.cuda.graph itself needs a GPU."""
+def test_cuda_graph_replays_bookkeeping_runs_on_cpu():
+    """What runs around the capture, for real on CPU (`GraphReplays`, which CUDAGraphRunner is with
+    a CUDA capture): one replay per input signature, inputs copied into the static buffers, outputs
+    cloned (the next replay overwrites the static ones), a warned fallback past MAX_GRAPHS. The
+    capture given replays the runner on the static inputs into the static outputs, as a CUDA graph
+    does; the CUDA capture itself is checked on a GPU (experiments/gpu_graphs_profile_check.py)."""
     import warnings
 
     from autotiacc.knobs import cuda_graphs
+
+    captured = []
 
     class Replay:
         def __init__(self, fn, static, out):
@@ -316,34 +319,31 @@ def test_cuda_graph_runner_bookkeeping_with_a_cpu_stand_in_for_capture():
         def replay(self):
             self.out.copy_(self.fn(*self.static))
 
-    class StandIn(cuda_graphs.CUDAGraphRunner):
-        def __init__(self, runner):  # no require_cuda: the capture below is a CPU stand-in
-            self.runner, self.device, self._graphs, self._warned = runner, "cpu", {}, False
-            self.captures = 0
-
-        def _capture(self, inputs):
-            self.captures += 1
-            static = [torch.empty_like(t).copy_(t) for t in inputs]
-            out = self.runner(*static).clone()
-            return Replay(self.runner, static, out), static, out
+    def capture_on_cpu(runner, inputs):
+        captured.append([tuple(t.shape) for t in inputs])
+        static = [torch.empty_like(t).copy_(t) for t in inputs]
+        out = runner(*static).clone()
+        return Replay(runner, static, out), static, out
 
     lin = nn.Linear(4, 3).eval()
-    r = StandIn(lin)
+    r = cuda_graphs.GraphReplays(lin, capture_on_cpu)
     a, b = torch.randn(2, 4), torch.randn(2, 4)
     with torch.no_grad():
         ya, yb = r(a), r(b)
-        assert torch.allclose(ya, lin(a)) and torch.allclose(yb, lin(b)) and r.captures == 1
+        assert torch.allclose(ya, lin(a)) and torch.allclose(yb, lin(b)) and captured == [[(2, 4)]]
         assert not torch.allclose(ya, yb)  # ya was cloned: the second replay did not overwrite it
         for n in range(2, 2 + cuda_graphs.MAX_GRAPHS - 1):
             r(torch.randn(n + 1, 4))
-        assert r.graphs == cuda_graphs.MAX_GRAPHS
+        assert r.graphs == cuda_graphs.MAX_GRAPHS == len(captured)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             c = torch.randn(9, 4)
-            assert torch.allclose(r(c), lin(c)) and r.graphs == cuda_graphs.MAX_GRAPHS
+            assert torch.allclose(r(c), lin(c)) and r.graphs == cuda_graphs.MAX_GRAPHS == len(captured)
         assert any("without a CUDA graph" in str(w.message) for w in seen)
     with pytest.raises(UserInputError, match="tensor inputs only"):
         r(a, 3)
+    with pytest.raises(UserInputError, match="needs a CUDA device, got device 'cpu'"):
+        cuda_graphs.CUDAGraphRunner(lin, "cpu")
 
 
 def test_profile_and_sensitivity_put_the_model_on_the_device():

@@ -172,10 +172,12 @@ def test_resuming_a_study_over_other_precision_choices_is_one_clear_error(tmp_pa
     old.write_text(STRATEGY.replace("MODES", "[fp32, bf16_weights]"))
     new.write_text(STRATEGY.replace("MODES", "[fp32, bf16_weights, int8_dynamic]"))
     out, model = tmp_path / "run", str(MODELS / "tiny_mlp.py")
-    first = run_cli("tune", model, "--budget", "15s", "--strategy", str(old), "--out", str(out), "--quiet")
+    # budgets no machine spends (a 15 s one ended before the baseline on a loaded machine, its
+    # set-up alone 9 s): the strategy's patience and its two choices end each session
+    first = run_cli("tune", model, "--budget", "3m", "--strategy", str(old), "--out", str(out), "--quiet")
     assert first.returncode == 0, first.stderr
-    res = run_cli("tune", model, "--budget", "15s", "--strategy", str(new), "--out", str(out), "--resume", "--quiet")
+    res = run_cli("tune", model, "--budget", "3m", "--strategy", str(new), "--out", str(out), "--resume", "--quiet")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "other choices than this run offers" in res.stderr and "give another --out" in res.stderr
-    again = run_cli("tune", model, "--budget", "15s", "--strategy", str(old), "--out", str(out), "--resume", "--quiet")
+    again = run_cli("tune", model, "--budget", "3m", "--strategy", str(old), "--out", str(out), "--resume", "--quiet")
     assert again.returncode == 0, again.stderr  # the same setup still resumes

@@ -30,6 +30,9 @@ FINAL_WITHIN = 0.6
 FINAL_SHARE = 0.2  # the most of the budget the final should take, by the task's estimate
 # A replacement worker's start: ~0.05 s forked by the zygote, ~1.5 s importing torch without it
 SPAWN_OVERHEAD_S = 2.0
+# Kept after the final for plan.json, trials.csv, run.json and the report (its plots took 3.7 s
+# on 2 loaded cores): the budget is a bound on the whole command.
+END_S = 3.0
 RANDOM_AFTER = 3  # duplicates in a row before the next candidate is drawn at random
 MAX_SKIPS = 40  # duplicates/skips in a row that mean the space is exhausted
 MIN_GAIN = 1.01  # a new best must beat the old one by this factor to reset patience
@@ -104,7 +107,7 @@ class Search:
         stale = skips = 0
         best = self._best_gain(study)
         while True:
-            left = self.left() - self.task.final_reserve(self._final_set(study))
+            left = self.left() - self._reserve(study)
             if left < max(SPAWN_OVERHEAD_S + 2, 0.8 * self._typical_trial_s(study)):
                 stop = "budget"
                 break
@@ -147,6 +150,15 @@ class Search:
         if shared:
             recover_interrupted(study, shared=True)
         return stop
+
+    def _reserve(self, study) -> float:
+        """Time kept for the end: the final's whole plan while that is at most FINAL_SHARE of the
+        budget, never less than what it cannot do without (it cuts the rest to what it gets),
+        and END_S for the plan and the report."""
+        tops = self._final_set(study)
+        whole = self.task.final_reserve(tops, pending=True)
+        least = self.task.final_reserve(tops, pending=True, least=True)
+        return max(least, min(whole, FINAL_SHARE * self.options.budget_s)) + END_S
 
     def _measure(self, study, trial, cand: Candidate, *, timeout: float, best: float) -> None:
         self.progress({"event": "trial_start", "number": trial.number, "label": cand.label})
@@ -270,7 +282,9 @@ class Search:
         if tops:
             self.progress({"event": "final_start", "candidates": [t.user_attrs.get("label") for t in tops]})
             t0 = time.monotonic()
-            final = self.task.final(tops, timeout=max(self.left() - 2, SPAWN_OVERHEAD_S + 5))
+            timeout = self.left() - END_S  # what is left: the final is cut rather than overrun the budget
+            final = (self.task.final(tops, timeout=timeout) if timeout > 0 else
+                     "no time was left in the budget for it")
             self.budget.add("final_s", time.monotonic() - t0)
             decision = choose(final, tops)
         plan = self.task.make_plan(decision, study)

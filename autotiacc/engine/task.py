@@ -83,8 +83,8 @@ class Task(ABC):
        elsewhere); unless skipped or a duplicate, `evaluate(trial, candidate, timeout, best)`
        measures it in a worker and returns a `TrialResult`; a crash, hang or OOM is a failed
        result, never an exception.
-    5. `final_reserve(tops)` before each trial: seconds kept for the end; `end_search()` after
-       the last one.
+    5. `final_reserve(tops, pending=True)` before each trial: seconds kept for the end (the
+       trial about to run may join `tops`); `end_search()` after the last one.
     6. `final(tops, timeout)` once: re-measure the top trials side by side with the baseline;
        returns a `FinalMeasure`, or a reason string when it failed as a whole.
     7. `make_plan(decision, study)` once: the plan object (`save`, `to_dict`, `label`,
@@ -173,8 +173,10 @@ class Task(ABC):
         return None
 
     @abstractmethod
-    def final_reserve(self, tops: list) -> float:
-        ...
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
+        """Seconds the final re-measurement of `tops` needs; `pending`: a trial about to run may
+        join them (the search keeps that much before it starts one); `least`: only what the final
+        cannot do without (it cuts the rest to fit the time it gets)."""
 
     @abstractmethod
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:

@@ -96,13 +96,14 @@ class OptimizedModel:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles."""
+    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles (a guard
+    of a compiled frame failed and it was compiled again: dynamo's `guard_failures`)."""
     try:
-        from torch._dynamo.utils import counters
+        from torch._dynamo.utils import counters, guard_failures
     except ImportError:  # pragma: no cover
         return {}
     return {
         "graphs": int(counters["stats"].get("unique_graphs", 0)),
         "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(counters["recompiles"].values())) if "recompiles" in counters else 0,
+        "recompiles": int(sum(len(v) for v in guard_failures.values())),
     }

@@ -8,14 +8,16 @@ candidate, so the model, its test data, the fp32 references and the eager baseli
 """
 from __future__ import annotations
 
+import functools
 import time
 import traceback
 from typing import Any, Callable
 
 from ..device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
 from ..knobs import configs_from_params
-from ..measure import Timing, TooSlow, check_pace, measure_interleaved, time_once, warm_up
+from ..measure import Pace, Timing, TooSlow, measure_interleaved, time_once, warm_up
 from .accuracy import compare_outputs
+from .baseline import EagerBaseline, eager_call
 from .candidate import OptimizedModel, compile_stats
 
 BASELINE = "baseline"
@@ -27,35 +29,37 @@ HOPELESS = 4.0
 # A search trial stops timing once the ratio's 95 % interval is within +-5 %: the final
 # re-measurement, in fresh processes, decides the plan; the search only has to rank.
 SETTLE_REL = 0.05
+TRIAL_BUSY_WAIT_S = 1.0  # a trial timed while the machine was busy waits this long at most for quiet, then retimes
 
 
 class _Reference:
-    """One workload's eager fp32 model on a device, its inputs, test data and outputs."""
+    """One workload's eager fp32 model on a device, its inputs, test data and outputs, and its
+    `baseline` (`baseline.EagerBaseline`). The pace figures (`test_ms`, `baseline_ms`) are taken
+    when a trial first asks: a final's candidate process never does (on a model with a 1 s
+    forward they are seven seconds)."""
 
     def __init__(self, workload, device: str) -> None:
-        import torch
-
         # a module is a pytree leaf: to_device moves it too (a tensor-only map left it on the CPU)
         self.device = device
         with PeakMemory(device) as self.memory:
             self.model = to_device(workload.build_model(), device)
             self.inputs = to_device(workload.example_inputs(), device)
+            self.baseline = EagerBaseline(self.model, self.inputs)
             self.test = to_device(list(workload.test_data()), device)  # targets too, for the user's metric
             # what the tuner's processes build candidates of this model with (`build_candidate`)
             token = getattr(workload, "token", None)
             self.reuse_key = (token, device) if token else None
-            with torch.no_grad():
-                self.refs = [self.model(*x) for x, _ in self.test]
-                # warm calls' times pace the candidates' (a first call can take 100x a tiny model's)
-                self.test_ms = [time_once(lambda x=x: self.model(*x), device) for x, _ in self.test]
-                self.baseline_ms = min(time_once(self.baseline, device) for _ in range(3))
+            self.refs = [eager_call(self.model, x) for x, _ in self.test]
         self.warmed = False
 
-    def baseline(self) -> Any:
-        import torch
+    @functools.cached_property
+    def test_ms(self) -> list[float]:
+        """Each test batch's warm call (a first call can take 100x a tiny model's): they pace the candidates'."""
+        return [time_once(lambda x=x: eager_call(self.model, x), self.device) for x, _ in self.test]
 
-        with torch.no_grad():
-            return self.model(*self.inputs)
+    @functools.cached_property
+    def baseline_ms(self) -> float:
+        return min(time_once(self.baseline, self.device) for _ in range(3))
 
 
 # The reference of the last workload this worker evaluated: (key, _Reference). One only, so a
@@ -154,66 +158,17 @@ def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = 
 def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]], *, device: str, tolerance: float,
               target_s: float, warmup_s: float, prune_above: float | None,
               max_memory_mib: float | None = None) -> dict[str, Any]:
-    import torch
-
     results: dict[str, Any] = {}
     runners = {BASELINE: ref.baseline}
     hopeless = None if prune_above is None or is_meta(device) else HOPELESS * prune_above
     for name, values in candidates.items():
-        res: dict[str, Any] = {"knobs": values}
-        try:
-            torch._dynamo.utils.counters.clear()
-            with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
-                cand = build_candidate(ref, values)
-                res["build_s"] = cand.build_seconds
-                outs: list = []
-                paces: list[float] = []  # each test call's time over the baseline's on that batch
-                for (x, _), base_ms in zip(ref.test, ref.test_ms):
-                    paces.append(time_once(lambda x=x: outs.append(cand(*x)), device) / max(base_ms, 1e-6))
-                    check_pace(paces, hopeless)
-            res["compile"] = compile_stats()
-            res["trial_attrs"] = {**memory_attrs(mem, ref.memory), **build_report(cand)}
-            if is_meta(device):
-                res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
-                runners[name] = (lambda c=cand: c(*ref.inputs))
-                results[name] = res
-                continue
-            acc = compare_outputs(outs, ref.refs, tolerance=tolerance, metric=workload.metric,
-                                  targets=[y for _, y in ref.test])
-            res["accuracy"] = acc.to_dict()
-            over = memory_over(mem, max_memory_mib, device)
-            if not acc.ok:
-                res.update(status="rejected", reason=acc.reason)
-            elif over:
-                res.update(status="rejected", reason=over)
-            else:
-                res["status"] = "ok"
-                runners[name] = (lambda c=cand: c(*ref.inputs))
-        except TooSlow as slow:  # a constraint outranks a pace: --max-memory, then a wrong answer seen already
-            over = memory_over(mem, max_memory_mib, device)
-            n = len(outs)  # the test batches it ran before it was given up (an fp16 overflow shows on the first)
-            acc = compare_outputs(outs, ref.refs[:n], tolerance=tolerance, metric=workload.metric,
-                                  targets=[y for _, y in ref.test[:n]]) if n and not over else None
-            if acc is not None and not acc.ok:
-                res.update(status="rejected", reason=acc.reason, accuracy=acc.to_dict())
-            else:
-                res.update(dict(status="rejected", reason=over) if over else _too_slow(slow.value, prune_above))
-            res["trial_attrs"] = memory_attrs(mem, ref.memory)
-        except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
-            res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
-                       traceback=traceback.format_exc()[-4000:])
-        results[name] = res
+        results[name], runner = _build_checked(ref, workload, values, device=device, tolerance=tolerance,
+                                               hopeless=hopeless, prune_above=prune_above,
+                                               max_memory_mib=max_memory_mib)
+        if runner is not None:
+            runners[name] = runner
     t0 = time.perf_counter()
-    # Warm each runner once; an eager baseline this worker warmed before needs only a few calls.
-    warm_up(ref.baseline, device, max_s=WARM_BASELINE_S if ref.warmed else warmup_s)
-    ref.warmed = True
-    for name in list(runners)[1:]:
-        try:
-            warm_up(runners[name], device, max_s=warmup_s,
-                    give_up_ms=None if hopeless is None else hopeless * ref.baseline_ms)
-        except TooSlow as slow:
-            results[name].update(_too_slow(slow.value / ref.baseline_ms, prune_above))
-            del runners[name]
+    _warm_runners(ref, runners, results, device=device, warmup_s=warmup_s, hopeless=hopeless, prune_above=prune_above)
     if len(runners) == 1 and candidates:  # no candidate to time (failed, rejected, given up): the baseline's pace
         return {"baseline": Timing([ref.baseline_ms]).to_dict(), "candidates": results,
                 "measure_s": time.perf_counter() - t0}
@@ -228,16 +183,83 @@ def _evaluate(ref: _Reference, workload, candidates: dict[str, dict[str, dict]],
                                  timing=timings[name].to_dict())
             return {"baseline": timings[BASELINE].to_dict(), "candidates": results}
         target_s = max(target_s - quick_s, 0.0)
+        if timings[BASELINE].busy:  # taken while the machine was busy: the rounds below start afresh
+            timings = None
     # at least 10 rounds in all, counting the quick look's (measured the same way: its samples stay)
     more = measure_interleaved(runners, device, target_s=target_s, warmup_s=0, min_rounds=10, initial=timings,
-                               settle=SETTLE_REL, reference=BASELINE)
+                               settle=SETTLE_REL, reference=BASELINE, busy_wait_s=TRIAL_BUSY_WAIT_S)
     for name, t in more.items():
         if name == BASELINE:
             continue
         r = t.median / more[BASELINE].median
         results[name].update(timing=t.to_dict(), ratio=r, speedup=1 / r)
     return {"baseline": more[BASELINE].to_dict(), "candidates": results,
-            "measure_s": time.perf_counter() - t0}
+            "measure_s": time.perf_counter() - t0, "test_batches": len(ref.test)}
+
+
+def _build_checked(ref: _Reference, workload, values: dict[str, dict], *, device: str, tolerance: float,
+                   hopeless: float | None, prune_above: float | None,
+                   max_memory_mib: float | None) -> tuple[dict[str, Any], Callable[[], Any] | None]:
+    """Build one candidate and check it on the test data: (its result so far, its runner, or None
+    when it failed, was rejected or given up)."""
+    import torch
+
+    res: dict[str, Any] = {"knobs": values}
+    try:
+        torch._dynamo.utils.counters.clear()
+        with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
+            cand = build_candidate(ref, values)
+            res["build_s"] = cand.build_seconds
+            outs: list = []
+            pace = Pace(hopeless)  # each test call's time over the baseline's on that batch; compiles set aside
+            for (x, _), base_ms in zip(ref.test, ref.test_ms):
+                pace.time(lambda x=x: outs.append(cand(*x)), device, scale=max(base_ms, 1e-6))
+        res["compile"] = {**compile_stats(), "compiling_calls": pace.compiling_calls}
+        res["trial_attrs"] = {**memory_attrs(mem, ref.memory), **build_report(cand)}
+        if is_meta(device):
+            res.update(status="ok", note="meta device: shape-only dry run, accuracy not checked")
+            return res, (lambda c=cand: c(*ref.inputs))
+        acc = compare_outputs(outs, ref.refs, tolerance=tolerance, metric=workload.metric,
+                              targets=[y for _, y in ref.test])
+        res["accuracy"] = acc.to_dict()
+        over = memory_over(mem, max_memory_mib, device)
+        if not acc.ok or over:
+            res.update(status="rejected", reason=acc.reason if not acc.ok else over)
+            return res, None
+        res["status"] = "ok"
+        return res, (lambda c=cand: c(*ref.inputs))
+    except TooSlow as slow:  # a constraint outranks a pace: --max-memory, then a wrong answer seen already
+        over = memory_over(mem, max_memory_mib, device)
+        n = len(outs)  # the test batches it ran before it was given up (an fp16 overflow shows on the first)
+        acc = compare_outputs(outs, ref.refs[:n], tolerance=tolerance, metric=workload.metric,
+                              targets=[y for _, y in ref.test[:n]]) if n and not over else None
+        if acc is not None and not acc.ok:
+            res.update(status="rejected", reason=acc.reason, accuracy=acc.to_dict())
+        else:
+            res.update(dict(status="rejected", reason=over) if over else _too_slow(slow.value, prune_above))
+        res["trial_attrs"] = memory_attrs(mem, ref.memory)
+    except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
+        res.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+                   traceback=traceback.format_exc()[-4000:])
+    return res, None
+
+
+def _warm_runners(ref: _Reference, runners: dict[str, Callable[[], Any]], results: dict[str, Any], *, device: str,
+                  warmup_s: float, hopeless: float | None, prune_above: float | None) -> None:
+    """Warm each runner once (an eager baseline this worker warmed before needs only a few calls);
+    a candidate whose calls are hopelessly slow is given up (and its runner dropped). A call that
+    compiled is never a slow call: it is counted in the candidate's `compile` figures instead."""
+    warm_up(ref.baseline, device, max_s=WARM_BASELINE_S if ref.warmed else warmup_s)
+    ref.warmed = True
+    for name in list(runners)[1:]:
+        pace = Pace(None if hopeless is None else hopeless * ref.baseline_ms)
+        try:
+            warm_up(runners[name], device, max_s=warmup_s, pace=pace)
+        except TooSlow as slow:
+            results[name].update(_too_slow(slow.value / ref.baseline_ms, prune_above))
+            del runners[name]
+        if "compile" in results[name]:
+            results[name]["compile"]["compiling_calls"] += pace.compiling_calls
 
 
 def _too_slow(ratio: float, prune_above: float | None) -> dict[str, Any]:

@@ -342,12 +342,12 @@ def settle(prof: dict[str, Any], sensitivity: list[dict[str, Any]]) -> dict[str,
     return out
 
 
-MIN_PROFILE_S = 5.0  # less than this for the profile (a short budget): skip it; a worker barely starts in it
+MIN_PROFILE_S = 5.0  # the least time a profile gets by default (a worker barely starts in less); see `min_s`
 PROGRESS_FILE = "profile.partial.json"
 
 
-def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float,
-                   timeout: float, resume: bool = False, start: dict[str, Any] | None = None) -> dict[str, Any]:
+def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float, timeout: float,
+                   resume: bool = False, start: dict[str, Any] | None = None, min_s: float = MIN_PROFILE_S) -> dict:
     """The tune's profiling step: profile and sensitivity analysis in one isolated process,
     written to `profile.json`; returns SearchContext extras for the precision knob.
 
@@ -355,7 +355,7 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
     its analysed groups, marked `partial`); if it is killed at `timeout`, what it had written
     is kept. `start` (a cached partial profile) is completed rather than redone. A failed
     profile is recorded and the tune goes on without per-layer groups. On `--resume` the saved
-    profile is reused so every group keeps the same Optuna choices.
+    profile is reused so every group keeps the same Optuna choices. Below `min_s`, skipped.
     """
     import time
     from pathlib import Path
@@ -368,8 +368,8 @@ def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tole
         prof = load_profile(path)
     else:
         modes = default_group_modes(strategy, level, device)
-        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it"
-        if timeout >= MIN_PROFILE_S:  # a short budget goes to the baseline and candidates
+        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it, it needs about {min_s:.0f} s"
+        if timeout >= min_s:  # a short budget goes to the baseline and candidates
             progress.unlink(missing_ok=True)
             # its own deadline leaves the time to send the result and exit before the kill
             deadline = time.time() + timeout - min(2.0, max(0.5, 0.1 * timeout))

@@ -48,10 +48,26 @@ class Plan:
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     extra: dict[str, Any] = field(default_factory=dict)
     shapes: ShapePlan | None = None  # tuned on traffic: buckets, each with its own configs
+    # Whether `speedup` can be trusted: False when the machine was busy while it was measured or
+    # its rounds spanned too much (`reliability["reasons"]`, see `machine_load`); None: not judged
+    reliable: bool | None = None
+    reliability: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
         return describe(self.knobs) + (f"; {self.shapes.label}" if self.shapes else "")
+
+    @property
+    def keeps_baseline(self) -> bool:
+        """The plan changes nothing: every knob at its default, no shape buckets."""
+        return self.shapes is None and all(self.knobs.get(k.name, k.default()) == k.default() for k in all_knobs())
+
+    @property
+    def unreliable(self) -> str:
+        """"not reliable: <why>" when its figure cannot be trusted, else ""."""
+        from ..machine_load import unreliable_text
+
+        return unreliable_text(self.reliability) if self.reliable is False else ""
 
     # -- JSON ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -65,6 +81,7 @@ class Plan:
             "accuracy": self.accuracy, "compile_s": self.compile_s, "fell_back": self.fell_back,
             "note": self.note, "tolerance": self.tolerance, "level": self.level, "extra": self.extra,
             "shapes": self.shapes.to_dict() if self.shapes else None,
+            "reliable": self.reliable, "reliability": self.reliability,
         }
 
     @classmethod
@@ -75,7 +92,7 @@ class Plan:
         if not isinstance(d.get("knobs"), list):
             raise PlanError(f"{origin}: `knobs` must be a list of knob entries.")
         keys = ("fingerprint", "workload", "device", "baseline", "best", "speedup", "accuracy", "compile_s",
-                "fell_back", "note", "tolerance", "level", "created", "extra")
+                "fell_back", "note", "tolerance", "level", "created", "extra", "reliable", "reliability")
         fields = {k: d[k] for k in keys if k in d and d[k] is not None}
         check_fields(cls, fields, origin)
         check_plan_details(fields, origin)
@@ -139,7 +156,8 @@ class Plan:
     def apply(self, model: Any, example_inputs: tuple | None = None, *, strict: bool = False,
               device: str | None = None, pad_inputs: Any = None, unpad_outputs: Any = None,
               calibration_data: Any = None):
-        """Return the optimized callable for `model` (built on the first call if no inputs given).
+        """Return the optimized callable for `model` (built on the first call if no inputs given);
+        a plan that keeps the baseline (`keeps_baseline`) returns `model` itself.
 
         A plan with calibrated int8 (`int8_static`) takes its activation scales from
         `calibration_data` (input tuples: those of the test data the tune used,
@@ -162,6 +180,8 @@ class Plan:
             example_inputs = to_device(tuple(example_inputs), device)
         if hasattr(model, "eval"):
             model.eval()
+        if self.keeps_baseline:  # nothing to apply: a wrapper would only cost every call
+            return model
         if self.shapes is not None:
             from .buckets import bucketed_from_plan
 

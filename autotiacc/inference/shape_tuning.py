@@ -34,7 +34,9 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, Bench, evaluate_alternating,
+from ..engine import limits
+from ..engine.bench import Bench
+from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, evaluate_alternating,
                                final_rounds_s)
 from ..engines import fixed_shape_backends
 from ..errors import UserInputError
@@ -48,9 +50,8 @@ BUCKET_COUNTS = (1, 2, 3, 4, 6)
 MAX_BUCKETS = 12
 # Unseen in-range shapes whose accuracy is checked too (between the traffic's sizes).
 N_UNSEEN = 2
-FINAL_WARMUP_S = 3.0  # the longest warm-up of a variant in a final re-measurement (its process)
+FINAL_WARMUP_S = limits.MAX_WARMUP_S  # the longest warm-up of a variant in a final re-measurement (its process)
 FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (convnet's baseline: 0.5 s here)
-FRESH_COMPILE_S = 2.0  # a compiled candidate's rebuild in a fresh process beyond its trial's build (~2.2 s here)
 # Buckets above this traffic quantile of the request size may run their own backend/precision.
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
@@ -64,12 +65,16 @@ class _AlternatingFinal:
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         raise NotImplementedError
 
+    def final_costs(self, costs: dict[str, limits.Cost] | None) -> dict[str, limits.Cost] | None:
+        """The costs the final's limits derive from (`engine.limits`); None: one limit, the final's own."""
+        return costs
+
     def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
                       warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None):
+                      log_path: str | None = None, costs: dict[str, limits.Cost] | None = None):
         return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
                                     target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
-                                    bench=self.bench(candidates))
+                                    bench=self.bench(candidates), costs=self.final_costs(costs))
 
 
 class StaticShapes(_AlternatingFinal):
@@ -92,20 +97,11 @@ class StaticShapes(_AlternatingFinal):
             return evaluate, {"target_s": self.final_measure_s}
         return evaluate, {"target_s": measure_s, "prune_above": prune_above}
 
-    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
-        """Seconds the final re-measurement needs (`engine.fidelity.evaluate_alternating`): a
-        process per candidate and BASELINE_PROCESSES for the baseline, built one after another,
-        each rebuilding the model and its reference and warming up alone (half the model
-        check's build and forward, `process_s`, at least FINAL_PROCESS_S), then the rounds. A
-        compiled candidate's rebuild takes its trial's build time plus dynamo's tracing and
-        the load from Inductor's cache, which a fresh process pays again (FRESH_COMPILE_S).
-        Convnet bs 8 here: four candidates (three compiled), builds 12.8 s, warm-ups 1.1 s,
-        rounds 9.1 s; this estimate 23 s."""
-        rebuild = sum(float(t.user_attrs.get("build_s", 0.0))
-                      + (FRESH_COMPILE_S if (t.user_attrs.get("knobs") or {}).get("execution", {}).get("backend")
-                         == "compile" else 0.0) for t in tops)
-        processes = len(tops) + BASELINE_PROCESSES
-        return rebuild + processes * max(FINAL_PROCESS_S, process_s / 2) + final_rounds_s(len(tops), self.final_measure_s)
+    def final_reserve(self, tops: list, *, process_s: float = 0.0, least: bool = False) -> float:
+        """Seconds the final re-measurement of `tops` needs (`final_costs.one_shape_reserve`)."""
+        from .final_costs import one_shape_reserve
+
+        return one_shape_reserve(tops, process_s, self.final_measure_s, least=least)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
         return None  # `engine.fidelity.OneShape`: the workload's example inputs
@@ -265,7 +261,7 @@ class ShapeTuning(_AlternatingFinal):
         shapes = values.get("shapes")
         return f"; {shapes['label']}" if shapes else ""
 
-    def final_reserve(self, tops: list, *, process_s: float = 0.0) -> float:
+    def final_reserve(self, tops: list, *, process_s: float = 0.0, least: bool = False) -> float:
         """Seconds the final re-measurement needs (`evaluate_alternating` with `bench`), as one
         shape's (`StaticShapes.final_reserve`) but over the mix: each of its processes (a
         candidate's, BASELINE_PROCESSES for the baseline), built one after another, also makes
@@ -273,17 +269,21 @@ class ShapeTuning(_AlternatingFinal):
         rounds, a candidate checks every shape (unseen too) and its padding (two rounds) and
         rebuilds its buckets in full (ONNX exports and traces are not cached); then windows of
         at least `min_rounds` rounds each. A round is the traffic's calls at the slower of the
-        trial's weighted mean latencies (per sample when throughput: times the largest batch)."""
+        trial's weighted mean latencies (per sample when throughput: times the largest batch).
+        `least`: one baseline process and MIN_ROUNDS windows, what the final cannot do without."""
         mean_ms = max((max(float(t.user_attrs.get("baseline_ms") or 0.0), float(t.user_attrs.get("latency_ms") or 0.0))
                        for t in tops), default=0.0)
         batch = max([*(self.serve_batches or []), max(self.hist[BATCH])]) if self.serve_batches else 1
         round_s = len(self.traffic) * batch * mean_ms / 1e3
         warm = max(3 * round_s, min(FINAL_WARMUP_S, 6 * round_s))
-        processes = len(tops) + BASELINE_PROCESSES
+        processes = len(tops) + (1 if least else BASELINE_PROCESSES)
         rebuild = sum(float(t.user_attrs.get("build_s") or 0.0) + 2 * round_s for t in tops)
         window = max(FINAL_WINDOW_S, self.bench_rounds() * round_s)
         return (rebuild + processes * (max(FINAL_PROCESS_S, process_s / 2) + round_s + warm)
-                + final_rounds_s(len(tops), self.final_measure_s, window))
+                + final_rounds_s(len(tops), self.final_measure_s, window, rounds=MIN_ROUNDS if least else None))
+
+    def final_costs(self, costs: dict[str, limits.Cost] | None) -> dict[str, limits.Cost] | None:
+        return None  # a window is whole rounds of the mix: every step gets the final's own limit
 
     def bench_rounds(self) -> int:
         """Rounds of the mix per window of the final: `final_rounds` per variant over `FINAL_ROUNDS` windows."""

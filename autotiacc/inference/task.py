@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..engine import limits
 from ..engine.fidelity import measured_env
-from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
+from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
 from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
 from ..engine.profile_cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
@@ -21,11 +22,14 @@ from ..hardware import fingerprint as machine_fingerprint
 from ..knobs import SearchContext, all_knobs, configs_from_params, describe
 from ..knobs.int8 import torchao_available
 from ..knobs.precision_groups import is_group_param
+from ..machine_load import load_attrs
 from ..measure import Timing
 from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
+from .final_costs import final_costs_of, pending_stand_in
+from .plan_choice import fill_plan
 from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
-from .twins import final_summary, merge_twins, twin_trials, with_twins
+from .twins import TWIN, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
 __all__ = ["TuneOptions", "TuneResult", "InferenceTask", "tune", "MIN_BUDGET_S", "SPAWN_OVERHEAD_S"]
@@ -167,7 +171,8 @@ class InferenceTask(Task):
             timeout = max(0.0, share - (time.monotonic() - t0) - PROFILE_WRITE_S)
             extras = prepare_search(self.workload, run_dir.path, device=self.options.device, level=self.options.level,
                                     strategy=self.strategy, tolerance=self.options.effective_tolerance,
-                                    timeout=timeout, resume=cached.reuse, start=cached.start)
+                                    timeout=timeout, resume=cached.reuse, start=cached.start,
+                                    min_s=limits.profile_min_s(self.workload.check_s))
         self.ctx.extras.update(extras)
         self.plan_extra = {"layer_precision": plan_summary(run_dir.path), "seed_order": self._seed_order(),
                            "guard_data": self.workload.facts.guard_data}  # which data the accuracy guard used
@@ -188,6 +193,9 @@ class InferenceTask(Task):
 
     def study_attrs(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level}
+
+    def opened(self, study) -> None:
+        self.study = study  # its baseline trial scales the limits of the others
 
     def run_record(self) -> dict[str, Any]:
         return {"strategy": self.strategy.name, "level": self.options.level,
@@ -214,9 +222,19 @@ class InferenceTask(Task):
     def trial_timeout(self, left_s: float, budget_s: float, candidate: Candidate) -> float:
         if candidate.is_baseline:
             return left_s  # the baseline is the one trial every plan needs
-        # One slow candidate (a compile on a loaded machine) must not eat the whole budget.
-        cap = max(self.strategy.max_trial_share * budget_s, SPAWN_OVERHEAD_S + 10)
-        return min(self.strategy.trial_timeout_s, left_s, cap)
+        # One slow candidate (a compile on a loaded machine) must not eat the whole budget, nor
+        # be stopped sooner than the baseline's own trial could finish (a model with a slow forward)
+        base = self._baseline_trial()
+        return min(left_s, limits.trial_limit(strategy_limit_s=self.strategy.trial_timeout_s,
+                                              share_s=self.strategy.max_trial_share * budget_s,
+                                              baseline_trial_s=float(base.user_attrs["wall_s"]) if base else None))
+
+    def _baseline_trial(self):
+        """The measured baseline trial of this study, or None."""
+        study = getattr(self, "study", None)
+        trials = study.get_trials(deepcopy=False) if study is not None else []
+        return next((t for t in trials if t.user_attrs.get("baseline") and t.user_attrs.get("status") == "ok"
+                     and t.user_attrs.get("wall_s")), None)
 
     def start_search(self) -> None:
         # One warm worker for the whole search (replaced only after a crash, hang or OOM).
@@ -261,13 +279,15 @@ class InferenceTask(Task):
             attrs.update(status=outcome.status, reason=outcome.error)
             if outcome.status == "timeout" and timeout < self.strategy.trial_timeout_s:
                 attrs["reason"] = (f"stopped after {outcome.seconds:.0f} s, its share of the budget "
-                                   f"(max_trial_share={self.strategy.max_trial_share:g} or the time left)")
+                                   f"(max_trial_share={self.strategy.max_trial_share:g}, at least {limits.SLACK:g}x "
+                                   "the baseline's trial, or the time left)")
             return TrialResult("fail", attrs=attrs)
         res = outcome.value["candidates"]["candidate"]
         base = Timing.from_dict(outcome.value["baseline"])
         attrs.update(status=res["status"], reason=res.get("reason", ""), build_s=res.get("build_s"),
                      measure_s=outcome.value.get("measure_s"), baseline_ms=base.median, compile=res.get("compile"),
-                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"))
+                     rel_l2=(res.get("accuracy") or {}).get("rel_l2"), test_batches=outcome.value.get("test_batches"),
+                     **load_attrs(base.load))
         attrs.update(res.get("trial_attrs", {}))  # the shape hook's figures (traffic p99, its timing seconds)
         if "timing" in res:
             cand = Timing.from_dict(res["timing"])
@@ -283,14 +303,18 @@ class InferenceTask(Task):
                                               "finishing)", trial_s=wall * 1.5))
 
     # -- the end -----------------------------------------------------------------------------
-    def final_reserve(self, tops: list) -> float:
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
         """Time kept for the final re-measurement (fresh processes rebuilding the top candidates and
-        the baseline, warm-ups, the timing windows; the shape hook's estimate) and the plan/report."""
+        the baseline, warm-ups, the timing windows; the shape hook's estimate). A `pending` trial
+        may join the tops: `final_costs.pending_stand_in`."""
+        base = self._baseline_trial()
+        if pending and base is not None and len(tops) < self.final_top_k:
+            tops = [*tops, pending_stand_in(base, self.workload.check_s)]
         if not tops:  # nothing to re-measure: the plan is written at once
-            return 2.0
+            return 0.0
         # the model check timed a build and a forward in a child, on this machine, at this load
         tops = tops + twin_trials(tops, self.strategy.space("ort"))  # each twin is one more process
-        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s) + 3.0
+        return self.shape_tuning.final_reserve(tops, process_s=self.workload.check_s, least=least)
 
     def family(self, values: dict[str, Any]) -> Any:
         return family_of(values)
@@ -309,13 +333,15 @@ class InferenceTask(Task):
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         # each finalist, and the twins of options only a process of its own can judge (inference.twins)
         cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
+        costs = final_costs_of(tops, self.workload.check_s)  # a twin costs what its finalist does
+        costs.update({n: costs[n.removesuffix(TWIN)] for n in cands if n.endswith(TWIN)})
         # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape
         # hook's; a finalist and its twin export their graph once (engines.cache)
         with shared_builds(self.run_dir.path) as builds_env:
             outcome = self.shape_tuning.final_measure(
                 self.workload, cands, device=self.options.device, tolerance=self.options.effective_tolerance,
                 warmup_s=FINAL_WARMUP_S, env={**worker_env(self.run_dir.path), **builds_env}, timeout=timeout,
-                log_path=self.run_dir.trial_log("final"))
+                log_path=self.run_dir.trial_log("final"), costs=costs)
         if not outcome.ok:
             return outcome.reason()
         self.final_alternating = outcome.value.get("alternating")
@@ -335,63 +361,9 @@ class InferenceTask(Task):
                            and t.user_attrs.get("baseline_ms")), None)
         if base_trial is not None:  # search-time figure, replaced below by the final re-measurement
             plan.baseline = {"median_ms": base_trial.user_attrs["baseline_ms"], "source": "search"}
-        kind, t = decision.kind, decision.trial
-        if kind == "nothing":
-            counts: dict[str, int] = {}
-            for x in trials:  # say what stopped them: the accuracy guard is one reason of several
-                status = x.user_attrs.get("status")
-                if status not in ("ok", "duplicate", "skipped", None) and not x.user_attrs.get("baseline"):
-                    counts[status] = counts.get(status, 0) + 1
-            if any(x.user_attrs.get("status") == "ok" and not x.user_attrs.get("baseline")
-                   for x in trials):
-                counts["not faster"] = sum(1 for x in trials if x.user_attrs.get("status") == "ok"
-                                           and not x.user_attrs.get("baseline"))
-            why = ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "none was measured in the budget"
-            plan.fell_back, plan.speedup = True, 1.0
-            plan.note = f"no candidate beat the baseline ({why}); keeping the baseline. " + failure_note(trials)
-            return plan
-        if kind == "final_failed":  # keep best-so-far from the search rather than ending with nothing
-            a = t.user_attrs
-            plan.knobs, plan.speedup, plan.compile_s = configs_from_params(a["knobs"]), a.get("speedup"), a.get("build_s")
-            plan.baseline = {"median_ms": a.get("baseline_ms"), "source": "search"}
-            plan.best = {"median_ms": a.get("latency_ms"), "p90_ms": a.get("p90_ms"), "spread": a.get("spread"),
-                         "source": "search"}
-            self.shape_tuning.record(plan, a["knobs"], a)
-            plan.note = (f"final re-measurement failed ({decision.reason}); the plan keeps trial {t.number}, "
-                         "the best of the search, with its search-time figures.")
-            return plan
-        final = decision.final
-        plan.baseline = final.baseline.to_dict()
-        if getattr(self, "final_alternating", None):
-            plan.extra["final_alternating"] = self.final_alternating
-        plan.extra["final"] = final_summary(final)
-        plan.fell_back, plan.speedup = True, 1.0
-        if kind == "all_failed":
-            plan.note = "every top candidate failed the final re-measurement; the plan keeps the baseline."
-            return plan
-        res, cand = decision.result, decision.timing
-        if kind == "not_faster":
-            plan.best = cand.to_dict()
-            plan.note = (f"best candidate ({describe(configs_from_params(res['knobs']))}) was "
-                         f"{res.get('speedup', final.baseline.median / cand.median):.2f}x the baseline in the final "
-                         "re-measurement: not "
-                         "faster beyond noise, so the plan keeps the baseline.")
-            return plan
-        plan.fell_back = False
-        plan.knobs = configs_from_params(res["knobs"])
-        plan.best, plan.speedup = cand.to_dict(), res.get("speedup", final.baseline.median / cand.median)
-        plan.accuracy, plan.compile_s = res.get("accuracy"), res.get("build_s")
-        plan.extra.update(res.get("engine_records") or {})  # int8_static's scales: `plan.apply` replays them
-        self.shape_tuning.record(plan, res["knobs"], res)
-        alt = getattr(self, "final_alternating", None)
-        how = "each alone in its own process, measured in turns" if alt else "interleaved in a fresh process"
-        spread = ((alt or {}).get("speedup_range") or {}).get(res.get("variant", f"trial_{t.number}"))
-        if spread:  # each process runs at its own pace: what one round (a process of each) gave
-            how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
-        plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "
-                     f"re-measured {how}, in the environment of the tune.")
+        fill_plan(plan, decision, trials, shape_tuning=self.shape_tuning,
+                  final_alternating=getattr(self, "final_alternating", None))
         return plan
-
 
 
 def tune(workload: Workload, options: TuneOptions, progress: Progress | None = None) -> TuneResult:

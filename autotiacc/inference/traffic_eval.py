@@ -22,10 +22,13 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from ..device import is_meta, to_device, use_device
-from ..engine.fidelity import AlternatingResult, Bench
+from ..engine.bench import Bench
+from ..engine.fidelity import AlternatingResult
 from ..knobs import configs_from_params
+from ..machine_load import LoadProbe
 from ..measure import Timing, measure_interleaved
 from .accuracy import compare_outputs
+from .baseline import EagerBaseline, eager_call
 from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
 from .candidate import compile_stats
 from .evaluate import BASELINE, worker_cached, workload_key
@@ -94,26 +97,16 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     t0 = time.perf_counter()
     weights = {s.key(): s.weight for s in shapes}
     names = [BASELINE] + list(built)
-    per_shape: dict[str, dict[str, Timing]] = {n: {} for n in names}
     # Throughput objective: a candidate with `serve_batch` B serves full batches of B requests;
     # figures become ms per sample (the baseline serves the traffic's own batch sizes).
     serve = {n: serve_batch_of(candidates[n]) for n in built}
     per_sample = any(serve.values())
     xs = {n: serving_inputs(workload, device, serve[n], shapes, inputs) for n in built}
     waste = {n: padding_waste(c, xs[n], weights) for n, c in built.items()}
-    for s in shapes:
-        x = inputs[s.key()]
-        runners = {BASELINE: eager_runner(model, x), **{n: (lambda c=c, x=xs[n][s.key()]: c(*x))
-                                                       for n, c in built.items()}}
-        # Warm-up is per shape here, so cap it: dozens of shapes x the single-shape allowance would
-        # eat the budget; compilation already happened in prepare().
-        timings = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds,
-                                      warmup_s=min(warmup_s, SHAPE_WARMUP_S))
-        for n, t in timings.items():
-            per_shape[n][s.key()] = t
+    per_shape, load = _time_shapes(model, built, shapes, inputs, xs, device=device, rounds=rounds, warmup_s=warmup_s)
     divisor = {n: divisors(shapes, serve.get(n), per_sample) for n in names}
     mixed = {n: Timing([sum(weights[k] * t.samples_ms[r] / divisor[n][k] for k, t in per_shape[n].items())
-                        for r in range(rounds)]) for n in names}
+                        for r in range(rounds)], load=load) for n in names}
     samples = {n: {k: t.samples_ms for k, t in per_shape[n].items()} for n in names}
     base = mixed[BASELINE]
     for n in built:
@@ -129,6 +122,25 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     return {"baseline": base.to_dict(), "candidates": results,
             "baseline_p99_mix_ms": mixture_quantile(samples[BASELINE], weights, 0.99), "per_sample": per_sample,
             "measure_s": time.perf_counter() - t0}
+
+
+def _time_shapes(model, built: dict[str, BucketedModel], shapes: list[Shape], inputs: dict[str, tuple],
+                 xs: dict[str, dict[str, tuple]], *, device: str, rounds: int,
+                 warmup_s: float) -> tuple[dict[str, dict[str, Timing]], dict[str, Any] | None]:
+    """Every shape timed `rounds` rounds, eager and the candidates interleaved: ({variant: {shape:
+    timing}}, the machine's load over all of it)."""
+    per_shape: dict[str, dict[str, Timing]] = {n: {} for n in [BASELINE, *built]}
+    with LoadProbe() as probe:
+        for s in shapes:
+            runners = {BASELINE: eager_runner(model, inputs[s.key()]),
+                       **{n: (lambda c=c, x=xs[n][s.key()]: c(*x)) for n, c in built.items()}}
+            # Warm-up is per shape here, so cap it: dozens of shapes x the single-shape allowance would
+            # eat the budget; compilation already happened in prepare().
+            timings = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds,
+                                          warmup_s=min(warmup_s, SHAPE_WARMUP_S))
+            for n, t in timings.items():
+                per_shape[n][s.key()] = t
+    return per_shape, probe.window.to_dict() if probe.window else None
 
 
 # -- the parts both the trials' evaluation and the alternating final use ----------------------------
@@ -182,14 +194,8 @@ def divisors(shapes: list[Shape], serve: int | None, per_sample: bool) -> dict[s
 
 
 def eager_runner(model, x: tuple) -> Callable[[], Any]:
-    """The eager fp32 baseline on one shape, as the user runs it."""
-    import torch
-
-    def run() -> Any:
-        with torch.inference_mode():
-            return model(*x)
-
-    return run
+    """The eager fp32 baseline on one shape, as the user runs it (`baseline.EagerBaseline`)."""
+    return EagerBaseline(model, x)
 
 
 def padding_waste(cand: BucketedModel, xs: dict[str, tuple], weights: dict[str, float]) -> float:
@@ -318,13 +324,10 @@ class _Mix:
 
 def _reference(workload, device: str, shapes: list[Shape]) -> tuple[Any, dict[str, tuple], dict[str, Any]]:
     """The eager fp32 model on `device`, every shape's inputs (made there) and its outputs."""
-    import torch
-
     # a module is a pytree leaf: to_device moves it too; every input below is made on `device`
     model = to_device(workload.build_model(), device)
     inputs = {s.key(): _inputs_on(workload, device, s.batch_size, seed=0, **s.dim_dict) for s in shapes}
-    with torch.inference_mode():
-        refs = {k: model(*x) for k, x in inputs.items()}
+    refs = {k: eager_call(model, x) for k, x in inputs.items()}
     return model, inputs, refs
 
 

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..engine import limits
 from ..errors import PlanMismatchError, UserInputError
+from ..machine_load import unreliable_text
 
 DEFAULT_SPEED_TOLERANCE = 0.25  # relative drop of the recorded speed-up tolerated before "drift"
 DEFAULT_MEASURE_S = 3.0
@@ -96,13 +98,22 @@ def _artifact_accuracy(plan_dir: str, workload, shapes, tolerance: float) -> dic
     return {"ok": acc.ok, "reason": acc.reason, "rel_l2": acc.rel_l2}
 
 
+def _costs(plan, workload) -> dict[str, limits.Cost]:
+    """What the plan recorded of the baseline and of itself, for the limits of its re-measurement."""
+    def ms(figures: dict | None) -> float:
+        return float((figures or {}).get("median_ms") or 0.0) / 1e3
+
+    check_s = getattr(workload, "check_s", 0.0)
+    return {"baseline": limits.Cost(build_s=check_s, forward_s=ms(plan.baseline)),
+            "plan": limits.Cost(build_s=float(plan.compile_s or 0.0), forward_s=ms(plan.best) or ms(plan.baseline))}
+
+
 def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: float = DEFAULT_SPEED_TOLERANCE,
                 measure_s: float = DEFAULT_MEASURE_S, timeout_s: float = 600.0,
                 device: str | None = None) -> VerifyResult:
     """Re-measure the plan at `plan_path` for the model in `model_file` here, on `device` (by
     default the plan's own; a CUDA plan in a process without CUDA is a `PlanError`); see the module doc."""
     from ..hardware import fingerprint, fingerprint_differences, fingerprint_id
-    from ..measure import Timing, faster_beyond_noise
     from .plan import load_plan
     from .shape_tuning import shape_tuning_for_plan, values_from_plan
 
@@ -133,8 +144,10 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
              + f", measured on {fingerprint_id(plan.fingerprint) if plan.fingerprint else 'unknown'}",
              f"here: {fingerprint_id(here)}"] + ([artifact_line] if artifact_line else [])
     tol = plan.tolerance if plan.tolerance is not None else 2e-2
+    # a plan that keeps the baseline is the model itself in production (`apply` returns it): timed as such
+    values = None if plan.keeps_baseline else values_from_plan(plan)
     outcome = shape_tuning_for_plan(plan, workload, measure_s=measure_s).final_measure(
-        workload, {"plan": values_from_plan(plan)}, device=device, tolerance=tol, timeout=timeout_s)
+        workload, {"plan": values}, device=device, tolerance=tol, timeout=timeout_s, costs=_costs(plan, workload))
     measured: dict[str, Any] = {"recorded_speedup": recorded, "fingerprint_differences": len(problems)}
     if not outcome.ok:
         problems.append(f"the plan could not be measured here ({outcome.reason()})")
@@ -145,10 +158,24 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     if res["status"] != "ok":
         problems.append(f"the plan {res['status']} here: {res.get('reason', '')}")
         return VerifyResult(False, problems, lines, measured)
+    _compare(plan, outcome.value, res, VerifyResult(False, problems, lines, measured), tolerance=tolerance,
+             timed_model_itself=values is None)
+    return VerifyResult(not problems, problems, lines, measured)
+
+
+def _compare(plan, value: dict[str, Any], res: dict[str, Any], into: VerifyResult, *, tolerance: float,
+             timed_model_itself: bool) -> None:
+    """The re-measurement (`value`, the plan's result `res`) against what the plan recorded: lines,
+    figures and problems added to `into`."""
+    from ..measure import Timing, faster_beyond_noise
+
+    lines, problems, measured = into.lines, into.problems, into.measured
+    recorded, acc = measured["recorded_speedup"], measured["rel_l2"]
+    rec_acc, tol = (plan.accuracy or {}).get("rel_l2"), plan.tolerance if plan.tolerance is not None else 2e-2
     # the figures and the noise test are over the repetitions, one figure per window, as the
     # tune's final decides (per-call samples of one process are not independent repetitions)
-    windows = (outcome.value.get("alternating") or {}).get("windows_ms") or {}
-    base = Timing(windows.get("baseline") or Timing.from_dict(outcome.value["baseline"]).samples_ms)
+    windows = (value.get("alternating") or {}).get("windows_ms") or {}
+    base = Timing(windows.get("baseline") or Timing.from_dict(value["baseline"]).samples_ms)
     cand = Timing(windows.get("plan") or Timing.from_dict(res["timing"]).samples_ms)
     speedup = base.median / cand.median
     measured.update(speedup=speedup, baseline_ms=base.median, plan_ms=cand.median, baseline_spread=base.iqr_rel,
@@ -158,7 +185,14 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
         measured["shapes"] = sorted(res["per_shape"])
         how = f"traffic-weighted over {len(res['per_shape'])} shapes; {how}"
     lines.append(f"measured here: {speedup:.2f}x (baseline {base.median:.3f} ms ±{base.iqr_rel:.0%}, "
-                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}; {how}), rel. error {acc:.2e}")
+                 f"plan {cand.median:.3f} ms ±{cand.iqr_rel:.0%}; {how})"
+                 + (f", rel. error {acc:.2e}" if acc is not None else ""))
+    if timed_model_itself:
+        lines.append("the plan keeps the baseline: `apply` returns the model itself, and that is what was timed.")
+    verdict = res.get("reliability") or {}
+    measured.update(reliable=verdict.get("reliable"), reliability=verdict or None)
+    if unreliable_text(verdict):
+        lines.append(f"measured here: {unreliable_text(verdict)}")
     if rec_acc is not None and acc is not None and acc > max(2 * rec_acc, rec_acc + 0.1 * tol):
         problems.append(f"accuracy changed: rel. error {acc:.2e} here vs {rec_acc:.2e} recorded")
     floor = recorded * (1 - tolerance)
@@ -169,4 +203,3 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
                         f"(at least {floor:.2f}x expected with --tolerance {tolerance})")
     elif not plan.fell_back and not faster_beyond_noise(cand, base):
         lines.append("note: within tolerance, but not faster than the baseline beyond noise here.")
-    return VerifyResult(not problems, problems, lines, measured)

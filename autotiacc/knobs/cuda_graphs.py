@@ -56,31 +56,40 @@ def _no_autocast_cache():
         yield
 
 
-class CUDAGraphRunner:
-    """Calls `runner(*inputs)` through a captured CUDA graph (captured on the first call with
-    each input signature). Inputs must be tensors; outputs are cloned pytrees of tensors."""
+def capture_cuda_graph(runner: Callable[..., Any], inputs: list) -> tuple[Any, list, Any]:
+    """Capture `runner(*inputs)` in a CUDA graph: (the graph, its static inputs, its static outputs)."""
+    import torch
 
-    def __init__(self, runner: Callable[..., Any], device: str) -> None:
-        require_cuda(device)
-        self.runner, self.device = runner, device
-        self._graphs: dict[tuple, tuple[Any, list, Any]] = {}  # signature -> (graph, static inputs, static out)
+    static = [torch.empty_like(t).copy_(t) for t in inputs]  # empty_like keeps the strides
+    stream = torch.cuda.Stream(device=static[0].device if static else None)
+    stream.wait_stream(torch.cuda.current_stream())
+    with _no_autocast_cache():
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_CALLS):
+                runner(*static)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            out = runner(*static)
+    return graph, static, out
+
+
+class GraphReplays:
+    """Calls `runner(*inputs)` through captured replays, one per input signature (captured on its
+    first call, up to `MAX_GRAPHS`; other signatures then run `runner` directly, said once).
+    Inputs must be tensors; each call copies them into the replay's static inputs, and the
+    outputs are cloned pytrees of tensors (the next replay overwrites the static ones).
+
+    `capture(runner, inputs)` returns (replay, static inputs, static outputs): `replay.replay()`
+    re-runs the captured work reading the static inputs and writing the static outputs. This
+    bookkeeping is apart from the capture so that it runs, and is tested, without a GPU.
+    """
+
+    def __init__(self, runner: Callable[..., Any],
+                 capture: Callable[[Callable[..., Any], list], tuple[Any, list, Any]]) -> None:
+        self.runner, self._capture = runner, capture
+        self._graphs: dict[tuple, tuple[Any, list, Any]] = {}  # signature -> (replay, static inputs, static out)
         self._warned = False
-
-    def _capture(self, inputs: list) -> tuple[Any, list, Any]:
-        import torch
-
-        static = [torch.empty_like(t).copy_(t) for t in inputs]  # empty_like keeps the strides
-        stream = torch.cuda.Stream(device=static[0].device if static else None)
-        stream.wait_stream(torch.cuda.current_stream())
-        with _no_autocast_cache():
-            with torch.cuda.stream(stream):
-                for _ in range(WARMUP_CALLS):
-                    self.runner(*static)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, stream=stream):
-                out = self.runner(*static)
-        return graph, static, out
 
     def __call__(self, *inputs: Any) -> Any:
         import torch
@@ -98,7 +107,7 @@ class CUDAGraphRunner:
                                   "without a CUDA graph.", stacklevel=2)
                     self._warned = True
                 return self.runner(*inputs)
-            entry = self._graphs[key] = self._capture(list(inputs))
+            entry = self._graphs[key] = self._capture(self.runner, list(inputs))
         graph, static, out = entry
         for buf, t in zip(static, inputs):
             buf.copy_(t, non_blocking=True)
@@ -108,3 +117,12 @@ class CUDAGraphRunner:
     @property
     def graphs(self) -> int:
         return len(self._graphs)
+
+
+class CUDAGraphRunner(GraphReplays):
+    """`GraphReplays` of CUDA graphs on `device` (a CUDA device that is available)."""
+
+    def __init__(self, runner: Callable[..., Any], device: str) -> None:
+        require_cuda(device)
+        super().__init__(runner, capture_cuda_graph)
+        self.device = device

@@ -19,6 +19,21 @@ def table(header: list[str], rows: list[list[Any]]) -> list[str]:
     return out
 
 
+def reliability_lines(plan: dict[str, Any]) -> list[str]:
+    """Whether the plan's figure can be trusted (its `reliable` and `reliability` fields; see
+    `machine_load`), as report lines: none for a plan that was not judged (older plans)."""
+    verdict = plan.get("reliability") or {}
+    load = verdict.get("load") or {}
+    seen = (f" ({load.get('busy_windows', 0)} of {load['windows']} timing windows busy, load up to "
+            f"{fmt(load.get('load1'), '.1f')} on {load.get('cores')} cores)") if load.get("windows") else ""
+    if plan.get("reliable") is False:
+        return ["", "**Not reliable:** " + "; ".join(verdict.get("reasons") or []) + ". Re-measure it on a quiet "
+                "machine (`autotiacc verify`)."]
+    if plan.get("reliable"):
+        return ["", f"Measured while the machine was quiet enough{seen}."]
+    return []
+
+
 def seed_order_section(run: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """Which reduced types this device computes in natively, and the stage-1 seeds moved last for it."""
     order = run.get("seed_order")

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
 from ..errors import UserInputError
-from .format import fmt, seed_order_section, table
+from .format import fmt, reliability_lines, seed_order_section, table
 from .plotting import figure
 from .profile import PROFILE_PLOTS, profile_sections
 
@@ -218,17 +218,20 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
                  p.get("speedup"), acc.get("rel_l2"), p.get("compile_s")]]
         lines = [f"**{p.get('note', '')}**", ""] + table(
             ["variant", "median ms", "p90 ms", "p99 ms", "spread (IQR/median)", "n", "speed-up", "rel. error", "build s"], rows)
+        lines += reliability_lines(p)
         lines += ["", f"Plan: `plan.json` — knobs: {p.get('label')}; fell back to baseline: {p.get('fell_back')}."]
         out.append(("Result", lines + _twin_lines(p)))
     if not t.empty and "status" in t:
         ok = t[t["status"] == "ok"]  # no trial succeeded: no speed-up column at all
         ok = ok.sort_values("speedup", ascending=False).head(10) if "speedup" in ok else ok.iloc[0:0]
         rows = [[r["number"], r.get("label"), r.get("speedup"), r.get("latency_ms"), r.get("spread"), r.get("rel_l2"),
-                 r.get("build_s"), r.get("peak_mem_mib")] for _, r in ok.iterrows()]
+                 r.get("build_s"), r.get("peak_mem_mib"), "yes" if r.get("busy") is True else "–"]
+                for _, r in ok.iterrows()]
         out.append(("Top trials", (table(["#", "candidate", "speed-up", "median ms", "spread", "rel. error", "build s",
-                                          "peak MiB"], rows) if rows else ["No trial was measured successfully."])
+                                          "peak MiB", "busy"], rows) if rows else ["No trial was measured successfully."])
                     + ["", "peak MiB: the candidate's peak memory above what its process held before building it "
-                           "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse)."]))
+                           "(CUDA: max_memory_allocated; CPU: resident-set high-water mark, coarse). busy: the "
+                           "machine was busy while it was timed (other processes or steal took its cores)."]))
         bad = t[~t["status"].isin(["ok", "duplicate"]) & t["status"].notna()]
         rows = [[r["number"], r.get("label"), r["status"], str(r.get("reason", ""))[:300]] for _, r in bad.iterrows()]
         out.append(("Failed, rejected, pruned or skipped trials",
@@ -236,7 +239,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
         graph = t[t["param_backend"] == "compile"] if "compile" in t and "param_backend" in t else t.iloc[0:0]
         if not graph.empty:
             out.append(("Compile statistics (torch.compile trials)",
-                        table(["#", "candidate", "dynamo graphs / breaks / recompiles"],
+                        table(["#", "candidate", "dynamo graphs / breaks / recompiles, calls that compiled"],
                                [[r["number"], r.get("label"), r["compile"]] for _, r in graph.iterrows()])))
     out += seed_order_section(run)
     out += shape_sections(data)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..engine.budget import budget_section
-from .format import fmt, seed_order_section, table
+from .format import fmt, reliability_lines, seed_order_section, table
 from .inference import read_run_dir, render
 from .plotting import figure
 
@@ -93,6 +93,7 @@ def sections(data: TrainReportData) -> list[tuple[str, list[str]]]:
                  (((p.get("extra") or {}).get("final_losses")) or [[None]])[0][-1]]]
         lines = [f"**{p.get('note', '')}**", ""] + table(
             ["variant", "samples/s", "spread (IQR/median)", "windows", "speed-up", "loss after guard steps"], rows)
+        lines += reliability_lines(p)
         if fin:
             lines += ["", f"What bounds the plan's training: **{fin.get('bound')}** — loader alone "
                           f"{fmt(fin.get('loader_samples_per_s'))} samples/s, compute alone (held batches) "

@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 from ..engine.workers import Outcome, Worker
 
+STACKS = 2  # ranks whose Python stacks a timeout reports (64 ranks' took 64 s)
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -52,7 +54,8 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
         while failure is None and any(r is None for r in results):
             if time.perf_counter() > deadline:
                 late = [r for r in range(nproc) if results[r] is None]
-                where = "\n".join(f"rank {r}: {workers[r].stack()}" for r in late)
+                # a stack takes up to a second to come: a few ranks' tell where they hung
+                where = "\n".join(f"rank {r}: {workers[r].stack()}" for r in late[:STACKS])
                 failure = Outcome("timeout", error=f"rank {late[0]} gave no result within {timeout:.0f} s; all ranks "
                                   "were killed", traceback=where, seconds=time.perf_counter() - t0)
                 break

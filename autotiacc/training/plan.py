@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import PlanError
 from ..inference.plan import check_fields, check_plan_details, check_plan_header, read_plan_json
+from ..machine_load import unreliable_text
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"
@@ -30,10 +31,17 @@ class TrainingPlan:
     note: str = ""
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     extra: dict[str, Any] = field(default_factory=dict)
+    reliable: bool | None = None  # as the inference plan's: False when its figure cannot be trusted
+    reliability: dict[str, Any] | None = None
 
     @property
     def label(self) -> str:
         return self.config.label()
+
+    @property
+    def unreliable(self) -> str:
+        """"not reliable: <why>" when its figure cannot be trusted, else ""."""
+        return unreliable_text(self.reliability) if self.reliable is False else ""
 
     def to_dict(self) -> dict[str, Any]:
         from ..version import __version__
@@ -42,14 +50,15 @@ class TrainingPlan:
                 "created": self.created, "device": self.device, "nproc": self.nproc, "batch_size": self.batch_size,
                 "fingerprint": self.fingerprint, "workload": self.workload, "knobs": self.config.to_list(),
                 "label": self.label, "baseline": self.baseline, "best": self.best, "speedup": self.speedup,
-                "fell_back": self.fell_back, "note": self.note, "extra": self.extra}
+                "fell_back": self.fell_back, "note": self.note, "extra": self.extra, "reliable": self.reliable,
+                "reliability": self.reliability}
 
     @classmethod
     def from_dict(cls, d: Any, *, origin: str = "plan") -> "TrainingPlan":
         check_plan_header(d, SCHEMA, SCHEMA_VERSION, origin, what="training plan (inference plans are read with "
                           "autotiacc.load_plan)", retune="autotiacc tune --mode train")
         keys = ("batch_size", "nproc", "fingerprint", "workload", "device", "baseline", "best", "speedup",
-                "fell_back", "note", "created", "extra")
+                "fell_back", "note", "created", "extra", "reliable", "reliability")
         fields = {k: d[k] for k in keys if d.get(k) is not None}
         check_fields(cls, fields, origin)
         check_plan_details(fields, origin)

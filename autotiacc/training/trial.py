@@ -26,6 +26,7 @@ from .loop import apply
 
 GUARD_STEPS = 8
 ROUNDS = 4
+TRIAL_BUSY_WAIT_S = 1.0  # the most a one-process trial waits for a busy machine to go quiet before it retimes
 
 
 def _cycle(loader: Any) -> Iterator[Any]:
@@ -212,23 +213,14 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
         out["build_s"] = time.perf_counter() - t0
         losses += [float(cand.step(next(cand.batches))) for _ in range(guard_steps - 1)]
     out.update(losses=losses, peak_mem_mib=round(mem.peak_mib, 2), mem_source=mem.source)
-    if not all(_finite(x) for x in losses):
-        return {**out, "status": "rejected", "reason": f"loss became non-finite on rank {rank}: {losses}"}
-    if max_memory_mib is not None and mem.peak_mib > max_memory_mib:
-        return {**out, "status": "rejected", "peak_rss_mib": _peak_rss_mib(),
-                "reason": f"peak memory {mem.peak_mib:.0f} MiB ({mem.source}) over --max-memory "
-                          f"{max_memory_mib:.0f} MiB on rank {rank}"}
+    rejected = _guard(out, mem, max_memory_mib=max_memory_mib, reference=None, tolerance=tolerance)
+    if rejected:
+        return {**out, "status": "rejected", **rejected}
     if workload.eval_fn is not None and rank == 0:  # the user's metric after the guard steps, for the report
         out.update(run_eval(workload.eval_fn, cand.model))
-    if reference_losses:
-        tail = max(1, len(losses) // 4)
-        mine, ref = sum(losses[-tail:]) / tail, sum(reference_losses[rank][-tail:]) / tail
-        rel = abs(mine - ref) / max(abs(ref), 1e-8)
-        out["loss_rel_diff"] = rel
-        if rel > tolerance:
-            return {**out, "status": "rejected",
-                    "reason": f"loss after {guard_steps} steps {mine:.4g} vs fp32 baseline {ref:.4g} on rank {rank} "
-                              f"({rel:.1%} apart, tolerance {tolerance:.0%})"}
+    rejected = _guard(out, mem, max_memory_mib=None, reference=reference_losses, tolerance=tolerance)
+    if rejected:  # off the baseline's loss curve: its metric above still tells how far
+        return {**out, "status": "rejected", **rejected}
 
     steps = max(4, cand.buffer)
     runners = {"candidate": cand.window(steps)}
@@ -238,7 +230,10 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
         runners["baseline"] = base.window(steps)
         out["build_s"] += time.perf_counter() - t0
     t0 = time.perf_counter()
-    timing = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0)
+    # the ranks' CPU time is the trial's own (peers); a retake after a busy machine only in one process,
+    # as ranks that retook at different times would wait in each other's collectives
+    timing = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0, peers=world,
+                                 busy_wait_s=TRIAL_BUSY_WAIT_S if world == 1 else 0.0)
     per_s = {name: steps * bs / (t.median / 1e3) for name, t in timing.items()}
     out.update(status="ok", window_steps=steps, samples_per_s=per_s["candidate"],
                timing={n: t.to_dict() for n, t in timing.items()})
@@ -250,6 +245,28 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
         dist.barrier()
         dist.destroy_process_group()
     return out
+
+
+def _guard(out: dict[str, Any], mem: PeakMemory, *, max_memory_mib: float | None,
+           reference: list[list[float]] | None, tolerance: float) -> dict[str, Any] | None:
+    """Why the candidate's guard steps (`out["losses"]` on `out["rank"]`) reject it, or None: a
+    non-finite loss, peak memory over the limit, a loss off the fp32 baseline's curve (its relative
+    difference lands in `out["loss_rel_diff"]`)."""
+    losses, rank = out["losses"], out["rank"]
+    if not all(_finite(x) for x in losses):
+        return {"reason": f"loss became non-finite on rank {rank}: {losses}"}
+    if max_memory_mib is not None and mem.peak_mib > max_memory_mib:
+        return {"peak_rss_mib": _peak_rss_mib(), "reason": f"peak memory {mem.peak_mib:.0f} MiB ({mem.source}) over "
+                                                         f"--max-memory {max_memory_mib:.0f} MiB on rank {rank}"}
+    if not reference:
+        return None
+    tail = max(1, len(losses) // 4)
+    mine, ref = sum(losses[-tail:]) / tail, sum(reference[rank][-tail:]) / tail
+    rel = out["loss_rel_diff"] = abs(mine - ref) / max(abs(ref), 1e-8)
+    if rel <= tolerance:
+        return None
+    return {"reason": f"loss after {len(losses)} steps {mine:.4g} vs fp32 baseline {ref:.4g} on rank {rank} "
+                      f"({rel:.1%} apart, tolerance {tolerance:.0%})"}
 
 
 def run_eval(eval_fn: Callable, model: Any) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs.base import all_knobs
+from ..machine_load import load_attrs, merge_loads, reliability, unreliable_sentence, verdict_line
 from ..measure import Timing
 from .config import TrainConfig, train_context
 from .launch import run_ranks
@@ -193,9 +194,13 @@ class TrainingTask(Task):
                              "it; fix the training file (the trial logs in the run directory say where).")
 
     # -- the end -----------------------------------------------------------------------------
-    def final_reserve(self, tops: list) -> float:
-        """Time kept for the final re-measurement (a baseline and the winner, longer windows);
-        none while no candidate beats the baseline, as there is then nothing to re-measure."""
+    def final_reserve(self, tops: list, *, pending: bool = False, least: bool = False) -> float:
+        """Time kept for the final re-measurement (a baseline and the winner, longer windows): a
+        top trial's wall time scaled to the final's rounds; with a `pending` trial and no top yet,
+        the baseline trial's (the pending one may become the top). None before the baseline ran."""
+        if not tops and pending:
+            tops = [t for t in self.study.get_trials(deepcopy=False)
+                    if t.user_attrs.get("baseline") and t.user_attrs.get("status") == "ok"][:1]
         if not tops:
             return 0.0
         walls = sorted(float(t.user_attrs.get("wall_s", 0)) for t in tops)
@@ -211,10 +216,9 @@ class TrainingTask(Task):
         ranks = overall.value
         summary = summarize(ranks, reference)
         summary["final_losses"] = [r["losses"] for r in ranks]
-        timing = ranks[0]["timing"]
-        return FinalMeasure(baseline=Timing.from_dict(timing["baseline"]),
-                            candidates={tops[0].number: (summary["status"], Timing.from_dict(timing["candidate"]),
-                                                         summary)})
+        base, cand = Timing.from_dict(ranks[0]["timing"]["baseline"]), Timing.from_dict(ranks[0]["timing"]["candidate"])
+        summary["reliability"] = verdict(base, cand)
+        return FinalMeasure(baseline=base, candidates={tops[0].number: (summary["status"], cand, summary)})
 
     def make_plan(self, decision: Decision, study) -> TrainingPlan:
         trials = study.get_trials(deepcopy=False)
@@ -243,14 +247,17 @@ class TrainingTask(Task):
                              "window_ms": decision.final.baseline.to_dict()}
             plan.best = {"samples_per_s": summary["samples_per_s"], "window_ms": cand.to_dict()}
         plan.speedup = summary.get("speedup")
+        plan.reliability = summary.get("reliability")
+        plan.reliable = plan.reliability["reliable"] if plan.reliability else None
+        more = unreliable_sentence(plan.reliability)
         if kind == "winner":
             plan.note = (f"{(plan.speedup - 1) * 100:.0f} % more samples/s than the baseline (num_workers=0, fp32), "
-                         "re-measured side by side in fresh processes.")
+                         "re-measured side by side in fresh processes." + more)
             return plan
         plan.config, plan.fell_back = TrainConfig(), True
         plan.note = (f"best candidate ({config.label()}) was {plan.speedup or float('nan'):.2f}x the baseline in the "
                      f"final re-measurement ({summary.get('reason') or 'not faster beyond noise'}); the plan keeps the "
-                     "baseline.")
+                     "baseline." + more)
         return plan
 
 
@@ -276,6 +283,7 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
                bound=ranks[0]["bound"], loader_samples_per_s=ranks[0]["loader_samples_per_s"],
                compute_samples_per_s=ranks[0]["compute_samples_per_s"],
                spread=Timing.from_dict(ranks[0]["timing"]["candidate"]).iqr_rel,
+               **load_attrs(ranks[0]["timing"]["candidate"].get("load")),
                cache_build_s=ranks[0]["notes"].get("cache_build_s"),
                fp32_modules=",".join(_cfg(ranks[0]).precision.fp32_modules) or None,
                checkpoint_modules=",".join(_cfg(ranks[0]).memory.checkpoint_modules) or None)
@@ -288,6 +296,13 @@ def summarize(ranks: list[dict[str, Any]], reference: list[list[float]] | None) 
             out[f"rank{r['rank']}_comm_share"] = r.get("comm_share")
             out[f"rank{r['rank']}_loss"] = r["losses"][-1]
     return out
+
+
+def verdict(base: Timing, cand: Timing) -> dict[str, Any]:
+    """Whether a candidate's figure beside the baseline can be trusted (`machine_load.reliability`):
+    the load over both timings, and the span of the per-round speed-ups (the rounds are taken in turns)."""
+    pairs = [b / c for b, c in zip(base.samples_ms, cand.samples_ms) if c > 0]
+    return reliability(merge_loads([base.load, cand.load]), (min(pairs), max(pairs)) if pairs else None)
 
 
 def _cfg(rank_result: dict[str, Any]) -> TrainConfig:
@@ -303,25 +318,30 @@ def tune_training(workload: TrainWorkload, options: TrainTuneOptions, progress: 
 def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memory: str | None,
              batch_size: int | None, tolerance: float | None, storage: str | None, study: str | None,
              resume: bool, seed: int, device: str, command: str, echo: Callable[[str], None],
-             progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training") -> TrainTuneResult:
-    """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin."""
+             progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training",
+             started: float | None = None) -> TrainTuneResult:
+    """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin.
+    `started`: time.monotonic() when the budget began (the command's start; default: now)."""
     from ..durations import parse_duration
+    from ..outputs import check_output_dir
     from ..report import write_training_report
     from .workload import load_train_workload
 
+    started = time.monotonic() if started is None else started
     budget_s = parse_duration(budget)
     strategy_for("training", strategy)  # a wrong strategy is refused before any work
     if resume and (out is None or not (Path(out) / "run.json").exists()):
         raise UserInputError("`--resume` needs `--out DIR` holding the run.json of the training tune to continue.")
     max_memory_mib = parse_memory(max_memory) if max_memory else None  # bad flags fail before any import
+    check_output_dir(out or Path("runs"))  # writable (the default goes under runs/), before any work
     out = out or Path("runs") / f"{Path(file).stem}-train-{time.strftime('%Y%m%d-%H%M%S')}"
     options = TrainTuneOptions(budget_s=budget_s, out_dir=Path(out), nproc=nproc,
                                max_memory_mib=max_memory_mib,
                                tolerance=tolerance if tolerance is not None else 0.05, storage=storage,
                                study_name=study or STUDY_NAME, resume=resume, seed=seed, device=device, command=command,
-                               heartbeat_s=heartbeat, strategy=strategy)
+                               heartbeat_s=heartbeat, strategy=strategy, started=started)
     # the check of the training file runs first, in a child killed at the end of the budget
-    workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s, 5.0),
+    workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s - (time.monotonic() - started), 5.0),
                                    limit=f"the {budget_s:.0f} s --budget", device=options.device, nproc=nproc)
     result = tune_training(workload, options, progress)
     written = write_training_report(result.run_dir)
@@ -329,6 +349,8 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     echo(f"plan: {p.label}")
     echo(f"samples/s: {p.speedup:.2f}x the baseline (num_workers=0, fp32) — {p.note}" if p.speedup and not
          math.isnan(p.speedup) else f"result: {p.note}")
+    if verdict_line(p.reliability):
+        echo(f"measurement: {verdict_line(p.reliability)}")
     echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s, {nproc} process(es))")
     echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
     return result
