@@ -36,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from . import limits
@@ -62,7 +63,7 @@ def measured_env() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in SPEED_ENV}
 
 
-def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
+def measure_alternating(workload, variants: Mapping[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
                         deadline: float | None = None, build_parallel: int | None = None,

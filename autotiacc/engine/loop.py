@@ -54,7 +54,8 @@ class Search:
     def __init__(self, task: Task, options: RunOptions, *, patience: int, progress: Progress | None = None) -> None:
         self.task, self.options, self.patience = task, options, patience
         self.progress = progress or (lambda event: None)
-        self.budget = Budget(options.budget_s, **({"t_start": options.started} if options.started is not None else {}))
+        self.budget = (Budget(options.budget_s) if options.started is None
+                       else Budget(options.budget_s, t_start=options.started))
         self.spec = StudySpec(storage=options.storage, study_name=options.study_name, direction=task.direction,
                               seed=options.seed, heartbeat_s=options.heartbeat_s, resume=options.resume)
         self.run_dir = RunDir(options.out_dir)
@@ -298,9 +299,9 @@ class Search:
     def run_record(self, fp: dict, identity: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         """(run.json's fields, this session's record); a storage password never lands in them."""
         session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
-                   "command": redact(self.options.command)}
+                   "command": redact(self.options.command or "")}
         data = {"mode": self.task.mode, "workload": identity, "fingerprint": fp, **self.task.run_record(),
-                "device": self.options.device, "storage": redact(self.options.storage) if self.spec.shared
+                "device": self.options.device, "storage": redact(self.options.storage or "") if self.spec.shared
                 else "sqlite:///study.db", "study_name": self.options.study_name, **self.options.extra}
         return data, session
 

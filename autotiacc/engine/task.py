@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..measure import Timing
+from .storage import Direction
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Task(ABC):
     mode: str = "task"  # run.json's `mode`
     strategy_name: str = ""
     baseline_label: str = "baseline"  # the label of the baseline trial (older studies lack the flag)
-    direction: str = "minimize"
+    direction: Direction = "minimize"
     final_top_k: int = 3
 
     def gain(self, value: float) -> float:

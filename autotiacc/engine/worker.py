@@ -106,6 +106,7 @@ def main(argv: list[str]) -> None:
         if path is not None:
             sys.path[:] = path
         t0 = time.perf_counter()
+        report: tuple[Any, ...]
         try:
             _redirect(log_path, base)
         except OSError as exc:

@@ -102,7 +102,8 @@ def serve(argv: list[str]) -> None:
     children: set[int] = set()
     compile_loaded = False
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [], 0 if not compile_loaded else IDLE_EXIT_S)
+        readers: list[Any] = [sock, wake_r]
+        ready, _, _ = select.select(readers, [], [], 0 if not compile_loaded else IDLE_EXIT_S)
         if not ready and not compile_loaded:  # nothing asked for now: the compile stack, once
             preload_compile()
             compile_loaded = True
@@ -299,7 +300,7 @@ class ForkedProcess:
         while self.poll() is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired("worker", timeout)
+                raise subprocess.TimeoutExpired("worker", float(timeout or 0.0))
             self.zygote.pump(wait=min(0.2, left) if left is not None else 0.2)
         assert self.returncode is not None
         return self.returncode
