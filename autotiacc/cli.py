@@ -43,7 +43,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                            err=True)
             else:
                 typer.echo("autotiacc: interrupted before any trial was recorded; nothing was kept.", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
     return wrapper
 
 

@@ -86,7 +86,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         fp["device_name"] = gpu["name"]
         fp.update({k: gpu[k] for k in ("capability", "gpu_memory_gb", "driver")})
     try:
-        import onnxruntime  # noqa: F401  (version only; optional backend)
+        import onnxruntime
 
         fp["onnxruntime"] = onnxruntime.__version__
     except ImportError:

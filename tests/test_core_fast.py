@@ -1,6 +1,5 @@
 """Fast behaviour checks of the core: parsing, statistics, knobs, plans, workloads, accuracy."""
 import json
-import math
 import warnings
 
 import pytest

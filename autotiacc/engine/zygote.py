@@ -77,7 +77,7 @@ def preload_compile() -> None:
     of once per process that compiles. Imported after the first requests are served, so the
     tune's first child (the model check) need not wait for it."""
     if not _gpu_present():
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
         import torch._inductor.compile_fx  # noqa: F401
 
 

@@ -191,7 +191,7 @@ def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True, give_up_
     outs, ms = [], []
     for x, _ in test:
         box: list[Any] = []
-        ms.append(time_once(lambda: box.append(fn(*x)), device))
+        ms.append(time_once(lambda box=box, x=x: box.append(fn(*x)), device))
         outs.append(box[0])
         if stop_on_overflow and not _finite(box[0]):
             break  # an overflow: the mode fails whatever the other batches give

@@ -64,7 +64,9 @@ def keep_fp32(model: Any, names: tuple[str, ...], device_type: str) -> None:
         orig = mod.forward
 
         def forward(*args: Any, _orig=orig, **kwargs: Any) -> Any:
-            cast = (lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            def cast(t: Any) -> Any:
+                return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
             with torch.autocast(device_type, enabled=False):
                 return _orig(*_tree_map(cast, args), **_tree_map(cast, kwargs))
 

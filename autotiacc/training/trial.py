@@ -75,9 +75,9 @@ def detect_overflow(model: Any, loss_fn: Callable, batch: Any, mode: str, *, max
         for name, mod in probe.named_modules():
             if name and not any(True for _ in mod.children()):
                 handles.append(mod.register_forward_hook(
-                    lambda m, i, o, n=name: bad.add(n) if over(o) and not over(i) else None))
+                    lambda m, i, o, n=name, bad=bad: bad.add(n) if over(o) and not over(i) else None))
                 handles.append(mod.register_full_backward_hook(
-                    lambda m, gi, go, n=name: bad.add(n) if over(gi) and not over(go) else None))
+                    lambda m, gi, go, n=name, bad=bad: bad.add(n) if over(gi) and not over(go) else None))
         try:
             with torch.autocast(device.type, dtype=dtype):
                 loss = loss_fn(probe, batch)
