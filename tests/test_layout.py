@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import autotiacc
@@ -114,3 +115,29 @@ def test_no_private_names_imported_across_packages():
             if private:
                 bad.append(f"{mods[m].relative_to(PKG.parent)}:{line} imports {target}.{name or ''}")
     assert not bad, "private names used across packages (make them public with a clear name): " + "; ".join(bad)
+
+
+# torch's private names (a leading underscore anywhere in the dotted path), in code, not comments
+_TORCH_PRIVATE = re.compile(r"\btorch(\.[A-Za-z0-9]+)*\._[A-Za-z]")
+
+
+def test_private_torch_api_lives_in_torch_compat_only():
+    """torch.utils._pytree, torch._dynamo, torch._inductor, torch._C...: one module to change
+    when a torch release moves them (as engine/optuna_compat.py is for Optuna)."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "torch_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Attribute):
+                names = [ast.unparse(node)]
+            if any(_TORCH_PRIVATE.match(n) for n in names):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not bad, "private torch API outside autotiacc/torch_compat.py (add a function there): " + ", ".join(
+        sorted(set(bad)))

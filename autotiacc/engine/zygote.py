@@ -77,8 +77,9 @@ def preload_compile() -> None:
     of once per process that compiles. Imported after the first requests are served, so the
     tune's first child (the model check) need not wait for it."""
     if not _gpu_present():
-        import torch._dynamo
-        import torch._inductor.compile_fx  # noqa: F401
+        from ..torch_compat import preload_compile_stack
+
+        preload_compile_stack()
 
 
 # -- the zygote's side ---------------------------------------------------------------------------
