@@ -12,6 +12,7 @@ from typing import Any
 from ..machine_load import merge_loads, reliability
 from . import limits
 from .bench import Bench, time_window
+from .status import CallStatus
 from .workers import Outcome, WorkerPool, run_isolated
 
 BASELINE = "baseline"
@@ -239,7 +240,7 @@ class Alternation:
 
 
 def _cut(what: str, left_s: float) -> Outcome:
-    return Outcome("timeout", error=f"cut by the budget: no time left to {what} ({max(0.0, left_s):.0f} s left)")
+    return Outcome(CallStatus.TIMEOUT, error=f"cut by the budget: no time left to {what} ({max(0.0, left_s):.0f} s left)")
 
 
 def _merge(built: Outcome, warmed: Outcome) -> Outcome:

@@ -43,6 +43,7 @@ from . import limits
 from .alternation import (BASELINE, BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, AlternatingResult,
                           Alternation)
 from .bench import Bench, OneShape, time_window
+from .status import CallStatus
 from .workers import Outcome
 
 __all__ = ["AlternatingResult", "BASELINE", "BASELINE_PROCESSES", "Bench", "FINAL_ROUNDS", "FINAL_WINDOW_S",
@@ -165,7 +166,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
     if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         why = res.failures.get(BASELINE) or (f"cut by the budget after {res.rounds} rounds (it needs "
                                              f"{MIN_ROUNDS} to judge the noise)")
-        return Outcome("exception", error=why, seconds=res.seconds)
+        return Outcome(CallStatus.EXCEPTION, error=why, seconds=res.seconds)
     from ..measure import Timing
 
     out: dict[str, Any] = {}
@@ -181,5 +182,5 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
             r.update(bench.figures(res, name))  # may reject it (a traffic mix: p99 over the budget)
         out[name] = r
     base = Timing(res.samples[BASELINE], load=res.load(BASELINE)).to_dict()
-    return Outcome("ok", value={"baseline": base, "candidates": out, "alternating": res.to_dict(),
+    return Outcome(CallStatus.OK, value={"baseline": base, "candidates": out, "alternating": res.to_dict(),
                                 **bench.summary(res)}, seconds=res.seconds)

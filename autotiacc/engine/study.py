@@ -12,10 +12,11 @@ from typing import Any
 
 from ..errors import UserInputError
 from . import optuna_compat as compat
+from .status import TrialStatus
 from .storage import Direction, create_or_load, open_storage, wait_for_setup
 
-REQUEUED = "requeued"  # a queued starting point moved behind a retry; not a trial
-INTERRUPTED = "interrupted"
+REQUEUED = TrialStatus.REQUEUED.value
+INTERRUPTED = TrialStatus.INTERRUPTED.value
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..measure import Timing
+from .status import TrialState
 from .storage import Direction
 
 
@@ -31,7 +32,7 @@ class TrialResult:
     objective (complete only); `attrs` (status, reason, wall_s, build_s, measure_s, figures)
     become the trial's user attributes and trials.csv columns."""
 
-    state: str
+    state: TrialState
     value: float | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
