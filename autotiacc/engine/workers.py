@@ -7,7 +7,7 @@ once, models, baselines and a CUDA context kept); `run_isolated` is the one-shot
 
 Workers are forked by a zygote (`zygote.py`: a `python -c` process that has imported torch
 and never runs an op), or with `AUTOTIACC_FORKSERVER=0` started as `python -c
-"...autotiacc.engine.worker..."` themselves; never forked from the caller (a child forked after
+"...autotiacc.engine.worker_child..."` themselves; never forked from the caller (a child forked after
 the parent ran an OpenMP-parallel op hangs in its first parallel region) nor by
 multiprocessing's spawn (which re-imports the caller's `__main__`: a script without a
 `__main__` guard would recurse, and `python -` or a notebook has no file to import).
@@ -31,7 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
-from . import worker as worker_side
+from . import worker_child as worker_side
 from . import zygote
 from .profile_cache import cache_root
 from .status import WORKER_LOST, CallStatus
@@ -46,7 +46,7 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding
 # The worker's entry point; `sys.path` is the caller's (sent with the first message), so
 # functions and classes that cloudpickle sends by reference import as they do in the caller.
 _ENTRY = ("import sys; sys.path.insert(0, sys.argv[1]); "
-          "from autotiacc.engine.worker import main; main(sys.argv[2:])")
+          "from autotiacc.engine.worker_child import main; main(sys.argv[2:])")
 
 
 @dataclass

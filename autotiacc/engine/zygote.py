@@ -5,7 +5,7 @@ and its replacements, the profile, and the final re-measurement's fresh processe
 the baseline and one per candidate, all starting at once on two cores). A *zygote* is one
 process, started like a worker (`python -c`, so the caller's `__main__` is never
 re-imported), that imports torch and then only forks: each child runs the worker loop of
-`worker.py` as a process started with `python -c` would, minus the import.
+`worker_child.py` as a process started with `python -c` would, minus the import.
 
 Forking is safe here because the zygote never runs an op: what makes a forked torch child
 hang (an OpenMP pool started by a parallel region in the parent) and what breaks one (an
@@ -86,7 +86,7 @@ def preload_compile() -> None:
 def serve(argv: list[str]) -> None:
     """The zygote's main loop: import torch, then fork a worker for every request until the
     caller closes the socket; report each child's pid and, when it ends, its exit code."""
-    from .worker import _die_with_parent, import_torch
+    from .worker_child import _die_with_parent, import_torch
 
     sock_fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
@@ -166,7 +166,7 @@ def _become_worker(sock: socket.socket, wake_r: int, wake_w: int, req: dict[str,
         sock.close()
         os.close(wake_r)
         os.close(wake_w)
-        from .worker import STACK_FD_ENV, main
+        from .worker_child import STACK_FD_ENV, main
 
         env = req["env"]
         for k in [k for k in os.environ if k not in env]:
