@@ -20,13 +20,14 @@ same data, without per-bucket configs, in `extra["shapes"]`: `ShapePlan.from_v1`
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Iterator
 
 from ..engines import fixed_shape_backends
 from ..errors import PlanError, UserInputError
@@ -273,15 +274,26 @@ def _slice_batch(out: Any, padded: int, real: int) -> Any:
                            and t.shape[0] == padded else t, out)
 
 
-def _raise_recompile_limit(n: int) -> None:
-    """Every bucket graph is a cache entry on the same code object; Dynamo's default limit (8)
-    would silently fall back to eager past it, so make room for all buckets."""
+@contextlib.contextmanager
+def _recompile_room(n: int) -> Iterator[None]:
+    """Dynamo's recompile limit raised to `n` for the calls inside, then restored: every bucket
+    graph is a cache entry on the same code object, and past the default limit (8) Dynamo would
+    silently fall back to eager; the caller's own compiled code keeps its limits."""
+    if not n:
+        yield
+        return
     import torch._dynamo
 
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name) and getattr(cfg, name) < n:
+    saved = {name: getattr(cfg, name) for name in ("recompile_limit", "cache_size_limit") if hasattr(cfg, name)}
+    for name, value in saved.items():
+        if value < n:
             setattr(cfg, name, n)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():  # one may alias the other: both saved before either was set
+            setattr(cfg, name, value)
 
 
 class BucketedModel:
@@ -323,8 +335,7 @@ class BucketedModel:
             else:
                 key = repr(sorted(cfg.items()))
                 self.runners.append(shared.get(key) or shared.setdefault(key, self._runner(cfg)))
-        if compiles:
-            _raise_recompile_limit(compiles + 8)
+        self._recompile_room = compiles + 8 if compiles else 0  # raised only inside this model's calls
         self._warned = False
         self.calls_out_of_range = 0
         self.padding = {"real": 0, "fed": 0}  # input elements, counted on the tensors actually fed
@@ -342,6 +353,12 @@ class BucketedModel:
         return out
 
     def __call__(self, *inputs: Any) -> Any:
+        with _recompile_room(self._recompile_room):
+            return self._dispatch(inputs)
+
+    forward = __call__
+
+    def _dispatch(self, inputs: tuple) -> Any:
         sizes = self.sizes(inputs)
         idx = self.spec.index(sizes)
         if idx is None:
@@ -367,8 +384,6 @@ class BucketedModel:
             out = self.unpad_outputs(out, **{n: sizes[n] for n in dims})
         return out
 
-    forward = __call__
-
     def _count(self, real: tuple, fed: tuple) -> None:
         self.padding["real"] += sum(t.numel() for t in real if hasattr(t, "numel"))
         self.padding["fed"] += sum(t.numel() for t in fed if hasattr(t, "numel"))
@@ -382,7 +397,7 @@ class BucketedModel:
             limits = ", ".join(f"{n}≤{e[-1]}" for n, e in self.spec.edges.items())
             warnings.warn(f"input shape {sizes} is outside every tuned bucket ({limits}); running the unoptimized "
                           "model for such shapes (warned once). Re-tune with traffic that covers them.",
-                          OutOfRangeWarning, stacklevel=3)
+                          OutOfRangeWarning, stacklevel=4)
         with torch.inference_mode():
             return self.original(*inputs)
 
