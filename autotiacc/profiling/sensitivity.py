@@ -1,6 +1,6 @@
-"""Per-layer precision: lower chosen submodules only, and find which ones can be lowered.
+"""The per-layer sensitivity pass: which precision groups can be lowered, and in what.
 
-A group is a submodule path from the profile (`autotiacc.profile.candidate_groups`). Lowering
+A group is a submodule path from the profile (`groups.candidate_groups`). Lowering
 wraps it in a `PrecisionRegion` (autotiacc.knobs.precision_groups, where the precision knob
 applies it too).
 
@@ -14,12 +14,13 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision, param_name
-from .static_int8 import STATIC_INT8, analysed, check_group, kept_fp32
+from ..knobs.precision import STATIC_INT8
+from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision
+from .schema import PARTIAL_WHY
 
-SEARCHED_GROUPS = 6  # at most this many groups get an Optuna parameter each
 ANALYSED_MODES = (*LOWERED_MODES, STATIC_INT8)  # int8_static: checked per group, not sampled per group
 
 
@@ -37,7 +38,15 @@ def _finite(obj: Any) -> bool:
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
-PARTIAL_WHY = "the profile's share of the budget ran out; a later tune of this workload on this machine completes it"
+@dataclass(frozen=True)
+class Checks:
+    """How the pass judges a lowered group, given by the layer that owns accuracy and engines:
+    `compare(outputs, references, tolerance=)` -> an object with ok, rel_l2 and reason (the
+    accuracy guard's comparison); `static_int8(model, path, test, refs, tolerance)` -> the
+    sensitivity entry of a group quantized alone by an engine's static quantizer."""
+
+    compare: Callable[..., Any]
+    static_int8: Callable[..., dict[str, Any]]
 
 
 def analysis_order(modes: Iterable[str], device: str) -> list[str]:
@@ -55,7 +64,7 @@ def analysis_order(modes: Iterable[str], device: str) -> list[str]:
     return native_first(ordered, native_types_here(device))
 
 
-def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float,
+def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[str], tolerance: float, checks: Checks,
                         device: str = "cpu", time_limit_s: float | None = None, deadline: float | None = None,
                         model: Any = None, done: list[dict[str, Any]] | None = None,
                         progress: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
@@ -64,20 +73,15 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     share per unit of the smallest allowed error; 0 when nothing is allowed), best score first.
 
     Runs the model on the workload's test data; meant to run inside `run_isolated`. Steps, one
-    mode at a time (`analysis_order`): the check of that mode on every group (accuracy, overflow),
-    then a quick look at the speed of each group that passed. `done`: the entries of an earlier,
-    partial analysis (what they hold is kept, not redone). The analysis stops before a step that
-    would end past `deadline` (`time.time()`; or `time_limit_s` from now), predicting each step
-    from the last one of its kind; what is left is named in `skipped` (see `finish_sensitivity`).
-    `progress` gets the entries before the first step and after each one, so a process killed at
-    its cap still leaves what it finished.
+    mode at a time (`analysis_order`): the check of that mode on every group (accuracy, overflow,
+    judged by `checks`), then a quick look at the speed of each group that passed. `done`: the
+    entries of an earlier, partial analysis (what they hold is kept, not redone). The analysis
+    stops before a step that would end past `deadline` (`time.time()`; or `time_limit_s` from
+    now), predicting each step from the last one of its kind; what is left is named in `skipped`
+    (see `finish_sensitivity`). `progress` gets the entries before the first step and after each
+    one, so a process killed at its cap still leaves what it finished.
     """
     import time
-
-    import torch
-
-    from ..device import to_device
-    from .accuracy import compare_outputs
 
     if time_limit_s is not None:
         deadline = time.time() + time_limit_s if deadline is None else min(deadline, time.time() + time_limit_s)
@@ -85,42 +89,67 @@ def analyse_sensitivity(workload, groups: list[dict[str, Any]], *, modes: list[s
     for old in done or []:
         if old.get("path") in entries:
             entries[old["path"]]["sensitivity"] = copy.deepcopy(old.get("sensitivity") or {})
-
-    def steps():  # lazily: which groups get a look depends on their check
-        for mode in analysis_order(modes, device):
-            yield from ((mode, p, "check") for p, e in entries.items()
-                        if mode in modes_for(e, modes) and mode not in e["sensitivity"])
-            yield from ((mode, p, "look") for p, e in entries.items() if _look_left(e["sensitivity"].get(mode)))
-
-    todo = steps()
+    todo = _steps(entries, modes, device)
     first = next(todo, None)
     if first is None:
         return finish_sensitivity(list(entries.values()), modes, None)
     if progress is not None:  # what there is before the first step (killed in it: the profile stays)
         progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
-    model = to_device(model if model is not None else workload.build_model(), device)
-    test = to_device(list(workload.test_data()), device)
-    with torch.no_grad():
-        refs, ref_ms = _run_timed(model, test, device, stop_on_overflow=False)
-    inputs = to_device(workload.example_inputs(), device)
-    last: dict[tuple[str, str], float] = {}  # seconds of the last step per (mode, kind): fp16 on a CPU costs far more
-    cut = False
-    for mode, path, kind in itertools.chain([first], todo):
-        guess = last.get((mode, kind), max((v for (m, k), v in last.items() if k == kind), default=0.0))
-        if deadline is not None and time.time() + guess > deadline:
-            cut = True
-            break
-        t0 = time.perf_counter()
-        sens = entries[path]["sensitivity"]
-        if kind == "check":
-            slow = any(_far_slower(e["sensitivity"].get(mode)) for e in entries.values())
-            sens[mode] = _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs, ref_ms, slow)
-        else:
-            sens[mode]["quick_speedup"] = _quick_speedup(model, _lowered(model, path, mode, device), inputs, device)
-        last[(mode, kind)] = time.perf_counter() - t0
-        if progress is not None:
-            progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY))
+    run = _Run(workload, model, device, tolerance, checks)
+    cut = run.steps(entries, itertools.chain([first], todo), deadline,
+                    lambda: progress and progress(finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY)))
     return finish_sensitivity(list(entries.values()), modes, PARTIAL_WHY if cut else None)
+
+
+def _steps(entries: dict[str, dict[str, Any]], modes: list[str], device: str):
+    """(mode, path, "check" | "look") steps left, lazily: which groups get a look depends on their check."""
+    for mode in analysis_order(modes, device):
+        yield from ((mode, p, "check") for p, e in entries.items()
+                    if mode in modes_for(e, modes) and mode not in e["sensitivity"])
+        yield from ((mode, p, "look") for p, e in entries.items() if _look_left(e["sensitivity"].get(mode)))
+
+
+class _Run:
+    """The model, the test data and its fp32 references the steps of one analysis share."""
+
+    def __init__(self, workload, model: Any, device: str, tolerance: float, checks: Checks) -> None:
+        import torch
+
+        from ..device import to_device
+
+        self.device, self.tolerance, self.checks = device, tolerance, checks
+        self.model = to_device(model if model is not None else workload.build_model(), device)
+        self.test = to_device(list(workload.test_data()), device)
+        with torch.no_grad():
+            self.refs, self.ref_ms = _run_timed(self.model, self.test, device, stop_on_overflow=False)
+        self.inputs = to_device(workload.example_inputs(), device)
+
+    def steps(self, entries: dict[str, dict[str, Any]], todo, deadline: float | None, after: Callable[[], Any]) -> bool:
+        """Runs the steps until one would end past `deadline`; True when it stopped there."""
+        import time
+
+        last: dict[tuple[str, str], float] = {}  # seconds of the last step per (mode, kind): fp16 on a CPU costs far more
+        for mode, path, kind in todo:
+            guess = last.get((mode, kind), max((v for (m, k), v in last.items() if k == kind), default=0.0))
+            if deadline is not None and time.time() + guess > deadline:
+                return True
+            t0 = time.perf_counter()
+            sens = entries[path]["sensitivity"]
+            if kind == "check":
+                slow = any(_far_slower(e["sensitivity"].get(mode)) for e in entries.values())
+                sens[mode] = self.check(path, mode, slow)
+            else:
+                lowered = _lowered(self.model, path, mode, self.device)
+                sens[mode]["quick_speedup"] = _quick_speedup(self.model, lowered, self.inputs, self.device)
+            last[(mode, kind)] = time.perf_counter() - t0
+            after()
+        return False
+
+    def check(self, path: str, mode: str, slow_elsewhere: bool) -> dict[str, Any]:
+        if mode == STATIC_INT8:  # an engine's quantizer, not a PyTorch region
+            return self.checks.static_int8(self.model, path, self.test, self.refs, self.tolerance)
+        return _try_mode(self.model, path, mode, self.test, self.refs, self.tolerance, self.device,
+                         self.checks.compare, self.ref_ms, slow_elsewhere)
 
 
 def _look_left(result: dict[str, Any] | None) -> bool:
@@ -212,8 +241,6 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
     slow test batch is enough to give up here."""
     import torch
 
-    if mode == STATIC_INT8:  # an engine's quantizer, not a PyTorch region
-        return check_group(model, path, test, refs, tolerance)
     seen = {"group_finite": True}
     try:
         lowered = _lowered(model, path, mode, device)
@@ -245,156 +272,3 @@ def _try_mode(model, path, mode, test, refs, tolerance, device, compare_outputs,
     if acc.ok and best is not None and best * SLOW_LOOK < 1:
         res["quick_speedup"] = best
     return res
-
-
-def search_groups(sensitivity: list[dict[str, Any]], limit: int = SEARCHED_GROUPS) -> list[dict[str, Any]]:
-    """The groups the search samples: those with at least one allowed mode, best score first,
-    each with its fixed choice list (fp32 first, then its allowed modes in GROUP_MODES order)."""
-    picked = [g for g in sensitivity if g.get("allowed")][:limit]
-    return [{"path": g["path"], "choices": ["fp32"] + [m for m in LOWERED_MODES if m in g["allowed"]]}
-            for g in picked]
-
-
-def enqueue_params(groups: list[dict[str, Any]], sensitivity: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Stage-1 starting points for per-layer precision (Optuna params; global mode fp32):
-    every searched group at its least-error allowed mode; and every group at the mode whose
-    quick look was fastest, where that beat fp32 by 5 % or more (others stay fp32)."""
-    if not groups:
-        return []
-    by_path = {g["path"]: g for g in sensitivity}
-    accurate, fast = {}, {}
-    for g in groups:
-        sens = by_path[g["path"]]["sensitivity"]
-        lowered = [m for m in g["choices"] if m != "fp32"]
-        accurate[param_name(g["path"])] = min(lowered, key=lambda m: sens[m]["rel_l2"])
-        quickest = max(lowered, key=lambda m: sens[m].get("quick_speedup", 0.0))
-        fast[param_name(g["path"])] = quickest if sens[quickest].get("quick_speedup", 0.0) >= 1.05 else "fp32"
-    starts = [accurate]
-    if fast != accurate and any(m != "fp32" for m in fast.values()):
-        starts.append(fast)
-    return starts
-
-
-def default_group_modes(strategy, level: int, device: str = "cpu") -> list[str]:
-    """Modes the sensitivity pass checks per group: the group modes the search may use (the
-    strategy's `precision.group_modes`, else the lowered global modes it lists; per-layer int8
-    too, for Linear groups), and `int8_static` where it is searched (`static_int8.analysed`);
-    none at level 0."""
-    if level < 1:
-        return []
-    space = strategy.space("precision")
-    if "group_modes" in space:
-        return [m for m in LOWERED_MODES if m in space["group_modes"]] + analysed(strategy, level, device)
-    listed = space.get("mode", [])
-    return [m for m in LOWERED_MODES if m in listed and m != "int8_dynamic"] + ["int8_dynamic"] + analysed(
-        strategy, level, device)
-
-
-def profile_for_search(workload, *, device: str = "cpu", modes: list[str], tolerance: float,
-                       target_s: float = 1.0, time_limit_s: float | None = None, deadline: float | None = None,
-                       start: dict[str, Any] | None = None, progress_path: str | None = None) -> dict[str, Any]:
-    """Profile, then (when `modes`) the sensitivity analysis of the profile's groups. Runs in
-    an isolated process, so it is timed in the same environment as the trials.
-
-    `start`: a partial profile of this workload on this machine (cached by an earlier tune): its
-    profile is kept and its analysis completed. The work stops before `deadline` (`time.time()`;
-    or `time_limit_s` from now) with what it finished, marked `partial`. With `progress_path`
-    the profile so far is written there after each step, so a process killed at its cap still
-    leaves it (`prepare_search` reads it back)."""
-    import time
-
-    from ..device import to_device, use_device
-    from ..profile import profile_workload, save_profile
-
-    if time_limit_s is not None:
-        deadline = min(deadline or math.inf, time.time() + time_limit_s)
-    use_device(device)
-    model = to_device(workload.build_model(), device)  # one build for the profile and the analysis
-    if start and start.get("modules"):
-        prof = copy.deepcopy(start)
-    else:
-        # the profile may take all the time: without it there is nothing to keep, while the
-        # analysis can be left, step by step, to later runs (its repetitions shrink with the time)
-        prof = profile_workload(workload, device=device, model=model, target_s=target_s, deadline=deadline)
-        prof["sensitivity"] = []
-    prof.pop("partial", None)
-
-    def progress(sens: list[dict[str, Any]]) -> None:
-        if progress_path:
-            save_profile(settle(prof, sens), progress_path)
-
-    sens = prof.get("sensitivity") or []
-    if modes and prof.get("groups"):
-        sens = analyse_sensitivity(workload, prof["groups"], modes=modes, tolerance=tolerance, device=device,
-                                   deadline=deadline, model=model, done=sens, progress=progress)
-    return settle(prof, sens)
-
-
-def settle(prof: dict[str, Any], sensitivity: list[dict[str, Any]]) -> dict[str, Any]:
-    """`prof` with this analysis, the groups the search samples, and `partial` (what is left,
-    for a later tune to complete) where a group still has modes to analyse."""
-    out = {k: v for k, v in prof.items() if k != "partial"}
-    out["sensitivity"], out["search_groups"] = sensitivity, search_groups(sensitivity)
-    left = [g["path"] for g in sensitivity if g.get("skipped")]
-    if left:
-        out["partial"] = (f"sensitivity: {len(left)} of {len(sensitivity)} groups not fully analysed "
-                          f"({', '.join(left)}); {PARTIAL_WHY}")
-    return out
-
-
-MIN_PROFILE_S = 5.0  # the least time a profile gets by default (a worker barely starts in less); see `min_s`
-PROGRESS_FILE = "profile.partial.json"
-
-
-def prepare_search(workload, run_dir, *, device: str, level: int, strategy, tolerance: float, timeout: float,
-                   resume: bool = False, start: dict[str, Any] | None = None, min_s: float = MIN_PROFILE_S) -> dict:
-    """The tune's profiling step: profile and sensitivity analysis in one isolated process,
-    written to `profile.json`; returns SearchContext extras for the precision knob.
-
-    The process stops itself before `timeout` with what it finished (a profile cut there keeps
-    its analysed groups, marked `partial`); if it is killed at `timeout`, what it had written
-    is kept. `start` (a cached partial profile) is completed rather than redone. A failed
-    profile is recorded and the tune goes on without per-layer groups. On `--resume` the saved
-    profile is reused so every group keeps the same Optuna choices. Below `min_s`, skipped.
-    """
-    import time
-    from pathlib import Path
-
-    from ..engine.workers import run_isolated
-    from ..profile import PROFILE_FILE, SCHEMA, SCHEMA_VERSION, load_profile, save_profile
-
-    path, progress = Path(run_dir) / PROFILE_FILE, Path(run_dir) / PROGRESS_FILE
-    if resume and path.is_file():
-        prof = load_profile(path)
-    else:
-        modes = default_group_modes(strategy, level, device)
-        prof, why = start, f"skipped: {timeout:.0f} s of the budget for it, it needs about {min_s:.0f} s"
-        if timeout >= min_s:  # a short budget goes to the baseline and candidates
-            progress.unlink(missing_ok=True)
-            # its own deadline leaves the time to send the result and exit before the kill
-            deadline = time.time() + timeout - min(2.0, max(0.5, 0.1 * timeout))
-            outcome = run_isolated(profile_for_search, workload, device=device, modes=modes, tolerance=tolerance,
-                                   deadline=deadline, start=start, progress_path=str(progress), timeout=timeout,
-                                   log_path=str(Path(run_dir) / "profile.log"))
-            why = outcome.reason()
-            if outcome.ok:
-                prof = outcome.value
-            elif progress.is_file():  # killed at its cap (or crashed) after the profile itself: keep that
-                prof = load_profile(progress)
-                if prof.get("partial"):
-                    prof["partial"] += f" (stopped: {why})"
-            progress.unlink(missing_ok=True)
-        if prof is None:
-            prof = {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "device": device, "modules": [],
-                    "groups": [], "sensitivity": [], "search_groups": [],
-                    "unavailable": [f"the profile ({why}); per-layer precision not searched"]}
-        level_note = f"per-layer precision (level {level} or the strategy allows no lowered mode)"
-        if not modes and level_note not in prof.setdefault("unavailable", []):
-            prof["unavailable"].append(level_note)
-        save_profile(prof, path)
-    groups = prof.get("search_groups") or []
-    # strategy entries pin every group to fp32, so the baseline and global-mode starts stay what they say;
-    # the diagnosis orders the strategy's starting points (autotiacc.profiling.diagnosis.order_seeds)
-    return {"precision_groups": groups, "precision_enqueue": enqueue_params(groups, prof.get("sensitivity") or []),
-            "precision_fp32": {param_name(g["path"]): "fp32" for g in groups}, "diagnosis": prof.get("diagnosis"),
-            "int8_static_fp32": kept_fp32(prof.get("sensitivity") or [])}
