@@ -9,15 +9,16 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
+from autotiacc.inference.shapes.bucketed import BucketedModel
+from autotiacc.inference.shapes.buckets import (BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
                                quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.inference.evaluate import evaluate
 from autotiacc.knobs import SearchContext, configs_from_params, get_knob
 from autotiacc.inference.plan import Plan, load_plan
-from autotiacc.inference.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
-from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
-from autotiacc.inference.traffic_eval import evaluate_traffic, mixture_quantile
+from autotiacc.inference.shapes.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
+from autotiacc.inference.shapes.traffic import histogram, load_traffic_file, parse_traffic
+from autotiacc.inference.shapes.traffic_eval import evaluate_traffic, mixture_quantile
 from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli

@@ -28,7 +28,7 @@ from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .final_costs import final_costs_of, pending_stand_in
 from .plan_choice import fill_plan
-from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
+from .shapes.shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .twins import TWIN, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
