@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.inference.buckets
+import autotiacc.inference.shapes.bucketed
 import autotiacc.inference.layer_precision
 import autotiacc.inference.verify
 import autotiacc.inference.workload
@@ -16,7 +16,7 @@ import autotiacc.inference.evaluate
 import autotiacc.engine.workers  # noqa: F401
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
-from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.shapes.buckets import ShapePlan, spec_from_values
 from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.knobs import configs_from_params
 from autotiacc.strategy import load_strategy

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .limits import REWARM_CALLS, WINDOW_CALLS
+from ..torch_compat import dynamo_reset
 
 
 class Bench:
@@ -51,7 +52,6 @@ class OneShape(Bench):
     describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
 
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-        import torch
 
         from ..inference.evaluate import build_candidate, build_report, reference_for
 
@@ -60,7 +60,7 @@ class OneShape(Bench):
         ref = reference_for(workload, device)
         from ..inference.accuracy import compare_outputs
 
-        torch._dynamo.reset()
+        dynamo_reset()
         cand = build_candidate(ref, values)
         acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
                               metric=workload.metric, targets=[y for _, y in ref.test])

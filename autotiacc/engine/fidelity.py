@@ -13,7 +13,7 @@ Mann-Whitney U over those window medians (the repetitions), not over correlated 
 
 What a variant's process builds and what one window times is a *bench* (`engine.bench`): `OneShape` (the
 workload's example inputs, one window = calls for `window_s`) or a traffic mix
-(`inference.traffic_eval.TrafficBench`, one window = whole rounds of the mix, each round one
+(`inference.shapes.traffic_eval.TrafficBench`, one window = whole rounds of the mix, each round one
 traffic-weighted figure). The alternation, the baseline's processes and the statistics are
 the same for both, here.
 

@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from . import worker_child as worker_side
 from . import zygote
-from .profile_cache import cache_root
+from ..profiling.cache import cache_root
 from .status import WORKER_LOST, CallStatus
 
 # Tool settings every worker gets unless the caller's environment sets them: one inductor

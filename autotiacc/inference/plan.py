@@ -22,7 +22,7 @@ from typing import Any
 from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
 from ..knobs.base import field_type_errors, matches_type, type_name
-from .buckets import ShapePlan
+from .shapes.buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
 ENGINE_RECORDS = ("int8_static",)  # `extra` keys an engine's build recorded and replays (int8 scales)
@@ -183,7 +183,7 @@ class Plan:
         if self.keeps_baseline:  # nothing to apply: a wrapper would only cost every call
             return model
         if self.shapes is not None:
-            from .buckets import bucketed_from_plan
+            from .shapes.bucketed import bucketed_from_plan
 
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)

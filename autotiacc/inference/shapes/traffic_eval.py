@@ -21,18 +21,20 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..device import is_meta, to_device, use_device
-from ..engine.bench import Bench
-from ..engine.fidelity import AlternatingResult
-from ..knobs import configs_from_params
-from ..machine_load import LoadProbe
-from ..measure import Timing, measure_interleaved
-from .accuracy import compare_outputs
-from .baseline import EagerBaseline, eager_call
-from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
-from .candidate import compile_stats
-from .evaluate import BASELINE, worker_cached, workload_key
+from ...device import is_meta, to_device, use_device
+from ...engine.bench import Bench
+from ...engine.fidelity import AlternatingResult
+from ...knobs import configs_from_params
+from ...machine_load import LoadProbe
+from ...measure import Timing, measure_interleaved
+from ..accuracy import compare_outputs
+from ..baseline import EagerBaseline, eager_call
+from ..candidate import compile_stats
+from ..evaluate import BASELINE, worker_cached, workload_key
+from .bucketed import BucketedModel
+from .buckets import BATCH, BucketSpec, bucket_key, own_label, spec_from_values
 from .traffic import Shape, parse_traffic
+from ...torch_compat import clear_dynamo_counters, dynamo_reset
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
 
@@ -70,30 +72,17 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     that a round of the mix is one sample. `check_shapes` are extra (unseen) shapes checked for
     accuracy only. The model and every input made here (traffic shapes, bucket builds, serving
     batches) are on `device`; on `meta` it is a shape-only dry run, as in `evaluate`."""
-    import torch
 
     use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    dynamo_reset()
     shapes = parse_traffic(traffic)
     extra = parse_traffic(check_shapes) if check_shapes else []
     # built once per worker for this workload, mix and device; trial after trial reuses it
     key = ("traffic", workload_key(workload), device, repr(traffic), repr(check_shapes))
     model, inputs, refs = worker_cached(key, lambda: _reference(workload, device, shapes + extra))
 
-    results: dict[str, Any] = {}
-    built: dict[str, BucketedModel] = {}
-    for name, values in candidates.items():
-        try:
-            cand, res = build_candidate(workload, model, values, shapes, axes, device=device, inputs=inputs,
-                                        refs=refs, tolerance=tolerance)
-            if res["status"] == "ok":
-                built[name] = cand
-        except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
-            res = {"knobs": values, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
-                   "traceback": traceback.format_exc()[-4000:]}
-        results[name] = res
-
+    results, built = _build_all(workload, model, candidates, shapes, axes, device=device, inputs=inputs, refs=refs,
+                                tolerance=tolerance)
     t0 = time.perf_counter()
     weights = {s.key(): s.weight for s in shapes}
     names = [BASELINE] + list(built)
@@ -124,6 +113,26 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
             "measure_s": time.perf_counter() - t0}
 
 
+def _build_all(workload, model, candidates: dict[str, dict[str, Any]], shapes: list[Shape], axes: dict, *,
+               device: str, inputs: dict[str, tuple], refs: dict[str, Any],
+               tolerance: float) -> tuple[dict[str, Any], dict[str, BucketedModel]]:
+    """Each candidate built and checked on every shape: (its result so far, by name; those that
+    passed, built)."""
+    results: dict[str, Any] = {}
+    built: dict[str, BucketedModel] = {}
+    for name, values in candidates.items():
+        try:
+            cand, res = build_candidate(workload, model, values, shapes, axes, device=device, inputs=inputs,
+                                        refs=refs, tolerance=tolerance)
+            if res["status"] == "ok":
+                built[name] = cand
+        except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
+            res = {"knobs": values, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+                   "traceback": traceback.format_exc()[-4000:]}
+        results[name] = res
+    return results, built
+
+
 def _time_shapes(model, built: dict[str, BucketedModel], shapes: list[Shape], inputs: dict[str, tuple],
                  xs: dict[str, dict[str, tuple]], *, device: str, rounds: int,
                  warmup_s: float) -> tuple[dict[str, dict[str, Timing]], dict[str, Any] | None]:
@@ -150,9 +159,8 @@ def build_candidate(workload, model, values: dict[str, Any], shapes: list[Shape]
     outputs on every shape of `inputs` (traffic and unseen) against eager fp32's `refs`.
     Returns (the model, its result: status "ok" or "rejected" with the shape that failed,
     build_s, compile, buckets, accuracy). A build that raises is the caller's to catch."""
-    import torch
 
-    torch._dynamo.utils.counters.clear()
+    clear_dynamo_counters()
     res: dict[str, Any] = {"knobs": values}
     spec = spec_from_values(values.get("shapes") or _whole_range(shapes), axes)
     cand = BucketedModel(model, configs_from_params(values), spec, device=device,
@@ -259,10 +267,9 @@ class TrafficBench(Bench):
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[_Mix, dict[str, Any]]:
         """The variant's runners over the mix (None: the eager fp32 baseline) and what the build
         reports; raises when the candidate fails (its accuracy on any shape included)."""
-        import torch
 
         use_device(device)
-        torch._dynamo.reset()
+        dynamo_reset()
         shapes = parse_traffic(self.traffic)
         extra = parse_traffic(self.check_shapes) if self.check_shapes and values is not None else []
         model, inputs, refs = _reference(workload, device, shapes + extra)
@@ -281,7 +288,7 @@ class TrafficBench(Bench):
                     divisors(shapes, serve, self.per_sample)), info
 
     def window(self, mix: _Mix, *, device: str, window_s: float) -> dict[str, Any]:
-        from ..measure import time_once
+        from ...measure import time_once
 
         parts: dict[str, list[float]] = {k: [] for k in mix.runners}
         rounds: list[float] = []
