@@ -37,6 +37,12 @@ class TrialResult:
     attrs: dict[str, Any] = field(default_factory=dict)
 
 
+def finalist_name(number: int) -> str:
+    """A finalist's name in the final re-measurement and the plan's record of it: its trial number
+    as a word (a task keeps the map back to numbers; nothing parses the name)."""
+    return f"trial_{number}"
+
+
 @dataclass
 class FinalMeasure:
     """The final re-measurement: the baseline's timing and, per trial number, the candidate's

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from ..engine import limits
+from ..engine.task import finalist_name
 from ..engine.fidelity import BASELINE_PROCESSES, MIN_ROUNDS, final_rounds_s
 
 
@@ -19,7 +20,7 @@ def final_costs_of(tops: list, check_s: float) -> dict[str, limits.Cost]:
     for t in tops:
         a = t.user_attrs
         compiled = (a.get("knobs") or {}).get("execution", {}).get("backend") == "compile"
-        out[f"trial_{t.number}"] = limits.Cost(
+        out[finalist_name(t.number)] = limits.Cost(
             build_s=float(a.get("build_s") or 0.0) + (limits.FRESH_COMPILE_S if compiled else 0.0),
             forward_s=float(a.get("latency_ms") or base_ms) / 1e3)
     return out
@@ -39,7 +40,7 @@ def one_shape_reserve(tops: list, check_s: float, final_measure_s: float, *, lea
     cannot do without (one baseline process, `MIN_ROUNDS` rounds); it cuts the rest to fit."""
     costs = final_costs_of(tops, check_s)
     base, n = costs["baseline"], test_batches_of(tops)
-    cands = [costs[f"trial_{t.number}"] for t in tops]
+    cands = [costs[finalist_name(t.number)] for t in tops]
     forwards = [base.forward_s] + [c.forward_s for c in cands]
     rounds = final_rounds_s(len(tops), final_measure_s, forwards_s=forwards, rounds=MIN_ROUNDS if least else None)
     eager = limits.final_process_s(None, base, n)

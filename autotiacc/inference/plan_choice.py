@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..engine.loop import failure_note
-from ..engine.task import Decision
+from ..engine.task import Decision, finalist_name
 from ..hardware import usable_cores
 from ..knobs import configs_from_params, describe
 from ..machine_load import reliability, unreliable_sentence
@@ -66,7 +66,7 @@ def _from_final(plan: Plan, decision: Decision, shape_tuning: Any, alt: dict[str
     plan.extra.update(res.get("engine_records") or {})  # int8_static's scales: `plan.apply` replays them
     shape_tuning.record(plan, res["knobs"], res)
     how = "each alone in its own process, measured in turns" if alt else "interleaved in a fresh process"
-    spread = ((alt or {}).get("speedup_range") or {}).get(res.get("variant", f"trial_{t.number}"))
+    spread = ((alt or {}).get("speedup_range") or {}).get(res.get("variant", finalist_name(t.number)))
     if spread:  # each process runs at its own pace: what one round (a process of each) gave
         how += f"; {alt['rounds']} rounds, {spread[0]:.2f}x to {spread[1]:.2f}x each"
     plan.note = (f"{(plan.speedup - 1) * 100:.0f} % faster than the baseline (eager fp32), "

@@ -14,7 +14,7 @@ from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
 from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
 from ..profiling.cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
-from ..engine.task import Candidate, Decision, Direction, FinalMeasure, Task, TrialResult
+from ..engine.task import Candidate, Decision, Direction, FinalMeasure, Task, TrialResult, finalist_name
 from ..engine.workers import WorkerPool, worker_env
 from ..engines.cache import shared_builds
 from ..errors import BudgetError, UserInputError
@@ -332,7 +332,8 @@ class InferenceTask(Task):
 
     def final(self, tops: list, timeout: float) -> FinalMeasure | str:
         # each finalist, and the twins of options only a process of its own can judge (inference.twins)
-        cands = with_twins({f"trial_{t.number}": t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
+        numbers = {finalist_name(t.number): t.number for t in tops}
+        cands = with_twins({finalist_name(t.number): t.user_attrs["knobs"] for t in tops}, self.strategy.space("ort"))
         costs = final_costs_of(tops, self.workload.check_s)  # a twin costs what its finalist does
         costs.update({n: costs[n.removesuffix(TWIN)] for n in cands if n.endswith(TWIN)})
         # in the tune's environment, in alternating processes; a window (one shape, rounds of a mix) is the shape
@@ -347,7 +348,7 @@ class InferenceTask(Task):
         self.final_alternating = outcome.value.get("alternating")
         merged = merge_twins(outcome.value["candidates"], (self.final_alternating or {}).get("windows_ms") or {})
         return FinalMeasure(baseline=Timing.from_dict(outcome.value["baseline"]),
-                            candidates={int(n.split("_")[1]): (r["status"], Timing.from_dict(r["timing"])
+                            candidates={numbers[n]: (r["status"], Timing.from_dict(r["timing"])
                                                                if "timing" in r else None, r)
                                         for n, r in merged.items()})
 

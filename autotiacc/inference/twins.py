@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..engine.task import finalist_name
 from ..knobs.ort import spinning_twin
 
 TWIN = "_spinning"  # a twin's variant name: its finalist's, then this
@@ -66,6 +67,6 @@ def merge_twins(results: dict[str, dict], windows: dict[str, list[float]]) -> di
 def final_summary(final) -> dict[str, Any]:
     """The plan's record of the final (`engine.task.FinalMeasure`): each finalist's status,
     ratio, reason, build seconds and, where the final timed one, what its spinning twin gave."""
-    return {f"trial_{n}": {**{k: r.get(k) for k in ("status", "ratio", "reason", "build_s")},
+    return {finalist_name(n): {**{k: r.get(k) for k in ("status", "ratio", "reason", "build_s")},
                            **({"twin": r["twin"]} if "twin" in r else {})}
             for n, (_, _, r) in final.candidates.items()}
