@@ -127,7 +127,7 @@ def load_strategy(name_or_path: str) -> Strategy:
 
 def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
     """Check a parsed strategy whole (see the module doc) and build it."""
-    from .knobs.base import matches_type, type_name
+    from .config_io import matches_type, type_name
 
     hints = typing.get_type_hints(Strategy)
     seed_keys = ("enqueue", "enqueue_cuda")  # stage-1 starting points; enqueue_cuda replaces enqueue on CUDA
@@ -175,7 +175,7 @@ def _knob(name: Any, origin: str, task: str):
 
 def _check_value(knob, param: str, value: Any, origin: str, where: str) -> None:
     """Build the knob's config with this one value: the config's own checks decide."""
-    from .knobs.base import field_type_errors
+    from .config_io import field_type_errors
 
     wrong = field_type_errors(knob.config_cls, {param: value})
     if wrong:

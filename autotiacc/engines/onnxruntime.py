@@ -9,8 +9,10 @@ from typing import Any, Callable
 
 from ..device import is_cuda, to_device
 from ..errors import PlanError
-from .base import Engine, register_engine
+from ..config_io import config_from_dict, config_to_dict
+from .base import BuildState, Engine, register_engine
 from .cache import BUILDS
+from .options import OrtConfig
 from .ort_int8 import feed
 
 OPSET = 17
@@ -68,12 +70,10 @@ SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"
 
 
 def session_options(options: Any = None, *, threads: int = 0):
-    """`SessionOptions` from the `ort` knob's config (`knobs.ort.OrtConfig`; None: its defaults,
+    """`SessionOptions` from the `ort` knob's config (`engines.options.OrtConfig`; None: its defaults,
     which are what every session had before it: all graph optimizations, no spinning threads)
     and the runtime knob's `threads` (intra-op; 0: ORT's default)."""
     import onnxruntime as ort
-
-    from ..knobs.ort import OrtConfig
 
     options = options or OrtConfig()
     opts = ort.SessionOptions()
@@ -165,9 +165,6 @@ class OnnxRuntime(Engine):
 
     def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
              state: Any = None) -> dict[str, Any]:
-        from ..knobs.base import config_to_dict
-        from ..knobs.ort import OrtConfig
-
         Path(path).write_bytes(model_graph(module, inputs, state, casts_inputs=True))  # the graph the backend measured
         options = (state.engine_options.get(self.name) if state is not None else None) or OrtConfig()
         entry = {"engine_options": config_to_dict(options)}
@@ -177,9 +174,6 @@ class OnnxRuntime(Engine):
         return entry
 
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
-        from ..knobs.base import config_from_dict
-        from ..knobs.ort import OrtConfig
-
         self._need_package(PlanError, f"{path}: an ONNX artifact")
         threads = int((entry.get("runtime") or {}).get("threads") or 0)
         options = entry.get("engine_options")  # absent in artifacts older than the `ort` knob: its defaults
@@ -194,8 +188,6 @@ class OnnxRuntime(Engine):
 
         import torch
         import torch.utils._pytree as pytree
-
-        from ..knobs.base import BuildState
 
         token = _MODEL_TOKENS.setdefault(model, uuid.uuid4().hex)  # never a reused id()
         state = BuildState(model=model, example_inputs=tuple(batches[0]), calibration=batches,

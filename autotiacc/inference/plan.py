@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config_io import field_type_errors, matches_type, type_name
 from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
-from ..knobs.base import field_type_errors, matches_type, type_name
 from .buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
