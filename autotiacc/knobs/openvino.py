@@ -13,7 +13,7 @@ by OpenVINO's int8 kernels. The config is recorded in the plan and in its artifa
 """
 from __future__ import annotations
 
-from ..engines.options import HINTS, PRECISIONS, OpenVINOConfig, openvino_available  # noqa: F401 (the knob's config)
+from ..engines.options import OpenVINOConfig, openvino_available
 from ..engines.options import OPENVINO_BACKEND as BACKEND
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 from .runtime import thread_choices

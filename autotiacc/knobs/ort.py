@@ -23,7 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, replace
 from typing import Any
 
-from ..engines.options import EXECUTION_MODES, GRAPH_OPTIMIZATIONS, OrtConfig  # noqa: F401 (the knob's config)
+from ..engines.options import OrtConfig
 from ..engines.options import ORT_BACKEND as BACKEND
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 from .runtime import thread_choices
