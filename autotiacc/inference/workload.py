@@ -106,6 +106,13 @@ class Workload:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
+    def default_bench(self) -> Any:
+        """The bench (`engine.bench.Bench`) the engine times this workload's variants with when
+        the task names no other: its example inputs, checked against the eager reference."""
+        from .one_shape import OneShape
+
+        return OneShape()
+
     # -- the contract ----------------------------------------------------------------------
     def user_hook(self, name: str) -> Callable | None:
         """An optional function of the user's model.py (`traffic`, `pad_inputs`, ...), or None."""
