@@ -147,8 +147,7 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
         if not check(value):
             raise StrategyError(f"strategy {origin}: `{key}` got {value!r}: use {want}.")
     task = data.get("task", "inference")
-    if task == "training":
-        from .training import config as _registers_training_knobs  # noqa: F401
+    _require_task_knobs(task, origin)
     knobs = _check_knobs(data.get("knobs") or {}, origin, task)
     seeds = {}
     for key in seed_keys:
@@ -162,6 +161,17 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
     extra = {k: v for k, v in data.items() if k in EXTRA_KEYS}
     return Strategy(knobs=knobs, enqueue=list(seeds["enqueue"]), enqueue_cuda=list(seeds["enqueue_cuda"]),
                     extra=extra, **kwargs)
+
+
+def _require_task_knobs(task: str, origin: str) -> None:
+    """A task's knobs are registered by the package that defines the task (the training knobs by
+    `autotiacc.training`, which tunes with them); this module never imports a task above it."""
+    from .knobs import all_knobs
+
+    if not all_knobs(task):
+        raise StrategyError(f"strategy {origin}: no knobs of task {task!r} are registered in this process; "
+                            f"load a {task} strategy through autotiacc.{task} (e.g. `autotiacc tune --mode train`), "
+                            f"which registers them.")
 
 
 def _knob(name: Any, origin: str, task: str):
@@ -212,7 +222,7 @@ def _check_knobs(knobs: Any, origin: str, task: str) -> dict[str, dict[str, Any]
                 raise StrategyError(f"strategy {origin}: `{name}.{param}` lists no choice; give at least one.")
             for c in choices:
                 if param == "group_modes":
-                    from .inference.layer_precision import LOWERED_MODES
+                    from .knobs.precision_groups import LOWERED_MODES
 
                     if c not in LOWERED_MODES:
                         raise StrategyError(f"strategy {origin}: `{name}.group_modes` got {_show(c)}: use "

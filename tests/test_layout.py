@@ -188,3 +188,19 @@ def test_the_order_check_names_upward_and_sideways_imports():
 def test_imports_follow_the_layer_order():
     bad = _violations()
     assert not bad, "imports against the layer order (move what the lower module needs down): " + "; ".join(bad)
+
+
+def test_a_training_strategy_loads_once_the_training_package_registered_its_knobs():
+    # strategy.py no longer imports autotiacc.training for its knobs' side effect: loading a training
+    # strategy in a process that never loaded the training package says so, and how to load it
+    import subprocess
+    import sys
+
+    code = ("from autotiacc.errors import StrategyError\nfrom autotiacc.strategy import load_strategy\n"
+            "try:\n    load_strategy('training')\nexcept StrategyError as exc:\n    print('refused:', exc)\n"
+            "import autotiacc.training.config\nprint('loaded:', load_strategy('training').name)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    refused, loaded = out.stdout.strip().splitlines()
+    assert refused.startswith("refused:") and "no knobs of task 'training'" in refused and "autotiacc.training" in refused
+    assert loaded == "loaded: training"
