@@ -124,7 +124,7 @@ def test_no_private_names_imported_across_packages():
 # candidates with the engines; an engine's options are config classes of its own package).
 LAYERS: list[tuple[str, list[set[str] | tuple[str, ...]]]] = [
     ("core", [{"errors", "device", "hardware", "measure", "durations", "version", "machine_load",
-               "native_precision", "outputs", "progress", "config_io"}]),
+               "native_precision", "outputs", "progress", "config_io", "plan_file"}]),
     ("knobs, engines, profiling", [("knobs", "engines"), {"profiling", "profile"}]),
     ("engine", [{"engine", "strategy"}]),
     ("tasks", [{"inference"}, {"training"}]),
