@@ -18,7 +18,7 @@ __all__ = [
 ]
 
 _LAZY = {"optimize": "api", "load_plan": "inference.plan", "Plan": "inference.plan", "tune": "inference.task"}
-_LAZY.update({"BucketedModel": "inference.buckets", "parse_traffic": "inference.traffic"})  # dynamic shapes
+_LAZY.update({"BucketedModel": "inference.shapes.bucketed", "parse_traffic": "inference.shapes.traffic"})  # dynamic shapes
 # production reuse (issue 8)
 __all__ += ["load_artifact", "verify_plan"]
 _LAZY.update({"load_artifact": "inference.artifacts", "verify_plan": "inference.verify"})

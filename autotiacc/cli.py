@@ -347,28 +347,25 @@ def profile_cmd(
         check_output_dir(out or Path("runs"), accept="a folder (created if missing) or a .json file name")
     from .device import resolve_device
     from .engine.workers import run_isolated
-    from .inference.layer_precision import LOWERED_MODES, profile_for_search
+    from .inference.layer_precision import CHECKS
     from .inference.workload import CHECK_TIMEOUT_S, load_workload
-    from .profile import PROFILE_FILE, save_profile, summary_lines
+    from .knobs.precision_groups import LOWERED_MODES
+    from .profiling.schema import PROFILE_FILE, save_profile, summary_lines
+    from .profiling.search import run_profile
 
     device = resolve_device(device, allow_meta=False)
     workload = load_workload(file, batch_size=batch_size, input_shapes=input_shape, input_dtypes=input_dtype,
                              timeout=CHECK_TIMEOUT_S, limit="autotiacc profile's limit", device=device,
                              tolerance=tolerance)
     # in a worker process, in the environment of this command, as in a tune
-    outcome = run_isolated(profile_for_search, workload, device=device, tolerance=tolerance, target_s=1.5,
-                           modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
-    if not outcome.ok:
-        raise _bad(f"profiling {file} failed in its process: {outcome.reason()}")
-    prof = outcome.value
+    prof, why = run_profile(workload, run_isolated, device=device, tolerance=tolerance, checks=CHECKS, target_s=1.5,
+                            modes=list(LOWERED_MODES) if sensitivity else [], timeout=900)
+    if prof is None:
+        raise _bad(f"profiling {file} failed in its process: {why}")
     out = out or Path("runs") / f"{workload.name}-profile-{time.strftime('%Y%m%d-%H%M%S')}"
     out = out if out.suffix == ".json" else out / PROFILE_FILE
     for line in summary_lines(prof, top):
         typer.echo(line)
-    for g in prof.get("sensitivity", []):
-        typer.echo(f"  sensitivity {g['path']}: allowed {', '.join(g['allowed']) or 'none'}; "
-                   + "; ".join(f"{m} {s['rel_l2']:.2g}" + ("" if s["ok"] else f" ({s['reason'][:40]})")
-                               for m, s in g["sensitivity"].items()))
     typer.echo(f"written: {write_or_keep(lambda path: save_profile(prof, path), out, what='the profile')}")
 
 

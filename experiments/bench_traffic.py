@@ -19,10 +19,10 @@ import warnings
 
 import torch
 
-from autotiacc.inference.buckets import bucket_key, own_label
+from autotiacc.inference.shapes.buckets import bucket_key, own_label
 from autotiacc.inference.plan import load_plan
-from autotiacc.inference.traffic import workload_traffic
-from autotiacc.inference.traffic_eval import mixture_quantile
+from autotiacc.inference.shapes.traffic import workload_traffic
+from autotiacc.inference.shapes.traffic_eval import mixture_quantile
 from autotiacc.inference.workload import load_workload
 from autotiacc.measure import measure_interleaved
 

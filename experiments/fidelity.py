@@ -53,7 +53,7 @@ def check(path: Path, *, rounds: int, window_s: float) -> dict:
     from autotiacc.engine.fidelity import measure_alternating
     from autotiacc.errors import AutotiaccError
     from autotiacc.inference.plan import load_plan
-    from autotiacc.inference.shape_tuning import shape_tuning_for_plan, values_from_plan
+    from autotiacc.inference.shapes.shape_tuning import shape_tuning_for_plan, values_from_plan
     from autotiacc.inference.workload import load_workload
 
     row: dict = {"plan": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)}

@@ -24,7 +24,7 @@ from autotiacc.inference.candidate import OptimizedModel  # noqa: E402
 from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import configs_from_params  # noqa: E402
 from autotiacc.measure import measure_interleaved  # noqa: E402
-from autotiacc.profile import profile_model  # noqa: E402
+from autotiacc.profiling.forward import profile_model  # noqa: E402
 
 
 def main() -> None:

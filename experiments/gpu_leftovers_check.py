@@ -27,7 +27,7 @@ from autotiacc import load_artifact  # noqa: E402
 from autotiacc.inference.artifacts import export_for_plan  # noqa: E402
 from autotiacc.inference.candidate import OptimizedModel  # noqa: E402
 from autotiacc.inference.plan import Plan  # noqa: E402
-from autotiacc.inference.shape_tuning import shape_tuning_for  # noqa: E402
+from autotiacc.inference.shapes.shape_tuning import shape_tuning_for  # noqa: E402
 from autotiacc.inference.workload import load_workload  # noqa: E402
 from autotiacc.knobs import configs_from_params  # noqa: E402
 from autotiacc.measure import measure_interleaved  # noqa: E402

@@ -41,15 +41,15 @@ sys.path.insert(0, str(ROOT))
 
 # (module, function, how to label a call from its arguments)
 STAGES = [
-    ("autotiacc.profile", "profile_workload", None),
-    ("autotiacc.profile", "_op_table", None),
+    ("autotiacc.profiling.forward", "profile_workload", None),
+    ("autotiacc.profiling.forward", "_op_table", None),
     ("autotiacc.profiling.attribution", "profile_forwards", None),
-    ("autotiacc.profile", "_flops_and_bytes", None),
-    ("autotiacc.profile", "_page_faults_per_call", None),
-    ("autotiacc.profile", "candidate_groups", None),
-    ("autotiacc.inference.layer_precision", "analyse_sensitivity", None),
-    ("autotiacc.inference.layer_precision", "_try_mode", lambda a, k: f"{a[1]}:{a[2]}"),
-    ("autotiacc.inference.layer_precision", "_quick_speedup", None),
+    ("autotiacc.profiling.forward", "_flops_and_bytes", None),
+    ("autotiacc.profiling.forward", "_page_faults_per_call", None),
+    ("autotiacc.profiling.forward", "candidate_groups", None),
+    ("autotiacc.profiling.search", "analyse_sensitivity", None),
+    ("autotiacc.profiling.sensitivity", "_try_mode", lambda a, k: f"{a[1]}:{a[2]}"),
+    ("autotiacc.profiling.sensitivity", "_quick_speedup", None),
 ]
 
 
@@ -87,7 +87,7 @@ def instrumented(log_path: str, t_call: float, real):
 def prepare_once(model: str, batch_size: int, budget_s: float, run_dir: Path, log_path: Path) -> dict:
     """One `InferenceTask.prepare` as `tune` runs it; returns its figures."""
     from autotiacc.engine.rundir import RunDir
-    from autotiacc.inference import layer_precision
+    from autotiacc.profiling import search
     from autotiacc.inference.task import InferenceTask, TuneOptions
     from autotiacc.inference.workload import load_workload
 
@@ -97,14 +97,14 @@ def prepare_once(model: str, batch_size: int, budget_s: float, run_dir: Path, lo
     task.validate(budget_s)
     rd = RunDir(run_dir)
     rd.path.mkdir(parents=True, exist_ok=True)
-    real = layer_precision.profile_for_search
-    layer_precision.profile_for_search = instrumented(str(log_path), time.time(), real)
+    real = search.profile_for_search
+    search.profile_for_search = instrumented(str(log_path), time.time(), real)
     try:
         t0 = time.monotonic()
         recorded = task.prepare(rd, budget_s)
         wall = time.monotonic() - t0
     finally:
-        layer_precision.profile_for_search = real
+        search.profile_for_search = real
     prof = json.loads((run_dir / "profile.json").read_text())
     sens = prof.get("sensitivity") or []
     return {"wall_s": round(wall, 2), "recorded_profile_s": round(recorded, 2),

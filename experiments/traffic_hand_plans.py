@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from autotiacc.hardware import fingerprint
-from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.shapes.buckets import ShapePlan, spec_from_values
 from autotiacc.inference.plan import Plan
-from autotiacc.inference.shape_tuning import shape_tuning_for
-from autotiacc.inference.traffic import traffic_to_rows
+from autotiacc.inference.shapes.shape_tuning import shape_tuning_for
+from autotiacc.inference.shapes.traffic import traffic_to_rows
 from autotiacc.inference.workload import load_workload
 from autotiacc.knobs import configs_from_params
 

@@ -9,7 +9,7 @@ from typing import Callable
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-# Profiles cached by tunes (engine.profile_cache) go to a folder of this test session, not the
+# Profiles cached by tunes (profiling.cache) go to a folder of this test session, not the
 # user's ~/.cache: each session profiles afresh, tunes within it reuse.
 os.environ.setdefault("AUTOTIACC_CACHE_DIR", tempfile.mkdtemp(prefix="autotiacc-test-cache-"))
 MODELS = Path(__file__).resolve().parent / "models"

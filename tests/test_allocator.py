@@ -16,7 +16,7 @@ CHILD = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
 import torch
-from autotiacc.profile import _page_faults_per_call
+from autotiacc.profiling.forward import _page_faults_per_call
 big = lambda: torch.ones(64, 2**18).sum()  # 64 MiB per call: above glibc's largest dynamic mmap threshold
 print(json.dumps(_page_faults_per_call(big, calls=4)))
 """
@@ -52,7 +52,7 @@ def test_malloc_settings_are_recorded_as_speed_relevant(monkeypatch):
 
 
 def test_a_cpu_profile_records_page_faults_and_the_report_names_the_allocator():
-    from autotiacc.profile import profile_model
+    from autotiacc.profiling.forward import profile_model
     from autotiacc.report.profile import _diagnosis_lines
     from torch import nn
     import torch

@@ -74,7 +74,7 @@ def test_evaluate_runs_model_inputs_and_test_data_on_the_target_device():
 
 
 def test_profile_runs_on_the_target_device():
-    from autotiacc.profile import profile_workload
+    from autotiacc.profiling.forward import profile_workload
 
     w, calls = _placement()
     prof = profile_workload(w, device="meta", target_s=0.05)

@@ -9,15 +9,16 @@ import warnings
 import pytest
 import torch
 
-from autotiacc.inference.buckets import (BucketedModel, BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
+from autotiacc.inference.shapes.bucketed import BucketedModel
+from autotiacc.inference.shapes.buckets import (BucketSpec, OutOfRangeWarning, ShapePlan, infer_axes, own_label,
                                quantile_edges, spec_from_values)
 from autotiacc.errors import PlanError, UserInputError
 from autotiacc.inference.evaluate import evaluate
 from autotiacc.knobs import SearchContext, configs_from_params, get_knob
 from autotiacc.inference.plan import Plan, load_plan
-from autotiacc.inference.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
-from autotiacc.inference.traffic import histogram, load_traffic_file, parse_traffic
-from autotiacc.inference.traffic_eval import evaluate_traffic, mixture_quantile
+from autotiacc.inference.shapes.shape_tuning import StaticShapes, shape_tuning_for, values_from_plan
+from autotiacc.inference.shapes.traffic import histogram, load_traffic_file, parse_traffic
+from autotiacc.inference.shapes.traffic_eval import evaluate_traffic, mixture_quantile
 from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli
@@ -134,6 +135,29 @@ def test_bucketed_model_needs_pad_inputs_for_padded_dims(tiny):
     fast = BucketedModel(tiny.build_model(), configs_from_params({}), batch_only)  # batch padding is built in
     x = tiny.example_inputs(3, seq_len=7)
     torch.testing.assert_close(fast(*x), _ref(fast.original, x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_bucketed_model_raises_dynamo_limits_only_inside_its_own_calls(tiny):
+    """Building and serving a compiled BucketedModel leaves the caller's process with its own
+    recompile limit (issue 20: it used to be raised for good in __init__); inside its calls it
+    has room for every bucket, and a call that raises restores it too."""
+    cfg = torch._dynamo.config
+    before = cfg.recompile_limit
+    model = tiny.build_model()
+    spec = BucketSpec(edges={"batch_size": [2, 4], "seq_len": [16, 48]}, axes=AXES)
+    fast = BucketedModel(model, configs_from_params({"execution": {"backend": "compile"}}), spec,
+                         pad_inputs=tiny.user_hook("pad_inputs"))
+    assert cfg.recompile_limit == before  # nothing changed by building it
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(cfg.recompile_limit))
+    with pytest.warns(OutOfRangeWarning):  # out of every bucket: the eager model runs inside the call
+        fast(*tiny.example_inputs(8, seq_len=16))
+    assert seen and seen[0] >= len(spec.buckets()) + 8 > before and cfg.recompile_limit == before
+    hook.remove()
+    model.register_forward_pre_hook(lambda m, a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fast(*tiny.example_inputs(8, seq_len=16))
+    assert cfg.recompile_limit == before
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from autotiacc.inference.one_shape import OneShape
 from autotiacc.inference.baseline import EagerBaseline
 from autotiacc.inference.evaluate import reference_for
 from autotiacc.inference.plan import Plan
-from autotiacc.inference.shape_tuning import shape_tuning_for
+from autotiacc.inference.shapes.shape_tuning import shape_tuning_for
 from autotiacc.inference.verify import verify_plan
 from autotiacc.inference.workload import load_workload
 from autotiacc.knobs import configs_from_params

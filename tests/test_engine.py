@@ -477,7 +477,7 @@ def test_a_trial_killed_before_its_suggestions_is_queued_again_with_its_whole_co
 
 
 def test_profile_is_reused_across_runs_of_the_same_workload_and_machine(tmp_path, monkeypatch):
-    from autotiacc.engine.profile_cache import cached_profile
+    from autotiacc.profiling.cache import cached_profile
 
     monkeypatch.setenv("AUTOTIACC_CACHE_DIR", str(tmp_path / "cache"))
     ident = {"kind": "module", "param_shapes_sha256": "abc", "input_shapes": [[8, 3]], "batch_size": 8}

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.inference.buckets  # noqa: F401 - loaded up front: the checks below see only new imports
+import autotiacc.inference.shapes.bucketed  # noqa: F401 - loaded up front: the checks below see only new imports
 import autotiacc.inference.layer_precision  # noqa: F401
 import autotiacc.inference.verify  # noqa: F401
 import autotiacc.inference.workload  # noqa: F401
@@ -17,7 +17,7 @@ import autotiacc.inference.evaluate  # noqa: F401
 import autotiacc.engine.workers  # noqa: F401
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id
-from autotiacc.inference.buckets import ShapePlan, spec_from_values
+from autotiacc.inference.shapes.buckets import ShapePlan, spec_from_values
 from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.knobs import configs_from_params
 from autotiacc.strategy import load_strategy

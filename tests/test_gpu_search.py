@@ -258,7 +258,7 @@ class TinyConvNet(nn.Module):
 def test_attributed_shares_add_up_to_the_plain_forward_on_cpu():
     """Done-means on CPU: the module self-time shares sum to 95-105 % of the forward measured
     without the profiler. The CPU is shared: best of three attempts."""
-    from autotiacc.profile import profile_model
+    from autotiacc.profiling.forward import profile_model
 
     torch.manual_seed(0)
     model, x = TinyConvNet().eval(), torch.randn(2, 3, 32, 32)

@@ -293,7 +293,7 @@ def test_traffic_plan_apply_never_imports_the_recorded_model_file(tmp_path, vers
     import torch
 
     from autotiacc.errors import PlanError
-    from autotiacc.inference.buckets import BucketSpec, ShapePlan
+    from autotiacc.inference.shapes.buckets import BucketSpec, ShapePlan
     from autotiacc.inference.plan import Plan, load_plan
     from autotiacc.knobs import configs_from_params
 

@@ -412,7 +412,7 @@ def pad_inputs(inputs, seq_len):
 def test_setting_up_a_traffic_search_runs_no_user_code_here(tmp_path, monkeypatch):
     """traffic(), example_inputs at the traffic's sizes (where each dim lives) and pad_inputs:
     answered by children; this process (the tuner's) never imports the file."""
-    from autotiacc.inference.shape_tuning import ShapeTuning, shape_tuning_for
+    from autotiacc.inference.shapes.shape_tuning import ShapeTuning, shape_tuning_for
     from autotiacc.inference.workload import load_workload
 
     pids = tmp_path / "pids"

@@ -17,7 +17,8 @@ import torch
 from autotiacc.engines.ort_int8 import QuantSettings, module_path, nodes_under
 from autotiacc.errors import PlanError
 from autotiacc.inference.evaluate import evaluate
-from autotiacc.inference.layer_precision import analyse_sensitivity
+from autotiacc.inference.layer_precision import CHECKS
+from autotiacc.profiling.sensitivity import analyse_sensitivity
 from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.inference.static_int8 import kept_fp32
 from autotiacc.inference.workload import load_workload
@@ -62,7 +63,7 @@ def test_sensitivity_keeps_the_breaking_layer_fp32_and_the_rest_passes():
     w = load_workload(OUTLIER)
     groups = [{"path": p, "type": "Linear", "inclusive_share": s, "linear": True}
               for p, s in (("smooth.0", 0.4), ("spiky.lin", 0.2), ("head", 0.1))]
-    sens = analyse_sensitivity(w, groups, modes=["int8_static"], tolerance=0.05)
+    sens = analyse_sensitivity(w, groups, checks=CHECKS, modes=["int8_static"], tolerance=0.05)
     by = {g["path"]: g["sensitivity"]["int8_static"] for g in sens}
     assert not by["spiky.lin"]["ok"] and "exceeds tolerance" in by["spiky.lin"]["reason"]
     assert by["smooth.0"]["ok"] and by["head"]["ok"]

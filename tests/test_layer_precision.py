@@ -11,8 +11,10 @@ import torch
 from autotiacc.errors import PlanError
 from autotiacc.knobs import SearchContext, config_from_dict, config_to_dict, configs_from_params, get_knob
 from autotiacc.knobs.precision import PrecisionConfig
-from autotiacc.inference.layer_precision import (analyse_sensitivity, apply_group_precision, enqueue_params, param_name,
-                                       search_groups)
+from autotiacc.inference.layer_precision import CHECKS, enqueue_params
+from autotiacc.knobs.precision_groups import apply_group_precision, param_name
+from autotiacc.profiling.search import search_groups
+from autotiacc.profiling.sensitivity import analyse_sensitivity
 from autotiacc.inference.plan import Plan, load_plan
 from autotiacc.inference.workload import load_workload
 
@@ -69,7 +71,7 @@ def test_sensitivity_excludes_the_overflowing_layer_and_ranks_the_rest():
     w = load_workload(OVERFLOW)
     groups = [{"path": p, "type": t, "inclusive_share": s, "flops": 0, "linear": t == "Linear"}
               for p, t, s in [("big", "Linear", 0.3), ("norm", "LayerNorm", 0.1), ("mlp.0", "Linear", 0.2)]]
-    sens = analyse_sensitivity(w, groups, modes=["fp16_autocast", "fp16_weights", "bf16_weights", "int8_dynamic"],
+    sens = analyse_sensitivity(w, groups, checks=CHECKS, modes=["fp16_autocast", "fp16_weights", "bf16_weights", "int8_dynamic"],
                                tolerance=2e-2)
     by = {g["path"]: g for g in sens}
     for mode in ("fp16_autocast", "fp16_weights"):
@@ -149,7 +151,7 @@ def test_tune_keeps_the_overflowing_layer_wide_and_output_finite(tmp_path):
 @pytest.mark.slow
 def test_prepare_search_writes_profile_json_and_reuses_it_on_resume(tmp_path):
     from autotiacc.inference.layer_precision import prepare_search
-    from autotiacc.profile import save_profile
+    from autotiacc.profiling.schema import save_profile
     from autotiacc.strategy import load_strategy
 
     w = load_workload(OVERFLOW)
@@ -177,6 +179,6 @@ def test_sensitivity_stops_at_its_time_limit_and_says_so():
     w = load_workload(OVERFLOW)
     groups = [{"path": "mlp.0", "type": "Linear", "inclusive_share": 0.1, "flops": 0, "linear": True},
               {"path": "big", "type": "Linear", "inclusive_share": 0.1, "flops": 0, "linear": True}]
-    sens = analyse_sensitivity(w, groups, modes=["bf16_weights"], tolerance=2e-2, time_limit_s=0.0)
+    sens = analyse_sensitivity(w, groups, checks=CHECKS, modes=["bf16_weights"], tolerance=2e-2, time_limit_s=0.0)
     assert all(g["allowed"] == [] and "ran out" in g["skipped"] for g in sens)
     assert search_groups(sens) == []

@@ -120,12 +120,13 @@ def test_no_private_names_imported_across_packages():
 # The layer order, lowest first: a module may import its own layer and the layers below it.
 # A layer's groups never import each other (inference and training share what they need through
 # the layers below). Inside a group in a set, packages import each other freely; inside a group
-# in a tuple, a package imports only those after it (knobs -> engines: the knobs build
-# candidates with the engines; an engine's options are config classes of its own package).
+# in a tuple, a package imports only those after it (profiling -> knobs: the sensitivity pass
+# lowers groups as the precision knob does; knobs -> engines: the knobs build candidates with the
+# engines, and an engine's options are config classes of its own package).
 LAYERS: list[tuple[str, list[set[str] | tuple[str, ...]]]] = [
     ("core", [{"errors", "device", "hardware", "measure", "durations", "version", "machine_load",
                "native_precision", "outputs", "progress", "config_io", "plan_file"}]),
-    ("knobs, engines, profiling", [("knobs", "engines"), {"profiling", "profile"}]),
+    ("knobs, engines, profiling", [("profiling", "knobs", "engines")]),
     ("engine", [{"engine", "strategy"}]),
     ("tasks", [{"inference"}, {"training"}]),
     ("report", [{"report"}]),
@@ -178,6 +179,7 @@ def test_the_order_check_names_upward_and_sideways_imports():
     assert "higher layer 'tasks'" in _against_order("autotiacc.engine.bench", "autotiacc.inference.evaluate")
     assert "separate groups" in _against_order("autotiacc.training.plan", "autotiacc.inference.plan")
     assert "knobs -> engines" in _against_order("autotiacc.engines.openvino", "autotiacc.knobs.base")
+    assert "profiling -> knobs" in _against_order("autotiacc.knobs.precision", "autotiacc.profiling.sensitivity")
     assert _against_order("autotiacc.device", "autotiacc.knobs")
     assert _against_order("autotiacc.knobs.execution", "autotiacc.engines") is None
     assert _against_order("autotiacc.inference.task", "autotiacc.engine.task") is None

@@ -10,7 +10,7 @@ import pytest
 
 from autotiacc.engine import limits
 from autotiacc.engine.loop import END_S
-from autotiacc.inference.shape_tuning import StaticShapes
+from autotiacc.inference.shapes.shape_tuning import StaticShapes
 from autotiacc.inference.workload import load_workload
 
 from .conftest import MODELS

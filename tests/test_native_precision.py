@@ -10,7 +10,8 @@ import pytest
 
 from autotiacc.errors import UserInputError
 from autotiacc.hardware import FLAGS_ENV, fingerprint
-from autotiacc.inference.layer_precision import LOWERED_MODES, analysis_order
+from autotiacc.knobs.precision_groups import LOWERED_MODES
+from autotiacc.profiling.sensitivity import analysis_order
 from autotiacc.inference.task import stage_one
 from autotiacc.knobs import SearchContext
 from autotiacc.native_precision import cuda_types, native_types

@@ -299,7 +299,7 @@ def test_combinations_the_engine_cannot_run_are_refused_before_a_trial():
 
 def test_openvino_is_a_fixed_shape_engine_for_traffic_buckets():
     from autotiacc.engines import fixed_shape_backends
-    from autotiacc.inference.shape_tuning import FIXED_SHAPES, _runner_kind
+    from autotiacc.inference.shapes.shape_tuning import FIXED_SHAPES, _runner_kind
 
     assert {"onnxruntime", "openvino"} <= fixed_shape_backends()
     assert _runner_kind({"backend": "openvino"}) == FIXED_SHAPES

@@ -1,4 +1,4 @@
-"""autotiacc.profile and `autotiacc profile`: per-module times that add up, FLOPs, bytes, groups."""
+"""autotiacc.profiling and `autotiacc profile`: per-module times that add up, FLOPs, bytes, groups."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 
 from autotiacc.cli import app
 from autotiacc.inference.workload import workload_from_module
-from autotiacc.profile import candidate_groups, profile_model, top_modules
+from autotiacc.profiling.forward import profile_model
+from autotiacc.profiling.groups import candidate_groups
+from autotiacc.profiling.schema import top_modules
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,11 +66,12 @@ def test_shares_are_self_times_over_the_forward_timed_without_the_profiler():
     figure of a quiet machine (test_gpu_search checks it in-process on a tiny convnet): here, on a
     loaded machine, convnet's came to 131 %, 53 % and 76 % in three attempts."""
     from autotiacc.engine.workers import run_isolated
-    from autotiacc.inference.layer_precision import profile_for_search
+    from autotiacc.inference.layer_precision import CHECKS
+    from autotiacc.profiling.search import profile_for_search
     from autotiacc.inference.workload import load_workload
 
     w = load_workload(ROOT / "examples" / "convnet.py", batch_size=4)
-    out = run_isolated(profile_for_search, w, modes=[], tolerance=0.02, target_s=0.8, timeout=600)
+    out = run_isolated(profile_for_search, w, checks=CHECKS, modes=[], tolerance=0.02, target_s=0.8, timeout=600)
     assert out.ok, out.reason()
     prof = out.value
     assert prof["method"] == "profiler_attribution"
@@ -138,7 +141,7 @@ def test_profile_command_bad_input_is_one_line_exit_2(tmp_path):
 
 
 def test_profile_of_in_memory_workload_records_workload_fields():
-    from autotiacc.profile import profile_workload
+    from autotiacc.profiling.forward import profile_workload
 
     w = workload_from_module(Shared(), torch.randn(4, 64), name="shared")
     prof = profile_workload(w, target_s=0.2)
@@ -179,3 +182,26 @@ def test_groups_keep_layers_that_carry_the_arithmetic_when_the_clock_is_noisy():
             dict(_mod("mlp", 0.95, typ="Sequential"), flops=60), dict(_mod("mlp.0", 0.01, typ="Linear"), flops=30),
             dict(_mod("mlp.2", 0.01, typ="Linear"), flops=30), _mod("mlp.1", 0.93, params=False, typ="GELU")]
     assert [g["path"] for g in candidate_groups(mods, None, coverage=1.0)] == ["big", "mlp.0", "mlp.2"]
+
+
+def test_profiling_is_one_package_that_imports_nothing_above_it():
+    """Profiling in one place (issue 20): the profile, its schema, the sensitivity pass, the
+    cache and the step the CLI and the tune share are modules of autotiacc/profiling, and none of
+    them imports engine/, inference/ or training/ (function-level imports included)."""
+    import ast
+
+    import autotiacc
+
+    pkg = Path(autotiacc.__file__).parent
+    here = {p.stem for p in (pkg / "profiling").glob("*.py")}
+    assert {"forward", "schema", "groups", "sensitivity", "search", "cache"} <= here
+    assert not (pkg / "profile.py").exists() and not (pkg / "engine" / "profile_cache.py").exists()
+    above = ("engine", "inference", "training", "report", "cli", "api")
+    for path in (pkg / "profiling").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = (node.module or "").split(".")[0] if node.level == 2 else ""
+                assert target not in above, f"{path.name}:{node.lineno} imports {node.module}"
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+                assert not any(n.startswith(tuple(f"autotiacc.{a}" for a in above)) for n in names), path.name

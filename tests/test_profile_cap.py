@@ -11,7 +11,9 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autotiacc.inference.layer_precision import finish_sensitivity, prepare_search, profile_for_search, settle
+from autotiacc.inference.layer_precision import CHECKS, prepare_search
+from autotiacc.profiling.search import profile_for_search, settle
+from autotiacc.profiling.sensitivity import finish_sensitivity
 from autotiacc.inference.workload import load_workload
 from autotiacc.knobs import SearchContext, get_knob
 from autotiacc.strategy import load_strategy
@@ -25,11 +27,11 @@ GROUPS = {"0", "2"}  # the two Linear layers of slow_lowered.py
 def test_a_profile_past_its_deadline_keeps_what_it_did_and_a_later_call_completes_it(monkeypatch):
     monkeypatch.delenv("AUTOTIACC_TEST_SLOW_LOWERED_S", raising=False)
     w = load_workload(SLOW)
-    cut = profile_for_search(w, modes=["bf16_weights"], tolerance=0.05, deadline=time.time())
+    cut = profile_for_search(w, checks=CHECKS, modes=["bf16_weights"], tolerance=0.05, deadline=time.time())
     assert cut["modules"] and {g["path"] for g in cut["groups"]} == GROUPS  # the profile itself is kept
     assert cut["partial"].startswith("sensitivity: 2 of 2 groups") and cut["search_groups"] == []
     assert all(g["skipped"].startswith("not analysed (checks of bf16_weights left)") for g in cut["sensitivity"])
-    done = profile_for_search(w, modes=["bf16_weights"], tolerance=0.05, start=cut)
+    done = profile_for_search(w, checks=CHECKS, modes=["bf16_weights"], tolerance=0.05, start=cut)
     assert "partial" not in done and done["created"] == cut["created"]  # completed, the profile not redone
     assert {g["path"] for g in done["search_groups"]} == GROUPS
     assert all(g["allowed"] == ["bf16_weights"] and not g.get("skipped") for g in done["sensitivity"])
@@ -38,7 +40,7 @@ def test_a_profile_past_its_deadline_keeps_what_it_did_and_a_later_call_complete
 
 def test_the_search_uses_the_analysed_groups_of_a_partial_profile(tmp_path):
     w = load_workload(SLOW)
-    prof = profile_for_search(w, modes=[], tolerance=0.05)
+    prof = profile_for_search(w, checks=CHECKS, modes=[], tolerance=0.05)
     ok = {"ok": True, "finite": True, "rel_l2": 1e-3, "reason": ""}
     entries = [dict(prof["groups"][0], sensitivity={"bf16_weights": {**ok, "quick_speedup": 1.2}, "fp16_weights": ok}),
                dict(prof["groups"][1], sensitivity={})]
@@ -71,7 +73,7 @@ def test_the_search_uses_the_analysed_groups_of_a_partial_profile(tmp_path):
 
 
 def test_a_mode_far_slower_on_two_test_batches_is_excluded_without_running_the_rest(monkeypatch):
-    from autotiacc.inference.layer_precision import analyse_sensitivity
+    from autotiacc.profiling.sensitivity import analyse_sensitivity
 
     monkeypatch.setenv("AUTOTIACC_TEST_SLOW_LOWERED_S", "0.3")  # each lowered layer: 0.3 s per call
     w = load_workload(SLOW)
@@ -79,7 +81,7 @@ def test_a_mode_far_slower_on_two_test_batches_is_excluded_without_running_the_r
     groups = [{"path": p, "type": "SlowWhenLowered", "inclusive_share": 0.5, "flops": 0, "linear": False}
               for p in ("0", "2")]
     before = layer.lowered_calls
-    sens = analyse_sensitivity(w, groups, modes=["bf16_weights"], tolerance=0.05)
+    sens = analyse_sensitivity(w, groups, checks=CHECKS, modes=["bf16_weights"], tolerance=0.05)
     for g in sens:
         entry = g["sensitivity"]["bf16_weights"]
         assert not entry["ok"] and entry["finite"] and entry["reason"].startswith("far slower")

@@ -3,7 +3,7 @@
 batches all go to the trial's device through the real evaluator (`ShapeTuning.evaluator`)."""
 from __future__ import annotations
 
-from autotiacc.inference.shape_tuning import ShapeTuning, shape_tuning_for
+from autotiacc.inference.shapes.shape_tuning import ShapeTuning, shape_tuning_for
 from autotiacc.inference.workload import load_workload
 
 from .conftest import MODELS

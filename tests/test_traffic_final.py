@@ -12,7 +12,7 @@ from autotiacc.engine.fidelity import BASELINE, BASELINE_PROCESSES, FINAL_ROUNDS
 from autotiacc.engine.loop import choose
 from autotiacc.engine.rundir import RunDir
 from autotiacc.hardware import fingerprint
-from autotiacc.inference.shape_tuning import ShapeTuning, shape_tuning_for
+from autotiacc.inference.shapes.shape_tuning import ShapeTuning, shape_tuning_for
 from autotiacc.inference.task import InferenceTask, TuneOptions
 from autotiacc.inference.workload import load_workload
 

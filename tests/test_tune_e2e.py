@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import autotiacc
-from autotiacc.engine.profile_cache import cache_root
+from autotiacc.profiling.cache import cache_root
 from autotiacc.inference.workload import load_workload
 
 from .conftest import ROOT, run_cli

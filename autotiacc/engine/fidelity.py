@@ -13,9 +13,9 @@ Mann-Whitney U over those window medians (the repetitions), not over correlated 
 
 What a variant's process builds and what one window times is a *bench* (`engine.bench`): the
 workload's `default_bench()` (`inference.one_shape.OneShape`: its example inputs, one window =
-calls for `window_s`) or a traffic mix (`inference.traffic_eval.TrafficBench`, one window =
-whole rounds of the mix, each round one traffic-weighted figure). The alternation, the baseline's processes and the statistics are
-the same for both, here.
+calls for `window_s`) or a traffic mix (`inference.shapes.traffic_eval.TrafficBench`, one window
+= whole rounds of the mix, each round one traffic-weighted figure). The alternation, the
+baseline's processes and the statistics are the same for both, here.
 
 `fresh=True` starts a new process for every window (the fidelity experiment: nothing survives
 from one window to the next); `fresh=False` keeps one warm process per variant, built once

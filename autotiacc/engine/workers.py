@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 from . import worker as worker_side
 from . import zygote
-from .profile_cache import cache_root
+from ..profiling.cache import cache_root
 
 # Tool settings every worker gets unless the caller's environment sets them: one inductor
 # compile thread (no compile pool to orphan when a worker is killed) and inductor's FX-graph

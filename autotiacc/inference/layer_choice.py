@@ -1,4 +1,4 @@
-"""What the plan and the final take from the per-layer analysis (autotiacc.inference.layer_precision):
+"""What the plan and the final take from the per-layer analysis (autotiacc.profiling.sensitivity):
 the groups summary a plan records, and the full-precision contender the final adds."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 def plan_summary(run_dir) -> list[dict[str, Any]]:
     """What a plan records about the groups: share, allowed modes, why others were excluded."""
-    from ..profile import load_profile
+    from ..profiling.schema import load_profile
 
     try:
         prof = load_profile(run_dir)

@@ -21,7 +21,7 @@ from typing import Any
 from ..errors import HardwareMismatchWarning, PlanError, PlanMismatchError
 from ..knobs import KnobConfig, all_knobs, config_from_dict, config_to_dict, describe
 from ..plan_file import ENGINE_RECORDS, check_fields, check_plan_details, check_plan_header, read_plan_json
-from .buckets import ShapePlan
+from .shapes.buckets import ShapePlan
 
 SCHEMA = "autotiacc.plan"
 SCHEMA_VERSION = 2
@@ -181,7 +181,7 @@ class Plan:
         if self.keeps_baseline:  # nothing to apply: a wrapper would only cost every call
             return model
         if self.shapes is not None:
-            from .buckets import bucketed_from_plan
+            from .shapes.bucketed import bucketed_from_plan
 
             return bucketed_from_plan(self, model, device=device, pad_inputs=pad_inputs,
                                       unpad_outputs=unpad_outputs)

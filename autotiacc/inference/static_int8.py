@@ -4,7 +4,7 @@ autotiacc.engines.ort_int8), and the groups that break the tolerance alone stay 
 the search builds an `int8_static` candidate (the precision knob's `groups`). The accuracy guard
 still judges each candidate whole: errors of groups that pass alone may add up.
 
-The check is one more mode of `layer_precision.analyse_sensitivity` (same steps, deadline and
+The check is one more mode of `profiling.sensitivity.analyse_sensitivity` (same steps, deadline and
 partial profiles), but not a group mode the search samples: it lowers nothing in PyTorch.
 """
 from __future__ import annotations

@@ -12,7 +12,7 @@ from ..engine import limits
 from ..engine.fidelity import measured_env
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
 from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
-from ..engine.profile_cache import cached_profile
+from ..profiling.cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
 from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
@@ -28,7 +28,7 @@ from .accuracy import DEFAULT_TOLERANCE
 from .plan import Plan
 from .final_costs import final_costs_of, pending_stand_in
 from .plan_choice import fill_plan
-from .shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
+from .shapes.shape_tuning import FINAL_WARMUP_S, ShapeTuning, shape_tuning_for
 from .twins import TWIN, merge_twins, twin_trials, with_twins
 from .workload import ModelFacts, Workload
 
@@ -153,9 +153,9 @@ class InferenceTask(Task):
 
         It takes at most `profile_share` of the budget (10 %), the first profile of a workload
         on a machine too: one cut at its share is cached as partial, and each later run spends
-        its own share completing it (see engine.profile_cache); once complete, later runs
+        its own share completing it (see profiling.cache); once complete, later runs
         spend nothing on it."""
-        from ..profile import SCHEMA_VERSION
+        from ..profiling.schema import SCHEMA_VERSION
         from ..version import __version__
         from .layer_choice import plan_summary
         from .layer_precision import prepare_search

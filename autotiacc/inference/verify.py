@@ -115,7 +115,7 @@ def verify_plan(plan_path: str | Path, model_file: str | Path, *, tolerance: flo
     default the plan's own; a CUDA plan in a process without CUDA is a `PlanError`); see the module doc."""
     from ..hardware import fingerprint, fingerprint_differences, fingerprint_id
     from .plan import load_plan
-    from .shape_tuning import shape_tuning_for_plan, values_from_plan
+    from .shapes.shape_tuning import shape_tuning_for_plan, values_from_plan
 
     if not 0 <= tolerance < 1:
         raise UserInputError(f"`--tolerance` got {tolerance!r}: use a fraction in [0, 1), e.g. 0.25 "

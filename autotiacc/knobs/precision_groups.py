@@ -1,5 +1,5 @@
 """Per-layer precision regions: wrap chosen submodules in a lower precision (the `groups` of
-the precision knob). Which groups to lower, and in what, is found in autotiacc.inference.layer_precision.
+the precision knob). Which groups to lower, and in what, is found in autotiacc.profiling.sensitivity.
 
 A group is a submodule path. Lowering wraps it in a `PrecisionRegion`: an autocast region, or
 weights cast to bf16/fp16 with inputs cast on the way in, or dynamic int8 for a Linear; floating

@@ -259,11 +259,9 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     the forwards profiled so far are enough (one block: two at least). `profiler_started`: this
     process already ran torch.profiler once (its one-time start-up is paid)."""
     import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from ..measure import time_once, warm_up
 
     from ..device import is_cuda
+    from ..measure import time_once, warm_up
 
     cuda = is_cuda(device)
     ranges = ModuleRanges(dict(model.named_modules()), nvtx=cuda)
@@ -272,14 +270,10 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
         with torch.no_grad():
             return model(*inputs)
 
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     warm_up(plain, device, max_s=warmup_s)
-    # parsing the trace costs ~100 us per event: blocks of at most 32 forwards
-    one_s = min(time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
-    block = max(2, min(32, math.ceil(target_s / 16 / max(one_s, 1e-6))))
+    block = _block_size(plain, device, target_s)
     if not profiler_started:
-        with profile(activities=acts):  # the profiler's one-time start-up (seconds) is not measured
-            plain()
+        _profiled_block(plain, 1, cuda)  # the profiler's one-time start-up (seconds) is not measured
     plain_ms: list[float] = []
     forwards: list[Forward] = []
     start = time.perf_counter()
@@ -301,11 +295,7 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
             plain_ms += [time_once(plain, device) for _ in range(block)]
             ranges.install(True)
             try:
-                with profile(activities=acts) as prof:
-                    for _ in range(block):
-                        plain()
-                    if cuda:
-                        torch.cuda.synchronize()
+                prof = _profiled_block(plain, block, cuda)
             finally:
                 ranges.install(False)
             forwards += attribute(spans_from_profiler(prof), device=cuda)
@@ -319,6 +309,29 @@ def profile_forwards(model: Any, inputs: tuple, *, device: str, target_s: float 
     keep = [forwards[i] for i in fast_calls(walls)]
     base = statistics.fmean(plain_ms[i] for i in fast_calls(plain_ms))
     return summarise(keep, base, plain_ms, walls)
+
+
+def _block_size(plain: Callable[[], Any], device: str, target_s: float) -> int:
+    """Forwards per block: about a sixteenth of `target_s`; parsing the trace costs ~100 us per
+    event, so at most 32."""
+    from ..measure import time_once
+
+    one_s = min(time_once(plain, device) for _ in range(3)) / 1e3  # the fastest: a stall is not the model
+    return max(2, min(32, math.ceil(target_s / 16 / max(one_s, 1e-6))))
+
+
+def _profiled_block(plain: Callable[[], Any], calls: int, cuda: bool) -> Any:
+    """`calls` forwards under torch.profiler (CPU operators; CUDA kernels too on a GPU)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        for _ in range(calls):
+            plain()
+        if cuda:
+            torch.cuda.synchronize()
+    return prof
 
 
 def summarise(keep: list[Forward], plain_ms: float, plain_samples: list[float] | None = None,

@@ -14,7 +14,7 @@ from .plotting import figure
 
 
 def plot_top_modules(data, path: Path, n: int = 12) -> Path | None:
-    from ..profile import MODULE_METHODS, top_modules
+    from ..profiling.schema import MODULE_METHODS, top_modules
 
     prof = getattr(data, "profile", None)
     if not prof or prof.get("method") not in MODULE_METHODS:
@@ -95,8 +95,8 @@ def _cell(s: dict[str, Any] | None) -> str:
 
 def profile_sections(data) -> list[tuple[str, list[str]]]:
     """Markdown sections: the profile summary, the groups table, what was not available."""
-    from ..inference.layer_precision import ANALYSED_MODES
-    from ..profile import opaque_root, top_modules
+    from ..profiling.sensitivity import ANALYSED_MODES
+    from ..profiling.schema import opaque_root, top_modules
 
     prof = getattr(data, "profile", None)
     if not prof:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..errors import UserInputError
+from ...errors import UserInputError
 
 
 @dataclass(frozen=True)

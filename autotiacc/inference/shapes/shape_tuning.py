@@ -34,15 +34,15 @@ import math
 from pathlib import Path
 from typing import Any, Callable
 
-from ..engine import limits
-from ..engine.bench import Bench
-from ..engine.fidelity import (BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, evaluate_alternating,
-                               final_rounds_s)
-from ..engines import fixed_shape_backends
-from ..errors import UserInputError
-from ..knobs import SearchContext, all_knobs, configs_from_params, get_knob
-from ..knobs.base import knob_for_config
+from ...engine import limits
+from ...engine.bench import Bench
+from ...engine.fidelity import BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, final_rounds_s
+from ...engines import fixed_shape_backends
+from ...errors import UserInputError
+from ...knobs import SearchContext, all_knobs, configs_from_params, get_knob
+from ...knobs.base import knob_for_config
 from .buckets import ALIGN, BATCH, BucketSpec, ShapePlan, infer_axes, quantile_edges, spec_from_values
+from .static import AlternatingFinal, StaticShapes
 from .traffic import Shape, dim_names, histogram, parse_traffic, traffic_to_rows, workload_traffic
 
 # Bucket counts Optuna may pick per dim; capped by the distinct sizes seen and `max_buckets`.
@@ -56,61 +56,7 @@ FINAL_PROCESS_S = 0.5  # a final process's own start, reference and warm-up (con
 SPLIT_QUANTILES = (0.5, 0.75, 0.9)
 
 
-class _AlternatingFinal:
-    """The final re-measurement of both hooks: each variant alone in its own process, windows
-    taken in turns (`evaluate_alternating`); what a window times is the hooks' `bench`."""
-
-    final_measure_s: float
-
-    def bench(self, candidates: dict[str, dict]) -> Bench | None:
-        raise NotImplementedError
-
-    def final_costs(self, costs: dict[str, limits.Cost] | None) -> dict[str, limits.Cost] | None:
-        """The costs the final's limits derive from (`engine.limits`); None: one limit, the final's own."""
-        return costs
-
-    def final_measure(self, workload, candidates: dict[str, dict], *, device: str, tolerance: float,
-                      warmup_s: float = 2.0, env: dict[str, str] | None = None, timeout: float,
-                      log_path: str | None = None, costs: dict[str, limits.Cost] | None = None):
-        return evaluate_alternating(workload, candidates, device=device, tolerance=tolerance,
-                                    target_s=self.final_measure_s, warmup_s=warmup_s, env=env, timeout=timeout,
-                                    bench=self.bench(candidates), costs=self.final_costs(costs))
-
-
-class StaticShapes(_AlternatingFinal):
-    """One input shape: the knobs alone are searched, and `evaluate.evaluate` times them."""
-
-    def __init__(self, strategy: Any = None, *, final_measure_s: float | None = None) -> None:
-        self.final_measure_s = final_measure_s or float(getattr(strategy, "final_measure_s", 6.0))
-
-    def suggest(self, trial, values: dict[str, dict], ctx: SearchContext | None = None) -> dict[str, Any]:
-        return values
-
-    def label(self, values: dict[str, Any]) -> str:
-        return ""
-
-    def evaluator(self, *, final: bool = False, measure_s: float = 2.0,
-                  prune_above: float | None = None) -> tuple[Callable, dict[str, Any]]:
-        from .evaluate import evaluate
-
-        if final:
-            return evaluate, {"target_s": self.final_measure_s}
-        return evaluate, {"target_s": measure_s, "prune_above": prune_above}
-
-    def final_reserve(self, tops: list, *, process_s: float = 0.0, least: bool = False) -> float:
-        """Seconds the final re-measurement of `tops` needs (`final_costs.one_shape_reserve`)."""
-        from .final_costs import one_shape_reserve
-
-        return one_shape_reserve(tops, process_s, self.final_measure_s, least=least)
-
-    def bench(self, candidates: dict[str, dict]) -> Bench | None:
-        return None  # `engine.fidelity.OneShape`: the workload's example inputs
-
-    def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
-        plan.shapes = None
-
-
-class ShapeTuning(_AlternatingFinal):
+class ShapeTuning(AlternatingFinal):
     """Tune for a traffic mix instead of one shape; see the module doc for the hooks."""
 
     def __init__(self, workload, traffic: list[Shape], *, p99_ms: float | None = None,

@@ -21,17 +21,18 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..device import is_meta, to_device, use_device
-from ..engine.bench import Bench
-from ..engine.fidelity import AlternatingResult
-from ..knobs import configs_from_params
-from ..machine_load import LoadProbe
-from ..measure import Timing, measure_interleaved
-from .accuracy import compare_outputs
-from .baseline import EagerBaseline, eager_call
-from .buckets import BATCH, BucketedModel, BucketSpec, bucket_key, own_label, spec_from_values
-from .candidate import compile_stats
-from .evaluate import BASELINE, worker_cached, workload_key
+from ...device import is_meta, to_device, use_device
+from ...engine.bench import Bench
+from ...engine.fidelity import AlternatingResult
+from ...knobs import configs_from_params
+from ...machine_load import LoadProbe
+from ...measure import Timing, measure_interleaved
+from ..accuracy import compare_outputs
+from ..baseline import EagerBaseline, eager_call
+from ..candidate import compile_stats
+from ..evaluate import BASELINE, worker_cached, workload_key
+from .bucketed import BucketedModel
+from .buckets import BATCH, BucketSpec, bucket_key, own_label, spec_from_values
 from .traffic import Shape, parse_traffic
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
@@ -81,19 +82,8 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     key = ("traffic", workload_key(workload), device, repr(traffic), repr(check_shapes))
     model, inputs, refs = worker_cached(key, lambda: _reference(workload, device, shapes + extra))
 
-    results: dict[str, Any] = {}
-    built: dict[str, BucketedModel] = {}
-    for name, values in candidates.items():
-        try:
-            cand, res = build_candidate(workload, model, values, shapes, axes, device=device, inputs=inputs,
-                                        refs=refs, tolerance=tolerance)
-            if res["status"] == "ok":
-                built[name] = cand
-        except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
-            res = {"knobs": values, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
-                   "traceback": traceback.format_exc()[-4000:]}
-        results[name] = res
-
+    results, built = _build_all(workload, model, candidates, shapes, axes, device=device, inputs=inputs, refs=refs,
+                                tolerance=tolerance)
     t0 = time.perf_counter()
     weights = {s.key(): s.weight for s in shapes}
     names = [BASELINE] + list(built)
@@ -122,6 +112,26 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     return {"baseline": base.to_dict(), "candidates": results,
             "baseline_p99_mix_ms": mixture_quantile(samples[BASELINE], weights, 0.99), "per_sample": per_sample,
             "measure_s": time.perf_counter() - t0}
+
+
+def _build_all(workload, model, candidates: dict[str, dict[str, Any]], shapes: list[Shape], axes: dict, *,
+               device: str, inputs: dict[str, tuple], refs: dict[str, Any],
+               tolerance: float) -> tuple[dict[str, Any], dict[str, BucketedModel]]:
+    """Each candidate built and checked on every shape: (its result so far, by name; those that
+    passed, built)."""
+    results: dict[str, Any] = {}
+    built: dict[str, BucketedModel] = {}
+    for name, values in candidates.items():
+        try:
+            cand, res = build_candidate(workload, model, values, shapes, axes, device=device, inputs=inputs,
+                                        refs=refs, tolerance=tolerance)
+            if res["status"] == "ok":
+                built[name] = cand
+        except Exception as exc:  # noqa: BLE001 - a candidate failing is a result, not a crash
+            res = {"knobs": values, "status": "failed", "reason": f"{type(exc).__name__}: {str(exc).strip()[:500]}",
+                   "traceback": traceback.format_exc()[-4000:]}
+        results[name] = res
+    return results, built
 
 
 def _time_shapes(model, built: dict[str, BucketedModel], shapes: list[Shape], inputs: dict[str, tuple],
@@ -281,7 +291,7 @@ class TrafficBench(Bench):
                     divisors(shapes, serve, self.per_sample)), info
 
     def window(self, mix: _Mix, *, device: str, window_s: float) -> dict[str, Any]:
-        from ..measure import time_once
+        from ...measure import time_once
 
         parts: dict[str, list[float]] = {k: [] for k in mix.runners}
         rounds: list[float] = []

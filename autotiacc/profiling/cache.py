@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-PROFILE_FILE = "profile.json"
+from .schema import PROFILE_FILE, done_steps, partial
+
 _IDENTITY_KEYS = ("kind", "param_shapes_sha256", "input_shapes", "input_dtypes", "batch_size", "file_sha256")
 
 
@@ -86,15 +87,3 @@ def cached_profile(run_dir: Path, identity: dict[str, Any], fingerprint: dict[st
         tmp.replace(cached)
     except (OSError, ValueError):
         pass  # the cache is an optimisation; a read-only home must not fail the tune
-
-
-def partial(prof: dict[str, Any]) -> bool:
-    """The profiling step stopped before it finished (a group's sensitivity left to analyse)."""
-    return bool(prof.get("partial")) or any(g.get("skipped") for g in prof.get("sensitivity") or [])
-
-
-def done_steps(prof: dict[str, Any]) -> int:
-    """How much of the work a profile holds: the profile itself, then one per analysed mode."""
-    if partial(prof):
-        return 1 + sum(len(g.get("sensitivity") or {}) for g in prof.get("sensitivity") or [])
-    return 1 << 30  # complete

@@ -1,7 +1,7 @@
 """Per-module profile of one forward pass: where the time goes, FLOPs, bytes, peak memory,
 GPU counters, and a diagnosis of what bounds the forward.
 
-Time per module comes from torch.profiler's attribution (`autotiacc.profiling.attribution`):
+Time per module comes from torch.profiler's attribution (`attribution`):
 every module runs inside a `record_function` range (and an NVTX range on CUDA), nothing is
 synchronised per module, and each operator (CPU) or kernel (CUDA) is attributed to the
 innermost module range around it. Every module gets a *self* time (its own operators or
@@ -15,38 +15,14 @@ parameters, coarsened to blocks that each carry a real share of the time.
 """
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
-from .errors import UserInputError
+from .groups import MIN_GROUP_SHARE, candidate_groups
+from .schema import METHOD, SCHEMA, SCHEMA_VERSION, ModuleStat
 
-SCHEMA = "autotiacc.profile"
-SCHEMA_VERSION = 2  # 2: profiler attribution, busy time, diagnosis
-PROFILE_FILE = "profile.json"
 TOP_OPS = 15
-METHOD = "profiler_attribution"
-MODULE_METHODS = (METHOD, "module_timers")  # module_timers: schema 1 profiles
-MIN_GROUP_SHARE = 0.05  # a precision group carries at least this share of the forward
-
-
-@dataclass
-class ModuleStat:
-    path: str  # module-tree path; "" is the model itself
-    type: str
-    calls: int = 0
-    inclusive_ms: float = 0.0
-    self_ms: float = 0.0
-    inclusive_share: float = 0.0  # of the forward measured without timers
-    self_share: float = 0.0
-    flops: int = 0  # inclusive, per forward (torch.utils.flop_counter)
-    param_bytes: int = 0  # inclusive: parameters and buffers of the subtree
-    activation_bytes: int = 0  # bytes of this module's outputs, per forward
-    has_params: bool = False
-    busy_ms: float = 0.0  # self: in its own operators (CPU) or kernels (CUDA)
-    device_events: float = 0.0  # self: kernels and copies per forward (CUDA)
 
 
 def _nbytes(obj: Any) -> int:
@@ -67,7 +43,7 @@ def _gpu_tools(device: str) -> tuple[Any, list[str]]:
     beyond torch (`torch.cuda.nvtx`)."""
     if not device.startswith("cuda"):
         return None, ["NVTX ranges (no CUDA device)", "pynvml GPU sampling (no CUDA device)"]
-    from .profiling.gpu import nvml_handle
+    from .gpu import nvml_handle
 
     handle, why = nvml_handle(device)
     return handle, [why] if why else []
@@ -143,8 +119,6 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
     """
     import torch
 
-    from .measure import Timing, measure_interleaved
-
     nvml, unavailable = _gpu_tools(device)
     if deadline is not None:  # a short share: warm-up and attribution shrink with it (they keep their minimum calls)
         left = max(0.0, deadline - time.time())
@@ -159,60 +133,17 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
         with torch.no_grad():
             return model(*inputs)
 
-    busy = events = None
-    if _is_script(model) or not hasattr(model, "named_modules"):
-        timing = measure_interleaved({"forward": plain}, device, target_s=target_s, warmup_s=warmup_s)["forward"]
-        stats = [ModuleStat(path="", type=_type_name(model), calls=1, inclusive_ms=timing.median,
-                            self_ms=timing.median, inclusive_share=1.0, self_share=1.0,
-                            param_bytes=_param_bytes(model), has_params=True)]
-        result.update(method="profiler_ops", forward=timing.summary(), timed_forward=None, shares_sum=1.0,
-                      timer_overhead=None)
-        unavailable.append("per-module times (TorchScript runs submodules inside its interpreter, where "
-                           "Python-level module calls do not happen): see the operator table instead")
-        try:
-            stats[0].flops = _flops_by_path(model, inputs).get("", 0)
-        except Exception as exc:  # noqa: BLE001 - flop counting is decoration
-            unavailable.append(f"FLOPs ({type(exc).__name__})")
-    else:
-        from .profiling.attribution import profile_forwards
-
-        # the operator table above already paid the profiler's one-time start-up; the attribution
-        # ends by half the time left, so FLOPs, page faults and the groups still fit in a short share
-        half = None if deadline is None else time.time() + 0.5 * max(0.0, deadline - time.time())
-        att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=half,
-                               profiler_started=True)
-        modules = dict(model.named_modules())
-        flops, out_bytes = _flops_and_bytes(model, inputs, modules)
-        if flops is None:
-            flops = {}
-            unavailable.append("FLOPs (torch.utils.flop_counter failed on this model)")
-        stats = _module_stats(modules, att, flops, out_bytes)
-        timing = Timing(att.plain_samples_ms)
-        result.update(method=METHOD, forward=timing.summary(), timed_forward=Timing(att.profiled_samples_ms).summary(),
-                      forward_fast_mean_ms=att.plain_ms, profiled_fast_mean_ms=att.profiled_ms,
-                      shares_sum=sum(s.self_share for s in stats), idle_scale=att.idle_scale,
-                      timer_overhead=att.profiled_ms / att.plain_ms - 1 if att.plain_ms else None,
-                      busy_ms=att.busy_ms, device_events_per_forward=att.device_events,
-                      ops_per_forward=att.ops, nvtx=device.startswith("cuda"))
-        busy, events = att.busy_ms, att.device_events if device.startswith("cuda") else att.ops
+    timed = _whole_model if _is_script(model) or not hasattr(model, "named_modules") else _per_module
+    stats, busy, events = timed(model, inputs, plain, result, unavailable, device=device, target_s=target_s,
+                                warmup_s=warmup_s, deadline=deadline)
     if nvml is not None:
-        from .profiling.gpu import nvml_during
+        from .gpu import nvml_during
 
         result["gpu"] = nvml_during(nvml, plain, device)
     result["modules"] = [asdict(s) for s in stats]
     result["memory"] = _memory(model, stats, peak_activation, device)
     result["diagnosis"] = _diagnosis(result, stats, busy, events, device, nvml)
-    if not device.startswith("cuda") and deadline is not None and time.time() > deadline:
-        unavailable.append("page faults per forward (skipped: the profile's share of the budget ran out)")
-    elif not device.startswith("cuda"):
-        from .profiling.diagnosis import allocator_finding
-
-        # a count, not a timing: a few calls give it; one call back on the plain path (FLOPs were
-        # counted on the unfused one) before counting
-        result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4, warm=1)
-        finding = allocator_finding(faults)
-        if finding:
-            result["diagnosis"]["allocator"] = finding
+    _count_page_faults(result, plain, unavailable, device=device, deadline=deadline)
     result["unavailable"] = unavailable
     result.setdefault("nvtx", False)
     result["groups"] = candidate_groups(result["modules"], model, coverage=coverage, max_groups=max_groups,
@@ -221,6 +152,73 @@ def profile_model(model: Any, inputs: tuple, *, device: str = "cpu", target_s: f
         unavailable.append(f"per-layer precision groups: no parameter-owning blocks of >= {min_group_share:.0%} "
                            "each that together carry half of the forward")
     return result
+
+
+def _whole_model(model: Any, inputs: tuple, plain, result: dict[str, Any], unavailable: list[str], *, device: str,
+                 target_s: float, warmup_s: float, deadline: float | None) -> tuple[list[ModuleStat], None, None]:
+    """TorchScript and export archives: one whole-model entry (their submodules run inside the
+    interpreter) and the operator table; no busy time or events to diagnose from."""
+    from ..measure import measure_interleaved
+
+    timing = measure_interleaved({"forward": plain}, device, target_s=target_s, warmup_s=warmup_s)["forward"]
+    stats = [ModuleStat(path="", type=_type_name(model), calls=1, inclusive_ms=timing.median,
+                        self_ms=timing.median, inclusive_share=1.0, self_share=1.0,
+                        param_bytes=_param_bytes(model), has_params=True)]
+    result.update(method="profiler_ops", forward=timing.summary(), timed_forward=None, shares_sum=1.0,
+                  timer_overhead=None)
+    unavailable.append("per-module times (TorchScript runs submodules inside its interpreter, where "
+                       "Python-level module calls do not happen): see the operator table instead")
+    try:
+        stats[0].flops = _flops_by_path(model, inputs).get("", 0)
+    except Exception as exc:  # noqa: BLE001 - flop counting is decoration
+        unavailable.append(f"FLOPs ({type(exc).__name__})")
+    return stats, None, None
+
+
+def _per_module(model: Any, inputs: tuple, plain, result: dict[str, Any], unavailable: list[str], *, device: str,
+                target_s: float, warmup_s: float, deadline: float | None) -> tuple[list[ModuleStat], float, float]:
+    """An nn.Module: per-module self and inclusive times from the profiler's attribution, FLOPs
+    and output bytes; returns the stats, busy ms and events (kernels on CUDA, operators on a CPU)."""
+    from ..measure import Timing
+    from .attribution import profile_forwards
+
+    # the operator table already paid the profiler's one-time start-up; the attribution ends by
+    # half the time left, so FLOPs, page faults and the groups still fit in a short share
+    half = None if deadline is None else time.time() + 0.5 * max(0.0, deadline - time.time())
+    att = profile_forwards(model, inputs, device=device, target_s=target_s, warmup_s=warmup_s, deadline=half,
+                           profiler_started=True)
+    modules = dict(model.named_modules())
+    flops, out_bytes = _flops_and_bytes(model, inputs, modules)
+    if flops is None:
+        flops = {}
+        unavailable.append("FLOPs (torch.utils.flop_counter failed on this model)")
+    stats = _module_stats(modules, att, flops, out_bytes)
+    result.update(method=METHOD, forward=Timing(att.plain_samples_ms).summary(),
+                  timed_forward=Timing(att.profiled_samples_ms).summary(),
+                  forward_fast_mean_ms=att.plain_ms, profiled_fast_mean_ms=att.profiled_ms,
+                  shares_sum=sum(s.self_share for s in stats), idle_scale=att.idle_scale,
+                  timer_overhead=att.profiled_ms / att.plain_ms - 1 if att.plain_ms else None,
+                  busy_ms=att.busy_ms, device_events_per_forward=att.device_events,
+                  ops_per_forward=att.ops, nvtx=device.startswith("cuda"))
+    return stats, att.busy_ms, att.device_events if device.startswith("cuda") else att.ops
+
+
+def _count_page_faults(result: dict[str, Any], plain, unavailable: list[str], *, device: str,
+                       deadline: float | None) -> None:
+    """On a CPU, page faults per forward and what they say of the allocator (skipped past the deadline)."""
+    if device.startswith("cuda"):
+        return
+    if deadline is not None and time.time() > deadline:
+        unavailable.append("page faults per forward (skipped: the profile's share of the budget ran out)")
+        return
+    from .diagnosis import allocator_finding
+
+    # a count, not a timing: a few calls give it; one call back on the plain path (FLOPs were
+    # counted on the unfused one) before counting
+    result["page_faults_per_forward"] = faults = _page_faults_per_call(plain, calls=4, warm=1)
+    finding = allocator_finding(faults)
+    if finding:
+        result["diagnosis"]["allocator"] = finding
 
 
 def _module_stats(modules: dict[str, Any], att, flops: dict[str, int], out_bytes: dict[str, int]) -> list[ModuleStat]:
@@ -257,7 +255,7 @@ def _page_faults_per_call(fn, calls: int = 10, warm: int = 2) -> float | None:
 
 def _diagnosis(result: dict[str, Any], stats: list[ModuleStat], busy, events, device: str, nvml) -> dict[str, Any]:
     """The stated diagnosis (see autotiacc.profiling.diagnosis) from this profile's figures."""
-    from .profiling.diagnosis import diagnose
+    from .diagnosis import diagnose
 
     if busy is None:
         return {"kind": None, "reason": "not diagnosed: no per-operator attribution for this model "
@@ -268,7 +266,7 @@ def _diagnosis(result: dict[str, Any], stats: list[ModuleStat], busy, events, de
     moved = result["memory"]["param_and_buffer_bytes"] + 2 * sum(s.activation_bytes for s in leaves)
     peaks = None
     if device.startswith("cuda"):
-        from .profiling.gpu import device_peaks
+        from .gpu import device_peaks
 
         peaks = device_peaks(device, nvml)
     # the profiled forward is never faster than the plain one but for noise: take the smaller
@@ -320,69 +318,11 @@ def _memory(model: Any, stats: list[ModuleStat], peak_activation: int, device: s
     return mem
 
 
-def candidate_groups(modules: list[dict[str, Any]], model: Any, *, coverage: float = 0.9,
-                     max_groups: int = 8, min_share: float = MIN_GROUP_SHARE,
-                     min_total: float = 0.5) -> list[dict[str, Any]]:
-    """Per-layer precision candidates: modules that ran and own parameters, coarsened until
-    each carries at least `min_share` of the forward's time or FLOPs (a 1.5 % convolution is
-    not worth a search parameter; its block is). From the deepest such modules (a fused
-    TransformerEncoderLayer counts as one: its children never run), each climbs to its
-    nearest ancestor that ran until it reaches `min_share`; modules under another chosen one
-    merge into it; those that cannot reach it are dropped. Largest share first, until they
-    cover `coverage` of their total or `max_groups` are taken. None when together they carry
-    less than `min_total` of the forward: per-layer precision would not pay there."""
-    ran = {m["path"]: m for m in modules if m["calls"] > 0 and m["path"] and m["has_params"]}
-    root_flops = next((m["flops"] for m in modules if m["path"] == ""), 0) or 0
-
-    def share(m: dict[str, Any]) -> float:
-        # time, or arithmetic where a noisy clock (a loaded machine) hides it: lower precision speeds both
-        return max(m["inclusive_share"], m["flops"] / root_flops if root_flops else 0.0)
-
-    leaves = [p for p in ran if not any(q.startswith(p + ".") for q in ran)]
-    chosen = set()
-    for p in leaves:
-        while share(ran[p]) < min_share:
-            up = next((a for a in _ancestors(p) if a in ran), None)
-            if up is None:
-                break
-            p = up
-        if share(ran[p]) >= min_share:
-            chosen.add(p)
-    blocks = [ran[p] for p in chosen if not any(a in chosen for a in _ancestors(p))]
-    blocks.sort(key=lambda m: (-share(m), m["path"]))  # ties in path order: the same groups every run
-    total = sum(share(m) for m in blocks)
-    if total < min_total:
-        return []
-    linear_paths = _linear_paths(model)
-    out, covered = [], 0.0
-    for m in blocks:
-        if covered >= coverage * total or len(out) >= max_groups:
-            break
-        covered += share(m)
-        out.append({"path": m["path"], "type": m["type"], "inclusive_share": m["inclusive_share"],
-                    "flops": m["flops"], "linear": m["path"] in linear_paths})
-    return out
-
-
-def _ancestors(path: str) -> list[str]:
-    """'a.b.c' -> ['a.b', 'a'] (the model itself, '', excluded)."""
-    parts = path.split(".")
-    return [".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1)]
-
-
-def _linear_paths(model: Any) -> set[str]:
-    import torch
-
-    if not hasattr(model, "named_modules") or _is_script(model):
-        return set()
-    return {p for p, m in model.named_modules() if type(m) is torch.nn.Linear}
-
-
 def profile_workload(workload, *, device: str = "cpu", model: Any = None, target_s: float = 1.5,
                      deadline: float | None = None) -> dict[str, Any]:
     """Profile a loaded `Workload` on its example inputs; adds workload and fingerprint fields."""
-    from .device import to_device, use_device
-    from .hardware import fingerprint, fingerprint_id
+    from ..device import to_device, use_device
+    from ..hardware import fingerprint, fingerprint_id
 
     use_device(device)
     model = to_device(model if model is not None else workload.build_model(), device)
@@ -394,62 +334,3 @@ def profile_workload(workload, *, device: str = "cpu", model: Any = None, target
     prof["fingerprint"], prof["fingerprint_id"] = fp, fingerprint_id(fp)
     prof["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     return prof
-
-
-def save_profile(prof: dict[str, Any], path: str | Path) -> Path:
-    path = Path(path)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(prof, indent=2, default=str), encoding="utf-8")
-    tmp.replace(path)
-    return path
-
-
-def load_profile(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / PROFILE_FILE
-    try:
-        data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise UserInputError(f"`profile` {p}: cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:120]}); "
-                             "give a profile.json written by autotiacc.") from None
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise UserInputError(f"`profile` {p}: not an autotiacc profile (missing \"schema\": \"{SCHEMA}\").")
-    return data
-
-
-def top_modules(prof: dict[str, Any], n: int = 12, *, by: str = "self_share") -> list[dict[str, Any]]:
-    """The `n` modules with the largest share (self time by default), root included."""
-    mods = [m for m in prof.get("modules", []) if m.get("calls", 0) > 0]
-    return sorted(mods, key=lambda m: -m.get(by, 0.0))[:n]
-
-
-def opaque_root(prof: dict[str, Any]) -> bool:
-    """True when the module breakdown says little (TorchScript, export, a flat forward): the
-    model's own self time is most of the forward, so the operator table is the useful view."""
-    root = next((m for m in prof.get("modules", []) if m["path"] == ""), None)
-    return prof.get("method") not in MODULE_METHODS or (root is not None and root["self_share"] > 0.5)
-
-
-def summary_lines(prof: dict[str, Any], n: int = 10) -> list[str]:
-    """A few lines for the terminal: forward time, coverage, the top modules."""
-    fwd = prof["forward"]
-    lines = [f"forward: {fwd['median_ms']:.3f} ms median (spread {fwd['spread']:.1%}, n={fwd['n']}), "
-             f"method {prof['method']}, module self-time shares add up to {prof['shares_sum']:.1%}"]
-    for m in top_modules(prof, n):
-        lines.append(f"  {m['self_share']:6.1%} self {m['inclusive_share']:6.1%} incl  {m['path'] or '(model)'}"
-                     f"  [{m['type']}]  {m['flops'] / 1e6:.1f} MFLOP")
-    if opaque_root(prof):
-        lines.append("most time is inside the model's own forward (no submodule calls): top operators")
-        lines += [f"  {o['self_share']:6.1%}  {o['op']}  x{o['calls']}" for o in prof.get("ops", [])[:n]]
-    if prof.get("groups"):
-        lines.append("precision groups: " + ", ".join(g["path"] for g in prof["groups"]))
-    diag = prof.get("diagnosis")
-    if diag:
-        lines.append(f"diagnosis: {diag.get('kind') or 'not decided'}: {diag.get('reason', '')}")
-        if diag.get("allocator"):
-            lines.append(f"allocator: {diag['allocator']}")
-    for what in prof.get("unavailable", []):
-        lines.append(f"not available: {what}")
-    return lines
-
