@@ -43,7 +43,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                            err=True)
             else:
                 typer.echo("autotiacc: interrupted before any trial was recorded; nothing was kept.", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
     return wrapper
 
 
@@ -58,7 +58,8 @@ def tune(
     file: Path = typer.Argument(..., help="model.py, TorchScript .pt/.ts, or torch.export .pt2"),
     budget: str = typer.Option("30m", "--budget", "-b", help="whole tune, compile time included: 90s, 10m, 1h30m"),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="run directory (default runs/<model>-<time>)"),
-    level: int = typer.Option(1, "--level", help="0 no precision change, 1 reduced precision, 2 aggressive"),
+    level: Optional[int] = typer.Option(None, "--level", help="0 no precision change, 1 reduced precision (default), "
+                                        "2 aggressive"),
     strategy: str = typer.Option("inference-latency", "--strategy", help="preset name or YAML file"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="batch size to tune for"),
     tolerance: Optional[float] = typer.Option(None, "--tolerance", help="max relative L2 error vs fp32 eager"),
@@ -74,7 +75,8 @@ def tune(
                                            "tune buckets for it"),
     p99_ms: Optional[float] = typer.Option(None, "--p99-ms", help="p99 latency budget over the traffic mix (ms)"),
     mode: str = typer.Option("infer", "--mode", help="infer (model.py, latency) or train (train.py, samples/s)"),
-    nproc: int = typer.Option(1, "--nproc", help="--mode train: processes (real torch.distributed ranks, gloo on CPU)"),
+    nproc: Optional[int] = typer.Option(None, "--nproc", help="--mode train: processes (real torch.distributed ranks, "
+                                        "gloo on CPU; default 1)"),
     max_memory: Optional[str] = typer.Option(None, "--max-memory", help="peak memory limit of a candidate (device "
                                              "memory on CUDA, RSS on CPU), e.g. 4GiB"),
     export: bool = typer.Option(False, "--export", help="also save a deployable artifact (AOTInductor, "
@@ -83,13 +85,11 @@ def tune(
                                   "a dead worker's trials fail after 3 missed beats"),
 ) -> None:
     """Search for the fastest plan for FILE within the budget; writes plan, trials and report."""
-    if mode not in ("infer", "train"):
-        raise _bad(f"`--mode` got {mode!r}: use infer (a model.py) or train (a train.py).")
-    if mode == "train" and export:
-        raise _bad("`--export` saves an inference artifact; drop it with --mode train (training plans are applied "
-                   "with autotiacc.training.apply).")
+    _refuse_other_modes_flags(mode, {"--level": level, "--input-shape": input_shape, "--input-dtype": input_dtype,
+                                     "--traffic": traffic, "--p99-ms": p99_ms, "--export": export or None,
+                                     "--nproc": nproc})
     if mode == "train":
-        _tune_training(file, budget=budget, out=out, nproc=nproc, max_memory=max_memory, batch_size=batch_size,
+        _tune_training(file, budget=budget, out=out, nproc=nproc or 1, max_memory=max_memory, batch_size=batch_size,
                        tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
                        quiet=quiet, heartbeat=heartbeat,
                        strategy="training" if strategy == "inference-latency" else strategy)
@@ -97,7 +97,7 @@ def tune(
     from .inference.task import tune as run_tune
 
     workload, options = _inference_setup(
-        file, budget=budget, out=out, level=level, strategy=strategy, batch_size=batch_size, tolerance=tolerance,
+        file, budget=budget, out=out, level=1 if level is None else level, strategy=strategy, batch_size=batch_size, tolerance=tolerance,
         storage=storage, study=study, resume=resume, seed=seed, input_shape=input_shape, input_dtype=input_dtype,
         device=device, traffic=traffic, p99_ms=p99_ms, max_memory=max_memory, heartbeat=heartbeat)
     bar = ProgressBar(options.budget_s, quiet)
@@ -154,6 +154,23 @@ def _print_result(result: Any, budget_s: float) -> None:
 
     for line in tune_lines(result, write_report(result.run_dir), budget_s) + [wall_line(_started(), budget_s)]:
         typer.echo(line)
+
+
+# the flags only one mode reads; given to the other, one line says so instead of dropping them
+_MODE_FLAGS = {"infer": ("--level", "--input-shape", "--input-dtype", "--traffic", "--p99-ms", "--export"),
+               "train": ("--nproc",)}
+
+
+def _refuse_other_modes_flags(mode: str, given: dict[str, Any]) -> None:
+    if mode not in _MODE_FLAGS:
+        raise _bad(f"`--mode` got {mode!r}: use infer (a model.py) or train (a train.py).")
+    other = "train" if mode == "infer" else "infer"
+    wrong = [flag for flag in _MODE_FLAGS[other] if given.get(flag) is not None]
+    if wrong:
+        hint = " (training plans are applied with autotiacc.training.apply)" if "--export" in wrong else ""
+        many = len(wrong) > 1
+        raise _bad(f"{', '.join(f'`{w}`' for w in wrong)} only appl{'y' if many else 'ies'} to --mode {other}; drop "
+                   f"{'them' if many else 'it'} with --mode {mode}{hint}.")
 
 
 def _started() -> float:

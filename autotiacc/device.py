@@ -14,6 +14,7 @@ import re
 from typing import Any, Iterator
 
 from .errors import UserInputError, WorkloadError
+from .torch_compat import tree_map
 
 # Process-wide switches a candidate may set; each is restored when its scope ends.
 FLAGS = ("cuda_matmul_tf32", "cudnn_tf32", "cudnn_benchmark", "float32_matmul_precision")
@@ -96,7 +97,6 @@ def to_device(obj: Any, device: Any) -> Any:
     `non_blocking=True` (the copy overlaps with compute; the next kernel orders after it).
     """
     import torch
-    import torch.utils._pytree as pytree
 
     target = torch.device(device)
 
@@ -113,7 +113,7 @@ def to_device(obj: Any, device: Any) -> Any:
 
     if isinstance(obj, (torch.Tensor, torch.nn.Module)):
         return move(obj)
-    return pytree.tree_map(move, obj)
+    return tree_map(move, obj)
 
 
 def module_device(module: Any) -> Any:

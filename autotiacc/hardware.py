@@ -86,7 +86,7 @@ def fingerprint(device: str = "cpu") -> dict[str, Any]:
         fp["device_name"] = gpu["name"]
         fp.update({k: gpu[k] for k in ("capability", "gpu_memory_gb", "driver")})
     try:
-        import onnxruntime  # noqa: F401  (version only; optional backend)
+        import onnxruntime
 
         fp["onnxruntime"] = onnxruntime.__version__
     except ImportError:
@@ -125,9 +125,9 @@ def _driver_version() -> str | None:
     except Exception:  # noqa: BLE001 - optional: pynvml missing or NVML not loadable
         pass
     try:
-        import torch
+        from .torch_compat import cuda_driver_version
 
-        v = int(torch._C._cuda_getDriverVersion())
+        v = cuda_driver_version()
         return f"supports CUDA {v // 1000}.{v % 1000 // 10}"
     except Exception:  # noqa: BLE001 - private API; the fingerprint does without it
         return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -122,9 +121,9 @@ def check_pace(values: Sequence[float], limit: float | None) -> None:
 def compile_events() -> int:
     """Frames torch.compile (dynamo) has compiled in this process so far, recompiles included;
     0 while dynamo is not loaded. A call during which it grows compiled: its time is no pace."""
-    utils = sys.modules.get("torch._dynamo.utils")
-    counters = getattr(utils, "counters", None)
-    return int(counters["frames"]["total"]) if counters is not None else 0
+    from .torch_compat import compiled_frames
+
+    return compiled_frames()
 
 
 class Pace:

@@ -31,7 +31,7 @@ from pathlib import Path
 # It must be set before torch starts its thread pool.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import torch  # noqa: E402
+import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -171,7 +171,9 @@ def append_results_md(rows: list[dict], csv_path: Path, png_path: Path, command:
              "| model | batch | variant | median ms | p90 ms | spread | speed-up vs eager | rel. error | setup s | status |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        f = lambda k, s=".3g": "–" if r.get(k) is None else format(r[k], s)  # noqa: E731
+        def f(k: str, s: str = ".3g", r: dict = r) -> str:
+            return "–" if r.get(k) is None else format(r[k], s)
+
         lines.append(f"| {r['model']} | {r['batch']} | {r['variant']} | {f('median_ms')} | {f('p90_ms')} | "
                      f"{f('spread', '.2f')} | {f('speedup_vs_eager', '.2f')} | {f('rel_err', '.2g')} | "
                      f"{f('setup_s', '.1f')} | {r['status']} {r['note'][:80] if r['status'] != 'ok' else ''} |")

@@ -134,7 +134,8 @@ def main() -> None:
     if proc.returncode != 0:
         sys.exit(f"tune failed ({proc.returncode}): {proc.stderr[-2000:]}")
     plan = load_plan(run_dir / "plan.json")
-    trials = list(csv.DictReader(open(run_dir / "trials.csv")))
+    with open(run_dir / "trials.csv") as f:
+        trials = list(csv.DictReader(f))
     measured = sum(1 for t in trials if t.get("status") in ("ok", "rejected", "pruned", "failed", "timeout"))
     # The sweep times every configuration in one warm worker, one after another, and how fast
     # eager (its baseline) runs there drifts with the process's allocation history: its own

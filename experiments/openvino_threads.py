@@ -153,8 +153,8 @@ def main() -> None:
             _append(out, rows[-1])
             print(rows[-1], flush=True)
         for name, values in TUNED.items() if args.tune_figures else ():
-            for how, fn in (("search", lambda: search_figure(workload, values, args.measure_s)),
-                            ("final", lambda: final_figure(workload, values, args.rounds))):
+            for how, fn in (("search", lambda values=values: search_figure(workload, values, args.measure_s)),
+                            ("final", lambda values=values: final_figure(workload, values, args.rounds))):
                 load = os.getloadavg()[0]
                 rows.append({"rep": rep, "variant": name, "how": how, "load1": round(load, 2), **fn()})
                 _append(out, rows[-1])

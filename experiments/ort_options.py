@@ -46,7 +46,7 @@ def interleaved(workload, rounds: int) -> dict[str, float]:
     for name, values in (("no spinning", ORT), ("spinning", SPIN)):
         cand = OptimizedModel(model, configs_from_params(values), example_inputs=x)
         with torch.no_grad():
-            t = measure_interleaved({"eager": lambda: model(*x), "ort": lambda: cand(*x)}, "cpu",
+            t = measure_interleaved({"eager": lambda: model(*x), "ort": lambda cand=cand: cand(*x)}, "cpu",
                                     min_rounds=rounds, max_rounds=rounds, target_s=0.0, warmup_s=1.0)
         out[f"eager beside ORT ({name})"] = t["eager"].median
         out[f"ORT ({name}), interleaved"] = t["ort"].median

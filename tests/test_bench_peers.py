@@ -15,8 +15,8 @@ from .conftest import MODELS, ROOT
 
 sys.path.insert(0, str(ROOT / "experiments"))
 
-import bench_peers  # noqa: E402
-from quiet_machine import CpuSample, judge  # noqa: E402
+import bench_peers
+from quiet_machine import CpuSample, judge
 
 BURN = "import sys, time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\nopen(sys.argv[1], 'w').close()\n"
 

@@ -19,6 +19,13 @@ CASES = {
     "unknown level": (GOOD, ["--level", "7"], "`--level` got 7"),
     "garbage torchscript": ("\x00\x01garbage", ["--input-shape", "1x4"], "not a readable TorchScript"),
     "bad input shape": ("\x00", ["--input-shape", "1xfoo"], "`--input-shape` got '1xfoo'"),
+    # flags of the other mode are refused, not dropped (issue 20: --mode train ignored --level, --traffic...)
+    "train with --level": (GOOD, ["--mode", "train", "--level", "0"], "`--level` only applies to --mode infer"),
+    "train with shape flags": (GOOD, ["--mode", "train", "--input-shape", "1x4", "--traffic", "t.csv", "--p99-ms",
+                                      "5"], "`--input-shape`, `--traffic`, `--p99-ms` only apply to --mode infer"),
+    "train with --export": (GOOD, ["--mode", "train", "--export"], "autotiacc.training.apply"),
+    "infer with --nproc": (GOOD, ["--nproc", "2"], "`--nproc` only applies to --mode train; drop it with --mode infer"),
+    "unknown mode": (GOOD, ["--mode", "serve"], "`--mode` got 'serve'"),
 }
 
 
@@ -45,7 +52,8 @@ def test_unwritable_output_dir(tmp_path):
     blocker.write_text("a file, not a folder")
     res = run_cli("tune", str(tmp_path / "model.py"), "--budget", "1m", "--out", str(blocker / "run"), "--quiet")
     assert res.returncode == 2
-    assert "`--out`" in res.stderr and "not writable" in res.stderr
+    assert res.stderr.count("\n") == 1 and "`--out`" in res.stderr
+    assert f"{blocker} is a file, not a folder" in res.stderr and not blocker.is_dir()
     assert "Traceback" not in res.stderr
 
 

@@ -1,6 +1,5 @@
 """Fast behaviour checks of the core: parsing, statistics, knobs, plans, workloads, accuracy."""
 import json
-import math
 import warnings
 
 import pytest
@@ -289,3 +288,26 @@ def test_plans_record_the_tune_environment_and_warn_only_when_it_differs(monkeyp
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     with pytest.warns(UserWarning, match="measured with OMP_WAIT_POLICY unset"):
         p.check_fingerprint()
+
+
+def test_status_enums_are_written_as_their_words():
+    """Statuses are enums in the code and the same words on disk: trials.csv, Optuna's user_attrs
+    and run records made before the enums read the same."""
+    import io
+    import json
+    import signal
+
+    import pandas as pd
+
+    from autotiacc.engine.status import CallStatus, TrialState, TrialStatus
+    from autotiacc.engine.workers import classify_exit
+
+    assert TrialStatus.REJECTED == "rejected" and f"{TrialStatus.REJECTED}" == "rejected"
+    assert json.loads(json.dumps({"status": TrialStatus.OK})) == {"status": "ok"}
+    buf = io.StringIO()
+    pd.DataFrame([{"status": TrialStatus.PRUNED}]).to_csv(buf, index=False)
+    assert buf.getvalue().splitlines() == ["status", "pruned"]
+    assert TrialStatus("timeout") is TrialStatus.TIMEOUT and TrialState("fail") is TrialState.FAIL
+    assert classify_exit(-signal.SIGKILL)[0] is CallStatus.OOM and classify_exit(3)[0] is CallStatus.CRASH
+    with pytest.raises(ValueError):
+        CallStatus("fine")  # a word nobody defined is an error, not a new status

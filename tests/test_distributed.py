@@ -70,7 +70,7 @@ def _worker(file: Path, url: str, study: str, out: Path, budget: str, hold: Path
     """A tune joining the study; with `hold`, its first trial's forward writes that file and waits (see TINY)."""
     cmd = [sys.executable, "-m", "autotiacc.cli", "tune", str(file), "--budget", budget, "--strategy", "quick",
            "--storage", url, "--study", study, "--out", str(out), "--quiet", "--heartbeat", "1"]
-    log = open(out.with_suffix(".log"), "w")
+    log = open(out.with_suffix(".log"), "w")  # noqa: SIM115 - the child writes it; closed with the process
     env = _env() if hold is None else {**_env(), "AUTOTIACC_TEST_HOLD": str(hold),
                                        "AUTOTIACC_TEST_TRIALS": str(out / "trials")}
     # own session: kill -9 takes the worker and its trial process, as when a machine dies

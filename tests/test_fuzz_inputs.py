@@ -3,17 +3,16 @@ naming the file, and nothing is imported, run or written while they are read."""
 import copy
 import json
 import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import autotiacc.inference.shapes.bucketed  # noqa: F401 - loaded up front: the checks below see only new imports
-import autotiacc.inference.layer_precision  # noqa: F401
-import autotiacc.inference.verify  # noqa: F401
-import autotiacc.inference.workload  # noqa: F401
-import autotiacc.inference.evaluate  # noqa: F401
+import autotiacc.inference.shapes.bucketed
+import autotiacc.inference.layer_precision
+import autotiacc.inference.verify
+import autotiacc.inference.workload
+import autotiacc.inference.evaluate
 import autotiacc.engine.workers  # noqa: F401
 from autotiacc.errors import PlanError, StrategyError
 from autotiacc.hardware import fingerprint_differences, fingerprint_id

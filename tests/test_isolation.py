@@ -2,6 +2,7 @@
 a warm worker keeps its state between calls and is replaced after it dies."""
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -82,7 +83,7 @@ def test_a_dying_worker_is_recorded_and_replaced(fn, args, status, text):
         assert pool.pid is None  # the dead or hung worker is gone
         try:
             os.kill(pid, 0)
-            alive = open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+            alive = Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
         except (ProcessLookupError, FileNotFoundError):
             alive = False
         assert not alive

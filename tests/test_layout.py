@@ -5,6 +5,7 @@ imported from a module of another package."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import autotiacc
@@ -125,7 +126,7 @@ def test_no_private_names_imported_across_packages():
 # engines, and an engine's options are config classes of its own package).
 LAYERS: list[tuple[str, list[set[str] | tuple[str, ...]]]] = [
     ("core", [{"errors", "device", "hardware", "measure", "durations", "version", "machine_load",
-               "native_precision", "outputs", "progress", "config_io", "plan_file"}]),
+               "native_precision", "outputs", "progress", "config_io", "plan_file", "torch_compat"}]),
     ("knobs, engines, profiling", [("profiling", "knobs", "engines")]),
     ("engine", [{"engine", "strategy"}]),
     ("tasks", [{"inference"}, {"training"}]),
@@ -207,3 +208,29 @@ def test_a_training_strategy_loads_once_the_training_package_registered_its_knob
     assert refused.startswith("refused:") and "no knobs of task 'training'" in refused
     assert "autotiacc.training" in refused  # the fix
     assert loaded == "loaded: training"
+
+
+# torch's private names (a leading underscore anywhere in the dotted path), in code, not comments
+_TORCH_PRIVATE = re.compile(r"\btorch(\.[A-Za-z0-9]+)*\._[A-Za-z]")
+
+
+def test_private_torch_api_lives_in_torch_compat_only():
+    """torch.utils._pytree, torch._dynamo, torch._inductor, torch._C...: one module to change
+    when a torch release moves them (as engine/optuna_compat.py is for Optuna)."""
+    bad = []
+    for path in PKG.rglob("*.py"):
+        if path.name == "torch_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Attribute):
+                names = [ast.unparse(node)]
+            if any(_TORCH_PRIVATE.match(n) for n in names):
+                bad.append(f"{path.relative_to(PKG.parent)}:{node.lineno}")
+    assert not bad, "private torch API outside autotiacc/torch_compat.py (add a function there): " + ", ".join(
+        sorted(set(bad)))

@@ -12,10 +12,10 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from autotiacc.knobs import SearchContext, config_from_dict, config_to_dict, configs_from_params, get_knob  # noqa: E402
-from autotiacc.knobs.openvino import OpenVINOConfig  # noqa: E402
+from autotiacc.knobs import SearchContext, config_from_dict, config_to_dict, configs_from_params, get_knob
+from autotiacc.knobs.openvino import OpenVINOConfig
 
-from .conftest import ROOT  # noqa: E402
+from .conftest import ROOT
 
 TINY = '''
 import torch

@@ -117,6 +117,6 @@ def test_without_the_fork_server_workers_are_spawned(monkeypatch):
 @pytest.fixture(autouse=True)
 def _no_stray_test_zygotes():
     yield
-    for key, z in list(zygote._ZYGOTES.items()):  # the ZYGOTE_TEST_MARK ones serve no other test
+    for key in list(zygote._ZYGOTES):  # the ZYGOTE_TEST_MARK ones serve no other test
         if any(k == "ZYGOTE_TEST_MARK" for k, _ in key):
             zygote._ZYGOTES.pop(key).close()

@@ -12,6 +12,7 @@ from typing import Any
 from ..machine_load import merge_loads, reliability
 from . import limits
 from .bench import Bench, time_window
+from .status import CallStatus
 from .workers import Outcome, WorkerPool, run_isolated
 
 BASELINE = "baseline"
@@ -96,7 +97,7 @@ class Alternation:
         self.workload, self.variants, self.result, self.env = workload, variants, result, env
         self.window_s, self.warmup_s, self.timeout_s, self.deadline = window_s, warmup_s, timeout_s, deadline
         self.costs, self.busy_wait_s = costs, busy_wait_s
-        self.kwargs = {"device": device, "tolerance": tolerance, "bench": bench}
+        self.kwargs: dict[str, Any] = {"device": device, "tolerance": tolerance, "bench": bench}
         if processes and costs is not None:  # fewer for a model whose eager process costs more than its rounds
             processes = limits.baseline_processes(processes, limits.final_process_s(None, self.base()),
                                                   self.round_s() * rounds)
@@ -215,7 +216,7 @@ class Alternation:
         """Take `name`'s window of round `r`; False when the deadline stopped it (not its failure)."""
         wait = min(self.busy_wait_s, self.busy_left)
         capped = self.left() < self.own_limit("window", name)
-        kwargs = dict(window_s=self.window_s, busy_wait_s=wait, **self.kwargs)
+        kwargs: dict[str, Any] = dict(window_s=self.window_s, busy_wait_s=wait, **self.kwargs)
         if fresh:
             limit = self.timeout_s if self.costs is None else (
                 self.limit("build", name) + self.limit("warm_up", name) + self.limit("window", name))
@@ -239,7 +240,7 @@ class Alternation:
 
 
 def _cut(what: str, left_s: float) -> Outcome:
-    return Outcome("timeout", error=f"cut by the budget: no time left to {what} ({max(0.0, left_s):.0f} s left)")
+    return Outcome(CallStatus.TIMEOUT, error=f"cut by the budget: no time left to {what} ({max(0.0, left_s):.0f} s left)")
 
 
 def _merge(built: Outcome, warmed: Outcome) -> Outcome:

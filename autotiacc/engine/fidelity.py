@@ -36,12 +36,14 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from . import limits
 from .alternation import (BASELINE, BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, AlternatingResult,
                           Alternation)
 from .bench import Bench, time_window
+from .status import CallStatus
 from .workers import Outcome
 
 __all__ = ["AlternatingResult", "BASELINE", "BASELINE_PROCESSES", "Bench", "FINAL_ROUNDS", "FINAL_WINDOW_S",
@@ -62,7 +64,7 @@ def measured_env() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in SPEED_ENV}
 
 
-def measure_alternating(workload, variants: dict[str, dict | None], *, device: str = "cpu", rounds: int = 6,
+def measure_alternating(workload, variants: Mapping[str, dict | None], *, device: str = "cpu", rounds: int = 6,
                         window_s: float = 0.5, warmup_s: float = 1.0, tolerance: float = 2e-2,
                         fresh: bool = False, timeout_s: float = 300.0, env: dict[str, str] | None = None,
                         deadline: float | None = None, build_parallel: int | None = None,
@@ -164,7 +166,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
     if BASELINE in res.failures or res.rounds < MIN_ROUNDS:
         why = res.failures.get(BASELINE) or (f"cut by the budget after {res.rounds} rounds (it needs "
                                              f"{MIN_ROUNDS} to judge the noise)")
-        return Outcome("exception", error=why, seconds=res.seconds)
+        return Outcome(CallStatus.EXCEPTION, error=why, seconds=res.seconds)
     from ..measure import Timing
 
     out: dict[str, Any] = {}
@@ -180,5 +182,5 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
             r.update(bench.figures(res, name))  # may reject it (a traffic mix: p99 over the budget)
         out[name] = r
     base = Timing(res.samples[BASELINE], load=res.load(BASELINE)).to_dict()
-    return Outcome("ok", value={"baseline": base, "candidates": out, "alternating": res.to_dict(),
+    return Outcome(CallStatus.OK, value={"baseline": base, "candidates": out, "alternating": res.to_dict(),
                                 **bench.summary(res)}, seconds=res.seconds)

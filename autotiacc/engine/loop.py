@@ -21,7 +21,9 @@ from .budget import Budget
 from .options import RunOptions
 from .rundir import RunDir, write_trials_csv
 from .storage import claim, publish_plan, publish_run, record_session, redact
-from .study import INTERRUPTED, REQUEUED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
+from .status import MEASURED, NOT_TRIALS, TrialStatus
+from .status import TrialState as ResultState
+from .study import INTERRUPTED, StudySpec, check_same_setup, open_study, record_setup, recover_interrupted
 from .task import Candidate, Decision, Task, TrialResult
 
 # The final re-measures a candidate only if its search gain is at least this share of the best's
@@ -54,7 +56,8 @@ class Search:
     def __init__(self, task: Task, options: RunOptions, *, patience: int, progress: Progress | None = None) -> None:
         self.task, self.options, self.patience = task, options, patience
         self.progress = progress or (lambda event: None)
-        self.budget = Budget(options.budget_s, **({"t_start": options.started} if options.started is not None else {}))
+        self.budget = (Budget(options.budget_s) if options.started is None
+                       else Budget(options.budget_s, t_start=options.started))
         self.spec = StudySpec(storage=options.storage, study_name=options.study_name, direction=task.direction,
                               seed=options.seed, heartbeat_s=options.heartbeat_s, resume=options.resume)
         self.run_dir = RunDir(options.out_dir)
@@ -88,7 +91,7 @@ class Search:
             stop = self._search(study)
             self.task.end_search(study)
             plan = self._finalize(study)
-            n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, "duplicate", "skipped", REQUEUED))
+            n = sum(1 for t in study.trials if t.user_attrs.get("status") not in (None, *NOT_TRIALS))
             result = SearchResult(plan=plan, run_dir=self.run_dir.path, n_trials=n, wall_s=self.budget.elapsed(),
                                   stop=stop)
             write_trials_csv(study, self.run_dir.file("trials.csv"))
@@ -195,19 +198,19 @@ class Search:
             why = ("this study sampled a parameter over other choices than this run offers (another strategy file, "
                    "--level or device, an optional package such as onnxruntime or torchao installed or removed "
                    "since, or an older autotiacc): Optuna cannot continue it over new choices")
-            compat.fail_trial(study, trial.number, status="failed", reason=why)
+            compat.fail_trial(study, trial.number, status=TrialStatus.FAILED, reason=why)
             raise UserInputError(f"{why}. Resume with the same setup, or give another --out.") from None
 
     def _skip(self, study, trial, reason: str | None, duplicate_of: int | None) -> None:
         from optuna.trial import TrialState
 
         if reason:
-            trial.set_user_attr("status", "skipped")
+            trial.set_user_attr("status", TrialStatus.SKIPPED.value)
             trial.set_user_attr("reason", reason)
             study.tell(trial, state=TrialState.PRUNED)
             return
         prev = study.trials[duplicate_of]
-        trial.set_user_attr("status", "duplicate")
+        trial.set_user_attr("status", TrialStatus.DUPLICATE.value)
         trial.set_user_attr("reason", f"same configuration as trial {duplicate_of}")
         if prev.state == TrialState.COMPLETE:
             study.tell(trial, prev.value)
@@ -224,7 +227,7 @@ class Search:
     def _typical_trial_s(study) -> float:
         """Median wall time of measured trials: don't start one that cannot finish in time."""
         walls = sorted(float(t.user_attrs["wall_s"]) for t in study.trials
-                       if t.user_attrs.get("status") in ("ok", "pruned", "rejected") and "wall_s" in t.user_attrs)
+                       if t.user_attrs.get("status") in MEASURED and "wall_s" in t.user_attrs)
         return walls[len(walls) // 2] if walls else SPAWN_OVERHEAD_S + 2
 
     def _is_baseline(self, t) -> bool:
@@ -236,7 +239,7 @@ class Search:
         from optuna.trial import TrialState
 
         done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("status") == "ok" and not self._is_baseline(t) and self.task.gain(t.value) > 1.0]
+                if t.user_attrs.get("status") == TrialStatus.OK and not self._is_baseline(t) and self.task.gain(t.value) > 1.0]
         done.sort(key=lambda t: -self.task.gain(t.value))
         out, keys = [], set()
         for t in done:
@@ -298,9 +301,9 @@ class Search:
     def run_record(self, fp: dict, identity: dict) -> tuple[dict[str, Any], dict[str, Any]]:
         """(run.json's fields, this session's record); a storage password never lands in them."""
         session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "budget_s": self.options.budget_s,
-                   "command": redact(self.options.command)}
+                   "command": redact(self.options.command or "")}
         data = {"mode": self.task.mode, "workload": identity, "fingerprint": fp, **self.task.run_record(),
-                "device": self.options.device, "storage": redact(self.options.storage) if self.spec.shared
+                "device": self.options.device, "storage": redact(self.options.storage or "") if self.spec.shared
                 else "sqlite:///study.db", "study_name": self.options.study_name, **self.options.extra}
         return data, session
 
@@ -325,7 +328,7 @@ def choose(final, tops: list) -> Decision:
     # a task may rank by its own ratio and give its own noise verdict (`ratio`, `faster` in the
     # result: e.g. from windows timed in alternating processes); else the samples decide
     ranked = sorted(((n, timing, res) for n, (status, timing, res) in final.candidates.items()
-                     if status == "ok" and timing is not None),
+                     if status == TrialStatus.OK and timing is not None),
                     key=lambda x: x[2].get("ratio", x[1].median / final.baseline.median))
     if not ranked:
         return Decision("all_failed", trial=tops[0], final=final)
@@ -339,7 +342,7 @@ def choose(final, tops: list) -> Decision:
 def failure_note(trials: list, limit: int = 8) -> str:
     """`Failures: trial N (label): reason | ...` for a plan that kept the baseline."""
     fails = [f"trial {t.number} ({t.user_attrs.get('label')}): {t.user_attrs.get('reason')}"
-             for t in trials if t.user_attrs.get("status") not in ("ok", "duplicate", None, REQUEUED)]
+             for t in trials if t.user_attrs.get("status") not in (None, TrialStatus.OK, TrialStatus.DUPLICATE, TrialStatus.REQUEUED)]
     return "Failures: " + " | ".join(fails[:limit]) if fails else ""
 
 
@@ -350,7 +353,7 @@ def record_trial(study, trial, result: TrialResult) -> None:
     for k, v in result.attrs.items():
         if v is not None:
             trial.set_user_attr(k, v)
-    if result.state == "complete" and result.value is not None:
+    if result.state == ResultState.COMPLETE and result.value is not None:
         study.tell(trial, result.value)
     else:
-        study.tell(trial, state=TrialState.PRUNED if result.state == "pruned" else TrialState.FAIL)
+        study.tell(trial, state=TrialState.PRUNED if result.state == ResultState.PRUNED else TrialState.FAIL)

@@ -11,14 +11,6 @@ import warnings
 from typing import Any, Iterator
 
 
-def storage_of(study) -> Any:
-    return study._storage
-
-
-def study_id(study) -> int:
-    return study._study_id
-
-
 def trial_id(trial) -> int:
     """The storage id of a live `Trial` or a `FrozenTrial`."""
     return trial._trial_id

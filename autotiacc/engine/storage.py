@@ -20,10 +20,12 @@ import socket
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import UserInputError
 from . import optuna_compat as compat
+
+Direction = Literal["minimize", "maximize"]  # Optuna's study directions
 
 DEFAULT_HEARTBEAT_S = 10
 GRACE_FACTOR = 3  # a trial is stale after this many missed heartbeats
@@ -83,7 +85,7 @@ def _with_driver(url: str) -> str:
                          "pip install 'autotiacc[postgres]' (psycopg2-binary).")
 
 
-def create_or_load(storage, study_name: str, sampler, direction: str = "minimize") -> tuple[Any, bool]:
+def create_or_load(storage, study_name: str, sampler, direction: Direction = "minimize") -> tuple[Any, bool]:
     """(study, created): `created` is True for exactly one of several workers starting at once."""
     import optuna
 

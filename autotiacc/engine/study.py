@@ -12,17 +12,18 @@ from typing import Any
 
 from ..errors import UserInputError
 from . import optuna_compat as compat
-from .storage import create_or_load, open_storage, redact, wait_for_setup
+from .status import TrialStatus
+from .storage import Direction, create_or_load, open_storage, wait_for_setup
 
-REQUEUED = "requeued"  # a queued starting point moved behind a retry; not a trial
-INTERRUPTED = "interrupted"
+REQUEUED = TrialStatus.REQUEUED.value
+INTERRUPTED = TrialStatus.INTERRUPTED.value
 
 
 @dataclass
 class StudySpec:
     storage: str | None  # None: sqlite:///RUN_DIR/study.db
     study_name: str
-    direction: str
+    direction: Direction
     seed: int = 0
     heartbeat_s: int = 10
     resume: bool = False
@@ -40,6 +41,7 @@ def open_study(spec: StudySpec, db_path, sampler) -> tuple[Any, bool]:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if spec.shared:
+        assert spec.storage is not None  # shared means a storage URL was given
         storage = open_storage(spec.storage, heartbeat_s=spec.heartbeat_s)
         study, created = create_or_load(storage, spec.study_name, sampler, direction=spec.direction)
         if not created:
@@ -141,7 +143,3 @@ def _queue_behind_retries(study) -> None:
         params = compat.waiting_params(t)
         if compat.fail_trial(study, t.number, status=REQUEUED, reason="queued again behind the interrupted trial"):
             study.enqueue_trial(params, user_attrs=dict(t.user_attrs))
-
-
-def storage_label(spec: StudySpec) -> str:
-    return redact(spec.storage) if spec.storage else "sqlite:///study.db"

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..measure import Timing
+from .status import TrialState
+from .storage import Direction
 
 
 @dataclass
@@ -30,7 +32,7 @@ class TrialResult:
     objective (complete only); `attrs` (status, reason, wall_s, build_s, measure_s, figures)
     become the trial's user attributes and trials.csv columns."""
 
-    state: str
+    state: TrialState
     value: float | None = None
     attrs: dict[str, Any] = field(default_factory=dict)
 
@@ -99,7 +101,7 @@ class Task(ABC):
     mode: str = "task"  # run.json's `mode`
     strategy_name: str = ""
     baseline_label: str = "baseline"  # the label of the baseline trial (older studies lack the flag)
-    direction: str = "minimize"
+    direction: Direction = "minimize"
     final_top_k: int = 3
 
     def gain(self, value: float) -> float:

@@ -39,7 +39,7 @@ def load_module(path: Path) -> types.ModuleType:
     except SyntaxError as exc:
         del sys.modules[name]
         raise WorkloadError(f"{path}:{exc.lineno}: syntax error: {exc.msg}") from None
-    except Exception as exc:  # noqa: BLE001 - the user's import-time failure, reported whole
+    except Exception as exc:
         del sys.modules[name]
         raise WorkloadError(f"{path}: importing it raised {type(exc).__name__}: {exc}") from exc
     except SystemExit as exc:

@@ -7,7 +7,7 @@ once, models, baselines and a CUDA context kept); `run_isolated` is the one-shot
 
 Workers are forked by a zygote (`zygote.py`: a `python -c` process that has imported torch
 and never runs an op), or with `AUTOTIACC_FORKSERVER=0` started as `python -c
-"...autotiacc.engine.worker..."` themselves; never forked from the caller (a child forked after
+"...autotiacc.engine.worker_child..."` themselves; never forked from the caller (a child forked after
 the parent ran an OpenMP-parallel op hangs in its first parallel region) nor by
 multiprocessing's spawn (which re-imports the caller's `__main__`: a script without a
 `__main__` guard would recurse, and `python -` or a notebook has no file to import).
@@ -31,9 +31,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
 
-from . import worker as worker_side
+from . import worker_child as worker_side
 from . import zygote
 from ..profiling.cache import cache_root
+from .status import WORKER_LOST, CallStatus
 
 # Tool settings every worker gets unless the caller's environment sets them: one inductor
 # compile thread (no compile pool to orphan when a worker is killed) and inductor's FX-graph
@@ -45,14 +46,14 @@ _PACKAGE_PARENT = str(Path(__file__).resolve().parents[2])  # the folder holding
 # The worker's entry point; `sys.path` is the caller's (sent with the first message), so
 # functions and classes that cloudpickle sends by reference import as they do in the caller.
 _ENTRY = ("import sys; sys.path.insert(0, sys.argv[1]); "
-          "from autotiacc.engine.worker import main; main(sys.argv[2:])")
+          "from autotiacc.engine.worker_child import main; main(sys.argv[2:])")
 
 
 @dataclass
 class Outcome:
     """What came back from an isolated call."""
 
-    status: str  # ok | exception | timeout | crash | oom
+    status: CallStatus
     value: Any = None
     error: str = ""
     traceback: str = ""
@@ -61,20 +62,20 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.status == "ok"
+        return self.status == CallStatus.OK
 
     def reason(self) -> str:
         return f"{self.status}: {self.error}" if not self.ok else ""
 
 
-def classify_exit(code: int | None) -> tuple[str, str]:
+def classify_exit(code: int | None) -> tuple[CallStatus, str]:
     """(status, reason) for a process that ended without reporting, from its exit code."""
     if code is not None and code < 0:
         sig = signal.Signals(-code).name
         if -code == signal.SIGKILL:
-            return "oom", f"died with {sig}: killed (likely out of memory)"
-        return "crash", f"died with {sig}"
-    return "crash", f"exited with code {code} before reporting"
+            return CallStatus.OOM, f"died with {sig}: killed (likely out of memory)"
+        return CallStatus.CRASH, f"died with {sig}"
+    return CallStatus.CRASH, f"exited with code {code} before reporting"
 
 
 def worker_env(run_dir: str | Path) -> dict[str, str]:
@@ -159,11 +160,11 @@ class Worker:
         if self._recv.poll(wait):
             try:
                 status, value, err, tb, call_s = pickle.loads(self._recv.recv_bytes())
-                return Outcome(status, value, err, tb, call_s=call_s)
+                return Outcome(CallStatus(status), value, err, tb, call_s=call_s)
             except (EOFError, OSError):  # died without reporting; a closed pipe polls readable
                 pass
             except Exception as exc:  # noqa: BLE001 - a result that cannot be unpickled here
-                return Outcome("exception", error=f"the result could not be read: {type(exc).__name__}: {exc}")
+                return Outcome(CallStatus.EXCEPTION, error=f"the result could not be read: {type(exc).__name__}: {exc}")
         elif self.alive():
             return None
         try:
@@ -181,7 +182,7 @@ class Worker:
             if left <= 0:
                 where = self.stack()
                 self.kill()
-                return Outcome("timeout", error=f"no result within {timeout:.0f} s; the worker was killed",
+                return Outcome(CallStatus.TIMEOUT, error=f"no result within {timeout:.0f} s; the worker was killed",
                                traceback=where, seconds=time.perf_counter() - t0)
             out = self.poll(min(left, 0.5))
             if out is not None:
@@ -239,7 +240,7 @@ class Worker:
 
 
 def _send_failed(exc: BaseException) -> Outcome:
-    return Outcome("exception", error=f"the call could not be sent to the worker ({type(exc).__name__}: {exc}); "
+    return Outcome(CallStatus.EXCEPTION, error=f"the call could not be sent to the worker ({type(exc).__name__}: {exc}); "
                                       "its function and arguments must be picklable by cloudpickle")
 
 
@@ -256,7 +257,7 @@ def _submit(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, l
     try:
         worker.submit(fn, args, kwargs, log_path)
     except BrokenPipeError:  # died before it read the call
-        out = worker.poll(1.0) or Outcome("crash", error="process died before it read the call")
+        out = worker.poll(1.0) or Outcome(CallStatus.CRASH, error="process died before it read the call")
         out.seconds = time.perf_counter() - t0
         worker.kill()
         return out
@@ -267,7 +268,7 @@ def _submit(worker: Worker, fn: Callable[..., Any], args: tuple, kwargs: dict, l
 
 def _finish(worker: Worker, timeout: float, t0: float) -> Outcome:
     out = worker.wait(timeout, t0)
-    if out.status in ("timeout", "crash", "oom"):
+    if out.status in WORKER_LOST:
         worker.kill()  # a dead, hung or exhausted worker never serves another call
     return out
 
@@ -339,7 +340,7 @@ class WorkerPool:
         """The outcome of `pending`, waiting until `timeout` seconds after it was submitted."""
         assert self.worker is not None
         out = pending.early or _finish(self.worker, timeout, pending.t0)
-        if not self.worker.alive() or out.status in ("timeout", "crash", "oom"):
+        if not self.worker.alive() or out.status in WORKER_LOST:
             self.worker.kill()
             self.worker = None
         return out

@@ -5,7 +5,7 @@ and its replacements, the profile, and the final re-measurement's fresh processe
 the baseline and one per candidate, all starting at once on two cores). A *zygote* is one
 process, started like a worker (`python -c`, so the caller's `__main__` is never
 re-imported), that imports torch and then only forks: each child runs the worker loop of
-`worker.py` as a process started with `python -c` would, minus the import.
+`worker_child.py` as a process started with `python -c` would, minus the import.
 
 Forking is safe here because the zygote never runs an op: what makes a forked torch child
 hang (an OpenMP pool started by a parallel region in the parent) and what breaks one (an
@@ -77,15 +77,16 @@ def preload_compile() -> None:
     of once per process that compiles. Imported after the first requests are served, so the
     tune's first child (the model check) need not wait for it."""
     if not _gpu_present():
-        import torch._dynamo  # noqa: F401
-        import torch._inductor.compile_fx  # noqa: F401
+        from ..torch_compat import preload_compile_stack
+
+        preload_compile_stack()
 
 
 # -- the zygote's side ---------------------------------------------------------------------------
 def serve(argv: list[str]) -> None:
     """The zygote's main loop: import torch, then fork a worker for every request until the
     caller closes the socket; report each child's pid and, when it ends, its exit code."""
-    from .worker import _die_with_parent, import_torch
+    from .worker_child import _die_with_parent, import_torch
 
     sock_fd, parent = int(argv[0]), int(argv[1])
     _die_with_parent(parent)
@@ -102,7 +103,8 @@ def serve(argv: list[str]) -> None:
     children: set[int] = set()
     compile_loaded = False
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [], 0 if not compile_loaded else IDLE_EXIT_S)
+        readers: list[Any] = [sock, wake_r]
+        ready, _, _ = select.select(readers, [], [], 0 if not compile_loaded else IDLE_EXIT_S)
         if not ready and not compile_loaded:  # nothing asked for now: the compile stack, once
             preload_compile()
             compile_loaded = True
@@ -164,7 +166,7 @@ def _become_worker(sock: socket.socket, wake_r: int, wake_w: int, req: dict[str,
         sock.close()
         os.close(wake_r)
         os.close(wake_w)
-        from .worker import STACK_FD_ENV, main
+        from .worker_child import STACK_FD_ENV, main
 
         env = req["env"]
         for k in [k for k in os.environ if k not in env]:
@@ -299,7 +301,7 @@ class ForkedProcess:
         while self.poll() is None:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise subprocess.TimeoutExpired("worker", timeout)
+                raise subprocess.TimeoutExpired("worker", float(timeout or 0.0))
             self.zygote.pump(wait=min(0.2, left) if left is not None else 0.2)
         assert self.returncode is not None
         return self.returncode

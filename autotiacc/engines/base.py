@@ -7,6 +7,8 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
+from ..torch_compat import tree_flatten
+
 
 @dataclass
 class BuildState:
@@ -94,11 +96,10 @@ def example_io(state: Any) -> tuple[tuple, Any]:
     """`state`'s example inputs after its input casts, and the pytree spec of the model's output
     at them (the structure an engine's runner returns its outputs in)."""
     import torch
-    import torch.utils._pytree as pytree
 
     inputs = state.cast_inputs(state.example_inputs)
     with torch.no_grad():
-        _, spec = pytree.tree_flatten(state.model(*inputs))
+        _, spec = tree_flatten(state.model(*inputs))
     return inputs, spec
 
 

@@ -7,9 +7,10 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config_io import config_from_dict, config_to_dict
 from ..device import is_cuda, to_device
 from ..errors import PlanError
-from ..config_io import config_from_dict, config_to_dict
+from ..torch_compat import tree_flatten, tree_unflatten
 from .base import BuildState, Engine, register_engine
 from .cache import BUILDS
 from .options import OrtConfig
@@ -116,7 +117,6 @@ def runner(sess, device: str, out_spec: Any = None) -> Callable[..., Any]:
     """torch tensors in, torch tensors out (on `device`), in the structure `out_spec` (a pytree
     spec of the model's output; None: one tensor, or a tuple of several)."""
     import torch
-    import torch.utils._pytree as pytree
 
     names = [i.name for i in sess.get_inputs()]
     dev = torch.device(device)
@@ -124,7 +124,7 @@ def runner(sess, device: str, out_spec: Any = None) -> Callable[..., Any]:
     def run(*args):
         outs = [to_device(torch.from_numpy(o), dev) for o in sess.run(None, feed(names, args))]
         if out_spec is not None:
-            return pytree.tree_unflatten(outs, out_spec)
+            return tree_unflatten(outs, out_spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     run.session = sess  # what it runs with: `session_summary(run.session)`
@@ -148,13 +148,12 @@ class OnnxRuntime(Engine):
 
     def build(self, state: Any, config: Any) -> Callable[..., Any]:
         import torch
-        import torch.utils._pytree as pytree
 
         self._need_package(ImportError)
         inputs = state.cast_inputs(state.example_inputs)
         with torch.no_grad():
             ref = state.model(*inputs)
-        _, out_spec = pytree.tree_flatten(ref)
+        _, out_spec = tree_flatten(ref)
         graph = model_graph(state.model, inputs, state)
         sess = session(graph, threads=state.notes.get("threads", 0), device=state.device,
                        options=state.engine_options.get(self.name))
@@ -187,13 +186,12 @@ class OnnxRuntime(Engine):
         import uuid
 
         import torch
-        import torch.utils._pytree as pytree
 
         token = _MODEL_TOKENS.setdefault(model, uuid.uuid4().hex)  # never a reused id()
         state = BuildState(model=model, example_inputs=tuple(batches[0]), calibration=batches,
                            reuse_key=("int8_outputs", token), notes={"int8_static": {"only": list(paths)}})
         with torch.no_grad():
-            _, spec = pytree.tree_flatten(model(*batches[0]))
+            _, spec = tree_flatten(model(*batches[0]))
         run = runner(session(model_graph(model, tuple(batches[0]), state)), "cpu", spec)
         return [run(*x) for x in batches]
 

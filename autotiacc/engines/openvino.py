@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from ..config_io import config_from_dict, config_to_dict
 from ..errors import PlanError
+from ..torch_compat import tree_unflatten
 from .base import Engine, example_io, register_engine, require
 from .options import OPENVINO_BACKEND, OpenVINOConfig, openvino_available
 
@@ -112,7 +113,6 @@ def runner(compiled_model: Any, device: str, out_spec: Any = None) -> Callable[.
     from several threads at once need one runner each."""
     import numpy as np
     import torch
-    import torch.utils._pytree as pytree
 
     from ..device import to_device
 
@@ -125,7 +125,7 @@ def runner(compiled_model: Any, device: str, out_spec: Any = None) -> Callable[.
         result = request.infer(feed, share_inputs=True, share_outputs=False)
         outs = [to_device(torch.from_numpy(np.asarray(o)), dev) for o in result.to_tuple()]
         if out_spec is not None:
-            return pytree.tree_unflatten(outs, out_spec)
+            return tree_unflatten(outs, out_spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     run.compiled = compiled_model  # what it runs, with the properties it was compiled with

@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from ..torch_compat import tree_flatten
+
 # Default tolerance on relative L2 error: tight when precision must not change.
 DEFAULT_TOLERANCE = {0: 1e-3, 1: 2e-2, 2: 2e-2}
 _KINDS = ("finite", "NaN", "+inf", "-inf")  # value_kinds' codes, in order
@@ -36,9 +38,8 @@ class AccuracyReport:
 
 def tensor_leaves(out: Any) -> list:
     import torch
-    import torch.utils._pytree as pytree
 
-    return [x for x in pytree.tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
+    return [x for x in tree_flatten(out)[0] if isinstance(x, torch.Tensor)]
 
 
 def value_kinds(t: Any) -> Any:

@@ -41,6 +41,7 @@ from typing import Any
 
 from ..device import cuda_available, is_cuda, to_device
 from ..errors import HardwareMismatchWarning, PlanError
+from ..torch_compat import aoti_compile_and_package, aoti_load_package, tree_flatten, tree_unflatten
 
 EXPORT_TIMEOUT_S = 1800.0  # an AOTInductor build of a large model on 2 cores; not counted against --budget
 TORCH_FORMATS = {"aoti": "artifact.aoti.pt2", "export": "artifact.export.pt2", "torchscript": "artifact.ts"}
@@ -103,13 +104,12 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, sta
     `state` (a `BuildState`; a new one by default) and outputs cast back to the model's dtypes,
     so it is a drop-in replacement when exported. Engine options and int8 notes stay in `state`."""
     import torch
-    import torch.utils._pytree as pytree
 
     from ..knobs import BuildState, all_knobs
 
     with torch.no_grad():
         ref_dtypes = [t.dtype if isinstance(t, torch.Tensor) else None
-                      for t in pytree.tree_flatten(model(*example_inputs))[0]]
+                      for t in tree_flatten(model(*example_inputs))[0]]
     state = state or BuildState(model=model, example_inputs=tuple(example_inputs), device=device)
     for knob in all_knobs():
         if knob.name not in ("runtime", "execution"):  # runtime is serving config, execution is the export
@@ -128,11 +128,11 @@ def _deployable(model: Any, knobs: dict, example_inputs: tuple, device: str, sta
                 for make in state.call_contexts:
                     stack.enter_context(make())
                 out = self.model(*inputs)
-            leaves, spec = pytree.tree_flatten(out)
+            leaves, spec = tree_flatten(out)
             if len(leaves) == len(ref_dtypes):
                 leaves = [t.to(d) if isinstance(t, torch.Tensor) and d is not None and t.is_floating_point()
                           and t.dtype != d else t for t, d in zip(leaves, ref_dtypes)]
-            return pytree.tree_unflatten(leaves, spec)
+            return tree_unflatten(leaves, spec)
 
     return Deployable().eval()
 
@@ -211,14 +211,11 @@ def _save(fmt: str, wrapper, inputs: tuple, tmp: Path, execution, device: str, s
         else:
             program = torch.export.export(wrapper, inputs)
             if fmt == "aoti":
-                import torch._inductor
-
                 mode = execution.compile_mode
                 options = {"freezing": True} if execution.freezing else {}
                 if mode in ("max-autotune", "max-autotune-no-cudagraphs"):
                     options["max_autotune"] = True
-                torch._inductor.aoti_compile_and_package(program, package_path=str(tmp),
-                                                         inductor_configs=options)
+                aoti_compile_and_package(program, str(tmp), inductor_configs=options)
             else:
                 torch.export.save(program, str(tmp))
 
@@ -326,11 +323,9 @@ def _load_verified(path: Path, fmt: str | None, entry: dict[str, Any], *, single
     import torch
 
     if fmt == "aoti":
-        import torch._inductor
-
         # the AOTI runtime's worker threads break stream capture; its single-threaded runner can be
         # captured as a CUDA graph (pytorch PR 148601)
-        return torch._inductor.aoti_load_package(str(path), run_single_threaded=single_threaded)
+        return aoti_load_package(str(path), run_single_threaded=single_threaded)
     if fmt == "export":
         _refuse_pickled_payloads(path)
         return torch.export.load(str(path)).module()

@@ -11,16 +11,17 @@ import time
 import warnings
 from typing import Any
 
+from .. import torch_compat
 from ..knobs import BuildState, KnobConfig, all_knobs
+from ..torch_compat import tree_flatten, tree_unflatten
 
 
 def _restore(out: Any, like: Any) -> Any:
     """Cast floating tensors of `out` back to the dtypes of the reference output `like`."""
     import torch
-    import torch.utils._pytree as pytree
 
-    leaves, spec = pytree.tree_flatten(out)
-    ref_leaves, _ = pytree.tree_flatten(like)
+    leaves, spec = tree_flatten(out)
+    ref_leaves, _ = tree_flatten(like)
     if len(ref_leaves) != len(leaves):
         return out
     fixed = [
@@ -28,7 +29,7 @@ def _restore(out: Any, like: Any) -> Any:
         and a.is_floating_point() and a.dtype != r.dtype else a
         for a, r in zip(leaves, ref_leaves)
     ]
-    return pytree.tree_unflatten(fixed, spec)
+    return tree_unflatten(fixed, spec)
 
 
 class OptimizedModel:
@@ -96,14 +97,5 @@ class OptimizedModel:
 
 
 def compile_stats() -> dict[str, int]:
-    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles (a guard
-    of a compiled frame failed and it was compiled again: dynamo's `guard_failures`)."""
-    try:
-        from torch._dynamo.utils import counters, guard_failures
-    except ImportError:  # pragma: no cover
-        return {}
-    return {
-        "graphs": int(counters["stats"].get("unique_graphs", 0)),
-        "graph_breaks": int(sum(counters["graph_break"].values())),
-        "recompiles": int(sum(len(v) for v in guard_failures.values())),
-    }
+    """Dynamo's counters since the last reset: graphs captured, graph breaks, recompiles."""
+    return torch_compat.compile_stats()

@@ -16,6 +16,7 @@ from typing import Any, Callable
 from ..device import PeakMemory, is_meta, read_flags, set_flags, to_device, use_device
 from ..knobs import configs_from_params
 from ..measure import Pace, Timing, TooSlow, measure_interleaved, time_once, warm_up
+from ..torch_compat import clear_dynamo_counters, dynamo_reset
 from .accuracy import compare_outputs
 from .baseline import EagerBaseline, eager_call
 from .candidate import OptimizedModel, compile_stats
@@ -140,13 +141,11 @@ def evaluate(workload, candidates: dict[str, dict[str, dict]], *, device: str = 
     result's `trial_attrs` carry its peak memory (see `PeakMemory`). On `meta` it is a
     shape-only dry run: placement and shapes are checked, accuracy is not, timings mean nothing.
     """
-    import torch
 
     if not _PRISTINE:
         _PRISTINE.update(_flags())
     _restore_flags(_PRISTINE)  # whatever the previous candidate's build changed
-    torch._dynamo.reset()  # compiled graphs of earlier candidates: memory, and recompile limits
-    torch._dynamo.utils.counters.clear()
+    dynamo_reset()  # compiled graphs of earlier candidates: memory, and recompile limits
     try:
         ref = reference_for(workload, device)
         return _evaluate(ref, workload, candidates, device=device, tolerance=tolerance, target_s=target_s,
@@ -202,11 +201,10 @@ def _build_checked(ref: _Reference, workload, values: dict[str, dict], *, device
                    max_memory_mib: float | None) -> tuple[dict[str, Any], Callable[[], Any] | None]:
     """Build one candidate and check it on the test data: (its result so far, its runner, or None
     when it failed, was rejected or given up)."""
-    import torch
 
     res: dict[str, Any] = {"knobs": values}
     try:
-        torch._dynamo.utils.counters.clear()
+        clear_dynamo_counters()
         with PeakMemory(device) as mem:  # its build, its weights and its calls on the test data
             cand = build_candidate(ref, values)
             res["build_s"] = cand.build_seconds

@@ -18,15 +18,14 @@ class OneShape(Bench):
     describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
 
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-        import torch
-
+        from ..torch_compat import dynamo_reset
         from .accuracy import compare_outputs
         from .evaluate import build_candidate, build_report, reference_for
 
         if values is None:  # the eager baseline alone: no reference outputs to compute
             return _eager_baseline(workload, device), {}
         ref = reference_for(workload, device)
-        torch._dynamo.reset()
+        dynamo_reset()
         cand = build_candidate(ref, values)
         acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
                               metric=workload.metric, targets=[y for _, y in ref.test])

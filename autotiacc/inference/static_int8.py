@@ -13,6 +13,8 @@ import importlib.util
 import math
 from typing import Any
 
+from ..torch_compat import tree_flatten
+
 STATIC_INT8 = "int8_static"
 
 
@@ -36,7 +38,6 @@ def check_group(model: Any, path: str, test: list, refs: list, tolerance: float)
     """Group `path` of `model` alone in static int8, the rest fp32, on the test batches: the
     sensitivity entry ({ok, finite, rel_l2, reason}); never a quick look (no PyTorch region)."""
     import torch
-    import torch.utils._pytree as pytree
 
     from .accuracy import compare_outputs
 
@@ -45,7 +46,7 @@ def check_group(model: Any, path: str, test: list, refs: list, tolerance: float)
     except Exception as exc:  # noqa: BLE001 - a group that cannot be quantized stays fp32
         return {"ok": False, "finite": False, "rel_l2": math.inf, "quick_speedup": None,
                 "reason": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
-    finite = all(bool(torch.isfinite(t).all()) for o in outs for t in pytree.tree_flatten(o)[0]
+    finite = all(bool(torch.isfinite(t).all()) for o in outs for t in tree_flatten(o)[0]
                  if isinstance(t, torch.Tensor) and t.is_floating_point())
     acc = compare_outputs(outs, refs, tolerance=tolerance)
     return {"ok": acc.ok and finite, "finite": finite, "rel_l2": acc.rel_l2, "quick_speedup": None,

@@ -14,7 +14,7 @@ from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult
 from ..engine.options import MIN_BUDGET_S, RunOptions, check_memory_limit, refuse_baseline_over_limit
 from ..profiling.cache import cached_profile
 from ..engine.space import as_values, config_key, sample, seed_allowed, seed_params, strategy_for
-from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
+from ..engine.task import Candidate, Decision, Direction, FinalMeasure, Task, TrialResult
 from ..engine.workers import WorkerPool, worker_env
 from ..engines.cache import shared_builds
 from ..errors import BudgetError, UserInputError
@@ -116,7 +116,7 @@ class InferenceTask(Task):
     """A model.py (or TorchScript/.pt2) at one input shape, or over a traffic mix."""
 
     mode = "infer"
-    direction = "minimize"  # candidate latency / baseline latency
+    direction: Direction = "minimize"  # candidate latency / baseline latency
 
     def __init__(self, workload: Workload, options: TuneOptions) -> None:
         self.workload, self.options = workload, options

@@ -129,7 +129,7 @@ class Workload:
         if self.kind == "python":
             try:
                 model = self._user.build_model()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise ModelRaisedError(f"{self.path}: build_model() raised {type(exc).__name__}: {exc}") from exc
             if not isinstance(model, torch.nn.Module):
                 raise WorkloadError(f"{self.path}: build_model() returned {type(model).__name__}; "
@@ -161,7 +161,7 @@ class Workload:
                 value = self._user.example_inputs(bs, **{**self.dims, **dims})
             except TypeError as exc:
                 raise WorkloadError(f"{self.path}: example_inputs(batch_size, **dims) failed: {exc}") from exc
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 raise ModelRaisedError(f"{self.path}: example_inputs() raised {type(exc).__name__}: {exc}") from exc
             return as_input_tuple(value, f"{self.path}: example_inputs()")
         if self.kind == "module":
@@ -225,7 +225,7 @@ class Workload:
         try:
             with torch.no_grad():
                 out = model(*inputs)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             last = traceback.extract_tb(exc.__traceback__)[-1]
             raise ModelRaisedError(
                 f"the model raised on {what}: {type(exc).__name__}: {one_line(exc)} "

@@ -22,6 +22,7 @@ import warnings
 from typing import Any, Callable
 
 from ..errors import UserInputError
+from ..torch_compat import tree_map
 
 WARMUP_CALLS = 5  # docs use 3; TorchScript's profiling executor specialises on its first runs
 MAX_GRAPHS = 4
@@ -93,7 +94,6 @@ class GraphReplays:
 
     def __call__(self, *inputs: Any) -> Any:
         import torch
-        import torch.utils._pytree as pytree
 
         if not all(isinstance(t, torch.Tensor) for t in inputs):
             raise UserInputError("`cuda_graphs` needs tensor inputs only (the graph copies them into fixed "
@@ -112,7 +112,7 @@ class GraphReplays:
         for buf, t in zip(static, inputs):
             buf.copy_(t, non_blocking=True)
         graph.replay()
-        return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
 
     @property
     def graphs(self) -> int:

@@ -47,9 +47,9 @@ def _stack(factories):
 
 def compile_options(config: ExecutionConfig) -> dict:
     """torch.compile takes `mode` or `options`, not both: expand the mode into its options."""
-    import torch._inductor
+    from ..torch_compat import inductor_mode_options
 
-    options = dict(torch._inductor.list_mode_options(config.compile_mode))
+    options = inductor_mode_options(config.compile_mode)
     if config.freezing:
         options["freezing"] = True
     return options

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
+from ..torch_compat import tree_map
 from .int8 import quantize_int8_dynamic
 
 # Per-group modes, in the fixed order Optuna sees them (its categorical choices must not change).
@@ -32,9 +33,8 @@ def _dtype(mode: str):
 
 def _cast_floats(obj: Any, dtype) -> Any:
     import torch
-    import torch.utils._pytree as pytree
 
-    return pytree.tree_map(
+    return tree_map(
         lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != dtype else t, obj)
 
 

@@ -21,15 +21,15 @@ from typing import Any
 
 from .groups import MIN_GROUP_SHARE, candidate_groups
 from .schema import METHOD, SCHEMA, SCHEMA_VERSION, ModuleStat
+from ..torch_compat import tree_flatten
 
 TOP_OPS = 15
 
 
 def _nbytes(obj: Any) -> int:
     import torch
-    import torch.utils._pytree as pytree
 
-    return sum(t.numel() * t.element_size() for t in pytree.tree_flatten(obj)[0] if isinstance(t, torch.Tensor))
+    return sum(t.numel() * t.element_size() for t in tree_flatten(obj)[0] if isinstance(t, torch.Tensor))
 
 
 def _is_script(model: Any) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable
 from ..knobs.precision import STATIC_INT8
 from ..knobs.precision_groups import LOWERED_MODES, apply_group_precision
 from .schema import PARTIAL_WHY
+from ..torch_compat import tree_flatten
 
 ANALYSED_MODES = (*LOWERED_MODES, STATIC_INT8)  # int8_static: checked per group, not sampled per group
 
@@ -32,9 +33,8 @@ def modes_for(group: dict[str, Any], allowed: Iterable[str]) -> list[str]:
 
 def _finite(obj: Any) -> bool:
     import torch
-    import torch.utils._pytree as pytree
 
-    return all(bool(torch.isfinite(t).all()) for t in pytree.tree_flatten(obj)[0]
+    return all(bool(torch.isfinite(t).all()) for t in tree_flatten(obj)[0]
                if isinstance(t, torch.Tensor) and t.is_floating_point())
 
 
@@ -220,7 +220,7 @@ def _run_timed(fn, test, device: str, *, stop_on_overflow: bool = True, give_up_
     outs, ms = [], []
     for x, _ in test:
         box: list[Any] = []
-        ms.append(time_once(lambda: box.append(fn(*x)), device))
+        ms.append(time_once(lambda box=box, x=x: box.append(fn(*x)), device))
         outs.append(box[0])
         if stop_on_overflow and not _finite(box[0]):
             break  # an overflow: the mode fails whatever the other batches give

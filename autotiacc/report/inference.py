@@ -206,7 +206,7 @@ def sections(data: ReportData) -> list[tuple[str, list[str]]]:
     head = [f"- model: `{wl.get('name')}` ({wl.get('kind')}), inputs {wl.get('input_shapes')} {wl.get('input_dtypes')}",
             f"- strategy `{run.get('strategy')}`, level {run.get('level')}, tolerance {run.get('tolerance')} (relative L2 error vs fp32 eager)"
             + (f"; accuracy guarded on {run['guard_data']}" if run.get("guard_data") else ""),
-            f"- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall {fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
+            "- sessions: " + "; ".join(f"{s.get('started')} budget {fmt(s.get('budget_s'), '.0f')} s, wall {fmt(s.get('wall_s'), '.0f')} s, stopped: {s.get('stop', 'running or killed')}" for s in sess)]
     out.append(("Run", head))
     if p is None:
         out.append(("Result", ["No plan yet: the tune is running or was interrupted. Trials so far are below; "

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 from ..errors import UserInputError
+from ..torch_compat import tree_leaves, tree_map
 
 DEFAULT_LIMIT_FRACTION = 0.25  # of available memory
 
@@ -45,31 +46,26 @@ def _is_pil(x: Any) -> bool:
 def _share(obj: Any) -> Any:
     """Move tensors to shared memory (workers read them without copies); pack PIL images."""
     import torch
-    import torch.utils._pytree as pytree
 
-    return pytree.tree_map(lambda t: t.share_memory_() if isinstance(t, torch.Tensor)
+    return tree_map(lambda t: t.share_memory_() if isinstance(t, torch.Tensor)
                            else _Packed(t) if _is_pil(t) else t, obj)
 
 
 def _unpack(obj: Any) -> Any:
-    import torch.utils._pytree as pytree
-
-    return pytree.tree_map(lambda t: t.unpack() if isinstance(t, _Packed) else t, obj)
+    return tree_map(lambda t: t.unpack() if isinstance(t, _Packed) else t, obj)
 
 
 def _nbytes(obj: Any) -> int:
     import torch
-    import torch.utils._pytree as pytree
 
-    leaves = [t.pixels if isinstance(t, _Packed) else t for t in pytree.tree_leaves(obj)]
+    leaves = [t.pixels if isinstance(t, _Packed) else t for t in tree_leaves(obj)]
     return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
 
 
 def _equal(a: Any, b: Any) -> bool:
     import torch
-    import torch.utils._pytree as pytree
 
-    la, lb = pytree.tree_leaves(a), pytree.tree_leaves(b)
+    la, lb = tree_leaves(a), tree_leaves(b)
     if len(la) != len(lb):
         return False
     for x, y in zip(la, lb):

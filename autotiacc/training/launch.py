@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from ..engine.status import CallStatus
 from ..engine.workers import Outcome, Worker
 
 STACKS = 2  # ranks whose Python stacks a timeout reports (64 ranks' took 64 s)
@@ -56,7 +57,7 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
                 late = [r for r in range(nproc) if results[r] is None]
                 # a stack takes up to a second to come: a few ranks' tell where they hung
                 where = "\n".join(f"rank {r}: {workers[r].stack()}" for r in late[:STACKS])
-                failure = Outcome("timeout", error=f"rank {late[0]} gave no result within {timeout:.0f} s; all ranks "
+                failure = Outcome(CallStatus.TIMEOUT, error=f"rank {late[0]} gave no result within {timeout:.0f} s; all ranks "
                                   "were killed", traceback=where, seconds=time.perf_counter() - t0)
                 break
             for rank in range(nproc):
@@ -71,10 +72,10 @@ def run_ranks(fn: Callable[..., Any], nproc: int, *args: Any, timeout: float, lo
             if failure is None:
                 worker.close(grace_s=10)
             worker.kill()
-    per_rank = [r or Outcome("killed", error="killed after another rank failed") for r in results]
+    per_rank = [r or Outcome(CallStatus.KILLED, error="killed after another rank failed") for r in results]
     if failure is not None:
         return failure, per_rank
-    return Outcome("ok", value=[r.value for r in per_rank], seconds=time.perf_counter() - t0), per_rank
+    return Outcome(CallStatus.OK, value=[r.value for r in per_rank], seconds=time.perf_counter() - t0), per_rank
 
 
 def _collect(worker: Worker, rank: int, t0: float, *, wait: float) -> Outcome | None:

@@ -15,20 +15,18 @@ from typing import Any, Callable
 from ..device import module_device, move_training, to_device
 from ..errors import UserInputError
 from ..knobs.runtime import thread_scope
+from ..torch_compat import tree_flatten, tree_leaves, tree_map, tree_unflatten
 from .config import DataConfig, TrainConfig
 
 
 def _tree_map(fn: Callable, obj: Any) -> Any:
-    import torch.utils._pytree as pytree
-
-    return pytree.tree_map(fn, obj)
+    return tree_map(fn, obj)
 
 
 def batch_size_of(batch: Any) -> int:
     import torch
-    import torch.utils._pytree as pytree
 
-    for leaf in pytree.tree_leaves(batch):
+    for leaf in tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.dim() > 0:
             return int(leaf.shape[0])
     raise UserInputError("`batch` holds no tensor with a batch dimension; collate_fn must return tensors "
@@ -38,16 +36,15 @@ def batch_size_of(batch: Any) -> int:
 def split_batch(batch: Any, parts: int) -> list[Any]:
     """Split every tensor of a batch along dim 0 into `parts` micro-batches (gradient accumulation)."""
     import torch
-    import torch.utils._pytree as pytree
 
     if parts == 1:
         return [batch]
-    leaves, spec = pytree.tree_flatten(batch)
+    leaves, spec = tree_flatten(batch)
     n = batch_size_of(batch)
     parts = min(parts, n)
     chunks = [torch.tensor_split(x, parts) if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
               else [x] * parts for x in leaves]
-    return [pytree.tree_unflatten([c[i] for c in chunks], spec) for i in range(parts)]
+    return [tree_unflatten([c[i] for c in chunks], spec) for i in range(parts)]
 
 
 # -- model transforms --------------------------------------------------------------------------
@@ -64,7 +61,9 @@ def keep_fp32(model: Any, names: tuple[str, ...], device_type: str) -> None:
         orig = mod.forward
 
         def forward(*args: Any, _orig=orig, **kwargs: Any) -> Any:
-            cast = (lambda t: t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+            def cast(t: Any) -> Any:
+                return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
             with torch.autocast(device_type, enabled=False):
                 return _orig(*_tree_map(cast, args), **_tree_map(cast, kwargs))
 

@@ -75,9 +75,9 @@ def detect_overflow(model: Any, loss_fn: Callable, batch: Any, mode: str, *, max
         for name, mod in probe.named_modules():
             if name and not any(True for _ in mod.children()):
                 handles.append(mod.register_forward_hook(
-                    lambda m, i, o, n=name: bad.add(n) if over(o) and not over(i) else None))
+                    lambda m, i, o, n=name, bad=bad: bad.add(n) if over(o) and not over(i) else None))
                 handles.append(mod.register_full_backward_hook(
-                    lambda m, gi, go, n=name: bad.add(n) if over(gi) and not over(go) else None))
+                    lambda m, gi, go, n=name, bad=bad: bad.add(n) if over(gi) and not over(go) else None))
         try:
             with torch.autocast(device.type, dtype=dtype):
                 loss = loss_fn(probe, batch)
@@ -184,18 +184,9 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     status: `ok`, `rejected` (non-finite or off-curve loss, memory over the limit).
     Exceptions propagate: the sandbox reports them as a failed trial.
     """
-    import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1:  # one GPU per rank: `cuda` means cuda:LOCAL_RANK, as torchrun does it
-        device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
-    use_device(device)
-    if threads:
-        torch.set_num_threads(threads)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(dist_backend(device), timeout=timedelta(seconds=gloo_timeout_s))
+    rank, world, device = _join_ranks(device, threads, gloo_timeout_s)
     # build_s: resolving, building and the first step (compile happens there), as inference's
     # build and first call; measure_s: the timed windows. The engine's budget split reads both.
     t0 = time.perf_counter()
@@ -222,29 +213,54 @@ def train_trial(workload: Any, config_list: list, *, reference_losses: list[list
     if rejected:  # off the baseline's loss curve: its metric above still tells how far
         return {**out, "status": "rejected", **rejected}
 
-    steps = max(4, cand.buffer)
-    runners = {"candidate": cand.window(steps)}
+    base = None
     if compare_baseline:
         t0 = time.perf_counter()
         base = _Run(workload, TrainConfig(), dataset, bs, seed, device)
-        runners["baseline"] = base.window(steps)
         out["build_s"] += time.perf_counter() - t0
+    out.update(_timed_windows(cand, base, bs, rounds=rounds, device=device, world=world))
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return out
+
+
+def _join_ranks(device: str, threads: int | None, gloo_timeout_s: float) -> tuple[int, int, str]:
+    """(rank, world size, this rank's device): the process group joined when there are several."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1:  # one GPU per rank: `cuda` means cuda:LOCAL_RANK, as torchrun does it
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", rank)))
+    use_device(device)
+    if threads:
+        torch.set_num_threads(threads)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(dist_backend(device), timeout=timedelta(seconds=gloo_timeout_s))
+    return rank, world, device
+
+
+def _timed_windows(cand: Any, base: Any, bs: int, *, rounds: int, device: str, world: int) -> dict[str, Any]:
+    """The candidate's windows of steps, in turns with the baseline's (`base`, or None), and what
+    they give: samples/s, the speed-up, the split of a step's time."""
     t0 = time.perf_counter()
+    steps = max(4, cand.buffer)
+    runners = {"candidate": cand.window(steps)}
+    if base is not None:
+        runners["baseline"] = base.window(steps)
     # the ranks' CPU time is the trial's own (peers); a retake after a busy machine only in one process,
     # as ranks that retook at different times would wait in each other's collectives
     timing = measure_interleaved(runners, device, min_rounds=rounds, max_rounds=rounds, warmup_s=0.0, peers=world,
                                  busy_wait_s=TRIAL_BUSY_WAIT_S if world == 1 else 0.0)
     per_s = {name: steps * bs / (t.median / 1e3) for name, t in timing.items()}
-    out.update(status="ok", window_steps=steps, samples_per_s=per_s["candidate"],
-               timing={n: t.to_dict() for n, t in timing.items()})
-    if compare_baseline:
+    out: dict[str, Any] = {"status": "ok", "window_steps": steps, "samples_per_s": per_s["candidate"],
+                           "timing": {n: t.to_dict() for n, t in timing.items()}}
+    if base is not None:
         out.update(baseline_samples_per_s=per_s["baseline"], speedup=per_s["candidate"] / per_s["baseline"])
     out.update(split_figures(cand, steps, rounds, device))
-    out.update(measure_s=time.perf_counter() - t0, peak_rss_mib=_peak_rss_mib())
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return out
+    return {**out, "measure_s": time.perf_counter() - t0, "peak_rss_mib": _peak_rss_mib()}
 
 
 def _guard(out: dict[str, Any], mem: PeakMemory, *, max_memory_mib: float | None,

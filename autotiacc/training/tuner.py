@@ -14,7 +14,7 @@ from ..device import parse_memory
 from ..engine.loop import SPAWN_OVERHEAD_S, Search, SearchResult, failure_note
 from ..engine.options import RunOptions, check_memory_limit
 from ..engine.space import config_key, sample, seeds, strategy_for
-from ..engine.task import Candidate, Decision, FinalMeasure, Task, TrialResult
+from ..engine.task import Candidate, Decision, Direction, FinalMeasure, Task, TrialResult
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs.base import all_knobs
@@ -73,7 +73,7 @@ class TrainingTask(Task):
     by side with the baseline (num_workers=0, fp32) in the same ranks, its loss curve guarded."""
 
     mode = "train"
-    direction = "maximize"  # samples/s over the baseline's
+    direction: Direction = "maximize"  # samples/s over the baseline's
     final_top_k = 1
     baseline_label = TrainConfig().label()
 

@@ -79,7 +79,7 @@ class TrainWorkload:
     def _call(self, name: str, *args: Any) -> Any:
         try:
             return getattr(self._user, name)(*args)
-        except Exception as exc:  # noqa: BLE001 - the user's bug, reported with where it happened
+        except Exception as exc:
             raise ModelRaisedError(f"{self.path}: {name}() raised {type(exc).__name__}: {exc}") from exc
         except SystemExit as exc:
             raise WorkloadError(f"{self.path}: {name}() called sys.exit({exc.code!r}); a training file must return, "

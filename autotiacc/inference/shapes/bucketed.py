@@ -18,6 +18,7 @@ from ...engines import fixed_shape_backends
 from ...errors import PlanError
 from ...knobs import KnobConfig
 from .buckets import BATCH, BucketSpec, OutOfRangeWarning, bucket_key
+from ...torch_compat import dynamo_limits, tree_map
 
 
 def _pad_batch(inputs: tuple, axes: list[tuple[int, int]], target: int) -> tuple:
@@ -35,9 +36,8 @@ def _pad_batch(inputs: tuple, axes: list[tuple[int, int]], target: int) -> tuple
 
 def _slice_batch(out: Any, padded: int, real: int) -> Any:
     import torch
-    import torch.utils._pytree as pytree
 
-    return pytree.tree_map(lambda t: t.narrow(0, 0, real) if isinstance(t, torch.Tensor) and t.dim()
+    return tree_map(lambda t: t.narrow(0, 0, real) if isinstance(t, torch.Tensor) and t.dim()
                            and t.shape[0] == padded else t, out)
 
 
@@ -49,18 +49,8 @@ def _recompile_room(n: int) -> Iterator[None]:
     if not n:
         yield
         return
-    import torch._dynamo
-
-    cfg = torch._dynamo.config
-    saved = {name: getattr(cfg, name) for name in ("recompile_limit", "cache_size_limit") if hasattr(cfg, name)}
-    for name, value in saved.items():
-        if value < n:
-            setattr(cfg, name, n)
-    try:
+    with dynamo_limits(recompile_limit=n, cache_size_limit=n):
         yield
-    finally:
-        for name, value in saved.items():  # one may alias the other: both saved before either was set
-            setattr(cfg, name, value)
 
 
 class BucketedModel:

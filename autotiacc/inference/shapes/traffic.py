@@ -125,7 +125,7 @@ def workload_traffic(workload, traffic_file: str | Path | None = None) -> list[S
             return None
         try:
             rows = fn()
-        except Exception as exc:  # noqa: BLE001 - the user's hook failing is the user's bug, reported whole
+        except Exception as exc:
             raise UserInputError(f"{workload.path}: traffic() raised {type(exc).__name__}: {exc}") from exc
     return parse_traffic(rows, origin=f"{workload.path}: traffic()")
 

@@ -34,6 +34,7 @@ from ..evaluate import BASELINE, worker_cached, workload_key
 from .bucketed import BucketedModel
 from .buckets import BATCH, BucketSpec, bucket_key, own_label, spec_from_values
 from .traffic import Shape, parse_traffic
+from ...torch_compat import clear_dynamo_counters, dynamo_reset
 
 SHAPE_WARMUP_S = 0.5  # warm-up allowance per runner and shape
 
@@ -71,11 +72,9 @@ def evaluate_traffic(workload, candidates: dict[str, dict[str, Any]], *, traffic
     that a round of the mix is one sample. `check_shapes` are extra (unseen) shapes checked for
     accuracy only. The model and every input made here (traffic shapes, bucket builds, serving
     batches) are on `device`; on `meta` it is a shape-only dry run, as in `evaluate`."""
-    import torch
 
     use_device(device)  # cuda:N is this process's current device (events, streams, graphs)
-    torch._dynamo.reset()
-    torch._dynamo.utils.counters.clear()
+    dynamo_reset()
     shapes = parse_traffic(traffic)
     extra = parse_traffic(check_shapes) if check_shapes else []
     # built once per worker for this workload, mix and device; trial after trial reuses it
@@ -160,9 +159,8 @@ def build_candidate(workload, model, values: dict[str, Any], shapes: list[Shape]
     outputs on every shape of `inputs` (traffic and unseen) against eager fp32's `refs`.
     Returns (the model, its result: status "ok" or "rejected" with the shape that failed,
     build_s, compile, buckets, accuracy). A build that raises is the caller's to catch."""
-    import torch
 
-    torch._dynamo.utils.counters.clear()
+    clear_dynamo_counters()
     res: dict[str, Any] = {"knobs": values}
     spec = spec_from_values(values.get("shapes") or _whole_range(shapes), axes)
     cand = BucketedModel(model, configs_from_params(values), spec, device=device,
@@ -269,10 +267,9 @@ class TrafficBench(Bench):
     def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[_Mix, dict[str, Any]]:
         """The variant's runners over the mix (None: the eager fp32 baseline) and what the build
         reports; raises when the candidate fails (its accuracy on any shape included)."""
-        import torch
 
         use_device(device)
-        torch._dynamo.reset()
+        dynamo_reset()
         shapes = parse_traffic(self.traffic)
         extra = parse_traffic(self.check_shapes) if self.check_shapes and values is not None else []
         model, inputs, refs = _reference(workload, device, shapes + extra)

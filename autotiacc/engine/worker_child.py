@@ -17,6 +17,12 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from .status import CallStatus
+
+# sent to the parent as plain words (a child need not unpickle enums); the parent reads CallStatus(word)
+OK, OOM, EXCEPTION, CRASH = (CallStatus.OK.value, CallStatus.OOM.value, CallStatus.EXCEPTION.value,
+                             CallStatus.CRASH.value)
+
 _OOM_TEXT = "out of memory"
 
 
@@ -35,18 +41,18 @@ def _die_with_parent(parent: int) -> None:
 def _run(fn: Any, args: tuple, kwargs: dict) -> tuple[tuple, bool]:
     """((status, value, error, traceback), keep the worker) for one call."""
     try:
-        return ("ok", fn(*args, **kwargs), "", ""), True
+        return (OK, fn(*args, **kwargs), "", ""), True
     except MemoryError as exc:
-        return ("oom", None, f"MemoryError: {exc}", traceback.format_exc()), False
+        return (OOM, None, f"MemoryError: {exc}", traceback.format_exc()), False
     except Exception as exc:  # noqa: BLE001 - everything is reported to the parent
         msg = f"{type(exc).__name__}: {exc}"[:2000]
         if _OOM_TEXT in str(exc).lower():  # CUDA/allocator out of memory: start clean
-            return ("oom", None, msg, traceback.format_exc()), False
-        return ("exception", None, msg, traceback.format_exc()), True
+            return (OOM, None, msg, traceback.format_exc()), False
+        return (EXCEPTION, None, msg, traceback.format_exc()), True
     except SystemExit as exc:  # the code asked the process to end: honour it after reporting
-        return ("crash", None, f"the code called sys.exit({exc.code!r})", traceback.format_exc()), False
+        return (CRASH, None, f"the code called sys.exit({exc.code!r})", traceback.format_exc()), False
     except BaseException as exc:  # noqa: BLE001 - KeyboardInterrupt and the like
-        return ("crash", None, f"{type(exc).__name__}: {exc}", traceback.format_exc()), False
+        return (CRASH, None, f"{type(exc).__name__}: {exc}", traceback.format_exc()), False
 
 
 def _redirect(log_path: str | None, base: tuple[int, int]) -> None:
@@ -106,10 +112,11 @@ def main(argv: list[str]) -> None:
         if path is not None:
             sys.path[:] = path
         t0 = time.perf_counter()
+        report: tuple[Any, ...]
         try:
             _redirect(log_path, base)
         except OSError as exc:
-            report, keep = ("exception", None, f"cannot write the call's log {log_path}: {exc}", ""), True
+            report, keep = (EXCEPTION, None, f"cannot write the call's log {log_path}: {exc}", ""), True
         else:
             report, keep = _run(fn, args, kwargs)
             _redirect(None, base)
@@ -117,7 +124,7 @@ def main(argv: list[str]) -> None:
         try:
             payload = cloudpickle.dumps(report)
         except Exception as exc:  # noqa: BLE001 - an unpicklable result is the call's failure
-            payload = pickle.dumps(("exception", None, f"the result could not be sent back: "
+            payload = pickle.dumps((EXCEPTION, None, f"the result could not be sent back: "
                                     f"{type(exc).__name__}: {exc}", "", report[-1]))
         results.send_bytes(payload)
         if not keep:
