@@ -280,17 +280,21 @@ def compare(
 def _tune_training(file: Path, *, quiet: bool, **kwargs: Any) -> None:
     """`tune --mode train`: the training tuner (autotiacc.training) with the same progress bar."""
     from .durations import parse_duration
-    from .result_lines import wall_line
-    from .training.tuner import cli_tune
+    from .report import write_training_report
+    from .result_lines import training_lines, wall_line
+    from .training.tuner import tune_training_file
 
-    bar = ProgressBar(parse_duration(kwargs["budget"]), quiet)
+    budget_s = parse_duration(kwargs["budget"])
+    bar = ProgressBar(budget_s, quiet)
     started = _started()
     try:
-        cli_tune(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else kwargs["study"]},
-                 command=_command(), echo=typer.echo, progress=bar, started=started)
+        result = tune_training_file(file, **{**kwargs, "study": None if kwargs["study"] == "autotiacc" else
+                                             kwargs["study"]}, command=_command(), progress=bar, started=started)
     finally:
         bar.close()
-    typer.echo(wall_line(started, parse_duration(kwargs["budget"])))
+    for line in training_lines(result, write_training_report(result.run_dir), budget_s, kwargs["nproc"]):
+        typer.echo(line)
+    typer.echo(wall_line(started, budget_s))
 
 
 def _export_hook(run_dir: Path, workload) -> bool:

@@ -13,7 +13,7 @@ import contextlib
 import re
 from typing import Any, Iterator
 
-from .errors import UserInputError
+from .errors import UserInputError, WorkloadError
 from .torch_compat import tree_map
 
 # Process-wide switches a candidate may set; each is restored when its scope ends.
@@ -301,3 +301,14 @@ def process_flags(**overrides: Any) -> Iterator[dict[str, Any]]:
         yield before
     finally:
         set_flags(before)
+
+
+def check_placement(model: Any, where: Any) -> None:
+    """A model whose weights are on the `meta` device has no values to run or time (the inference
+    and training contract checks both refuse it)."""
+    tensors = list(model.parameters()) + list(model.buffers()) if hasattr(model, "parameters") else []
+    meta = sum(1 for t in tensors if t.is_meta)
+    if meta:
+        raise WorkloadError(f"{where}: {meta} of the model's {len(tensors)} parameters and buffers are on the `meta` "
+                            "device (shapes without values), so it cannot be run or timed; materialise it first, e.g. "
+                            "model.to_empty(device='cpu') and load_state_dict(...), then tune it.")

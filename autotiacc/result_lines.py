@@ -2,6 +2,7 @@
 where the run is, and the command's wall time against its budget."""
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,20 @@ def tune_lines(result: Any, written: dict[str, Path], budget_s: float) -> list[s
         if sh.get("samples_per_s"):
             lines.append(f"throughput: {sh['samples_per_s']:.0f} samples/s serving batches of {p.shapes.serve_batch}")
     return lines + [f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s)",
+                    f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, "
+                    f"{written['html'].name})"]
+
+
+def training_lines(result: Any, written: dict[str, Path], budget_s: float, nproc: int) -> list[str]:
+    """A training tune's result (`TrainTuneResult`) and the report files `written`."""
+    p = result.plan
+    lines = [f"plan: {p.label}",
+             f"samples/s: {p.speedup:.2f}x the baseline (num_workers=0, fp32) — {p.note}" if p.speedup and not
+             math.isnan(p.speedup) else f"result: {p.note}"]
+    if verdict_line(p.reliability):
+        lines.append(f"measurement: {verdict_line(p.reliability)}")
+    return lines + [f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s, "
+                    f"{nproc} process(es))",
                     f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, "
                     f"{written['html'].name})"]
 

@@ -127,7 +127,7 @@ def load_strategy(name_or_path: str) -> Strategy:
 
 def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
     """Check a parsed strategy whole (see the module doc) and build it."""
-    from .knobs.base import matches_type, type_name
+    from .config_io import matches_type, type_name
 
     hints = typing.get_type_hints(Strategy)
     seed_keys = ("enqueue", "enqueue_cuda")  # stage-1 starting points; enqueue_cuda replaces enqueue on CUDA
@@ -147,8 +147,7 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
         if not check(value):
             raise StrategyError(f"strategy {origin}: `{key}` got {value!r}: use {want}.")
     task = data.get("task", "inference")
-    if task == "training":
-        from .training import config as _registers_training_knobs  # noqa: F401
+    _require_task_knobs(task, origin)
     knobs = _check_knobs(data.get("knobs") or {}, origin, task)
     seeds = {}
     for key in seed_keys:
@@ -164,6 +163,17 @@ def strategy_from_dict(data: dict[str, Any], origin: str) -> Strategy:
                     extra=extra, **kwargs)
 
 
+def _require_task_knobs(task: str, origin: str) -> None:
+    """A task's knobs are registered by the package that defines the task (the training knobs by
+    `autotiacc.training`, which tunes with them); this module never imports a task above it."""
+    from .knobs import all_knobs
+
+    if not all_knobs(task):
+        raise StrategyError(f"strategy {origin}: no knobs of task {task!r} are registered in this process; "
+                            f"load a {task} strategy through autotiacc.{task} (e.g. `autotiacc tune --mode train`), "
+                            f"which registers them.")
+
+
 def _knob(name: Any, origin: str, task: str):
     from .knobs import all_knobs
 
@@ -175,7 +185,7 @@ def _knob(name: Any, origin: str, task: str):
 
 def _check_value(knob, param: str, value: Any, origin: str, where: str) -> None:
     """Build the knob's config with this one value: the config's own checks decide."""
-    from .knobs.base import field_type_errors
+    from .config_io import field_type_errors
 
     wrong = field_type_errors(knob.config_cls, {param: value})
     if wrong:
@@ -212,7 +222,7 @@ def _check_knobs(knobs: Any, origin: str, task: str) -> dict[str, dict[str, Any]
                 raise StrategyError(f"strategy {origin}: `{name}.{param}` lists no choice; give at least one.")
             for c in choices:
                 if param == "group_modes":
-                    from .inference.layer_precision import LOWERED_MODES
+                    from .knobs.precision_groups import LOWERED_MODES
 
                     if c not in LOWERED_MODES:
                         raise StrategyError(f"strategy {origin}: `{name}.group_modes` got {_show(c)}: use "

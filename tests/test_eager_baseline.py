@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import autotiacc
-from autotiacc.engine.bench import OneShape
+from autotiacc.inference.one_shape import OneShape
 from autotiacc.inference.baseline import EagerBaseline
 from autotiacc.inference.evaluate import reference_for
 from autotiacc.inference.plan import Plan

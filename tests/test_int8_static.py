@@ -141,7 +141,7 @@ def test_plan_apply_and_the_artifact_run_the_scales_that_were_measured(tmp_path)
     """The final's build records the calibrated ranges; a plan carrying them quantizes with
     them in `plan.apply` (no calibration data at hand) and bakes them into its ONNX artifact."""
     import autotiacc
-    from autotiacc.engine.fidelity import OneShape
+    from autotiacc.inference.one_shape import OneShape
     from autotiacc.inference.artifacts import export_for_plan
 
     w = load_workload(OUTLIER)
@@ -194,7 +194,7 @@ def test_an_encoders_artifact_replays_the_scales_the_final_recorded(tmp_path):
     """The artifact's graph holds the model under its wrapper's scope, parameters included
     (`model.encoder.layers.0.norm1.bias`): every recorded range is found there under its new name."""
     import autotiacc
-    from autotiacc.engine.fidelity import OneShape
+    from autotiacc.inference.one_shape import OneShape
     from autotiacc.inference.artifacts import export_for_plan
 
     w = load_workload(MODELS.parent.parent / "examples" / "transformer.py")

@@ -1,16 +1,16 @@
 """What runs in a variant's process of an alternating measurement (`engine.fidelity`): a
 *bench* builds the variant once and times one window per call (`time_window`), with the
 machine's load sampled around every window (`machine_load`).
+
+The engine knows no bench but this interface: the task hands it one (a traffic mix's), or the
+workload's `default_bench()` is used (an inference workload's: `inference.one_shape.OneShape`,
+which builds the candidate, computes the reference and compares outputs).
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
-
-from .limits import REWARM_CALLS, WINDOW_CALLS
-from ..torch_compat import dynamo_reset
 
 
 class Bench:
@@ -44,56 +44,13 @@ class Bench:
         return {}
 
 
-@dataclass(frozen=True)
-class OneShape(Bench):
-    """One input shape, the workload's example inputs; a window is one untimed call, then calls
-    for `window_s` (at least `WINDOW_CALLS`), its figure their median."""
-
-    describe = "calls at one input shape"  # not a field: the repr stays "OneShape()"
-
-    def build(self, workload, values: dict | None, *, device: str, tolerance: float) -> tuple[Any, dict[str, Any]]:
-
-        from ..inference.evaluate import build_candidate, build_report, reference_for
-
-        if values is None:  # the eager baseline alone: no reference outputs to compute
-            return _eager_baseline(workload, device), {}
-        ref = reference_for(workload, device)
-        from ..inference.accuracy import compare_outputs
-
-        dynamo_reset()
-        cand = build_candidate(ref, values)
-        acc = compare_outputs([cand(*x) for x, _ in ref.test], ref.refs, tolerance=tolerance,
-                              metric=workload.metric, targets=[y for _, y in ref.test])
-        if not acc.ok:
-            raise ValueError(f"accuracy: {acc.reason}")
-        # the int8 scales it was built with go into the plan, which replays them (`Plan.engine_records`)
-        records = {k: r["record"] for k, r in cand.notes.items() if isinstance(r, dict) and "record" in r}
-        return (lambda: cand(*ref.inputs)), {"build_s": cand.build_seconds, "accuracy": acc.to_dict(),
-                                             **build_report(cand), "engine_records": records}
-
-    def window(self, runner: Any, *, device: str, window_s: float) -> dict[str, Any]:
-        from ..measure import measure
-
-        # one untimed call first refills the caches another process's window emptied
-        return {"samples_ms": measure(runner, device, min_reps=WINDOW_CALLS, target_s=window_s, warmup_s=0,
-                                      min_warmup=REWARM_CALLS).samples_ms}
-
-
-def _eager_baseline(workload, device: str) -> Any:
-    from ..device import to_device, use_device
-    from ..inference.baseline import EagerBaseline
-
-    use_device(device)
-    return EagerBaseline(to_device(workload.build_model(), device), to_device(workload.example_inputs(), device))
-
-
 _BUILT: dict[tuple, Any] = {}  # (workload token, variant, device, bench) -> [runner, warm], in a variant process
 
 
 def time_window(workload, name: str, values: dict | None, *, device: str, window_s: float, warmup_s: float,
                 tolerance: float, build_only: bool = False, bench: Bench | None = None,
                 busy_wait_s: float = 0.0) -> dict[str, Any]:
-    """Build `values` (None: the eager fp32 baseline) with `bench` (default `OneShape`) once in
+    """Build `values` (None: the eager fp32 baseline) with `bench` (default: the workload's) once in
     this process, warm it up once, then time one window of `window_s` (none when 0).
     `build_only`: build (and check accuracy) now, warm up at the next call: the parent overlaps
     builds but never warm-ups. A window taken while the machine was busy is taken once more
@@ -105,7 +62,7 @@ def time_window(workload, name: str, values: dict | None, *, device: str, window
     """
     from ..measure import warm_up
 
-    bench = bench or OneShape()
+    bench = bench or workload.default_bench()
     key = (getattr(workload, "token", None), name, device, repr(bench))
     info: dict[str, Any] = {}
     if key not in _BUILT:

@@ -11,11 +11,11 @@ every variant in a process of its own, measured in windows taken in turns; the s
 the ratio of the medians of the per-window medians, and the noise test is a one-sided
 Mann-Whitney U over those window medians (the repetitions), not over correlated samples.
 
-What a variant's process builds and what one window times is a *bench* (`engine.bench`): `OneShape` (the
-workload's example inputs, one window = calls for `window_s`) or a traffic mix
-(`inference.shapes.traffic_eval.TrafficBench`, one window = whole rounds of the mix, each round one
-traffic-weighted figure). The alternation, the baseline's processes and the statistics are
-the same for both, here.
+What a variant's process builds and what one window times is a *bench* (`engine.bench`): the
+workload's `default_bench()` (`inference.one_shape.OneShape`: its example inputs, one window =
+calls for `window_s`) or a traffic mix (`inference.shapes.traffic_eval.TrafficBench`, one window
+= whole rounds of the mix, each round one traffic-weighted figure). The alternation, the
+baseline's processes and the statistics are the same for both, here.
 
 `fresh=True` starts a new process for every window (the fidelity experiment: nothing survives
 from one window to the next); `fresh=False` keeps one warm process per variant, built once
@@ -42,12 +42,12 @@ from typing import Any
 from . import limits
 from .alternation import (BASELINE, BASELINE_PROCESSES, FINAL_ROUNDS, FINAL_WINDOW_S, MIN_ROUNDS, AlternatingResult,
                           Alternation)
-from .bench import Bench, OneShape, time_window
+from .bench import Bench, time_window
 from .status import CallStatus
 from .workers import Outcome
 
 __all__ = ["AlternatingResult", "BASELINE", "BASELINE_PROCESSES", "Bench", "FINAL_ROUNDS", "FINAL_WINDOW_S",
-           "MIN_ROUNDS", "OneShape", "evaluate_alternating", "final_rounds", "final_rounds_s", "measure_alternating",
+           "MIN_ROUNDS", "evaluate_alternating", "final_rounds", "final_rounds_s", "measure_alternating",
            "measured_env", "time_window"]
 
 # Environment variables that change how fast the same model runs; a plan records them as
@@ -72,7 +72,7 @@ def measure_alternating(workload, variants: Mapping[str, dict | None], *, device
                         costs: dict[str, limits.Cost] | None = None, busy_wait_s: float = 0.0) -> AlternatingResult:
     """Time each variant ({name: knob values}, plus the baseline, added as "baseline") alone in
     its own process, one window per variant per round, the order rotating every round. `bench`
-    (default `OneShape`) builds a variant and times a window: see the module doc.
+    (default: the workload's `default_bench()`) builds a variant and times a window: see the module doc.
 
     With `fresh=False` every variant's process builds its variant before the first round
     (`build_parallel` builds at a time: by default all of them on CUDA, one at a time on the
@@ -102,7 +102,7 @@ def measure_alternating(workload, variants: Mapping[str, dict | None], *, device
     TorchScript bf16 plan: 9.4-10.5 ms in most processes, 12.0-13.0 ms in 4 of 16).
     """
     t0 = time.perf_counter()
-    bench = bench or OneShape()
+    bench = bench or workload.default_bench()
     variants = {BASELINE: None, **{n: v for n, v in variants.items() if n != BASELINE}}
     result = AlternatingResult(windows={n: [] for n in variants}, samples={n: [] for n in variants},
                                window=bench.describe)
@@ -156,7 +156,7 @@ def evaluate_alternating(workload, candidates: dict[str, dict], *, device: str =
     plus the bench's figures; a candidate is `faster` when its windows beat the baseline's beyond
     noise (Mann-Whitney U, 5 %) by 2 % or more, and carries its `reliability` verdict. Ends
     within `timeout`: what does not fit is cut (fewer baseline processes, candidates, rounds)."""
-    bench = bench or OneShape()
+    bench = bench or workload.default_bench()
     deadline = time.monotonic() + timeout - CLOSE_S
     rounds = final_rounds(len(candidates), target_s, window_s)
     res = measure_alternating(workload, candidates, device=device, rounds=rounds, window_s=window_s,

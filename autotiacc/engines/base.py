@@ -4,9 +4,42 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
 from ..torch_compat import tree_flatten
+
+
+@dataclass
+class BuildState:
+    """A candidate under construction; knobs mutate it in ascending `Knob.order`.
+
+    `input_casts` transform each input tensor per call; `build_contexts` wrap tracing or
+    compiling; `call_contexts` wrap every call; the execution knob sets `runner` last.
+    """
+
+    model: Any
+    example_inputs: tuple
+    device: str = "cpu"
+    input_casts: list[Callable[[Any], Any]] = field(default_factory=list)
+    build_contexts: list[Callable[[], Any]] = field(default_factory=list)
+    call_contexts: list[Callable[[], Any]] = field(default_factory=list)
+    runner: Callable[..., Any] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+    # engine name -> its options knob's config (`autotiacc.engines`: e.g. the `ort` knob's)
+    engine_options: dict[str, Any] = field(default_factory=dict)
+    # input tuples an engine calibrates int8 scales on (the test data); None: `example_inputs`
+    calibration: list[tuple] | None = None
+    # what an earlier build of this plan recorded for the engine to replay (int8 scales)
+    recorded: dict[str, Any] = field(default_factory=dict)
+    # set by a process that builds many candidates of one model (a trial worker): engines may
+    # reuse what they built for an earlier candidate with this key and the same graph (exports)
+    reuse_key: Any = None
+
+    def cast_inputs(self, inputs: tuple) -> tuple:
+        for cast in self.input_casts:
+            inputs = tuple(cast(t) for t in inputs)
+        return inputs
 
 
 class Engine(ABC):

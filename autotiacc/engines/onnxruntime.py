@@ -7,11 +7,13 @@ import weakref
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config_io import config_from_dict, config_to_dict
 from ..device import is_cuda, to_device
 from ..errors import PlanError
 from ..torch_compat import tree_flatten, tree_unflatten
-from .base import Engine, register_engine
+from .base import BuildState, Engine, register_engine
 from .cache import BUILDS
+from .options import OrtConfig
 from .ort_int8 import feed
 
 OPSET = 17
@@ -69,12 +71,10 @@ SPINNING = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"
 
 
 def session_options(options: Any = None, *, threads: int = 0):
-    """`SessionOptions` from the `ort` knob's config (`knobs.ort.OrtConfig`; None: its defaults,
+    """`SessionOptions` from the `ort` knob's config (`engines.options.OrtConfig`; None: its defaults,
     which are what every session had before it: all graph optimizations, no spinning threads)
     and the runtime knob's `threads` (intra-op; 0: ORT's default)."""
     import onnxruntime as ort
-
-    from ..knobs.ort import OrtConfig
 
     options = options or OrtConfig()
     opts = ort.SessionOptions()
@@ -164,9 +164,6 @@ class OnnxRuntime(Engine):
 
     def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
              state: Any = None) -> dict[str, Any]:
-        from ..knobs.base import config_to_dict
-        from ..knobs.ort import OrtConfig
-
         Path(path).write_bytes(model_graph(module, inputs, state, casts_inputs=True))  # the graph the backend measured
         options = (state.engine_options.get(self.name) if state is not None else None) or OrtConfig()
         entry = {"engine_options": config_to_dict(options)}
@@ -176,9 +173,6 @@ class OnnxRuntime(Engine):
         return entry
 
     def load(self, path: Path, entry: dict[str, Any], device: str) -> Callable[..., Any]:
-        from ..knobs.base import config_from_dict
-        from ..knobs.ort import OrtConfig
-
         self._need_package(PlanError, f"{path}: an ONNX artifact")
         threads = int((entry.get("runtime") or {}).get("threads") or 0)
         options = entry.get("engine_options")  # absent in artifacts older than the `ort` knob: its defaults
@@ -192,8 +186,6 @@ class OnnxRuntime(Engine):
         import uuid
 
         import torch
-
-        from ..knobs.base import BuildState
 
         token = _MODEL_TOKENS.setdefault(model, uuid.uuid4().hex)  # never a reused id()
         state = BuildState(model=model, example_inputs=tuple(batches[0]), calibration=batches,

@@ -25,9 +25,11 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
+from ..config_io import config_from_dict, config_to_dict
 from ..errors import PlanError
 from ..torch_compat import tree_unflatten
 from .base import Engine, example_io, register_engine, require
+from .options import OPENVINO_BACKEND, OpenVINOConfig, openvino_available
 
 INSTALL = "pip install 'autotiacc[openvino]' (openvino; nncf for int8_static)"
 
@@ -131,9 +133,7 @@ def runner(compiled_model: Any, device: str, out_spec: Any = None) -> Callable[.
 
 
 def _options(state: Any) -> Any:
-    from ..knobs.openvino import BACKEND, OpenVINOConfig
-
-    return (state.engine_options.get(BACKEND) if state is not None else None) or OpenVINOConfig()
+    return (state.engine_options.get(OPENVINO_BACKEND) if state is not None else None) or OpenVINOConfig()
 
 
 def _openvino_model(model: Any, inputs: tuple, state: Any, *, exported: bool = False) -> Any:
@@ -161,8 +161,6 @@ class OpenVINO(Engine):
     devices = ("cpu",)  # the CPU plugin; OpenVINO's GPU plugin drives Intel GPUs, not CUDA devices
 
     def available(self) -> bool:
-        from ..knobs.openvino import openvino_available
-
         return openvino_available()
 
     def companions(self, path: Path) -> list[Path]:
@@ -176,8 +174,6 @@ class OpenVINO(Engine):
     def save(self, module: Any, inputs: tuple, path: Path, config: Any, device: str, *,
              state: Any = None) -> dict[str, Any]:
         import openvino as ov
-
-        from ..knobs.base import config_to_dict
 
         # f32 weights as measured (save_model compresses them to f16 by default)
         ov.save_model(_openvino_model(module, inputs, state, exported=True), str(path), compress_to_fp16=False)
@@ -193,9 +189,6 @@ class OpenVINO(Engine):
 
 def options_from_entry(path: Path, entry: dict[str, Any]) -> Any:
     """The openvino knob's config recorded in the artifact entry (defaults where it has none)."""
-    from ..knobs.base import config_from_dict
-    from ..knobs.openvino import OpenVINOConfig
-
     recorded = entry.get("engine_options")
     if recorded is None:
         return OpenVINOConfig()

@@ -59,7 +59,7 @@ class QuantSettings:
         if not isinstance(data, dict):
             return cls.for_this_cpu()
         from ..errors import PlanError
-        from ..knobs.base import field_type_errors
+        from ..config_io import field_type_errors
 
         wrong = field_type_errors(cls, data) + [f"`{k}` got {data[k]!r}, expected one of {', '.join(QUANT_TYPES)}"
                                                 for k in ("activation_type", "weight_type")
@@ -76,7 +76,7 @@ def recorded_ranges(record: dict[str, Any] | None) -> dict[str, list] | None:
     if ranges is None:
         return None
     from ..errors import PlanError
-    from ..knobs.base import matches_type
+    from ..config_io import matches_type
 
     bound = float | list[float]
     if not (isinstance(ranges, dict) and all(

@@ -2,7 +2,7 @@
 
 "Eager fp32" is the model as a user runs it today: built by `build_model()`, in `eval()` mode
 (`Workload.build_model` sets it), called under `torch.no_grad()` on its inputs. One-shape
-trials (`evaluate`), the final re-measurement and `verify` (`engine.bench.OneShape`), traffic
+trials (`evaluate`), the final re-measurement and `verify` (`one_shape.OneShape`), traffic
 trials and their final (`traffic_eval`) all time this same call, so "x over eager" means one
 thing whatever the tune. (Traffic tunes used `torch.inference_mode()` before: a faster eager
 than a user's, and another figure than one-shape tunes'.)

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..device import check_placement
 from ..engine.usercode import Stage
 from ..errors import WorkloadError
 from .accuracy import compare_outputs, tensor_leaves
@@ -93,16 +94,6 @@ def first_forward(workload: Any, model: Any, inputs: tuple) -> Any:
             raise
         raise WorkloadError(forward_problem(workload.kind, workload.path, str(exc.__cause__ or exc), inputs,
                                             workload.exported_shapes)) from None
-
-
-def check_placement(model: Any, where: Any) -> None:
-    """A model whose weights are on the `meta` device has no values to run or time."""
-    tensors = list(model.parameters()) + list(model.buffers()) if hasattr(model, "parameters") else []
-    meta = sum(1 for t in tensors if t.is_meta)
-    if meta:
-        raise WorkloadError(f"{where}: {meta} of the model's {len(tensors)} parameters and buffers are on the `meta` "
-                            "device (shapes without values), so it cannot be run or timed; materialise it first, e.g. "
-                            "model.to_empty(device='cpu') and load_state_dict(...), then tune it.")
 
 
 def guard_data_label(workload: Any, n: int) -> str:

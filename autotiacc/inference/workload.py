@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable
 
 from ..engine.usercode import Stage, load_module, one_line, reported, run_user_code
 from ..errors import BudgetError, ModelRaisedError, UserCodeTimeout, WorkloadError
+from ..plan_file import INPUT_DTYPES
 from .accuracy import DEFAULT_TOLERANCE, tensor_leaves
 from .contract import FIRST_FORWARD, ModelFacts, check_contract
 from .saved import load_saved
@@ -28,7 +29,6 @@ from .saved import load_saved
 TORCHSCRIPT_SUFFIXES = (".pt", ".ts", ".pth")
 EXPORT_SUFFIXES = (".pt2",)
 DEFAULT_TEST_BATCHES = 4
-INPUT_DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32", "bool")
 
 
 def parse_shape(text: str) -> list[int]:
@@ -105,6 +105,13 @@ class Workload:
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+
+    def default_bench(self) -> Any:
+        """The bench (`engine.bench.Bench`) the engine times this workload's variants with when
+        the task names no other: its example inputs, checked against the eager reference."""
+        from .one_shape import OneShape
+
+        return OneShape()
 
     # -- the contract ----------------------------------------------------------------------
     def user_hook(self, name: str) -> Callable | None:

@@ -1,30 +1,23 @@
-"""The knob plug-in interface, the state a candidate is built in, and plan (de)serialisation.
+"""The knob plug-in interface and registry (the state a candidate is built in, `BuildState`, is
+the engines'; configs' JSON form is `autotiacc.config_io`'s).
 
 A knob is one family of optimizations (execution backend, precision, layout, runtime). Each
 has a config dataclass (typed defaults, a `version`, validation with the fix in the message)
 and a `Knob` that says where it applies, how Optuna samples it, and how it is applied.
-Configs round-trip through JSON as {"_type", "_version", "_data"}; `_type` is resolved only
-from the registry below, never imported by name from a plan file.
+A plan's knob configs are read back only as the classes registered below, never by a name
+imported from the file.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
-import typing
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
+from .. import config_io
+from ..config_io import KnobConfig, config_to_dict  # noqa: F401 (the knobs' API: `autotiacc.knobs` exports them)
+from ..engines.base import BuildState
 from ..errors import PlanError, UserInputError
-
-
-@dataclass(frozen=True)
-class KnobConfig:
-    """Base of every knob config. Subclasses are frozen dataclasses with a class `version`."""
-
-    version: ClassVar[int] = 1
 
 
 @dataclass
@@ -44,38 +37,6 @@ class SearchContext:
     @property
     def cuda(self) -> bool:
         return self.device.startswith("cuda")
-
-
-@dataclass
-class BuildState:
-    """A candidate under construction; knobs mutate it in ascending `Knob.order`.
-
-    `input_casts` transform each input tensor per call; `build_contexts` wrap tracing or
-    compiling; `call_contexts` wrap every call; the execution knob sets `runner` last.
-    """
-
-    model: Any
-    example_inputs: tuple
-    device: str = "cpu"
-    input_casts: list[Callable[[Any], Any]] = field(default_factory=list)
-    build_contexts: list[Callable[[], Any]] = field(default_factory=list)
-    call_contexts: list[Callable[[], Any]] = field(default_factory=list)
-    runner: Callable[..., Any] | None = None
-    notes: dict[str, Any] = field(default_factory=dict)
-    # engine name -> its options knob's config (`autotiacc.engines`: e.g. the `ort` knob's)
-    engine_options: dict[str, Any] = field(default_factory=dict)
-    # input tuples an engine calibrates int8 scales on (the test data); None: `example_inputs`
-    calibration: list[tuple] | None = None
-    # what an earlier build of this plan recorded for the engine to replay (int8 scales)
-    recorded: dict[str, Any] = field(default_factory=dict)
-    # set by a process that builds many candidates of one model (a trial worker): engines may
-    # reuse what they built for an earlier candidate with this key and the same graph (exports)
-    reuse_key: Any = None
-
-    def cast_inputs(self, inputs: tuple) -> tuple:
-        for cast in self.input_casts:
-            inputs = tuple(cast(t) for t in inputs)
-        return inputs
 
 
 class Knob(ABC):
@@ -193,95 +154,9 @@ def knob_for_config(cfg: KnobConfig) -> Knob:
     raise PlanError(f"no knob handles config {type(cfg).__name__}")
 
 
-def config_to_dict(cfg: KnobConfig) -> dict[str, Any]:
-    return {"_type": type(cfg).__name__, "_version": cfg.version, "_data": dataclasses.asdict(cfg)}
-
-
-def matches_type(value: Any, hint: Any) -> bool:
-    """Whether a JSON/YAML value fits a dataclass field annotation: the one type check that
-    plan and strategy loading share. bool is never an int here, a float never an int, and a
-    float must be finite; containers are checked one level deep for their item type."""
-    if hint is Any:
-        return True
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(matches_type(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    if hint is tuple or origin is tuple or hint is list or origin is list:
-        item = args[0] if args else Any
-        return isinstance(value, (list, tuple)) and all(matches_type(v, item) for v in value)
-    if hint is dict or origin is dict:
-        key, item = args if args else (Any, Any)
-        return isinstance(value, dict) and all(matches_type(k, key) and matches_type(v, item) for k, v in value.items())
-    if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
-
-
-def type_name(hint: Any) -> str:
-    """`int`, `bool or None`, `list of str`: an annotation as a message shows it."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in args)
-    if hint is type(None):
-        return "None"
-    if origin in (tuple, list):
-        return "list" + (f" of {type_name(args[0])}" if args and args[0] is not Ellipsis else "")
-    if origin is dict:
-        return "mapping"
-    return getattr(hint, "__name__", str(hint))
-
-
-def field_type_errors(cls: type, data: dict[str, Any]) -> list[str]:
-    """One message per field of dataclass `cls` whose value in `data` does not fit its annotation."""
-    hints = typing.get_type_hints(cls)
-    return [f"`{name}` got {value!r} ({type(value).__name__}), expected {type_name(hints[name])}"
-            for name, value in data.items() if name in hints and not matches_type(value, hints[name])]
-
-
 def config_from_dict(d: dict[str, Any], allowed: dict[str, type] | None = None) -> KnobConfig:
-    """Rebuild a config from JSON; only classes in `allowed` (default: the registered knob
-    configs) are accepted, never a name imported from the file. Every field is checked against
-    its annotation before the config is built (`"false"` is not a bool, `1.5` not an int)."""
-    allowed = _CONFIGS if allowed is None else allowed
-    if not isinstance(d, dict) or "_type" not in d or not isinstance(d.get("_data"), dict):
-        raise PlanError(f"knob entry {_short(d)} is not of the form {{'_type', '_version', '_data'}}.")
-    cls = allowed.get(d["_type"]) if isinstance(d["_type"], str) else None
-    if cls is None:
-        raise PlanError(f"knob entry has unknown _type {_short(d['_type'])}; known: {', '.join(sorted(allowed))}.")
-    version = d.get("_version")
-    if not isinstance(version, int) or isinstance(version, bool):
-        raise PlanError(f"{d['_type']}: `_version` got {_short(version)}, expected a whole number.")
-    if version != cls.version:
-        warnings.warn(f"{d['_type']} was saved as version {_short(d.get('_version'))}, this autotiacc reads "
-                      f"version {cls.version}; applying it anyway.", stacklevel=2)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = [k for k in d["_data"] if k not in names]
-    if unknown:
-        raise PlanError(f"{d['_type']} has unknown fields {sorted(map(str, unknown))}; known: {', '.join(sorted(names))}.")
-    wrong = field_type_errors(cls, d["_data"])
-    if wrong:
-        raise PlanError(f"{d['_type']}: " + "; ".join(wrong) + ".")
-    data = {k: (tuple(tuple(x) if isinstance(x, list) else x for x in v) if isinstance(v, list) else v)
-            for k, v in d["_data"].items()}
-    try:
-        return cls(**data)
-    except (TypeError, ValueError, UserInputError) as exc:
-        raise PlanError(f"{d['_type']}: {exc}") from None
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+    """`config_io.config_from_dict`, allowing the registered inference knob configs by default."""
+    return config_io.config_from_dict(d, _CONFIGS if allowed is None else allowed)
 
 
 def configs_from_params(values: dict[str, dict[str, Any]]) -> dict[str, KnobConfig]:

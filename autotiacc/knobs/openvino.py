@@ -13,48 +13,10 @@ by OpenVINO's int8 kernels. The config is recorded in the plan and in its artifa
 """
 from __future__ import annotations
 
-import importlib.util
-from dataclasses import dataclass
-
+from ..engines.options import OpenVINOConfig, openvino_available
+from ..engines.options import OPENVINO_BACKEND as BACKEND
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
-from .runtime import MAX_THREADS, thread_choices
-
-PRECISIONS = ("f32", "bf16")
-HINTS = ("LATENCY", "THROUGHPUT")
-BACKEND = "openvino"
-
-
-@dataclass(frozen=True)
-class OpenVINOConfig(KnobConfig):
-    inference_precision: str = "f32"
-    performance_hint: str = "LATENCY"
-    num_streams: int = 0  # 0: the performance hint decides
-    num_threads: int = 0  # 0: OpenVINO's default (every core it may use)
-
-    def __post_init__(self) -> None:
-        if self.inference_precision not in PRECISIONS:
-            raise ValueError(f"`inference_precision` got {self.inference_precision!r}: use one of "
-                             f"{', '.join(PRECISIONS)} (int8 is the precision knob's int8_static mode).")
-        if self.performance_hint not in HINTS:
-            raise ValueError(f"`performance_hint` got {self.performance_hint!r}: use one of {', '.join(HINTS)}.")
-        for name in ("num_streams", "num_threads"):
-            value = getattr(self, name)
-            if not 0 <= value <= MAX_THREADS:  # beyond any machine: a typo or a corrupt plan
-                raise ValueError(f"`{name}` got {value}: use 0 (the hint decides) or a count up to {MAX_THREADS}.")
-
-    def properties(self) -> dict[str, str]:
-        """The compile properties of OpenVINO's CPU plugin that this config sets."""
-        props = {"INFERENCE_PRECISION_HINT": self.inference_precision, "PERFORMANCE_HINT": self.performance_hint}
-        if self.num_streams:
-            props["NUM_STREAMS"] = str(self.num_streams)
-        if self.num_threads:
-            props["INFERENCE_NUM_THREADS"] = str(self.num_threads)
-        return props
-
-
-def openvino_available() -> bool:
-    """Whether openvino can be imported here (looked up, not imported)."""
-    return importlib.util.find_spec("openvino") is not None
+from .runtime import thread_choices
 
 
 def has_bf16_units(ctx: SearchContext) -> bool:

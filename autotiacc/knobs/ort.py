@@ -20,39 +20,13 @@ only if the twin's windows beat its finalist's beyond noise.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
+from ..engines.options import OrtConfig
+from ..engines.options import ORT_BACKEND as BACKEND
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
-from .runtime import MAX_THREADS, thread_choices
-
-GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ORT_ENABLE_ALL ... ORT_DISABLE_ALL
-EXECUTION_MODES = ("sequential", "parallel")
-BACKEND = "onnxruntime"
-
-
-@dataclass(frozen=True)
-class OrtConfig(KnobConfig):
-    """ONNX Runtime session options; the defaults are what every session had before this knob
-    (spinning off, all graph optimizations, ORT's defaults otherwise), so older plans behave as
-    they were measured."""
-
-    spinning: bool = False  # session.intra_op / inter_op.allow_spinning
-    inter_threads: int = 0  # 0: ORT's default; used by the parallel execution mode only
-    graph_optimization: str = "all"
-    execution_mode: str = "sequential"
-    memory_pattern: bool = True  # enable_mem_pattern: plan allocations from the first run's shapes
-    cpu_arena: bool = True  # enable_cpu_mem_arena
-
-    def __post_init__(self) -> None:
-        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
-            raise ValueError(f"`graph_optimization` got {self.graph_optimization!r}: use one of "
-                             f"{', '.join(GRAPH_OPTIMIZATIONS)}.")
-        if self.execution_mode not in EXECUTION_MODES:
-            raise ValueError(f"`execution_mode` got {self.execution_mode!r}: use one of {', '.join(EXECUTION_MODES)}.")
-        if not 0 <= self.inter_threads <= MAX_THREADS:
-            raise ValueError(f"`inter_threads` got {self.inter_threads}: use 0 (ORT's default) or a positive count "
-                             f"up to {MAX_THREADS}.")
+from .runtime import thread_choices
 
 
 @register

@@ -4,10 +4,9 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from ..config_io import MAX_THREADS
 from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
-
-MAX_THREADS = 4096  # beyond any machine: a larger count is a typo or a corrupt plan
 
 
 @dataclass(frozen=True)

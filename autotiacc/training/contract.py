@@ -14,9 +14,9 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..device import check_placement
 from ..engine.usercode import Stage
 from ..errors import WorkloadError
-from ..inference.contract import check_placement
 
 
 @dataclass

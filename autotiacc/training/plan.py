@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import PlanError
-from ..inference.plan import check_fields, check_plan_details, check_plan_header, read_plan_json
 from ..machine_load import unreliable_text
+from ..plan_file import check_fields, check_plan_details, check_plan_header, read_plan_json
 from .config import TrainConfig
 
 SCHEMA = "autotiacc.training_plan"

@@ -5,7 +5,6 @@ before it becomes a plan. The search loop itself is `engine.loop.Search`.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from ..engine.task import Candidate, Decision, Direction, FinalMeasure, Task, Tr
 from ..errors import BudgetError, UserInputError
 from ..hardware import fingerprint as machine_fingerprint
 from ..knobs.base import all_knobs
-from ..machine_load import load_attrs, merge_loads, reliability, unreliable_sentence, verdict_line
+from ..machine_load import load_attrs, merge_loads, reliability, unreliable_sentence
 from ..measure import Timing
 from .config import TrainConfig, train_context
 from .launch import run_ranks
@@ -315,16 +314,16 @@ def tune_training(workload: TrainWorkload, options: TrainTuneOptions, progress: 
     return Search(task, options, patience=task.patience, progress=progress).run()
 
 
-def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memory: str | None,
-             batch_size: int | None, tolerance: float | None, storage: str | None, study: str | None,
-             resume: bool, seed: int, device: str, command: str, echo: Callable[[str], None],
-             progress: Progress | None = None, heartbeat: int = 10, strategy: str = "training",
-             started: float | None = None) -> TrainTuneResult:
-    """`autotiacc tune FILE --mode train`: the CLI branch, kept here so cli.py stays thin.
+def tune_training_file(file: Path, *, budget: str, out: Path | None, nproc: int, max_memory: str | None,
+                       batch_size: int | None, tolerance: float | None, storage: str | None, study: str | None,
+                       resume: bool, seed: int, device: str, command: str, progress: Progress | None = None,
+                       heartbeat: int = 10, strategy: str = "training",
+                       started: float | None = None) -> TrainTuneResult:
+    """`autotiacc tune FILE --mode train` from its flags: every flag checked before any work, the
+    training file checked in a child, then the tune; the caller writes the report and prints.
     `started`: time.monotonic() when the budget began (the command's start; default: now)."""
     from ..durations import parse_duration
     from ..outputs import check_output_dir
-    from ..report import write_training_report
     from .workload import load_train_workload
 
     started = time.monotonic() if started is None else started
@@ -343,14 +342,4 @@ def cli_tune(file: Path, *, budget: str, out: Path | None, nproc: int, max_memor
     # the check of the training file runs first, in a child killed at the end of the budget
     workload = load_train_workload(file, batch_size=batch_size, timeout=max(budget_s - (time.monotonic() - started), 5.0),
                                    limit=f"the {budget_s:.0f} s --budget", device=options.device, nproc=nproc)
-    result = tune_training(workload, options, progress)
-    written = write_training_report(result.run_dir)
-    p = result.plan
-    echo(f"plan: {p.label}")
-    echo(f"samples/s: {p.speedup:.2f}x the baseline (num_workers=0, fp32) — {p.note}" if p.speedup and not
-         math.isnan(p.speedup) else f"result: {p.note}")
-    if verdict_line(p.reliability):
-        echo(f"measurement: {verdict_line(p.reliability)}")
-    echo(f"trials measured: {result.n_trials} in {result.wall_s:.0f}s (budget {budget_s:.0f}s, {nproc} process(es))")
-    echo(f"run directory: {result.run_dir}  (plan.json, trials.csv, {written['md'].name}, {written['html'].name})")
-    return result
+    return tune_training(workload, options, progress)

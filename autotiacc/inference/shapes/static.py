@@ -58,7 +58,7 @@ class StaticShapes(AlternatingFinal):
         return one_shape_reserve(tops, process_s, self.final_measure_s, least=least)
 
     def bench(self, candidates: dict[str, dict]) -> Bench | None:
-        return None  # `engine.fidelity.OneShape`: the workload's example inputs
+        return None  # the workload's `default_bench()` (`one_shape.OneShape`): its example inputs
 
     def record(self, plan, values: dict[str, Any] | None, result: dict[str, Any] | None = None) -> None:
         plan.shapes = None
