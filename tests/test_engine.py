@@ -420,7 +420,7 @@ def test_run_json_records_where_the_budget_went(tmp_path):
     assert b["build_s"] > 0 and b["timing_s"] > 0
     assert sum(v for k, v in b.items() if k != "wall_s") == pytest.approx(b["wall_s"], abs=0.05)
     assert "secret" not in run["sessions"][0]["command"]
-    from autotiacc.engine.budget import budget_lines
+    from autotiacc.report.budget import budget_lines
 
     (line,) = budget_lines(run["sessions"])
     outside = 100 * (b["profile_s"] + b["final_s"] + b["other_s"]) / b["wall_s"]

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..engine.budget import budget_section
+from .budget import budget_section
 from ..errors import UserInputError
 from .format import fmt, reliability_lines, seed_order_section, table
 from .plotting import figure

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from ..engine.budget import budget_section
+from .budget import budget_section
 from .format import fmt, reliability_lines, seed_order_section, table
 from .inference import read_run_dir, render
 from .plotting import figure
