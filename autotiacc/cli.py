@@ -166,11 +166,13 @@ def _refuse_other_modes_flags(mode: str, given: dict[str, Any]) -> None:
         raise _bad(f"`--mode` got {mode!r}: use infer (a model.py) or train (a train.py).")
     other = "train" if mode == "infer" else "infer"
     wrong = [flag for flag in _MODE_FLAGS[other] if given.get(flag) is not None]
+    if "--export" in wrong:  # the one flag whose reason is not obvious from its name
+        raise _bad("`--export` saves an inference artifact: it only applies to --mode infer; drop it with --mode "
+                   "train (training plans are applied with autotiacc.training.apply).")
     if wrong:
-        hint = " (training plans are applied with autotiacc.training.apply)" if "--export" in wrong else ""
         many = len(wrong) > 1
         raise _bad(f"{', '.join(f'`{w}`' for w in wrong)} only appl{'y' if many else 'ies'} to --mode {other}; drop "
-                   f"{'them' if many else 'it'} with --mode {mode}{hint}.")
+                   f"{'them' if many else 'it'} with --mode {mode}.")
 
 
 def _started() -> float:
