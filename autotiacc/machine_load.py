@@ -17,7 +17,10 @@ kernel preempted us. A window is **contended** (`LoadWindow.busy`) when
   on 2 cores; a quiet machine's daemons use a few hundredths; or
 - steal took at least `STEAL_SHARE` (10 %) of those cores' time;
 
-and it lasted `MIN_WINDOW_S` at least (the counters tick every 10 ms: a shorter window is not judged).
+and it lasted `MIN_WINDOW_S` at least (the counters tick every 10 ms: a shorter window is not judged
+alone). Many windows are also judged pooled (`merge_loads`): the others' cores and the steal averaged
+over all their seconds, so a model timed in many short windows (a tiny MLP's final: 20 windows
+under 0.2 s, beside two CPU-bound processes using 1.7 of 2 cores) is still seen as busy.
 
 The load average and the context switches are recorded and shown, but do not decide: the load
 average lags a minute and counts the timing process's own threads; preemptions have no
@@ -189,9 +192,32 @@ def merge_loads(loads: list[dict[str, Any] | None]) -> dict[str, Any] | None:
 
     windows = sum(int(x.get("windows", 1)) for x in loads)
     busy = sum(int(x.get("busy_windows", int(bool(x.get("busy"))))) for x in loads)
-    return {"busy": busy > BUSY_WINDOWS_SHARE * windows, "windows": windows, "busy_windows": busy,
-            "cores": loads[0].get("cores"), "others_cores": worst("others_cores"), "steal": worst("steal"),
-            "nivcsw_per_s": worst("nivcsw_per_s"), "load1": worst("load1")}
+    seconds, others_mean, steal_mean = _pooled(loads)
+    cores = loads[0].get("cores")
+    pooled_busy = seconds >= MIN_WINDOW_S and bool(
+        (others_mean is not None and cores and others_mean >= OTHERS_SHARE * cores)
+        or (steal_mean is not None and steal_mean >= STEAL_SHARE))
+    return {"busy": busy > BUSY_WINDOWS_SHARE * windows or pooled_busy, "windows": windows, "busy_windows": busy,
+            "cores": cores, "others_cores": worst("others_cores"), "steal": worst("steal"),
+            "nivcsw_per_s": worst("nivcsw_per_s"), "load1": worst("load1"), "seconds": round(seconds, 3),
+            "others_mean": _round(others_mean), "steal_mean": _round(steal_mean), "pooled_busy": pooled_busy}
+
+
+def _pooled(loads: list[dict[str, Any]]) -> tuple[float, float | None, float | None]:
+    """(seconds timed, others' cores and steal averaged over them) across windows or merged summaries."""
+    seconds = 0.0
+    sums: dict[str, float] = {"others": 0.0, "steal": 0.0}
+    seen: dict[str, float] = {"others": 0.0, "steal": 0.0}
+    for x in loads:
+        s = float(x.get("seconds") or 0.0)
+        seconds += s
+        for key, single in (("others", "others_cores"), ("steal", "steal")):
+            v = x.get(f"{key}_mean", x.get(single)) if "windows" in x else x.get(single)
+            if v is not None and s > 0:
+                sums[key] += float(v) * s
+                seen[key] += s
+    means = [sums[k] / seen[k] if seen[k] > 0 else None for k in ("others", "steal")]
+    return seconds, means[0], means[1]
 
 
 def load_attrs(load: dict[str, Any] | None) -> dict[str, Any]:
@@ -217,6 +243,8 @@ def busy_reason(load: dict[str, Any] | None) -> str | None:
     if (summary.get("steal") or 0) >= 0.005:
         parts.append(f"steal up to {100 * summary['steal']:.0f} %")
     parts.append(f"{summary['busy_windows']} of {summary['windows']} timing windows busy")
+    if summary.get("pooled_busy") and summary.get("others_mean") is not None:
+        parts.append(f"others used {summary['others_mean']:.1f} cores on average over the {summary['seconds']:.1f} s timed")
     return "the machine was busy (" + ", ".join(parts) + ")"
 
 

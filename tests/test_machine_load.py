@@ -44,6 +44,25 @@ def _window(others: float, *, seconds: float = 1.0, steal: float = 0.0) -> LoadW
                       load1=1.0, running=1)
 
 
+def test_short_windows_are_judged_pooled():
+    """A tiny model's final times it in many windows under MIN_WINDOW_S, none judged alone: beside two
+    CPU-bound processes (1.7 of 2 cores) such a final said "0 of 20 timing windows busy" (measured
+    here). Pooled over their seconds they are busy; the same windows on a quiet machine are not."""
+    short = [_window(1.7, seconds=0.05).to_dict() for _ in range(20)]
+    assert not any(w["busy"] for w in short)  # each alone is too short to judge
+    merged = merge_loads(short)
+    assert merged["busy"] and merged["busy_windows"] == 0 and merged["others_mean"] == pytest.approx(1.7)
+    assert "others used 1.7 cores on average over the 1.0 s timed" in busy_reason(merged)
+    assert reliability(merged)["reliable"] is False
+    quiet = merge_loads([_window(0.05, seconds=0.05).to_dict() for _ in range(20)])
+    assert not quiet["busy"] and busy_reason(quiet) is None
+    # summaries merge again (the final's candidates, then the plan's verdict) with the same pooled figure
+    again = merge_loads([merge_loads(short[:10]), merge_loads(short[10:])])
+    assert again["busy"] and again["seconds"] == pytest.approx(1.0) and again["windows"] == 20
+    too_little = merge_loads([_window(1.9, seconds=0.05).to_dict() for _ in range(3)])
+    assert not too_little["busy"]  # 0.15 s in all: still too short to judge
+
+
 def test_contention_is_defined_against_the_usable_cores():
     assert not _window(0.05).busy  # a quiet machine's daemons
     assert not _window(OTHERS_SHARE * 2 - 0.01).busy
