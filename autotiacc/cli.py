@@ -89,7 +89,7 @@ def tune(
                                      "--traffic": traffic, "--p99-ms": p99_ms, "--export": export or None,
                                      "--nproc": nproc})
     if mode == "train":
-        _tune_training(file, budget=budget, out=out, nproc=nproc or 1, max_memory=max_memory, batch_size=batch_size,
+        _tune_training(file, budget=budget, out=out, nproc=1 if nproc is None else nproc, max_memory=max_memory, batch_size=batch_size,
                        tolerance=tolerance, storage=storage, study=study, resume=resume, seed=seed, device=device,
                        quiet=quiet, heartbeat=heartbeat,
                        strategy="training" if strategy == "inference-latency" else strategy)

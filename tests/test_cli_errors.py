@@ -26,6 +26,7 @@ CASES = {
     "train with --export": (GOOD, ["--mode", "train", "--export"], "autotiacc.training.apply"),
     "infer with --nproc": (GOOD, ["--nproc", "2"], "`--nproc` only applies to --mode train; drop it with --mode infer"),
     "unknown mode": (GOOD, ["--mode", "serve"], "`--mode` got 'serve'"),
+    "train with --nproc 0": (GOOD, ["--mode", "train", "--nproc", "0"], "`--nproc` got 0: use 1 or more processes"),
 }
 
 
