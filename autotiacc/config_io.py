@@ -17,6 +17,14 @@ from .errors import PlanError, UserInputError
 MAX_THREADS = 4096  # beyond any machine: a larger thread or stream count is a typo or a corrupt plan
 
 
+def check_choice(field: str, value: Any, choices: typing.Iterable[str], note: str = "") -> None:
+    """A config field that takes one of `choices`: anything else is a ValueError naming them
+    (`note`, e.g. where another value lives, is added to the message)."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"`{field}` got {value!r}: use one of {', '.join(choices)}{note}.")
+
+
 @dataclass(frozen=True)
 class KnobConfig:
     """Base of every knob config. Subclasses are frozen dataclasses with a class `version`."""

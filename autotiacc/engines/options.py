@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
-from ..config_io import MAX_THREADS, KnobConfig
+from ..config_io import MAX_THREADS, KnobConfig, check_choice
 
 GRAPH_OPTIMIZATIONS = ("all", "extended", "basic", "disabled")  # ORT_ENABLE_ALL ... ORT_DISABLE_ALL
 EXECUTION_MODES = ("sequential", "parallel")
@@ -30,11 +30,8 @@ class OrtConfig(KnobConfig):
     cpu_arena: bool = True  # enable_cpu_mem_arena
 
     def __post_init__(self) -> None:
-        if self.graph_optimization not in GRAPH_OPTIMIZATIONS:
-            raise ValueError(f"`graph_optimization` got {self.graph_optimization!r}: use one of "
-                             f"{', '.join(GRAPH_OPTIMIZATIONS)}.")
-        if self.execution_mode not in EXECUTION_MODES:
-            raise ValueError(f"`execution_mode` got {self.execution_mode!r}: use one of {', '.join(EXECUTION_MODES)}.")
+        check_choice("graph_optimization", self.graph_optimization, GRAPH_OPTIMIZATIONS)
+        check_choice("execution_mode", self.execution_mode, EXECUTION_MODES)
         if not 0 <= self.inter_threads <= MAX_THREADS:
             raise ValueError(f"`inter_threads` got {self.inter_threads}: use 0 (ORT's default) or a positive count "
                              f"up to {MAX_THREADS}.")
@@ -48,11 +45,9 @@ class OpenVINOConfig(KnobConfig):
     num_threads: int = 0  # 0: OpenVINO's default (every core it may use)
 
     def __post_init__(self) -> None:
-        if self.inference_precision not in PRECISIONS:
-            raise ValueError(f"`inference_precision` got {self.inference_precision!r}: use one of "
-                             f"{', '.join(PRECISIONS)} (int8 is the precision knob's int8_static mode).")
-        if self.performance_hint not in HINTS:
-            raise ValueError(f"`performance_hint` got {self.performance_hint!r}: use one of {', '.join(HINTS)}.")
+        check_choice("inference_precision", self.inference_precision, PRECISIONS,
+                     " (int8 is the precision knob's int8_static mode)")
+        check_choice("performance_hint", self.performance_hint, HINTS)
         for name in ("num_streams", "num_threads"):
             value = getattr(self, name)
             if not 0 <= value <= MAX_THREADS:  # beyond any machine: a typo or a corrupt plan

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
+from ..config_io import check_choice
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 
 TORCH_BACKENDS = ("eager", "torchscript", "compile")
@@ -29,10 +30,8 @@ class ExecutionConfig(KnobConfig):
     cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` got {self.backend!r}: use one of {', '.join(BACKENDS)}.")
-        if self.compile_mode not in COMPILE_MODES:
-            raise ValueError(f"`compile_mode` got {self.compile_mode!r}: use one of {', '.join(COMPILE_MODES)}.")
+        check_choice("backend", self.backend, BACKENDS)
+        check_choice("compile_mode", self.compile_mode, COMPILE_MODES)
         if self.cuda_graphs and self.backend not in GRAPHED_BACKENDS:
             raise ValueError(f"`cuda_graphs` wraps backend eager or torchscript, got backend {self.backend!r}: "
                              "for torch.compile use compile_mode reduce-overhead instead.")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config_io import check_choice
 from ..device import process_flags
 from .base import BuildState, Knob, KnobConfig, SearchContext, register
 from .int8 import quantize_int8_dynamic, quantize_int8_weights
@@ -34,8 +35,7 @@ class PrecisionConfig(KnobConfig):
     groups: tuple = ()
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ValueError(f"`mode` got {self.mode!r}: use one of {', '.join(MODES)}.")
+        check_choice("mode", self.mode, MODES)
         # JSON gives lists; keep tuples so configs compare, hash and round-trip exactly
         groups = tuple(tuple(g) for g in self.groups)
         for g in groups:
