@@ -194,9 +194,9 @@ def merge_loads(loads: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     busy = sum(int(x.get("busy_windows", int(bool(x.get("busy"))))) for x in loads)
     seconds, others_mean, steal_mean = _pooled(loads)
     cores = loads[0].get("cores")
-    pooled_busy = seconds >= MIN_WINDOW_S and bool(
-        (others_mean is not None and cores and others_mean >= OTHERS_SHARE * cores)
-        or (steal_mean is not None and steal_mean >= STEAL_SHARE))
+    # the windows as one: judged by the same rule as a single window (`LoadWindow.busy`)
+    pooled_busy = bool(cores) and LoadWindow(seconds=seconds, cores=cores, others_cores=others_mean,
+                                             steal_share=steal_mean, nivcsw_per_s=0.0, load1=None, running=None).busy
     return {"busy": busy > BUSY_WINDOWS_SHARE * windows or pooled_busy, "windows": windows, "busy_windows": busy,
             "cores": cores, "others_cores": worst("others_cores"), "steal": worst("steal"),
             "nivcsw_per_s": worst("nivcsw_per_s"), "load1": worst("load1"), "seconds": round(seconds, 3),
